@@ -126,11 +126,11 @@ class Dataset:
         return len(self.labels)
 
 
-def _check_labels(labels: Shaped[np.ndarray, " n"], num_classes: int, *, where: str) -> None:
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+def _check_labels(labels: Shaped[np.ndarray, " n"], num_classes: int, *, where: str, first: int = 0) -> None:
+    if len(labels) and (labels.min() < first or labels.max() >= first + num_classes):
         raise DataError(
             f"{where}: labels out of range: found {labels.min()}..{labels.max()}, "
-            f"expected 0..{num_classes - 1}"
+            f"expected {first}..{first + num_classes - 1}"
         )
 
 
@@ -263,7 +263,7 @@ def _atomic_savez(path: pathlib.Path, **arrays: np.ndarray) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -369,6 +369,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # protocol-2 pickles store array bytes as latin-1 text
     }
 
     def find_class(self, module, name):
@@ -420,7 +421,7 @@ def _load_imagenet(directory: pathlib.Path, split: str) -> Dataset:
             raise DataError(f"{path}: inconsistent image sizes: {s}x{s} here, {side}x{side} in earlier files")
         if y.shape != data.shape[:1] or not np.issubdtype(y.dtype, np.integer):
             raise DataError(f"{path}: 'labels' must be {len(data)} integers, got {y.dtype} {y.shape}")
-        _check_labels(y - 1, 1000, where=f"{path} (1-based labels 1..1000)")
+        _check_labels(y, 1000, where=str(path), first=1)
         side = s
         images.append(data.reshape(-1, 3, s, s).transpose(0, 2, 3, 1))
         labels.append((y - 1).astype(np.int32))
@@ -550,7 +551,7 @@ def _load_synthetic(kind: str, options: str, split: str) -> Dataset:
     # The test split is an independent sample: a second stream of the same seed.
     seed = np.random.SeedSequence([params["seed"], SPLITS.index(split)])
     sample = gaussian_mixture if kind == "gmm" else rings
-    points, labels = sample(n=params["n"], seed=seed.generate_state(1)[0])
+    points, labels = sample(n=params["n"], seed=int(seed.generate_state(1)[0]))
     num_classes = 8 if kind == "gmm" else 3
     return Dataset(images=points, labels=labels, num_classes=num_classes, name=f"{kind}:{options}/{split}")
 
