@@ -115,7 +115,7 @@ Images = UInt8[np.ndarray, "n h w c"] | Float32[np.ndarray, "n h w c"] | Float32
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """One split held in memory: uint8 or float32 [-1, 1] NHWC images (float32 (N, 2) points for 2-D sets)."""
+    """One split: uint8 or float32 [-1, 1] NHWC images (float32 (N, 2) points for 2-D sets), int32 labels."""
 
     images: Images
     labels: Int32[np.ndarray, " n"]
@@ -151,7 +151,7 @@ def load(
     cache_dir: str | os.PathLike | None = None,
     resolution: int | None = None,
 ) -> Dataset:
-    """Load one split of a data source (`mnist`, `mnist:DIR`, `imagenet64:DIR`, `folder:DIR`, `npz:FILE`, `gmm`, `rings`)."""
+    """Load one split ("train" or "test") of a data source named as in `SOURCES` (see the module docstring)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     kind, has_arg, arg = source.partition(":")
@@ -407,7 +407,9 @@ def _find_batch_file(directory: pathlib.Path, name: str) -> pathlib.Path | None:
     return None
 
 
-def _imagenet_cache_paths(paths: list[pathlib.Path], cache_dir: pathlib.Path, split: str) -> tuple[pathlib.Path, pathlib.Path]:
+def _imagenet_cache_paths(
+    paths: list[pathlib.Path], cache_dir: pathlib.Path, split: str
+) -> tuple[pathlib.Path, pathlib.Path]:
     """Cache file names keyed by the source files' paths, sizes and modification times."""
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     stem = f"imagenet64-{split}-{hashlib.sha256(repr(stats).encode()).hexdigest()[:16]}"
@@ -455,7 +457,7 @@ def _read_imagenet_cache(images_path: pathlib.Path, meta_path: pathlib.Path) -> 
 
 def _load_imagenet(directory: pathlib.Path, split: str, cache_dir: pathlib.Path) -> Dataset:
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory (imagenet64:DIR needs the downsampled-ImageNet files)")
+        raise FileNotFoundError(f"{directory}: no such directory (imagenet64:DIR needs downsampled-ImageNet files)")
     names = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
     found = {name: _find_batch_file(directory, name) for name in names}
     missing = [name for name, path in found.items() if path is None]
@@ -625,6 +627,11 @@ class Batches(Iterator):
     def __next__(self) -> tuple[Float32[np.ndarray, "b *rest"], Int32[np.ndarray, " b"]]:
         return next(self._iterator)
 
+    @property
+    def step(self) -> int:
+        """How many batches this iterator has produced since the start of the stream."""
+        return self._iterator.get_state()["next_index"]
+
     def get_state(self) -> dict:
         """The position in the stream plus the settings it belongs to, as a JSON-serialisable dict."""
         return {**self._fingerprint, "grain": self._iterator.get_state()}
@@ -649,7 +656,10 @@ def batches(
     shard_count: int | None = None,
     prefetch: int = 4,
 ) -> Batches:
-    """Infinite seeded stream of this process's share (batch_size // shard_count) of each global batch."""
+    """Infinite seeded stream of this process's share (batch_size // shard_count) of each global batch.
+
+    `prefetch` batches are prepared ahead in background threads (0: on demand, in the calling thread).
+    """
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if batch_size <= 0 or shard_count <= 0 or batch_size % shard_count:

@@ -43,13 +43,13 @@ def write_mnist_idx(directory, n_train=5, n_test=3):
 
 def planar_rows(first, n, side):
     """Downsampled-ImageNet rows: channel-planar (all R, then G, then B), each plane row-major."""
-    i, c, h, w = np.meshgrid(np.arange(first, first + n), np.arange(3), np.arange(side), np.arange(side), indexing="ij")
+    i, c, h, w = np.meshgrid(np.arange(first, first + n), range(3), range(side), range(side), indexing="ij")
     return ((3 * i + 50 * c + 8 * h + w) % 256).astype(np.uint8).reshape(n, 3 * side * side)
 
 
 def expected_imagenet(first, n, side):
     """The NHWC image that planar_rows encodes, built from the same formula, independently of any reshape."""
-    i, h, w, c = np.meshgrid(np.arange(first, first + n), np.arange(side), np.arange(side), np.arange(3), indexing="ij")
+    i, h, w, c = np.meshgrid(np.arange(first, first + n), range(side), range(side), range(3), indexing="ij")
     return ((3 * i + 50 * c + 8 * h + w) % 256).astype(np.uint8)
 
 
@@ -144,6 +144,10 @@ def test_imagenet_planar_rows_become_nhwc(tmp_path):
     test = data.load(f"imagenet64:{tmp_path}", split="test")
     np.testing.assert_array_equal(test.images, expected_imagenet(100, 3, 4))
     np.testing.assert_array_equal(test.labels, [0, 999, 499])
+    images, labels = next(data.batches(train, batch_size=4, seed=0))
+    positions = [j * 37 % 1000 for j in range(20)]
+    expected = expected_imagenet(0, 20, 4)[[positions.index(label) for label in labels]]
+    np.testing.assert_allclose(images, expected / 127.5 - 1.0, atol=1e-6)
     half = data.load(f"imagenet64:{tmp_path}", split="test", resolution=2)
     box = expected_imagenet(100, 3, 4).reshape(3, 2, 2, 2, 2, 3).astype(float).mean(axis=(2, 4))
     np.testing.assert_array_equal(half.images, np.round(box).astype(np.uint8))
@@ -160,7 +164,8 @@ def test_imagenet_cache_is_reused_and_never_trusted_when_damaged(tmp_path, monke
     converted = []
     real_read = data._read_array_file
     monkeypatch.setattr(data, "_read_array_file", lambda path: converted.append(path) or real_read(path))
-    np.testing.assert_array_equal(data.load(f"imagenet64:{source}", split="test", cache_dir=cache).images, first.images)
+    again = data.load(f"imagenet64:{source}", split="test", cache_dir=cache)
+    np.testing.assert_array_equal(again.images, first.images)
     assert converted == []
     images_file.write_bytes(images_file.read_bytes()[:-5])
     rebuilt = data.load(f"imagenet64:{source}", split="test", cache_dir=cache)
@@ -293,7 +298,7 @@ def test_source_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"garbage")
     with pytest.raises(data.DataError, match="junk.npz: unreadable npz"):
         data.load(f"npz:{tmp_path / 'junk.npz'}")
-    with pytest.raises(data.DataError, match="unknown data source 'cifar'; valid sources: mnist, mnist:DIR, imagenet64"):
+    with pytest.raises(data.DataError, match="unknown data source 'cifar'; valid sources: mnist, mnist:DIR, imagenet"):
         data.load("cifar")
     with pytest.raises(data.DataError, match="needs a path"):
         data.load("imagenet64")
@@ -302,7 +307,9 @@ def test_source_errors(tmp_path):
     with pytest.raises(data.DataError, match="bad option 'm=3'"):
         data.load("rings:m=3")
     with pytest.raises(data.DataError, match=r"index: labels out of range: found 0..4, expected 0..3"):
-        data.Dataset(images=np.zeros((5, 1, 1, 1), np.uint8), labels=np.arange(5, dtype=np.int32), num_classes=4, name="index")
+        data.Dataset(
+            images=np.zeros((5, 1, 1, 1), np.uint8), labels=np.arange(5, dtype=np.int32), num_classes=4, name="index"
+        )
 
 
 # --- MNIST cache integrity (offline) ----------------------------------------------------------------
@@ -347,7 +354,8 @@ def test_rings_moments():
     n, std, radii = 200_000, 0.03, (0.3, 0.6, 0.9)
     points, labels = data.rings(n=n, seed=1, radii=radii, std=std)
     np.testing.assert_allclose(points.mean(0), 0, atol=5 * 0.9 / np.sqrt(n))
-    np.testing.assert_allclose(np.cov(points.T), np.mean(np.square(radii)) / 2 * np.eye(2) + std**2 / 2 * np.eye(2), atol=0.005)
+    second_moment = np.mean(np.square(radii)) + std**2  # E|x|^2, split evenly between the two axes
+    np.testing.assert_allclose(np.cov(points.T), second_moment / 2 * np.eye(2), atol=0.005)
     norm = np.linalg.norm(points, axis=1)
     for k, r in enumerate(radii):
         np.testing.assert_allclose(norm[labels == k].mean(), r, atol=0.002)
@@ -402,6 +410,7 @@ def test_state_round_trips_through_json():
     expected = take(it, 7)
     resumed = data.batches(ds, batch_size=8, seed=2)
     resumed.set_state(state)
+    assert resumed.step == 5 and it.step == 12
     for (xa, ya), (xb, yb) in zip(expected, take(resumed, 7)):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
@@ -456,7 +465,8 @@ def test_mnist_fetch_and_cache(tmp_path, monkeypatch):
     train = data.load("mnist", cache_dir=tmp_path)
     test = data.load("mnist", split="test", cache_dir=tmp_path)
     assert train.images.shape == (60_000, 32, 32, 1) and test.images.shape == (10_000, 32, 32, 1)
-    np.testing.assert_array_equal(np.bincount(train.labels), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+    train_counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    np.testing.assert_array_equal(np.bincount(train.labels), train_counts)
     np.testing.assert_array_equal(np.bincount(test.labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
     assert train.images[:, :2].max() == 0 and train.images[:, :, -2:].max() == 0
     assert train.images.mean() * (32 * 32) / (28 * 28) / 255 == pytest.approx(0.1307, abs=1e-4)
