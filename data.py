@@ -172,6 +172,8 @@ def load(
     elif kind == "npz":
         dataset = _load_npz(pathlib.Path(arg), split)
     elif kind in ("gmm", "rings"):
+        if resolution is not None:
+            raise DataError(f"data source {source!r} holds 2-D points: resolution does not apply, leave it unset")
         return _load_synthetic(kind, arg, split)
     else:
         raise DataError(f"unknown data source {source!r}; valid sources: {', '.join(SOURCES)}")

@@ -304,6 +304,8 @@ def test_source_errors(tmp_path):
         data.load("imagenet64")
     with pytest.raises(data.DataError, match="unknown split 'val'"):
         data.load("gmm", split="val")
+    with pytest.raises(data.DataError, match="resolution does not apply"):
+        data.load("gmm", resolution=32)
     with pytest.raises(data.DataError, match="bad option 'm=3'"):
         data.load("rings:m=3")
     with pytest.raises(data.DataError, match=r"index: labels out of range: found 0..4, expected 0..3"):
