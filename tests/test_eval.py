@@ -21,20 +21,31 @@ import mmd
 ORACLE = Path(__file__).parent / "data" / "fid_oracle"
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Keep every cache these tests write out of the user's home directory."""
+    monkeypatch.setenv("MMD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    """The real weights, downloaded and converted once per test session into a temporary cache."""
+    return ev.inception_params(ev.load_inception_weights(tmp_path_factory.mktemp("inception")))
+
+
 # ----------------------------------------------------------------------------------------------
 # Inception port vs the TorchScript model's own features
 
 
 @pytest.mark.network
-def test_inception_features_match_torchscript_oracle():
+def test_inception_features_match_torchscript_oracle(inception):
     images = np.load(ORACLE / "images_uint8.npy")
     expected = np.load(ORACLE / "features.npy")
-    params = ev.inception_params(ev.load_inception_weights())
-    features = ev.inception_features(images, params=params)
+    features = ev.inception_features(images, params=inception)
     assert features.shape == (4, 2048) and features.dtype == np.float32
     assert np.abs(features - expected).max() <= 1e-4
     # Image 2 has R = G = B: one grey channel must be replicated to the same features.
-    grey = ev.inception_features(images[2:3, :, :, :1], params=params, devices=jax.local_devices()[:1])
+    grey = ev.inception_features(images[2:3, :, :, :1], params=inception, devices=jax.local_devices()[:1])
     assert np.abs(grey[0] - expected[2]).max() <= 1e-4
 
 
@@ -218,15 +229,15 @@ def test_reference_statistics_are_cached_by_name(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(ev, "inception_features", lambda images, **kw: calls.append(images) or features)
     load = lambda: np.zeros((10, 8, 8, 3), np.uint8)  # noqa: E731
-    first = ev.reference_statistics("toy-10", load, directory=tmp_path)
-    second = ev.reference_statistics("toy-10", lambda: pytest.fail("cache miss"), directory=tmp_path)
+    first = ev.reference_statistics("toy-10", load, cache_dir=tmp_path)
+    second = ev.reference_statistics("toy-10", lambda: pytest.fail("cache miss"), cache_dir=tmp_path)
     assert len(calls) == 1 and (tmp_path / "reference_toy-10.npz").exists()
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(second[1], features.astype(np.float64).mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(second[2], np.cov(features.astype(np.float64), rowvar=False), rtol=1e-12)
     with pytest.raises(ValueError, match="names a file"):
-        ev.reference_statistics("../escape", load, directory=tmp_path)
+        ev.reference_statistics("../escape", load, cache_dir=tmp_path)
 
 
 def test_save_image_grid_tiles_row_major(tmp_path):
