@@ -1,15 +1,855 @@
 """Moment Matching Distillation (Salimans et al., NeurIPS 2024): the mathematics as pure functions.
 
-Specification: MATH.md (shipped in the project's design documents); section numbers below refer to it.
-Every function is shape-agnostic over data dimensions (`b *dims`). A denoiser is any callable
-`(z, lam, label) -> x_pred` on a batch.
+Specification: the project's MATH.md; the section numbers below (§) refer to it. Read top to bottom:
+schedules -> forward process and posterior -> ancestral sampler -> teacher loss -> distillation inputs
+-> Algorithm 2 (alternating) -> Algorithm 3 (instant, two minibatches) -> preconditioner -> optimisers
+-> data-parallel training steps.
+
+Conventions
+- Everything is shape-agnostic over data dimensions: arrays are `(b, *dims)`, so the same code serves
+  2-D toy points `(b, 2)` and images `(b, h, w, c)`.
+- A *denoiser* is any callable `(z, lam, label) -> x_pred` on a batch, conditioned on log-SNR `lam`
+  (never a time index). Where gradients w.r.t. its parameters are needed it must be a pytree (e.g. an
+  equinox Module) whose inexact arrays are those parameters.
+- Labels are integers; `null_label` is the extra class used for classifier-free guidance.
+- Losses sum over data dimensions and average over the batch. With `axis_name` set (inside
+  `jax.shard_map`) the batch mean is the global mean over that mesh axis.
+- Randomness is drawn per example from keys derived from the example's global index, so results do
+  not depend on batch size or device count.
 """
 
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree, UInt32
+
+Denoiser = Callable[..., Float[Array, "b *dims"]]
+Keys = PRNGKeyArray | Key[Array, " b"] | UInt32[Array, "b 2"]
+
+WEIGHTINGS = ("edm", "flat", "dmd")
+ZS_MODES = ("conditional", "marginal")
+CENTERINGS = ("none", "batch", "fixed")
+VARIANTS = ("teacher", "alternating", "instant")
+
+
+def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid names: {', '.join(valid)}")
+
+
+def _expand(v: Float[Array, " b"], like: Array) -> Array:
+    """Reshape a per-example scalar to broadcast against `(b, *dims)` (rank promotion is explicit)."""
+    return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+
+def _sum_dims(x: Float[Array, "b *dims"]) -> Float[Array, " b"]:
+    return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+
+
+def _batch_mean(v: Float[Array, " b"], axis_name: str | None) -> Float[Array, ""]:
+    m = jnp.mean(v)
+    return m if axis_name is None else lax.pmean(m, axis_name)
+
+
+def _tree_vdot(a: PyTree, b: PyTree) -> Float[Array, ""]:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _tree_mul(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(jnp.multiply, a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# §1 Schedules, in log-SNR
 
 
 def alpha_sigma(lam: Float[Array, "*s"]) -> tuple[Float[Array, "*s"], Float[Array, "*s"]]:
     """`alpha = sqrt(sigmoid(lam))`, `sigma = sqrt(sigmoid(-lam))` (MATH.md §1)."""
     return jnp.sqrt(jax.nn.sigmoid(lam)), jnp.sqrt(jax.nn.sigmoid(-lam))
+
+
+def resolution_shift(resolution: int, *, base: float = 64.0) -> float:
+    """Simple Diffusion's log-SNR shift `2 log(base / resolution)` (MATH.md §1; `base` is [C])."""
+    return 2.0 * math.log(base / resolution)
+
+
+def logsnr_cosine(
+    t: Float[Array, "*s"], *, shift: float, lam_min: float = -15.0, lam_max: float = 15.0
+) -> Float[Array, "*s"]:
+    """Shifted cosine `lam(t) = -2 log tan(pi t / 2) + shift`, clipped to [lam_min, lam_max] (MATH.md §1.1; clip [C])."""
+    # Clip t rather than lam: in float32, tan(pi t / 2) is not positive at t = 1.
+    t_lo = 2.0 / math.pi * math.atan(math.exp((shift - lam_max) / 2.0))
+    t_hi = 2.0 / math.pi * math.atan(math.exp((shift - lam_min) / 2.0))
+    t = jnp.clip(t, t_lo, t_hi)
+    return jnp.clip(-2.0 * jnp.log(jnp.tan(math.pi * t / 2.0)) + shift, lam_min, lam_max)
+
+
+def logsnr_edm(
+    u: Float[Array, "*s"],
+    *,
+    shift: float,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+) -> Float[Array, "*s"]:
+    """EDM's test-time schedule `lam(u) = -2 log sbar(u) + shift`, u = 1 the noisiest (MATH.md §1.2)."""
+    a, b = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return -2.0 * rho * jnp.log(a + u * (b - a)) + shift
+
+
+def loss_weight(
+    lam: Float[Array, " b"],
+    *,
+    kind: str,
+    x_gen: Float[Array, "b *dims"] | None = None,
+    x_teacher: Float[Array, "b *dims"] | None = None,
+    sigma_data: float = 0.5,
+) -> Float[Array, " b"]:
+    """Loss weighting w(lam) (MATH.md §1): `edm` = SNR + 1/sigma_data^2, `flat` = 1, `dmd` = sg(1 / mean|x_gen - x_teacher|).
+
+    `dmd` needs `x_gen` and `x_teacher` (DMD's adaptive normaliser; its form is [D], the 1e-5 floor [C]).
+    """
+    _check_choice("weighting", kind, WEIGHTINGS)
+    if kind == "edm":
+        return jnp.exp(lam) + 1.0 / sigma_data**2
+    if kind == "flat":
+        return jnp.ones_like(lam)
+    if x_gen is None or x_teacher is None:
+        raise ValueError("the 'dmd' weighting needs x_gen and x_teacher")
+    diff = jnp.abs(x_gen - x_teacher).reshape(x_gen.shape[0], -1)
+    return lax.stop_gradient(1.0 / jnp.maximum(jnp.mean(diff, axis=1), 1e-5))
+
+
+# ----------------------------------------------------------------------------------------------
+# §2 Forward process, posterior (eq. 1) and ancestral step (eq. 2)
+
+
+def diffuse(
+    x: Float[Array, "b *dims"], lam: Float[Array, " b"], noise: Float[Array, "b *dims"]
+) -> Float[Array, "b *dims"]:
+    """Forward process `z = alpha x + sigma eps` (MATH.md §1)."""
+    alpha, sigma = alpha_sigma(lam)
+    return _expand(alpha, x) * x + _expand(sigma, x) * noise
+
+
+def posterior(
+    *,
+    z_t: Float[Array, "b *dims"],
+    x: Float[Array, "b *dims"],
+    lam_t: Float[Array, " b"],
+    lam_s: Float[Array, " b"],
+) -> tuple[Float[Array, "b *dims"], Float[Array, " b"]]:
+    """Mean and per-example variance of `q(z_s | z_t, x)` for lam_s > lam_t (eq. 1, MATH.md §2).
+
+    `var = sigma_s^2 (1 - e^(lam_t - lam_s))`, `mu = alpha_s [e^(lam_t - lam_s) z_t / alpha_t + (1 - e^(lam_t - lam_s)) x]`,
+    with `1 - e^d` as `-expm1(d)` and `alpha_s / alpha_t` in log space, so |lam_t - lam_s| from 1e-4 to 30 is exact.
+    """
+    d = lam_t - lam_s
+    revealed = -jnp.expm1(d)
+    coef_z = jnp.exp(d + 0.5 * (jax.nn.log_sigmoid(lam_s) - jax.nn.log_sigmoid(lam_t)))
+    alpha_s, _ = alpha_sigma(lam_s)
+    mean = _expand(coef_z, z_t) * z_t + _expand(alpha_s * revealed, x) * x
+    return mean, jax.nn.sigmoid(-lam_s) * revealed
+
+
+def ancestral_step(
+    *,
+    z_t: Float[Array, "b *dims"],
+    x: Float[Array, "b *dims"],
+    lam_t: Float[Array, " b"],
+    lam_s: Float[Array, " b"],
+    noise: Float[Array, "b *dims"],
+    gamma: float = 0.0,
+) -> Float[Array, "b *dims"]:
+    """One draw `z_s ~ q(z_s | z_t, x_hat)` (eq. 2), its variance interpolated in log space towards
+    `sigma_{t|s}^2` by `gamma` (Salimans & Ho 2022's larger sampling noise; the log-space form is [C])."""
+    mean, _ = posterior(z_t=z_t, x=x, lam_t=lam_t, lam_s=lam_s)
+    log_revealed = jnp.log(-jnp.expm1(lam_t - lam_s))
+    log_var = (
+        log_revealed
+        + (1.0 - gamma) * jax.nn.log_sigmoid(-lam_s)
+        + gamma * jax.nn.log_sigmoid(-lam_t)
+    )
+    return mean + _expand(jnp.exp(0.5 * log_var), noise) * noise
+
+
+# ----------------------------------------------------------------------------------------------
+# §7 Classifier-free guidance and clipping; §6 straight-through
+
+
+def guided_denoise(
+    denoiser: Denoiser,
+    z: Float[Array, "b *dims"],
+    lam: Float[Array, " b"],
+    labels: Int[Array, " b"],
+    *,
+    guidance: float,
+    clip: bool,
+    null_label: int | None,
+) -> tuple[Float[Array, "b *dims"], Float[Array, "b *dims"]]:
+    """`(clip((1 + w) g(z, c) - w g(z, null)), g(z, c))`: the guided, clipped prediction and the plain
+    conditional one (MATH.md §7). The conditional and null passes share one batched call."""
+    if guidance == 0.0:
+        x_cond = denoiser(z, lam, labels)
+        x_hat = x_cond
+    else:
+        if null_label is None:
+            raise ValueError("guidance != 0 needs null_label (the extra class the teacher was trained with)")
+        b = z.shape[0]
+        both = denoiser(
+            jnp.concatenate([z, z]),
+            jnp.concatenate([lam, lam]),
+            jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
+        )
+        x_cond, x_null = both[:b], both[b:]
+        x_hat = (1.0 + guidance) * x_cond - guidance * x_null
+    if clip:
+        x_hat = jnp.clip(x_hat, -1.0, 1.0)
+    return x_hat, x_cond
+
+
+def straight_through(
+    x_hat: Float[Array, "b *dims"], x_cond: Float[Array, "b *dims"]
+) -> Float[Array, "b *dims"]:
+    """`g_ST = g(z, c) + sg(g_hat - g(z, c))`: value of the guided/clipped teacher, derivative of the plain one (MATH.md §6)."""
+    return x_cond + lax.stop_gradient(x_hat - x_cond)
+
+
+# ----------------------------------------------------------------------------------------------
+# §2 The k-step ancestral sampler
+
+
+def example_keys(key: Keys, batch: int) -> Key[Array, " b"]:
+    """One typed key per example: `key` itself if it is already a batch of `batch` keys, else `split(key, batch)`."""
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.shape == ():
+        return jax.random.split(key, batch)
+    if key.shape != (batch,):
+        raise ValueError(f"expected one key or {batch} keys (one per example), got key shape {key.shape}")
+    return key
+
+
+def _per_example_normal(keys: Key[Array, " b"], salt: int | Int[Array, ""], dims: tuple[int, ...]) -> Array:
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt), dims))(keys)
+
+
+def sample(
+    denoiser: Denoiser,
+    key: Keys,
+    *,
+    shape: tuple[int, ...],
+    labels: Int[Array, " b"],
+    num_steps: int,
+    shift: float,
+    guidance: float = 0.0,
+    clip: bool = False,
+    gamma: float = 0.0,
+    null_label: int | None = None,
+) -> Float[Array, "b *dims"]:
+    """k-step ancestral sampler of MATH.md §2 on the EDM schedule; returns the last prediction.
+
+    `z ~ N(0, I)` at u = 1; for i = k..1: `x_hat = g^w(z, lam(i/k))`, then (i > 1) `z ~ q(z_{(i-1)/k} | z, x_hat)`.
+    `key` is one key or `shape[0]` keys; with one key per example, each example's draws depend only on
+    its own key (so a sample is the same whatever the batch it is generated in).
+    """
+    b, dims = shape[0], tuple(shape[1:])
+    keys = example_keys(key, b)
+
+    def level(i: Int[Array, ""]) -> Float[Array, " b"]:
+        u = i.astype(jnp.float32) / num_steps
+        return jnp.full((b,), logsnr_edm(u, shift=shift))
+
+    def predict(z: Array, i: Int[Array, ""]) -> Array:
+        x_hat, _ = guided_denoise(
+            denoiser, z, level(i), labels, guidance=guidance, clip=clip, null_label=null_label
+        )
+        return x_hat
+
+    def body(j: Int[Array, ""], z: Array) -> Array:
+        i = num_steps - j
+        return ancestral_step(
+            z_t=z,
+            x=predict(z, i),
+            lam_t=level(i),
+            lam_s=level(i - 1),
+            noise=_per_example_normal(keys, i, dims),
+            gamma=gamma,
+        )
+
+    z = lax.fori_loop(0, num_steps - 1, body, _per_example_normal(keys, 0, dims))
+    return predict(z, jnp.asarray(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# §1, §7 Teacher training
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Teacher training settings: log-SNR shift, label dropout to `null_label` for guidance ([C])."""
+
+    shift: float = 0.0
+    null_label: int = 0
+    label_dropout: float = 0.1
+
+
+def teacher_loss(
+    denoiser: Denoiser,
+    key: Keys,
+    *,
+    x: Float[Array, "b *dims"],
+    labels: Int[Array, " b"],
+    cfg: TeacherConfig,
+    axis_name: str | None = None,
+) -> Float[Array, ""]:
+    """Simple Diffusion's v-prediction loss with t ~ U[0, 1] on the shifted cosine (MATH.md §1, §7).
+
+    Written in x-space: `||v - v_hat||^2 = ||x - x_hat||^2 / sigma^2 = (1 + SNR) ||x - x_hat||^2` [D],
+    since `x_hat = alpha z - sigma v_hat`. Labels are replaced by `null_label` with prob. `label_dropout`.
+    """
+    keys = example_keys(key, x.shape[0])
+
+    def draws(k: PRNGKeyArray) -> tuple[Array, Array, Array]:
+        kt, kn, kd = jax.random.split(k, 3)
+        return (
+            jax.random.uniform(kt),
+            jax.random.normal(kn, x.shape[1:]),
+            jax.random.bernoulli(kd, cfg.label_dropout),
+        )
+
+    t, noise, drop = jax.vmap(draws)(keys)
+    lam = logsnr_cosine(t, shift=cfg.shift)
+    x_pred = denoiser(diffuse(x, lam, noise), lam, jnp.where(drop, cfg.null_label, labels))
+    return _batch_mean((1.0 + jnp.exp(lam)) * _sum_dims((x - x_pred) ** 2), axis_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# §4 Inputs of one distillation example; §5/§8 drawing z_s
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Distillation settings shared by both variants (MATH.md §4-8; defaults as the paper).
+
+    `num_steps` is the student's k; `regularize_aux` switches the auxiliary's teacher term (§5);
+    `center` is the instant variant's data-centring option (§6, [C]).
+    """
+
+    num_steps: int = 8
+    shift: float = 0.0
+    weighting: str = "edm"
+    zs_mode: str = "conditional"
+    guidance: float = 0.0
+    clip: bool = False
+    null_label: int | None = None
+    regularize_aux: bool = True
+    center: str = "none"
+
+    def __post_init__(self) -> None:
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        _check_choice("z_s mode", self.zs_mode, ZS_MODES)
+        _check_choice("centring", self.center, CENTERINGS)
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps (k) must be >= 1, got {self.num_steps}")
+
+
+class DistillInputs(NamedTuple):
+    """Everything random about a distillation minibatch except the generator's output."""
+
+    x: Float[Array, "b *dims"]  # real data
+    labels: Int[Array, " b"]
+    lam_t: Float[Array, " b"]  # the generator's level
+    lam_s: Float[Array, " b"]  # the auxiliary's / teacher's level, lam_s >= lam_t
+    z_t: Float[Array, "b *dims"]  # noised real data (not the student's chain, MATH.md §3)
+    noise_s: Float[Array, "b *dims"]  # drives z_s ~ q(z_s | ...)
+    noise_real: Float[Array, "b *dims"]  # drives real pairs (x, z_s ~ q(z_s | x)) for centring
+
+
+def distill_inputs(
+    key: Keys,
+    *,
+    x: Float[Array, "b *dims"],
+    labels: Int[Array, " b"],
+    num_steps: int,
+    shift: float,
+) -> DistillInputs:
+    """Time sampling of MATH.md §4: `s ~ U[0,1]`, `delta ~ U[0, 1/k]`, `t = min(s + delta, 1)` on the EDM
+    schedule, and `z_t = alpha_t x + sigma_t eps`."""
+    keys = example_keys(key, x.shape[0])
+
+    def draws(k: PRNGKeyArray) -> tuple[Array, ...]:
+        ks, kd, ke, kn, kr = jax.random.split(k, 5)
+        s = jax.random.uniform(ks)
+        t = jnp.minimum(s + jax.random.uniform(kd) / num_steps, 1.0)
+        normal = lambda kk: jax.random.normal(kk, x.shape[1:])  # noqa: E731
+        return s, t, normal(ke), normal(kn), normal(kr)
+
+    s, t, eps, noise_s, noise_real = jax.vmap(draws)(keys)
+    lam_s, lam_t = logsnr_edm(s, shift=shift), logsnr_edm(t, shift=shift)
+    return DistillInputs(
+        x=x,
+        labels=labels,
+        lam_t=lam_t,
+        lam_s=lam_s,
+        z_t=diffuse(x, lam_t, eps),
+        noise_s=noise_s,
+        noise_real=noise_real,
+    )
+
+
+def draw_zs(inputs: DistillInputs, x_gen: Float[Array, "b *dims"], *, mode: str) -> Float[Array, "b *dims"]:
+    """`z_s ~ q(z_s | z_t, sg(x_gen))` (`conditional`, Algorithm 2) or `q(z_s | sg(x_gen))` (`marginal`, the
+    ablation of §8). z_s never carries gradient."""
+    _check_choice("z_s mode", mode, ZS_MODES)
+    x_gen = lax.stop_gradient(x_gen)
+    if mode == "marginal":
+        return diffuse(x_gen, inputs.lam_s, inputs.noise_s)
+    mean, var = posterior(z_t=inputs.z_t, x=x_gen, lam_t=inputs.lam_t, lam_s=inputs.lam_s)
+    return mean + _expand(jnp.sqrt(var), mean) * inputs.noise_s
+
+
+# ----------------------------------------------------------------------------------------------
+# §5 Algorithm 2: alternating optimisation with an auxiliary denoiser
+
+
+def auxiliary_loss(
+    auxiliary: Denoiser,
+    *,
+    generator: Denoiser,
+    teacher: Denoiser,
+    inputs: DistillInputs,
+    cfg: DistillConfig,
+    axis_name: str | None = None,
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """`L(phi) = w(s) [||sg(x_gen) - g_phi(z_s)||^2 + ||sg(g_theta(z_s)) - g_phi(z_s)||^2]` (Algorithm 2).
+
+    The second (teacher-regulariser) term is switched by `cfg.regularize_aux`. Also returns the moment
+    gap `mean w ||g_phi - g_theta||^2` (to the unguided teacher) as a metric.
+    """
+    x_gen = lax.stop_gradient(generator(inputs.z_t, inputs.lam_t, inputs.labels))
+    z_s = draw_zs(inputs, x_gen, mode=cfg.zs_mode)
+    x_teacher = lax.stop_gradient(teacher(z_s, inputs.lam_s, inputs.labels))
+    x_aux = auxiliary(z_s, inputs.lam_s, inputs.labels)
+    w = loss_weight(inputs.lam_s, kind=cfg.weighting, x_gen=x_gen, x_teacher=x_teacher)
+    per_example = _sum_dims((x_gen - x_aux) ** 2)
+    if cfg.regularize_aux:
+        per_example = per_example + _sum_dims((x_teacher - x_aux) ** 2)
+    gap = _batch_mean(w * _sum_dims(lax.stop_gradient(x_aux - x_teacher) ** 2), axis_name)
+    return _batch_mean(w * per_example, axis_name), {"moment_gap": gap}
+
+
+def generator_loss(
+    generator: Denoiser,
+    *,
+    auxiliary: Denoiser,
+    teacher: Denoiser,
+    inputs: DistillInputs,
+    cfg: DistillConfig,
+    axis_name: str | None = None,
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """`L(eta) = w(s) x_gen^T sg(g_phi(z_s) - g_theta^w(z_s))` (Algorithm 2); guidance and clipping on the
+    teacher only. Its value is meaningless (only its gradient matters): the metric is the moment gap."""
+    x_gen = generator(inputs.z_t, inputs.lam_t, inputs.labels)
+    z_s = draw_zs(inputs, x_gen, mode=cfg.zs_mode)
+    x_aux = auxiliary(z_s, inputs.lam_s, inputs.labels)
+    x_hat, x_cond = guided_denoise(
+        teacher, z_s, inputs.lam_s, inputs.labels,
+        guidance=cfg.guidance, clip=cfg.clip, null_label=cfg.null_label,
+    )
+    direction = lax.stop_gradient(x_aux - x_hat)
+    w = loss_weight(inputs.lam_s, kind=cfg.weighting, x_gen=x_gen, x_teacher=x_hat)
+    gap = _batch_mean(w * _sum_dims(lax.stop_gradient(x_aux - x_cond) ** 2), axis_name)
+    return _batch_mean(w * _sum_dims(x_gen * direction), axis_name), {"moment_gap": gap}
+
+
+# ----------------------------------------------------------------------------------------------
+# §6 Algorithm 3: instant moment matching with two minibatches
+
+
+def teacher_gradient(
+    teacher: Denoiser,
+    *,
+    x: Float[Array, "b *dims"],
+    z_s: Float[Array, "b *dims"],
+    lam_s: Float[Array, " b"],
+    labels: Int[Array, " b"],
+    cfg: DistillConfig,
+    axis_name: str | None = None,
+) -> tuple[PyTree, Float[Array, " b"]]:
+    """`G = grad_theta (1/B) sum w ||x - g_theta^ST(z_s)||^2` on pairs `(x, z_s)` held constant (MATH.md §6),
+    with the straight-through guided/clipped teacher; the global-batch mean under `axis_name`.
+
+    On generated pairs this is the G of eq. 8-9; on real pairs `(x, z_s ~ q(z_s|x))` it is the
+    data-centring gradient. Returns `(G, w)`.
+    """
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+    x = lax.stop_gradient(x)
+
+    def loss(p: PyTree) -> tuple[Array, Array]:
+        x_hat, x_cond = guided_denoise(
+            eqx.combine(p, static), z_s, lam_s, labels,
+            guidance=cfg.guidance, clip=cfg.clip, null_label=cfg.null_label,
+        )
+        w = loss_weight(lam_s, kind=cfg.weighting, x_gen=x, x_teacher=x_hat)
+        return _batch_mean(w * _sum_dims((x - straight_through(x_hat, x_cond)) ** 2), axis_name), w
+
+    grads, w = jax.grad(loss, has_aux=True)(params)
+    return grads, w
+
+
+def _teacher_jvp(teacher: Denoiser, z: Array, lam: Array, labels: Array, tangent: PyTree) -> Array:
+    """`J_theta(z) v`: the unmodified conditional teacher's derivative along a parameter direction."""
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+    _, out = jax.jvp(lambda p: eqx.combine(p, static)(z, lam, labels), (params,), (tangent,))
+    return out
+
+
+def instant_loss(
+    generator: Denoiser,
+    *,
+    teacher: Denoiser,
+    precond: PyTree,
+    inputs1: DistillInputs,
+    inputs2: DistillInputs,
+    cfg: DistillConfig,
+    real_grad: PyTree | None = None,
+    axis_name: str | None = None,
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """Surrogate whose gradient is exactly that of `L_2b = G_1^T Lambda G_2` (eq. 9, reading [D]).
+
+    Computed with teacher VJPs and JVPs, no Hessians (MATH.md §6, [D]): `G_i` on minibatch i,
+    `u_1 = J(z_s1) Lambda G_2`, `u_2 = J(z_s2) Lambda G_1`, surrogate
+    `-(2/B) sum w (x_gen_1 . sg(u_1) + x_gen_2 . sg(u_2))`. With `cfg.center` = `batch` each `G_i` has
+    the same gradient on real pairs of minibatch i subtracted, with `fixed` the given `real_grad` [C].
+    Metric `loss` is the value `G_1^T Lambda G_2` (the monitor the paper plots).
+    """
+    if cfg.center == "fixed" and real_grad is None:
+        raise ValueError("center='fixed' needs real_grad (a mean real-data teacher gradient)")
+    b1 = inputs1.x.shape[0]
+    x_gen = generator(
+        jnp.concatenate([inputs1.z_t, inputs2.z_t]),
+        jnp.concatenate([inputs1.lam_t, inputs2.lam_t]),
+        jnp.concatenate([inputs1.labels, inputs2.labels]),
+    )
+    x_gens = (x_gen[:b1], x_gen[b1:])
+
+    def centred_gradient(inputs: DistillInputs, xg: Array, z_s: Array) -> tuple[PyTree, Array]:
+        kw = dict(lam_s=inputs.lam_s, labels=inputs.labels, cfg=cfg, axis_name=axis_name)
+        grads, w = teacher_gradient(teacher, x=xg, z_s=z_s, **kw)
+        if cfg.center == "batch":
+            z_real = diffuse(inputs.x, inputs.lam_s, inputs.noise_real)
+            grads = jax.tree.map(jnp.subtract, grads, teacher_gradient(teacher, x=inputs.x, z_s=z_real, **kw)[0])
+        elif cfg.center == "fixed":
+            grads = jax.tree.map(jnp.subtract, grads, real_grad)
+        return grads, w
+
+    z_s = [draw_zs(inp, xg, mode=cfg.zs_mode) for inp, xg in zip((inputs1, inputs2), x_gens)]
+    (g1, w1), (g2, w2) = (centred_gradient(inp, xg, z) for inp, xg, z in zip((inputs1, inputs2), x_gens, z_s))
+    u1 = _teacher_jvp(teacher, z_s[0], inputs1.lam_s, inputs1.labels, _tree_mul(precond, g2))
+    u2 = _teacher_jvp(teacher, z_s[1], inputs2.lam_s, inputs2.labels, _tree_mul(precond, g1))
+    surrogate = -2.0 * (
+        _batch_mean(w1 * _sum_dims(x_gens[0] * lax.stop_gradient(u1)), axis_name)
+        + _batch_mean(w2 * _sum_dims(x_gens[1] * lax.stop_gradient(u2)), axis_name)
+    )
+    value = lax.stop_gradient(_tree_vdot(g1, _tree_mul(precond, g2)))
+    return surrogate, {"loss": value}
+
+
+# ----------------------------------------------------------------------------------------------
+# §6 The preconditioner Lambda (Adam's diagonal preconditioner of the teacher)
+
+
+def preconditioner(nu: PyTree, *, count: int | Int[Array, ""], b2: float, eps: float = 1e-8) -> PyTree:
+    """`Lambda = 1 / (sqrt(nu_hat) + eps)`, `nu_hat = nu / (1 - b2^count)` (MATH.md §6; eps [C])."""
+    correction = 1.0 - jnp.asarray(b2, jnp.float32) ** jnp.asarray(count, jnp.float32)
+    return jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / correction) + eps), nu)
+
+
+def preconditioner_from_adam(opt_state: PyTree, *, b2: float, eps: float = 1e-8) -> PyTree:
+    """Lambda from the teacher's optax Adam state (its bias-corrected `nu`), as loaded from a checkpoint (MATH.md §6)."""
+    states = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
+    if len(states) != 1:
+        raise ValueError(f"expected one optax Adam state in the optimiser state, found {len(states)}")
+    return preconditioner(states[0].nu, count=states[0].count, b2=b2, eps=eps)
+
+
+def estimate_preconditioner(grads: Iterable[PyTree], *, b2: float, eps: float = 1e-8) -> PyTree:
+    """A fresh Lambda from a stream of teacher-loss gradients on real data: Adam's EMA of squared
+    gradients with no parameter update, bias-corrected (MATH.md §6)."""
+    nu, count = None, 0
+    for g in grads:
+        if nu is None:
+            nu = jax.tree.map(jnp.zeros_like, g)
+        nu = jax.tree.map(lambda n, x: b2 * n + (1.0 - b2) * jnp.square(x), nu, g)
+        count += 1
+    if nu is None:
+        raise ValueError("estimate_preconditioner needs at least one gradient")
+    return preconditioner(nu, count=count, b2=b2, eps=eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# §10 Optimisers (paper Appendix B)
+
+
+def warmup_linear_schedule(
+    *, peak_lr: float, warmup_steps: int, total_steps: int | None
+) -> Callable[[Int[Array, ""]], Float[Array, ""]]:
+    """Linear warm-up to `peak_lr` over `warmup_steps` updates, then linear decay to 0 at `total_steps`
+    (Appendix B, MATH.md §10); `total_steps=None` keeps the peak after warm-up (the teacher's choice, [C])."""
+
+    def schedule(count: Int[Array, ""]) -> Float[Array, ""]:
+        n = jnp.asarray(count, jnp.float32)
+        lr = peak_lr * jnp.minimum((n + 1.0) / max(warmup_steps, 1), 1.0)
+        if total_steps is None:
+            return lr
+        return lr * jnp.clip((total_steps - n) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+
+    return schedule
+
+
+def distill_optimizer(
+    *, peak_lr: float, total_steps: int, warmup_steps: int = 1000
+) -> optax.GradientTransformation:
+    """Generator/auxiliary optimiser of Appendix B: global-norm clip 1, Adam(b1=0, b2=0.99, eps=1e-12),
+    warm-up then linear decay (MATH.md §10; the peak learning rate is [C])."""
+    schedule = warmup_linear_schedule(peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule, b1=0.0, b2=0.99, eps=1e-12))
+
+
+def teacher_optimizer(
+    *, peak_lr: float, warmup_steps: int = 1000, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """Teacher optimiser [C]: global-norm clip 1, Adam with warm-up then a constant rate. Its `nu`
+    (with this `b2`) later gives the preconditioner Lambda."""
+    schedule = warmup_linear_schedule(peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=None)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule, b1=b1, b2=b2, eps=eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data-parallel training steps (jax.shard_map over the mesh axis "data")
+
+
+class TrainState(NamedTuple):
+    """What a step updates: the trained model (teacher or generator) and, for `alternating`, the auxiliary."""
+
+    step: Int[Array, ""]
+    params: PyTree
+    opt_state: PyTree
+    aux_params: PyTree = None
+    aux_opt_state: PyTree = None
+
+
+class Frozen(NamedTuple):
+    """What distillation reads but never updates: teacher parameters, Lambda, the fixed centring gradient."""
+
+    teacher: PyTree = None
+    precond: PyTree = None
+    real_grad: PyTree = None
+
+
+def data_mesh(devices: list[Any] | None = None) -> Mesh:
+    """A 1-D mesh with axis "data" over `devices` (default: all devices)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
+
+
+def init_train_state(
+    *,
+    params: PyTree,
+    optimizer: optax.GradientTransformation,
+    aux_optimizer: optax.GradientTransformation | None = None,
+) -> TrainState:
+    """Step 0. For distillation pass the teacher's parameters: generator and auxiliary start as copies of it (§5).
+
+    Copies, so that a step that donates its state never frees the caller's (e.g. the frozen teacher's) buffers.
+    """
+    params, aux = (jax.tree.map(jnp.copy, params) for _ in range(2))
+    aux = None if aux_optimizer is None else aux
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        aux_params=aux,
+        aux_opt_state=None if aux_optimizer is None else aux_optimizer.init(aux),
+    )
+
+
+def _global_keys(key: PRNGKeyArray, n_local: int, offset: int = 0) -> Key[Array, " n"]:
+    """Per-example keys `fold_in(key, global index)`, so results do not depend on the device count."""
+    start = offset + lax.axis_index("data") * n_local
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n_local))
+
+
+def _update(
+    optimizer: optax.GradientTransformation, grads: PyTree, opt_state: PyTree, params: PyTree
+) -> tuple[PyTree, PyTree, Float[Array, ""]]:
+    # optax's Adam bias correction computes `decay ** count` with an int32 count: implicit int->float
+    # promotion that strict promotion mode (used to check this file) rejects.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+
+
+def _sharded(fn: Callable, mesh: Mesh, batch_spec: P, num_replicated: int) -> Callable:
+    """Wrap `fn(*replicated, x, labels, key)` in shard_map: parameters replicated, batch sharded, key replicated."""
+    specs = (P(),) * num_replicated + (batch_spec, batch_spec, P())
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)
+
+
+def _check_batch(batch: int, divisor: int, what: str) -> None:
+    if batch % divisor:
+        raise ValueError(
+            f"batch size {batch} is not divisible by {divisor} ({what}); choose a batch size that is a multiple of {divisor}"
+        )
+
+
+def make_train_step(
+    variant: str,
+    *,
+    static: PyTree,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation,
+    aux_optimizer: optax.GradientTransformation | None = None,
+    teacher_cfg: TeacherConfig | None = None,
+    distill_cfg: DistillConfig | None = None,
+    donate: bool = True,
+) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """One jitted data-parallel step `(state, frozen, x, labels, key) -> (state, metrics)` for `teacher`,
+    `alternating` or `instant`, over mesh axis "data" (parameters replicated, batch sharded).
+
+    Gradients are those of the global-batch mean loss (`grad` of a `pmean`, not `pmean` of a `grad`,
+    which `check_vma` would count N times). `alternating` updates the auxiliary on even steps and the
+    generator on odd steps (so each optimiser sees half the steps); `instant` splits the batch into its
+    two independent minibatches (first and second half), and all-reduces the teacher gradients G_i
+    before the JVPs. `static` is the non-parameter part of the model (`eqx.partition(model, eqx.is_inexact_array)`).
+    """
+    _check_choice("variant", variant, VARIANTS)
+    if variant == "teacher" and teacher_cfg is None:
+        raise ValueError("the teacher step needs teacher_cfg")
+    if variant != "teacher" and distill_cfg is None:
+        raise ValueError(f"the {variant} step needs distill_cfg")
+    if variant == "alternating" and aux_optimizer is None:
+        raise ValueError("the alternating step needs aux_optimizer")
+    cfg = distill_cfg
+    n_dev = mesh.shape["data"]
+
+    def model(p: PyTree) -> Denoiser:
+        return eqx.combine(p, static)
+
+    def teacher_local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
+        keys = _global_keys(key, x.shape[0])
+        loss, grads = jax.value_and_grad(
+            lambda p: teacher_loss(model(p), keys, x=x, labels=labels, cfg=teacher_cfg, axis_name="data")
+        )(state.params)
+        params, opt_state, gnorm = _update(optimizer, grads, state.opt_state, state.params)
+        new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, {"loss": loss, "grad_norm": gnorm}
+
+    def alternating_local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
+        inputs = distill_inputs(
+            _global_keys(key, x.shape[0]), x=x, labels=labels, num_steps=cfg.num_steps, shift=cfg.shift
+        )
+        teacher, generator, auxiliary = (model(p) for p in (frozen.teacher, state.params, state.aux_params))
+
+        def aux_update(state: TrainState) -> tuple:
+            (loss, m), grads = jax.value_and_grad(
+                lambda p: auxiliary_loss(
+                    model(p), generator=generator, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
+                ),
+                has_aux=True,
+            )(state.aux_params)
+            params, opt_state, gnorm = _update(aux_optimizer, grads, state.aux_opt_state, state.aux_params)
+            return state._replace(aux_params=params, aux_opt_state=opt_state), {"loss": loss, "grad_norm": gnorm, **m}
+
+        def gen_update(state: TrainState) -> tuple:
+            (loss, m), grads = jax.value_and_grad(
+                lambda p: generator_loss(
+                    model(p), auxiliary=auxiliary, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
+                ),
+                has_aux=True,
+            )(state.params)
+            params, opt_state, gnorm = _update(optimizer, grads, state.opt_state, state.params)
+            return state._replace(params=params, opt_state=opt_state), {"loss": loss, "grad_norm": gnorm, **m}
+
+        phase = state.step % 2
+        state, metrics = lax.cond(phase == 0, aux_update, gen_update, state)
+        metrics["generator_step"] = phase.astype(jnp.float32)
+        return state._replace(step=state.step + 1), metrics
+
+    def instant_local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
+        n = x.shape[1]
+        inputs1, inputs2 = (
+            distill_inputs(
+                _global_keys(key, n, offset=i * n * n_dev),
+                x=x[i], labels=labels[i], num_steps=cfg.num_steps, shift=cfg.shift,
+            )
+            for i in (0, 1)
+        )
+        (surrogate, m), grads = jax.value_and_grad(
+            lambda p: instant_loss(
+                model(p), teacher=model(frozen.teacher), precond=frozen.precond, inputs1=inputs1,
+                inputs2=inputs2, cfg=cfg, real_grad=frozen.real_grad, axis_name="data",
+            ),
+            has_aux=True,
+        )(state.params)
+        params, opt_state, gnorm = _update(optimizer, grads, state.opt_state, state.params)
+        new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, {"surrogate": surrogate, "grad_norm": gnorm, **m}
+
+    local = {"teacher": teacher_local, "alternating": alternating_local, "instant": instant_local}[variant]
+
+    def step(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: PRNGKeyArray) -> tuple:
+        if variant == "instant":
+            _check_batch(x.shape[0], 2 * n_dev, f"two minibatches over {n_dev} devices")
+            x = x.reshape((2, x.shape[0] // 2) + x.shape[1:])
+            labels = labels.reshape(2, -1)
+            return _sharded(local, mesh, P(None, "data"), 2)(state, frozen, x, labels, key)
+        _check_batch(x.shape[0], n_dev, f"{n_dev} devices")
+        return _sharded(local, mesh, P("data"), 2)(state, frozen, x, labels, key)
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_gradient_fn(
+    *, static: PyTree, mesh: Mesh, teacher_cfg: TeacherConfig, distill_cfg: DistillConfig
+) -> Callable[..., tuple[PyTree, PyTree]]:
+    """Jitted data-parallel `(teacher_params, x, labels, key) -> (grad of teacher_loss, real-data G)`:
+    one pass over real data gives both the stream for `estimate_preconditioner` and the mean real-data
+    gradient subtracted by `center="fixed"` (MATH.md §6)."""
+    n_dev = mesh.shape["data"]
+
+    def local(params: PyTree, x: Array, labels: Array, key: Array) -> tuple[PyTree, PyTree]:
+        teacher = eqx.combine(params, static)
+        k_teacher, k_real = (_global_keys(jax.random.fold_in(key, i), x.shape[0]) for i in (0, 1))
+        g_teacher = eqx.filter_grad(
+            lambda m: teacher_loss(m, k_teacher, x=x, labels=labels, cfg=teacher_cfg, axis_name="data")
+        )(teacher)
+        inputs = distill_inputs(
+            k_real, x=x, labels=labels, num_steps=distill_cfg.num_steps, shift=distill_cfg.shift
+        )
+        z_real = diffuse(x, inputs.lam_s, inputs.noise_real)
+        g_real, _ = teacher_gradient(
+            teacher, x=x, z_s=z_real, lam_s=inputs.lam_s, labels=labels, cfg=distill_cfg, axis_name="data"
+        )
+        return eqx.filter(g_teacher, eqx.is_inexact_array), g_real
+
+    def fn(params: PyTree, x: Array, labels: Array, key: PRNGKeyArray) -> tuple[PyTree, PyTree]:
+        _check_batch(x.shape[0], n_dev, f"{n_dev} devices")
+        return _sharded(local, mesh, P("data"), 1)(params, x, labels, key)
+
+    return jax.jit(fn)

@@ -1,0 +1,511 @@
+"""mmd.py against independent references: brute-force Gaussian conditioning, closed-form schedules, the
+exact denoiser of a Gaussian mixture, plain double backprop, a Taylor expansion, Monte Carlo, optax."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import numpy as np
+import optax
+import pytest
+
+import mmd
+from toy import MLPDenoiser, energy_distance, ring
+
+F32 = jnp.float32
+
+
+def _lams(pairs):
+    lam_t, lam_s = (jnp.asarray(v, F32) for v in zip(*pairs))
+    return lam_t, lam_s
+
+
+# ---------------------------------------------------------------------------------------- posterior
+
+
+def test_posterior_equals_brute_force_gaussian_conditioning():
+    rng = np.random.default_rng(0)
+    pairs = []
+    for gap in [1e-4, 1e-3, 0.1, 1.0, 5.0, 15.0, 30.0]:
+        for lam_t in rng.uniform(-15.0, 15.0 - min(gap, 29.0), size=4):
+            pairs.append((lam_t, lam_t + gap))
+    pairs.append((-15.0, 15.0))
+    lam_t, lam_s = _lams(pairs)
+    b = lam_t.shape[0]
+    x = jnp.asarray(rng.uniform(-1, 1, (b, 3)), F32)
+    z_t = jnp.asarray(rng.normal(size=(b, 3)), F32)
+    mean, var = mmd.posterior(z_t=z_t, x=x, lam_t=lam_t, lam_s=lam_s)
+    assert np.all(np.isfinite(mean)) and np.all(np.isfinite(var))
+
+    for i in range(b):
+        # The joint of (z_s, z_t) given x from the Markov chain z_s -> z_t, conditioned by linear algebra.
+        lt, ls = np.float64(lam_t[i]), np.float64(lam_s[i])
+        a_t, a_s = math.sqrt(1 / (1 + math.exp(-lt))), math.sqrt(1 / (1 + math.exp(-ls)))
+        s2_t, s2_s = 1 / (1 + math.exp(lt)), 1 / (1 + math.exp(ls))
+        a_ts = a_t / a_s
+        cov = np.array([[s2_s, a_ts * s2_s], [a_ts * s2_s, s2_t]])
+        gain = cov[0, 1] / cov[1, 1]
+        ref_var = cov[0, 0] - gain * cov[1, 0]
+        ref_var_stable = s2_s * -math.expm1(lt - ls)  # the same quantity without cancellation
+        assert ref_var == pytest.approx(ref_var_stable, rel=1e-6, abs=1e-15)
+        ref_mean = a_s * np.asarray(x[i], np.float64) + gain * (
+            np.asarray(z_t[i], np.float64) - a_t * np.asarray(x[i], np.float64)
+        )
+        assert float(var[i]) == pytest.approx(ref_var_stable, rel=2e-5)
+        np.testing.assert_allclose(np.asarray(mean[i]), ref_mean, rtol=1e-4, atol=1e-5)
+
+
+def test_ancestral_step_has_posterior_moments_and_gamma_interpolates_in_log_space():
+    lam_t, lam_s = _lams([(-2.0, 1.0)] * 20000)
+    x = jnp.full((20000, 1), 0.3, F32)
+    z_t = jnp.full((20000, 1), -0.5, F32)
+    noise = jax.random.normal(jax.random.key(0), (20000, 1))
+    mean, var = mmd.posterior(z_t=z_t, x=x, lam_t=lam_t, lam_s=lam_s)
+    draws = mmd.ancestral_step(z_t=z_t, x=x, lam_t=lam_t, lam_s=lam_s, noise=noise)
+    assert float(jnp.var(draws)) == pytest.approx(float(var[0]), rel=0.05)
+    assert float(jnp.mean(draws)) == pytest.approx(float(mean[0, 0]), abs=4 * math.sqrt(float(var[0]) / 20000))
+    # gamma = 1 uses sigma_{t|s}^2 = sigma_t^2 (1 - e^(lam_t - lam_s)); gamma = 0.5 the geometric mean.
+    s2_ts = 1 / (1 + math.exp(-2.0)) * -math.expm1(-3.0)
+    unit = jnp.ones((1, 1), F32)
+    for gamma, expected in [(1.0, s2_ts), (0.5, math.sqrt(s2_ts * float(var[0])))]:
+        step = mmd.ancestral_step(
+            z_t=z_t[:1], x=x[:1], lam_t=lam_t[:1], lam_s=lam_s[:1], noise=unit, gamma=gamma
+        )
+        assert float(step[0, 0] - mean[0, 0]) ** 2 == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- schedules
+
+
+def test_cosine_schedule_endpoints_monotone_and_shift():
+    t = jnp.linspace(0.0, 1.0, 1001)
+    lam = mmd.logsnr_cosine(t, shift=0.0)
+    assert float(lam[0]) == 15.0 and float(lam[-1]) == -15.0
+    assert np.all(np.diff(np.asarray(lam)) <= 0) and np.all(np.isfinite(lam))
+    assert float(mmd.logsnr_cosine(jnp.asarray(0.5), shift=0.0)) == pytest.approx(0.0, abs=1e-6)
+    shift = mmd.resolution_shift(32)
+    assert shift == pytest.approx(2 * math.log(2.0)) and mmd.resolution_shift(64) == 0.0
+    mid = jnp.linspace(0.2, 0.8, 7)
+    np.testing.assert_allclose(
+        mmd.logsnr_cosine(mid, shift=shift) - mmd.logsnr_cosine(mid, shift=0.0), shift, atol=1e-5
+    )
+    # Closed form at t = 1/3: tan(pi/6) = 1/sqrt(3).
+    assert float(mmd.logsnr_cosine(jnp.asarray(1 / 3), shift=0.0)) == pytest.approx(math.log(3.0), rel=1e-5)
+
+
+def test_edm_schedule_endpoints_monotone_and_shift():
+    u = jnp.linspace(0.0, 1.0, 257)
+    lam = mmd.logsnr_edm(u, shift=0.0)
+    sbar = np.exp(-np.asarray(lam, np.float64) / 2)
+    assert sbar[0] == pytest.approx(0.002, rel=1e-5) and sbar[-1] == pytest.approx(80.0, rel=1e-5)
+    assert np.all(np.diff(np.asarray(lam)) < 0)
+    ref = (0.002 ** (1 / 7) + 0.3 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    assert float(mmd.logsnr_edm(jnp.asarray(0.3), shift=0.0)) == pytest.approx(-2 * math.log(ref), rel=1e-5)
+    alpha, _ = mmd.alpha_sigma(lam[-1])
+    assert float(alpha) == pytest.approx(1 / math.sqrt(1 + 80.0**2), rel=1e-4)  # about 0.0125
+    np.testing.assert_allclose(mmd.logsnr_edm(u, shift=1.5) - lam, 1.5, atol=1e-5)
+
+
+def test_loss_weights():
+    lam = jnp.asarray([-3.0, 0.0, 2.0], F32)
+    np.testing.assert_allclose(mmd.loss_weight(lam, kind="edm"), np.exp([-3.0, 0.0, 2.0]) + 4.0, rtol=1e-6)
+    # EDM's own form (sbar^2 + sd^2) / (sbar sd)^2 with sbar = exp(-lam / 2).
+    sbar = np.exp(-np.asarray(lam) / 2)
+    np.testing.assert_allclose(mmd.loss_weight(lam, kind="edm"), (sbar**2 + 0.25) / (sbar**2 * 0.25), rtol=1e-5)
+    np.testing.assert_allclose(mmd.loss_weight(lam, kind="flat"), 1.0)
+    x_gen = jnp.zeros((3, 2, 2), F32)
+    x_teacher = jnp.asarray([[[0.5, -0.5], [0.5, 0.5]]] * 3, F32) * jnp.asarray([1.0, 2.0, 4.0], F32)[:, None, None]
+    np.testing.assert_allclose(
+        mmd.loss_weight(lam, kind="dmd", x_gen=x_gen, x_teacher=x_teacher), [2.0, 1.0, 0.5], rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="edm, flat, dmd"):
+        mmd.loss_weight(lam, kind="snr")
+    with pytest.raises(ValueError, match="needs x_gen"):
+        mmd.loss_weight(lam, kind="dmd")
+
+
+# ---------------------------------------------------------------------------------------- sampler
+
+
+def test_many_step_sampler_reproduces_mixture_and_two_steps_do_not():
+    mix = ring()
+    n = 2000
+    labels = jnp.zeros(n, jnp.int32)
+    true_a, true_b = mix.draw(jax.random.key(1), n), mix.draw(jax.random.key(2), n)
+    baseline = energy_distance(true_a, true_b)  # pure sampling noise at this n (~5e-4)
+
+    def draw(k):
+        fn = jax.jit(lambda key: mmd.sample(mix, key, shape=(n, 2), labels=labels, num_steps=k, shift=0.0))
+        return np.asarray(fn(jax.random.key(0)), np.float64)
+
+    many, two = draw(256), draw(2)
+    mean, cov = mix.moments()
+    # Standard errors at n = 2000: mean sqrt(var / n) ~ 0.011; the variance of a coordinate of this
+    # mixture has sd about var * sqrt(2 / n) ~ 0.008 (a Gaussian bound; the ring is lighter-tailed).
+    se_mean = math.sqrt(cov[0, 0] / n)
+    se_var = cov[0, 0] * math.sqrt(2 / n)
+    assert np.all(np.abs(many.mean(0) - mean) < 4 * se_mean)
+    assert np.all(np.abs(np.cov(many.T) - cov) < 4 * se_var)
+    assert energy_distance(many, true_a) < 3 * baseline
+    assert energy_distance(two, true_a) > 50 * baseline
+    assert np.any(np.abs(np.cov(two.T) - cov) > 10 * se_var)
+
+
+def test_sample_is_per_example_and_batch_invariant():
+    mix = ring()
+    keys = jax.random.split(jax.random.key(3), 6)
+    labels = jnp.zeros(6, jnp.int32)
+    full = mmd.sample(mix, keys, shape=(6, 2), labels=labels, num_steps=4, shift=0.0)
+    part = mmd.sample(mix, keys[2:5], shape=(3, 2), labels=labels[:3], num_steps=4, shift=0.0)
+    np.testing.assert_allclose(full[2:5], part, rtol=1e-6)
+    again = mmd.sample(mix, jax.random.key(3), shape=(6, 2), labels=labels, num_steps=4, shift=0.0)
+    np.testing.assert_array_equal(
+        again, mmd.sample(mix, jax.random.key(3), shape=(6, 2), labels=labels, num_steps=4, shift=0.0)
+    )
+    # jaxtyping's dimension check catches this first; without the hook, example_keys raises ValueError.
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
+        mmd.sample(mix, keys[:4], shape=(6, 2), labels=labels, num_steps=4, shift=0.0)
+
+
+def test_example_keys_rejects_wrong_count():
+    with pytest.raises(ValueError, match="one key or 6 keys"):
+        mmd.example_keys(jax.random.split(jax.random.key(0), 4), 6)
+
+
+def test_guided_denoise_formula_and_needs_null_label():
+    def den(z, lam, label):
+        return z * (label.astype(F32) + 1.0)[:, None]
+
+    z = jnp.ones((2, 3), F32)
+    lam = jnp.zeros(2, F32)
+    labels = jnp.asarray([1, 2], jnp.int32)
+    x_hat, x_cond = mmd.guided_denoise(den, z, lam, labels, guidance=0.5, clip=False, null_label=0)
+    np.testing.assert_allclose(x_cond, [[2.0] * 3, [3.0] * 3])
+    np.testing.assert_allclose(x_hat, [[1.5 * 2 - 0.5] * 3, [1.5 * 3 - 0.5] * 3])
+    x_hat, _ = mmd.guided_denoise(den, z, lam, labels, guidance=0.5, clip=True, null_label=0)
+    np.testing.assert_allclose(x_hat, 1.0)
+    with pytest.raises(ValueError, match="null_label"):
+        mmd.guided_denoise(den, z, lam, labels, guidance=0.5, clip=False, null_label=None)
+
+
+# ---------------------------------------------------------------------------------------- teacher loss
+
+
+def test_teacher_loss_is_v_prediction_mse():
+    net = MLPDenoiser(dim=2, width=16, depth=2, num_classes=3, key=jax.random.key(0))
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (64, 2)), F32)
+    labels = jnp.arange(64, dtype=jnp.int32) % 3
+    cfg = mmd.TeacherConfig(shift=0.5, null_label=3, label_dropout=0.25)
+    key = jax.random.key(7)
+    loss = mmd.teacher_loss(net, key, x=x, labels=labels, cfg=cfg)
+
+    # Independent reimplementation from the same per-example draws, in v-space.
+    def draws(k):
+        kt, kn, kd = jax.random.split(k, 3)
+        return jax.random.uniform(kt), jax.random.normal(kn, (2,)), jax.random.bernoulli(kd, 0.25)
+
+    t, eps, drop = jax.vmap(draws)(jax.random.split(key, 64))
+    lam = -2 * jnp.log(jnp.tan(jnp.pi * t / 2)) + 0.5
+    alpha, sigma = jnp.sqrt(jax.nn.sigmoid(lam))[:, None], jnp.sqrt(jax.nn.sigmoid(-lam))[:, None]
+    z = alpha * x + sigma * eps
+    v = alpha * eps - sigma * x
+    v_hat = (alpha * z - net(z, lam, jnp.where(drop, 3, labels))) / sigma
+    assert float(loss) == pytest.approx(float(jnp.mean(jnp.sum((v - v_hat) ** 2, 1))), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- instant loss
+
+
+def _setup(seed=0, num_classes=3, b=12, dim=2):
+    k = jax.random.split(jax.random.key(seed), 6)
+    teacher = MLPDenoiser(dim=dim, width=16, depth=2, num_classes=num_classes, key=k[0])
+    generator = MLPDenoiser(dim=dim, width=16, depth=2, num_classes=num_classes, key=k[1])
+    x = jax.random.uniform(k[2], (2, b, dim), minval=-1, maxval=1)
+    labels = jax.random.randint(k[3], (2, b), 0, num_classes)
+    params, _ = eqx.partition(teacher, eqx.is_inexact_array)
+    precond = jax.tree.map(lambda p: jax.random.uniform(k[4], p.shape, minval=0.5, maxval=2.0), params)
+    return teacher, generator, x, labels, precond, k[5]
+
+
+def _inputs(key, x, labels, cfg):
+    return [
+        mmd.distill_inputs(jax.random.fold_in(key, i), x=x[i], labels=labels[i], num_steps=cfg.num_steps, shift=cfg.shift)
+        for i in (0, 1)
+    ]
+
+
+def _reference_teacher_grad(teacher, x, z_s, lam_s, labels, cfg, real=None):
+    """Plain `grad_theta` of the weighted denoising loss, written without mmd's helpers."""
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+
+    def loss(p, x, z_s):
+        t = eqx.combine(p, static)
+        cond = t(z_s, lam_s, labels)
+        hat = cond
+        if cfg.guidance:
+            hat = (1 + cfg.guidance) * cond - cfg.guidance * t(z_s, lam_s, jnp.full_like(labels, cfg.null_label))
+        if cfg.clip:
+            hat = jnp.clip(hat, -1, 1)
+        g_st = cond + jax.lax.stop_gradient(hat - cond)
+        w = mmd.loss_weight(lam_s, kind=cfg.weighting, x_gen=x, x_teacher=jax.lax.stop_gradient(hat))
+        return jnp.mean(w * jnp.sum((x - g_st) ** 2, axis=1))
+
+    g = jax.grad(loss)(params, x, z_s)
+    if real is not None:
+        g = jax.tree.map(jnp.subtract, g, jax.grad(loss)(params, *real))
+    return g
+
+
+CASES = [
+    mmd.DistillConfig(num_steps=4, weighting="flat"),
+    mmd.DistillConfig(num_steps=2, weighting="edm", zs_mode="marginal"),
+    mmd.DistillConfig(num_steps=4, weighting="dmd", guidance=0.7, clip=True, null_label=3),
+    mmd.DistillConfig(num_steps=8, weighting="flat", center="batch"),
+]
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=["flat", "edm-marginal", "dmd-guided-clipped", "centred"])
+def test_instant_surrogate_gradient_equals_double_backprop(cfg):
+    teacher, generator, x, labels, precond, key = _setup()
+    inputs1, inputs2 = _inputs(key, x, labels, cfg)
+    gen_params, gen_static = eqx.partition(generator, eqx.is_inexact_array)
+
+    def surrogate(p):
+        return mmd.instant_loss(
+            eqx.combine(p, gen_static), teacher=teacher, precond=precond, inputs1=inputs1, inputs2=inputs2, cfg=cfg
+        )
+
+    (_, metrics), grad_surrogate = jax.value_and_grad(surrogate, has_aux=True)(gen_params)
+
+    def l2b(p):
+        gen = eqx.combine(p, gen_static)
+        grads = []
+        for inp in (inputs1, inputs2):
+            x_gen = gen(inp.z_t, inp.lam_t, inp.labels)
+            z_s = mmd.draw_zs(inp, x_gen, mode=cfg.zs_mode)
+            real = None
+            if cfg.center == "batch":
+                real = (inp.x, mmd.diffuse(inp.x, inp.lam_s, inp.noise_real))
+            grads.append(_reference_teacher_grad(teacher, x_gen, z_s, inp.lam_s, inp.labels, cfg, real))
+        return sum(jnp.vdot(a, l * b) for a, l, b in zip(*(jax.tree.leaves(t) for t in (grads[0], precond, grads[1]))))
+
+    value, grad_ref = jax.value_and_grad(l2b)(gen_params)
+    assert float(metrics["loss"]) == pytest.approx(float(value), rel=1e-4, abs=1e-7)
+    flat_s, flat_r = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for t in (grad_surrogate, grad_ref))
+    assert float(jnp.linalg.norm(flat_r)) > 1e-6
+    np.testing.assert_allclose(flat_s, flat_r, rtol=2e-4, atol=2e-4 * float(jnp.max(jnp.abs(flat_r))))
+
+
+def test_alternating_gradient_over_l_converges_to_instant_gradient():
+    """Eq. 8: with phi(l) = theta - l Lambda G (G on the other minibatch), grad L(eta) / l -> the instant gradient."""
+    cfg = mmd.DistillConfig(num_steps=4, weighting="flat")
+    teacher, generator, x, labels, precond, key = _setup(seed=1)
+    inputs1, inputs2 = _inputs(key, x, labels, cfg)
+    t_params, t_static = eqx.partition(teacher, eqx.is_inexact_array)
+    gen_params, gen_static = eqx.partition(generator, eqx.is_inexact_array)
+
+    def generated_grad(inp):
+        x_gen = generator(inp.z_t, inp.lam_t, inp.labels)
+        return _reference_teacher_grad(teacher, x_gen, mmd.draw_zs(inp, x_gen, mode="conditional"), inp.lam_s, inp.labels, cfg)
+
+    g1, g2 = generated_grad(inputs1), generated_grad(inputs2)
+
+    def alternating_grad(l):
+        total = None
+        for inp, g_other in ((inputs1, g2), (inputs2, g1)):
+            phi = jax.tree.map(lambda t, lam, g: t - l * lam * g, t_params, precond, g_other)
+            aux = eqx.combine(phi, t_static)
+            grad = jax.grad(
+                lambda p: mmd.generator_loss(
+                    eqx.combine(p, gen_static), auxiliary=aux, teacher=teacher, inputs=inp, cfg=cfg
+                )[0]
+            )(gen_params)
+            total = grad if total is None else jax.tree.map(jnp.add, total, grad)
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(total)]) / l
+
+    instant = jax.grad(
+        lambda p: mmd.instant_loss(
+            eqx.combine(p, gen_static), teacher=teacher, precond=precond, inputs1=inputs1, inputs2=inputs2, cfg=cfg
+        )[0]
+    )(gen_params)
+    # L_2b is built from ||.||^2, whose gradient carries a factor 2 that L(eta) does not.
+    target = jnp.concatenate([g.ravel() for g in jax.tree.leaves(instant)]) / 2
+    errors = [float(jnp.linalg.norm(alternating_grad(l) - target) / jnp.linalg.norm(target)) for l in (1e-1, 1e-2, 1e-3)]
+    assert errors[2] < 0.02
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[0] / errors[1] > 5  # first-order convergence: the error shrinks about 10x per decade
+
+
+class Linear(eqx.Module):
+    """A linear 'denoiser' `x_hat = W z + b`: the small problem on which expectations are exact."""
+
+    w: jax.Array
+    b: jax.Array
+
+    def __call__(self, z, lam, label):
+        return z @ self.w.T + self.b[None]
+
+
+def test_two_batch_estimate_is_unbiased_and_one_batch_is_not():
+    cfg = mmd.DistillConfig(num_steps=4, weighting="flat")
+    teacher = Linear(jnp.asarray([[0.8, 0.1], [-0.2, 0.7]], F32), jnp.asarray([0.05, -0.1], F32))
+    generator = Linear(jnp.asarray([[0.5, 0.0], [0.3, 0.4]], F32), jnp.asarray([0.3, 0.2], F32))
+    precond = Linear(jnp.asarray([[1.0, 2.0], [0.5, 1.5]], F32), jnp.asarray([1.0, 0.7], F32))
+    mix = ring()
+
+    def batch_grad(key, b):
+        kx, ki = jax.random.split(key)
+        x = mix.draw(kx, b)
+        inp = mmd.distill_inputs(ki, x=x, labels=jnp.zeros(b, jnp.int32), num_steps=4, shift=0.0)
+        x_gen = generator(inp.z_t, inp.lam_t, inp.labels)
+        z_s = mmd.draw_zs(inp, x_gen, mode="conditional")
+        return inp, mmd.teacher_gradient(teacher, x=x_gen, z_s=z_s, lam_s=inp.lam_s, labels=inp.labels, cfg=cfg)[0]
+
+    def sqnorm(a, b):
+        return sum(jnp.vdot(u, l * v) for u, l, v in zip(*(jax.tree.leaves(t) for t in (a, precond, b))))
+
+    # ||E G||^2_Lambda from one huge batch (its own bias tr(Lambda Cov)/n is ~1e-5 of the value).
+    _, g_mean = batch_grad(jax.random.key(0), 200_000)
+    target = float(sqnorm(g_mean, g_mean))
+
+    def draws(key):
+        k1, k2 = jax.random.split(key)
+        inp1, g1 = batch_grad(k1, 4)
+        inp2, _ = batch_grad(k2, 4)
+        _, metrics = mmd.instant_loss(generator, teacher=teacher, precond=precond, inputs1=inp1, inputs2=inp2, cfg=cfg)
+        return metrics["loss"], sqnorm(g1, g1)
+
+    two, one = jax.jit(jax.vmap(draws))(jax.random.split(jax.random.key(1), 20000))
+    two, one = np.asarray(two, np.float64), np.asarray(one, np.float64)
+    se_two, se_one = two.std() / math.sqrt(two.size), one.std() / math.sqrt(one.size)
+    assert abs(two.mean() - target) < 4 * se_two
+    assert one.mean() - target > 10 * se_one
+
+
+# ---------------------------------------------------------------------------------------- preconditioner
+
+
+def test_preconditioner_equals_optax_adam_state():
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.zeros((3, 2), F32), "b": jnp.zeros(4, F32)}
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), F32), params) for _ in range(7)]
+    opt = optax.chain(optax.clip_by_global_norm(1e9), optax.adam(1e-3, b1=0.9, b2=0.99, eps=1e-8))
+    state = opt.init(params)
+    with jax.numpy_dtype_promotion("standard"):  # optax promotes its int32 step count implicitly
+        for g in grads:
+            _, state = opt.update(g, state, params)
+    from_adam = mmd.preconditioner_from_adam(state, b2=0.99, eps=1e-8)
+    fresh = mmd.estimate_preconditioner(iter(grads), b2=0.99, eps=1e-8)
+    for name in params:
+        sq = np.stack([np.asarray(g[name], np.float64) ** 2 for g in grads])
+        nu = sum(0.01 * 0.99 ** (6 - i) * sq[i] for i in range(7))
+        ref = 1 / (np.sqrt(nu / (1 - 0.99**7)) + 1e-8)
+        np.testing.assert_allclose(from_adam[name], ref, rtol=1e-5)
+        np.testing.assert_allclose(fresh[name], ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="found 0"):
+        mmd.preconditioner_from_adam(optax.sgd(0.1).init(params), b2=0.99)
+
+
+# ---------------------------------------------------------------------------------------- straight-through
+
+
+def test_straight_through_value_is_guided_and_gradient_is_unguided():
+    teacher = MLPDenoiser(dim=2, width=16, depth=2, num_classes=3, key=jax.random.key(4))
+    teacher = jax.tree.map(lambda p: 3 * p if eqx.is_inexact_array(p) else p, teacher)  # outputs beyond [-1, 1]
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+    z = jax.random.normal(jax.random.key(5), (32, 2))
+    lam = jnp.linspace(-4.0, 4.0, 32)
+    labels = jnp.arange(32, dtype=jnp.int32) % 3
+    r = jax.random.normal(jax.random.key(6), (32, 2))
+
+    def forward(p):
+        t = eqx.combine(p, static)
+        x_hat, x_cond = mmd.guided_denoise(t, z, lam, labels, guidance=2.0, clip=True, null_label=3)
+        return mmd.straight_through(x_hat, x_cond)
+
+    cond = teacher(z, lam, labels)
+    guided = jnp.clip(3 * cond - 2 * teacher(z, lam, jnp.full_like(labels, 3)), -1, 1)
+    assert float(jnp.mean(jnp.abs(guided) == 1.0)) > 0.1  # clipping is active
+    np.testing.assert_allclose(forward(params), guided, rtol=1e-5, atol=1e-6)
+    g_st = jax.grad(lambda p: jnp.sum(forward(p) * r))(params)
+    g_plain = jax.grad(lambda p: jnp.sum(eqx.combine(p, static)(z, lam, labels) * r))(params)
+    for a, b in zip(jax.tree.leaves(g_st), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- data parallel
+
+
+def _run_steps(variant, devices, cfg, num_steps=2):
+    teacher, _, x, labels, precond, key = _setup(seed=2, b=16)
+    x, labels = x.reshape(32, 2), labels.reshape(32)
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+    mesh = mmd.data_mesh(devices)
+    if variant == "teacher":
+        opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
+        state = mmd.init_train_state(params=params, optimizer=opt)
+        step = mmd.make_train_step(variant, static=static, mesh=mesh, optimizer=opt, teacher_cfg=mmd.TeacherConfig(null_label=3))
+        frozen = mmd.Frozen()
+    else:
+        opt = mmd.distill_optimizer(peak_lr=1e-2, total_steps=10, warmup_steps=1)
+        aux_opt = opt if variant == "alternating" else None
+        state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=aux_opt)
+        # Perturb the generator so that distillation has a non-zero gradient at step 0.
+        state = state._replace(params=jax.tree.map(lambda p: p * 1.1, state.params))
+        step = mmd.make_train_step(
+            variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt, distill_cfg=cfg
+        )
+        frozen = mmd.Frozen(teacher=params, precond=precond)
+    history = []
+    for i in range(num_steps):
+        state, metrics = step(state, frozen, x, labels, jax.random.fold_in(key, i))
+        history.append(jax.tree.map(np.asarray, metrics))
+    return jax.tree.map(np.asarray, state), history
+
+
+@pytest.mark.parametrize("variant", ["teacher", "alternating", "instant"])
+def test_sharded_step_matches_single_device(variant):
+    cfg = mmd.DistillConfig(num_steps=4, weighting="edm", guidance=0.5, null_label=3, center="batch")
+    assert len(jax.devices()) == 8
+    state8, hist8 = _run_steps(variant, jax.devices(), cfg)
+    state1, hist1 = _run_steps(variant, jax.devices()[:1], cfg)
+    for m8, m1 in zip(hist8, hist1):
+        assert m8.keys() == m1.keys()
+        for name in m8:
+            np.testing.assert_allclose(m8[name], m1[name], rtol=2e-4, atol=1e-6, err_msg=name)
+    for a, b in zip(jax.tree.leaves(state8), jax.tree.leaves(state1)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    assert int(state8.step) == 2
+    # grad_norm is compared above: a pmean of per-device gradients would make it 8x too large.
+    before = jax.tree.leaves(eqx.filter(_setup(seed=2, b=16)[0], eqx.is_inexact_array))
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state8.params), before))
+
+
+def test_non_divisible_batch_raises_before_compiling():
+    teacher, *_ = _setup()
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+    opt = mmd.teacher_optimizer(peak_lr=1e-3)
+    step = mmd.make_train_step(
+        "teacher", static=static, mesh=mmd.data_mesh(), optimizer=opt, teacher_cfg=mmd.TeacherConfig(null_label=3)
+    )
+    state = mmd.init_train_state(params=params, optimizer=opt)
+    with pytest.raises(ValueError, match="batch size 12 is not divisible by 8"):
+        step(state, mmd.Frozen(), jnp.zeros((12, 2), F32), jnp.zeros(12, jnp.int32), jax.random.key(0))
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_names_and_shapes_raise():
+    with pytest.raises(ValueError, match="conditional, marginal"):
+        mmd.DistillConfig(zs_mode="joint")
+    with pytest.raises(ValueError, match="none, batch, fixed"):
+        mmd.DistillConfig(center="mean")
+    with pytest.raises(ValueError, match="teacher, alternating, instant"):
+        mmd.make_train_step("progressive", static=None, mesh=mmd.data_mesh(), optimizer=optax.sgd(0.1))
+    with pytest.raises(jaxtyping.TypeCheckError):
+        mmd.posterior(z_t=jnp.zeros((3, 2)), x=jnp.zeros((3, 2)), lam_t=jnp.zeros(4), lam_s=jnp.zeros(4))
+    with pytest.raises(jaxtyping.TypeCheckError):
+        mmd.diffuse(jnp.zeros((3, 2)), jnp.zeros(3, jnp.int32), jnp.zeros((3, 2)))
