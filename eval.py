@@ -42,6 +42,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jaxtyping import Array, Bool, Float, Float32, Float64, Int, Key, PRNGKeyArray, Shaped, UInt8, UInt32
 from PIL import Image
@@ -423,17 +424,20 @@ def _map_batches(
     """`fn(*make_inputs(indices))` over `range(num)` in batches split across `mesh`'s devices.
 
     Every call sees the same global batch (a multiple of the device count; the last batch is padded
-    by repeating the last index and the padding is dropped), so `fn` compiles once.
+    by repeating the last index and the padding is dropped), so `fn` compiles once. A batch's result
+    is fetched only after the next batch is dispatched, so host-side input preparation overlaps it.
     """
     devices = mesh.devices.size
     batch = -(-min(batch_size, num) // devices) * devices
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    outputs = []
+    outputs, pending = [], []
     for start in tqdm(range(0, num, batch), desc=progress, disable=progress is None, unit="batch"):
         indices = np.minimum(np.arange(start, start + batch), num - 1)
-        inputs = jax.device_put(make_inputs(indices), sharding)
-        outputs.append(np.asarray(fn(*inputs))[: num - start])
-    return np.concatenate(outputs)
+        pending.append(fn(*jax.device_put(make_inputs(indices), sharding)))
+        if len(pending) == 2:
+            outputs.append(np.asarray(pending.pop(0)))
+    outputs.extend(np.asarray(out) for out in pending)
+    return np.concatenate(outputs)[:num]
 
 
 def _mesh(devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
@@ -605,8 +609,10 @@ def to_uint8(x: Float[np.ndarray, "*s"]) -> UInt8[np.ndarray, "*s"]:
 
 
 @eqx.filter_jit
-def _sample_batch(denoiser: Any, keys: Key[Array, " b"] | UInt32[Array, "b 2"], labels: Int[Array, " b"], settings: dict[str, Any]
-                  ) -> Float[Array, "b *dims"]:
+def _sample_batch(
+    denoiser: Any, keys: Key[Array, " b"] | UInt32[Array, "b 2"], labels: Int[Array, " b"], settings: dict[str, Any]
+) -> Float[Array, "b *dims"]:
+    """`mmd.sample` on one sharded batch; `settings` (Python scalars and the shape) are static."""
     return mmd.sample(denoiser, keys, labels=labels, **settings)
 
 
@@ -671,8 +677,6 @@ def save_image_grid(images: UInt8[np.ndarray, "n h w c"], path: str | os.PathLik
 
 def software_versions() -> dict[str, str]:
     """Versions of Python and the numerical stack, and the devices, for result files."""
-    import jaxlib
-
     return {
         "python": platform.python_version(),
         "jax": jax.__version__,
