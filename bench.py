@@ -1,0 +1,175 @@
+"""Benchmarks for this project, one argparse subcommand each; every run prints a table and can write JSON.
+
+    python bench.py model [--preset mnist] [--batch-size 128] [--repeats 10] [--out model.json]
+        Forward and forward+backward (denoising loss gradient) time of a U-ViT preset per batch, images/s,
+        FLOPs from XLA's compiled cost analysis, achieved GFLOP/s, and the float32 2048x2048 matmul rate
+        measured around every timed call, with the ratio between the two.
+
+Timings are medians over repeats after a warm-up call (compilation excluded). The 1-minute load average is
+reported with every result: on a shared machine, rerun when it is low.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+import uvit
+from mmd import alpha_sigma
+
+
+def seconds(fn: Callable, *args) -> float:
+    """Wall time of one call of `fn(*args)`, outputs blocked on."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def against_matmul(fn: Callable, *args, flops: float, repeats: int, n: int = 2048) -> dict[str, float]:
+    """Median wall time of `fn(*args)` and its GFLOP/s as a fraction of the float32 n x n matmul rate.
+
+    Each repeat times the model call between two matmul measurements (median of 3 products each) and takes
+    the ratio against their mean, so load from other processes on a shared machine mostly cancels."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready((matmul(a, a), fn(*args)))
+
+    def matmul_rate():
+        return 2 * n**3 / statistics.median(seconds(matmul, a, a) for _ in range(3)) / 1e9
+
+    times, rates, ratios = [], [], []
+    for _ in range(repeats):
+        before = matmul_rate()
+        times.append(seconds(fn, *args))
+        rates.append((before + matmul_rate()) / 2)
+        ratios.append(flops / times[-1] / 1e9 / rates[-1])
+    return {
+        "s": statistics.median(times),
+        "gflops_per_s": flops / statistics.median(times) / 1e9,
+        "matmul_gflops_per_s": statistics.median(rates),
+        "fraction_of_matmul": statistics.median(ratios),
+    }
+
+
+def compiled_flops(fn: Callable, *args) -> float:
+    """FLOPs of one call of `jax.jit(fn)(*args)` from XLA's cost analysis of the compiled program."""
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0]
+    if not analysis or "flops" not in analysis:
+        raise RuntimeError("XLA's cost analysis reported no FLOP count on this backend; count FLOPs by hand.")
+    return float(analysis["flops"])
+
+
+def denoising_loss(
+    model: uvit.Denoiser,
+    x: Float[Array, "b h w c"],
+    lam: Float[Array, " b"],
+    label: Int[Array, " b"],
+    eps: Float[Array, "b h w c"],
+) -> Float[Array, ""]:
+    """Mean squared x-prediction error on `z = alpha x + sigma eps`: the work of one teacher training step."""
+    alpha, sigma = alpha_sigma(lam)
+    z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
+    return jnp.mean(jnp.square(model(z, lam, label) - x))
+
+
+def bench_model(*, preset: str, batch_size: int, repeats: int, key: PRNGKeyArray) -> dict:
+    """Time forward and forward+backward of a preset at `batch_size`; FLOPs, GFLOP/s and matmul ratio."""
+    load_before = os.getloadavg()[0]
+    config = uvit.PRESETS[preset]
+    k_model, k_x, k_lam, k_label, k_eps = jax.random.split(key, 5)
+    model = uvit.make_model(config, key=k_model)
+    shape = (batch_size, config.resolution, config.resolution, config.channels)
+    x = jax.random.uniform(k_x, shape, minval=-1.0, maxval=1.0)
+    eps = jax.random.normal(k_eps, shape)
+    lam = jax.random.uniform(k_lam, (batch_size,), minval=-10.0, maxval=10.0)
+    label = jax.random.randint(k_label, (batch_size,), 0, config.num_classes + 1)
+    alpha, sigma = alpha_sigma(lam)
+    z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
+
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def forward(p, z, lam, label):
+        return eqx.combine(p, static)(z, lam, label)
+
+    def forward_backward(p, x, lam, label, eps):
+        return jax.value_and_grad(lambda q: denoising_loss(eqx.combine(q, static), x, lam, label, eps))(p)
+
+    fwd_args, fb_args = (params, z, lam, label), (params, x, lam, label, eps)
+    fwd_flops, fb_flops = compiled_flops(forward, *fwd_args), compiled_flops(forward_backward, *fb_args)
+    fwd = against_matmul(jax.jit(forward), *fwd_args, flops=fwd_flops, repeats=repeats)
+    fb = against_matmul(jax.jit(forward_backward), *fb_args, flops=fb_flops, repeats=repeats)
+    result = {
+        "preset": preset,
+        "batch_size": batch_size,
+        "parameters": uvit.param_count(model),
+        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+        "load_average_1min_before": load_before,
+        "load_average_1min_after": os.getloadavg()[0],
+        "forward_gflop": fwd_flops / 1e9,
+        "forward_backward_gflop": fb_flops / 1e9,
+        "forward_images_per_s": batch_size / fwd["s"],
+        "forward_backward_images_per_s": batch_size / fb["s"],
+    }
+    result.update({f"forward_{k}": v for k, v in fwd.items()})
+    result.update({f"forward_backward_{k}": v for k, v in fb.items()})
+    return result
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write `result` as JSON atomically (temporary file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder {folder} does not exist; create it or choose another --out.")
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+        json.dump(result, f, indent=2)
+    os.replace(f.name, path)
+
+
+def print_table(result: dict) -> None:
+    """One `name: value` line per result entry."""
+    for name, value in result.items():
+        print(f"{name:40s} {value:.4g}" if isinstance(value, float) else f"{name:40s} {value}")
+
+
+def run_model(args: argparse.Namespace) -> dict:
+    """The `model` subcommand."""
+    return bench_model(
+        preset=args.preset, batch_size=args.batch_size, repeats=args.repeats, key=jax.random.key(args.seed)
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line and run one benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    model = commands.add_parser("model", help="U-ViT forward / forward+backward speed and FLOP efficiency")
+    model.add_argument("--preset", default="mnist", choices=sorted(uvit.PRESETS))
+    model.add_argument("--batch-size", type=int, default=128)
+    model.add_argument("--repeats", type=int, default=10)
+    model.add_argument("--seed", type=int, default=0)
+    model.set_defaults(run=run_model)
+    for command in (model,):
+        command.add_argument("--out", help="also write the results as JSON to this path")
+    args = parser.parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1 or getattr(args, "repeats", 1) < 1:
+        parser.error("--batch-size and --repeats must be >= 1")
+    result = args.run(args)
+    print_table(result)
+    sys.stdout.flush()
+    if args.out:
+        write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
