@@ -509,3 +509,54 @@ def test_bad_names_and_shapes_raise():
         mmd.posterior(z_t=jnp.zeros((3, 2)), x=jnp.zeros((3, 2)), lam_t=jnp.zeros(4), lam_s=jnp.zeros(4))
     with pytest.raises(jaxtyping.TypeCheckError):
         mmd.diffuse(jnp.zeros((3, 2)), jnp.zeros(3, jnp.int32), jnp.zeros((3, 2)))
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def test_distillation_end_to_end_on_2d_mixture():
+    """Train an MLP teacher on a ring mixture, distill k = 4 with both variants (flat weighting) through
+    the data-parallel steps: each 4-step student must at least halve the undistilled 4-step sampler's
+    energy distance. (Measured when written: teacher 0.085, alternating 0.009, instant 0.023.)"""
+    mix, batch = ring(), 256
+    labels = jnp.zeros(batch, jnp.int32)
+    mesh = mmd.data_mesh(jax.devices()[:1])
+    teacher = MLPDenoiser(dim=2, width=256, depth=3, num_classes=0, key=jax.random.key(0))
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+    draw = jax.jit(lambda key: mix.draw(key, batch))
+
+    def train(step, state, frozen, num_steps, seed):
+        for i in range(num_steps):
+            key = jax.random.fold_in(jax.random.key(seed), i)
+            state, metrics = step(state, frozen, draw(jax.random.fold_in(key, 1)), labels, key)
+        assert all(np.isfinite(v) for v in jax.tree.leaves(metrics))
+        return state
+
+    opt = mmd.teacher_optimizer(peak_lr=1e-3, warmup_steps=100)
+    step = mmd.make_train_step(
+        "teacher", static=static, mesh=mesh, optimizer=opt,
+        teacher_cfg=mmd.TeacherConfig(null_label=0, label_dropout=0.0),
+    )
+    t_state = train(step, mmd.init_train_state(params=params, optimizer=opt), mmd.Frozen(), 3000, 1)
+
+    reference = mix.draw(jax.random.key(99), 2000)
+
+    def distance(p):
+        fn = jax.jit(
+            lambda key: mmd.sample(
+                eqx.combine(p, static), key, shape=(2000, 2), labels=jnp.zeros(2000, jnp.int32), num_steps=4, shift=0.0
+            )
+        )
+        return energy_distance(fn(jax.random.key(5)), reference)
+
+    undistilled = distance(t_state.params)
+    frozen = mmd.Frozen(teacher=t_state.params, precond=mmd.preconditioner_from_adam(t_state.opt_state, b2=0.99))
+    cfg = mmd.DistillConfig(num_steps=4, weighting="flat")
+    for variant, num_steps, lr in [("alternating", 2000, 2e-4), ("instant", 1000, 1e-4)]:
+        opt = mmd.distill_optimizer(peak_lr=lr, total_steps=num_steps, warmup_steps=num_steps // 10)
+        aux_opt = opt if variant == "alternating" else None
+        step = mmd.make_train_step(variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt, distill_cfg=cfg)
+        state = mmd.init_train_state(params=t_state.params, optimizer=opt, aux_optimizer=aux_opt)
+        distilled = distance(train(step, state, frozen, num_steps, 2).params)
+        print(f"4-step energy distance: undistilled {undistilled:.4f}, {variant} {distilled:.4f}")
+        assert distilled <= 0.5 * undistilled, (variant, distilled, undistilled)
