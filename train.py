@@ -1,0 +1,878 @@
+"""Training: the teacher and both distillation variants (alternating, instant), one command, resumable,
+data-parallel over every local device (and every host).
+
+    python train.py --variant instant               # the whole job on MNIST (see "The default run")
+    python train.py --variant teacher --workdir runs/my-teacher --steps 3000
+    python train.py --variant alternating --teacher runs/my-teacher/teacher.eqx --k 4
+    python train.py --variant instant --resume      # continue a killed run exactly where it stopped
+    python train.py --preset imagenet64 --data imagenet64:/data/imagenet64 --teacher T.eqx --variant instant
+    python train.py --help                          # every option and its default (add --preset to see its)
+
+Configuration. `Config` (a frozen dataclass) holds every setting; `PRESETS` holds named starting points
+(`mnist`, the default; `tiny`, an 8x8 smoke test; `imagenet64`, `imagenet128`, whose U-ViTs are uvit's
+presets). Every field is a command-line option generated from the dataclass (`--batch-size`,
+`--model-widths 64 128`, `--clip/--no-clip`, ...); the resolved configuration is written to
+`WORKDIR/config.json` and into every checkpoint. `--steps`/`--batch-size` default to the preset's
+`teacher_*` or `distill_*` values for the chosen variant.
+
+The default run. `python train.py --variant instant` distils the preset's teacher `checkpoints/mnist_teacher.eqx`
+(next to this file). If that file is absent it says so, trains the teacher first (in `WORKDIR/teacher/`,
+`teacher_steps` steps) and caches it there, then takes the preconditioner Lambda from the teacher's Adam
+state and distils an 8-step student.
+
+Work directory (`--workdir`, default `runs/<preset>-<variant>`):
+    config.json               the resolved configuration
+    metrics.jsonl             one JSON object per step: loss (instant: the value G1^T Lambda G2; alternating:
+                              `aux_loss` on auxiliary steps, `generator_loss` on generator steps, plus the
+                              moment gap), grad_norm, lr, images_per_s (over the logging window), time
+    checkpoints/ckpt_<step>.eqx   the last `keep_checkpoints` checkpoints
+    samples/step_<step>.png   samples with a fixed key, one class per column (students: k steps)
+    loss.png                  the curves of metrics.jsonl, redrawn at every checkpoint
+    teacher.eqx               (teacher runs) what distillation needs: parameters, Adam's nu and count
+
+Checkpoints are single zip files, written to a temporary name and renamed: `meta.json` (format, step,
+configuration, PRNG key, data-iterator state, a manifest of every leaf's path, shape and dtype) and one
+`<group>.eqx` member per pytree (`params`, `opt_state`, `aux_params`, `aux_opt_state`; teacher exports:
+`params`, `nu`) written with `eqx.tree_serialise_leaves`. `load_checkpoint(path)` rebuilds the model.
+
+Reproducibility. Update i (0-based) uses the key `fold_in(train_key, i)` and the data stream's i-th
+global batch, and checkpoints hold the optimiser states and the iterator position, so `--resume` gives
+the same parameters as an uninterrupted run; results do not depend on the device count (up to float
+summation order). A non-finite loss or gradient norm stops the run naming the step; no checkpoint is
+written after it, so the last one is good.
+
+Multi-host. When the environment shows a multi-process job (`JAX_COORDINATOR_ADDRESS`, `SLURM_NTASKS` > 1,
+`OMPI_COMM_WORLD_SIZE` > 1, or a multi-host TPU slice's `TPU_WORKER_HOSTNAMES`), `jax.distributed.initialize()`
+runs first (it reads the rest of that environment). Each process reads its own slice of every global
+batch; process 0 alone writes files. `--batch-size` is the global batch.
+
+Optimisers. Teacher: clip 1, Adam(b1=0.9, b2=0.99, eps=1e-8), linear warm-up then constant (mmd.teacher_optimizer).
+Distillation (paper Appendix B): clip 1, Adam(b1=0, b2=0.99, eps=1e-12), warm-up then linear decay to 0.
+The paper warms up over 1000 steps of runs up to 200k; here the warm-up is min(`warmup`, 10% of the
+optimiser's updates), so short runs keep the paper's proportions. With `alternating` the auxiliary updates
+on even steps and the generator on odd ones, so each schedule spans half the steps. The peak rates (not
+given in the paper) are our choice: 1e-4 for generator and auxiliary on MNIST.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+import types
+import typing
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+from tqdm import tqdm
+
+import data
+import eval as evaluation
+import mmd
+import uvit
+
+CHECKPOINT_FORMAT = "mmd-jax-checkpoint-1"
+CHECKPOINT_DIR = pathlib.Path(__file__).resolve().parent / "checkpoints"
+DISTILL_WARMUP_FRACTION = 0.1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed, or does not fit the configured model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _field(default: Any, help: str, **extra: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a run; `PRESETS` holds named instances, the command line overrides any field."""
+
+    variant: str = _field("instant", "what to train", choices=mmd.VARIANTS)
+    preset: str = _field("mnist", "the starting configuration, a name in PRESETS (listed below)")
+    data: str = _field("mnist", f"data source, one of {', '.join(data.SOURCES)}")
+    data_resolution: int | None = _field(None, "downsample the data to this side length (none: native)")
+    model: uvit.UViTConfig = _field(uvit.MNIST, "U-ViT architecture")
+    workdir: str | None = _field(None, "output directory (none: runs/<preset>-<variant>)")
+    resume: bool = _field(False, "continue from the workdir's latest checkpoint (starts fresh if it has none)")
+    seed: int = _field(0, "seed of initialisation, data order and every random draw")
+    num_devices: int = _field(0, "use the first N local devices (0: all devices of all processes)")
+    steps: int | None = _field(None, "training steps (none: teacher_steps or distill_steps)")
+    batch_size: int | None = _field(None, "global batch size (none: teacher_batch_size or distill_batch_size)")
+    # Teacher training.
+    teacher_steps: int = _field(1500, "steps of teacher training (also used for the auto-trained teacher)")
+    teacher_batch_size: int = _field(64, "batch size of teacher training")
+    teacher_lr: float = _field(1e-3, "teacher's peak learning rate")
+    teacher_warmup: int = _field(100, "teacher's linear warm-up steps")
+    teacher_b1: float = _field(0.9, "teacher's Adam beta1")
+    teacher_b2: float = _field(0.99, "teacher's Adam beta2 (its nu gives Lambda)")
+    label_dropout: float = _field(0.1, "probability of replacing a label by the null label (guidance)")
+    shift: float | None = _field(None, "log-SNR shift (none: 2 log(64 / resolution), Simple Diffusion's)")
+    teacher_sample_steps: int = _field(64, "sampler steps of the teacher's sample grids")
+    # Distillation.
+    teacher: str = _field("auto", "teacher checkpoint (auto: checkpoints/<preset>_teacher.eqx, trained if absent)")
+    k: int = _field(8, "the student's sampling steps")
+    distill_steps: int = _field(600, "steps of distillation")
+    distill_batch_size: int = _field(32, "batch size of distillation (instant: both minibatches together)")
+    lr: float = _field(1e-4, "generator's peak learning rate")
+    aux_lr: float = _field(1e-4, "auxiliary's peak learning rate (alternating)")
+    warmup: int = _field(1000, "distillation warm-up steps, capped at 10%% of each optimiser's updates")
+    weighting: str = _field("edm", "loss weighting w(lambda)", choices=mmd.WEIGHTINGS)
+    guidance: float = _field(0.0, "classifier-free guidance weight w of the teacher")
+    clip: bool = _field(False, "clip the guided teacher's prediction to [-1, 1]")
+    zs: str = _field("conditional", "how z_s is drawn", choices=mmd.ZS_MODES)
+    regularize_aux: bool = _field(True, "the auxiliary's teacher regulariser (alternating)")
+    center: str = _field("none", "data centring of the instant variant's gradients", choices=mmd.CENTERINGS)
+    precond_steps: int = _field(0, "estimate Lambda from N fresh teacher gradients (0: teacher's Adam state)")
+    precond_eps: float = _field(1e-8, "eps of Lambda = 1 / (sqrt(nu_hat) + eps)")
+    center_steps: int = _field(16, "real-data batches averaged for center=fixed (when precond_steps is 0)")
+    # Output.
+    log_every: int = _field(10, "fetch metrics, check them and update the progress bar every N steps")
+    sample_every: int = _field(200, "write a sample grid every N steps (and at the end)")
+    checkpoint_every: int = _field(200, "write a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _field(3, "how many recent checkpoints to keep")
+    num_samples: int = _field(50, "images per sample grid (labels i %% num_classes: one class per column)")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "k", "num_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precond_steps < 0 or self.num_devices < 0:
+            raise ValueError("precond_steps and num_devices must be >= 0")
+        if self.variant not in mmd.VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; valid: {', '.join(mmd.VARIANTS)}")
+
+
+TINY = uvit.UViTConfig(
+    resolution=8, channels=1, num_classes=10, widths=(8,), blocks=(1,), transformer_width=16,
+    transformer_depth=1, heads=2, emb_width=16, fourier_features=8, groups=4,
+)
+"""A U-ViT small enough to compile and run in seconds: for smoke tests."""
+
+PRESETS = {
+    "mnist": Config(),
+    "tiny": Config(
+        preset="tiny", data_resolution=8, model=TINY, teacher_steps=200, distill_steps=100,
+        teacher_batch_size=32, distill_batch_size=32, warmup=10, sample_every=50, checkpoint_every=50,
+        teacher_sample_steps=16,
+    ),
+    "imagenet64": Config(
+        preset="imagenet64", data="imagenet64:data/imagenet64", model=uvit.IMAGENET64, teacher_steps=1_000_000,
+        teacher_batch_size=2048, teacher_lr=1e-4, teacher_warmup=10_000, distill_steps=200_000,
+        distill_batch_size=2048, lr=1e-5, aux_lr=1e-5, log_every=100, sample_every=5000,
+        checkpoint_every=5000, teacher_sample_steps=256, num_samples=100,
+    ),
+    "imagenet128": Config(
+        preset="imagenet128", data="folder:data/imagenet128", data_resolution=128, model=uvit.IMAGENET128,
+        teacher_steps=1_000_000, teacher_batch_size=2048, teacher_lr=1e-4, teacher_warmup=10_000,
+        distill_steps=200_000, distill_batch_size=2048, lr=1e-5, aux_lr=1e-5, log_every=100,
+        sample_every=5000, checkpoint_every=5000, teacher_sample_steps=256, num_samples=100,
+    ),
+}
+"""Named configurations. ImageNet values follow the paper (batch 2048, 200k distillation steps); their
+learning rates are our choice and untested at that scale."""
+
+# Settings that may change when a run is resumed: they do not affect the numbers it computes.
+RUN_FIELDS = ("resume", "workdir", "num_devices", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints")
+
+
+def resolve(config: Config) -> Config:
+    """Fill the fields whose default depends on others: steps, batch size, shift, workdir."""
+    teacher = config.variant == "teacher"
+    return dataclasses.replace(
+        config,
+        steps=config.steps or (config.teacher_steps if teacher else config.distill_steps),
+        batch_size=config.batch_size or (config.teacher_batch_size if teacher else config.distill_batch_size),
+        shift=mmd.resolution_shift(config.model.resolution) if config.shift is None else config.shift,
+        workdir=config.workdir or str(pathlib.Path("runs") / f"{config.preset}-{config.variant}"),
+    )
+
+
+def config_to_dict(config: Config) -> dict:
+    """The configuration as JSON-serialisable nested dicts."""
+    return dataclasses.asdict(config)
+
+
+def _from_dict(cls: type, values: dict) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}: written by another version of this code?")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if dataclasses.is_dataclass(hints[name]):
+            value = _from_dict(hints[name], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Inverse of `config_to_dict`."""
+    return _from_dict(Config, values)
+
+
+def _option_type(hint: Any) -> tuple[Callable[[str], Any], bool, bool]:
+    """(parse one token, optional, is a tuple) for a field's annotation."""
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if optional:
+        (hint,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], optional, True
+    return hint, optional, False
+
+
+def _add_options(parser: argparse.ArgumentParser, cls: type, defaults: Any, prefix: str = "") -> None:
+    """One option per dataclass field (nested dataclasses as `--model-<field>`), defaults shown but
+    suppressed, so that only the options actually given come back as overrides."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dest, default = prefix + f.name, getattr(defaults, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            _add_options(parser, hints[f.name], default, prefix=dest + ".")
+            continue
+        flag = "--" + dest.replace(".", "-").replace("_", "-")
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata.get('help', f'{cls.__name__}.{f.name}')} (default: {shown})"
+        kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
+        parse, optional, is_tuple = _option_type(hints[f.name])
+        if parse is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        kwargs["type"] = (lambda s, parse=parse: None if s.lower() == "none" else parse(s)) if optional else parse
+        kwargs["metavar"] = f.name.upper() + ("|none" if optional else "")
+        if is_tuple:
+            kwargs["nargs"] = "+"
+        if "choices" in f.metadata:
+            kwargs.update(choices=f.metadata["choices"], metavar=None)
+        parser.add_argument(flag, **kwargs)
+
+
+def _apply(base: Any, overrides: dict[str, Any]) -> Any:
+    """`dataclasses.replace` with dotted names (`model.widths`) for nested dataclasses."""
+    nested: dict[str, dict[str, Any]] = {}
+    flat = {}
+    for name, value in overrides.items():
+        head, dot, rest = name.partition(".")
+        if dot:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[name] = tuple(value) if isinstance(value, list) else value
+    for head, sub in nested.items():
+        flat[head] = _apply(getattr(base, head), sub)
+    return dataclasses.replace(base, **flat)
+
+
+def _workdir_config(workdir: pathlib.Path) -> Config | None:
+    path = workdir / "config.json"
+    return config_from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """The resolved configuration from the command line: preset, then (with --resume) the workdir's saved
+    configuration, then the options given. A resumed run may change only `RUN_FIELDS`."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="mnist", choices=sorted(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    base = PRESETS[known.preset]
+    parser = argparse.ArgumentParser(
+        description="Train a diffusion teacher or distil it with Moment Matching (alternating or instant).",
+        epilog=f"Presets: {', '.join(PRESETS)}. Defaults shown are those of --preset (here {known.preset}).",
+    )
+    _add_options(parser, Config, base)
+    overrides = vars(parser.parse_args(argv))
+    config = resolve(_apply(base, overrides))
+    saved = _workdir_config(pathlib.Path(config.workdir)) if config.resume else None
+    if saved is None:
+        return config
+    resumed = resolve(_apply(saved, {k: v for k, v in overrides.items() if k.split(".")[0] in RUN_FIELDS}))
+    changed = _config_differences(saved, config, ignore=RUN_FIELDS)
+    explicitly = [name for name in changed if name in overrides]
+    if explicitly:
+        raise ValueError(
+            f"--resume continues the run in {config.workdir} with its saved configuration, but these options "
+            f"differ from it: {', '.join(explicitly)}. Drop them, or start a new run in another --workdir."
+        )
+    return resumed
+
+
+def _config_differences(a: Config, b: Config, *, ignore: Sequence[str] = ()) -> list[str]:
+    da, db = config_to_dict(a), config_to_dict(b)
+    out = []
+    for name in da:
+        if name in ignore:
+            continue
+        if isinstance(da[name], dict):
+            out += [f"{name}.{k}" for k in da[name] if da[name][k] != db[name][k]]
+        elif da[name] != db[name]:
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one zip file per checkpoint
+
+
+@contextlib.contextmanager
+def _atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield pathlib.Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _manifest(tree: PyTree) -> list[list]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [[jax.tree_util.keystr(p), list(x.shape), str(np.dtype(x.dtype))] for p, x in leaves]
+
+
+def _to_host(tree: PyTree) -> PyTree:
+    """numpy copies of (replicated) device arrays; reads this process's first shard, so works multi-host."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a), tree)
+
+
+def save_checkpoint(path: str | os.PathLike, *, meta: dict, groups: dict[str, PyTree]) -> None:
+    """Write `meta` and the pytrees `groups` into one zip file, atomically."""
+    path = pathlib.Path(path)
+    groups = {name: _to_host(tree) for name, tree in groups.items() if tree is not None}
+    meta = {**meta, "format": CHECKPOINT_FORMAT, "groups": {name: _manifest(t) for name, t in groups.items()}}
+    with _atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            archive.writestr("meta.json", json.dumps(meta, indent=1))
+            for name, tree in groups.items():
+                with archive.open(f"{name}.eqx", "w", force_zip64=True) as member:
+                    eqx.tree_serialise_leaves(member, tree)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """A checkpoint's `meta.json` (step, configuration, manifest, ...)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            meta = json.loads(archive.read("meta.json"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py ({e})") from e
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    return meta
+
+
+def load_group(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
+    """Read the pytree `name` of a checkpoint into the structure of `like` (arrays or ShapeDtypeStructs),
+    after checking every leaf's path, shape and dtype; a mismatch lists the differing leaves."""
+    meta = read_meta(path)
+    if name not in meta["groups"]:
+        raise CheckpointError(f"{path} holds {sorted(meta['groups'])}, not {name!r}")
+    saved, expected = meta["groups"][name], _manifest(like)
+    if saved != expected:
+        saved_d, expected_d = {p: (s, d) for p, s, d in saved}, {p: (s, d) for p, s, d in expected}
+        lines = [
+            f"  {p}: checkpoint {saved_d.get(p, 'absent')}, configured {expected_d.get(p, 'absent')}"
+            for p in sorted(set(saved_d) | set(expected_d))
+            if saved_d.get(p) != expected_d.get(p)
+        ]
+        shown = lines[:20] + ([f"  ... and {len(lines) - 20} more"] if len(lines) > 20 else [])
+        raise CheckpointError(
+            f"{path}: {name!r} does not match the configured model ({len(lines)} leaves differ: path, (shape, dtype)):\n"
+            + "\n".join(shown)
+            + "\nConfigure the architecture the checkpoint was trained with (see its meta.json 'config.model')."
+        )
+    with zipfile.ZipFile(path) as archive:
+        return eqx.tree_deserialise_leaves(io.BytesIO(archive.read(f"{name}.eqx")), like)
+
+
+def _is_param(x: Any) -> bool:
+    return eqx.is_inexact_array(x) or (isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def model_skeleton(model_config: uvit.UViTConfig) -> tuple[PyTree, PyTree]:
+    """`(params as ShapeDtypeStructs, static)` of a U-ViT, without allocating it."""
+    shapes = eqx.filter_eval_shape(uvit.make_model, model_config, key=jax.random.key(0))
+    return eqx.partition(shapes, _is_param)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[uvit.Denoiser, Config, dict]:
+    """`(model, config, meta)` from any checkpoint of train.py: the trained network (teacher or student)
+    as a `uvit.Denoiser`, the run's configuration, and the metadata (step, ...)."""
+    meta = read_meta(path)
+    config = config_from_dict(meta["config"])
+    params_like, static = model_skeleton(config.model)
+    return eqx.combine(load_group(path, "params", params_like), static), config, meta
+
+
+def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Write what distillation needs from a teacher training checkpoint: its parameters and Adam's `nu`
+    and update count (for Lambda), with the configuration. A quarter of a full checkpoint's size."""
+    meta = read_meta(checkpoint)
+    config = config_from_dict(meta["config"])
+    params_like, _ = model_skeleton(config.model)
+    optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=config.teacher_b1, b2=config.teacher_b2)
+    opt_state = load_group(checkpoint, "opt_state", jax.eval_shape(optimizer.init, params_like))
+    adam = _adam_state(opt_state)
+    save_checkpoint(
+        out,
+        meta={"kind": "teacher", "step": meta["step"], "config": meta["config"],
+              "adam": {"count": int(adam.count), "b2": config.teacher_b2}},
+        groups={"params": load_group(checkpoint, "params", params_like), "nu": adam.nu},
+    )
+
+
+def _adam_state(opt_state: PyTree) -> optax.ScaleByAdamState:
+    (state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+                if isinstance(s, optax.ScaleByAdamState)]
+    return state
+
+
+def _checkpoints(workdir: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((workdir / "checkpoints").glob("ckpt_*.eqx"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The distillation inputs: teacher and preconditioner
+
+
+def default_teacher_path(preset: str) -> pathlib.Path:
+    """Where `--teacher auto` looks for (and caches) a preset's teacher."""
+    return CHECKPOINT_DIR / f"{preset}_teacher.eqx"
+
+
+def ensure_teacher(config: Config) -> pathlib.Path:
+    """The teacher checkpoint to distil: `config.teacher`, or for `auto` the preset's cached teacher,
+    trained first (in WORKDIR/teacher) and cached when absent."""
+    if config.teacher != "auto":
+        path = pathlib.Path(config.teacher)
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher checkpoint {path} not found; pass --teacher PATH (a teacher.eqx or "
+                                    "ckpt_*.eqx of a --variant teacher run) or --teacher auto")
+        return path
+    path = default_teacher_path(config.preset)
+    if path.is_file():
+        return path
+    teacher_config = resolve(dataclasses.replace(
+        config, variant="teacher", steps=None, batch_size=None, workdir=str(pathlib.Path(config.workdir) / "teacher"),
+    ))
+    _print(f"No teacher at {path}: training the {config.preset} teacher first ({teacher_config.steps} steps in "
+           f"{teacher_config.workdir}), then caching it there.")
+    exported = train(teacher_config)
+    if jax.process_index() == 0:
+        with _atomic_path(path) as tmp:
+            shutil.copyfile(exported, tmp)
+        _print(f"Cached the teacher at {path}.")
+    return path
+
+
+def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | None]:
+    """`(teacher params, Lambda or None)`; Lambda from the checkpoint's Adam state when `precond_steps` is 0."""
+    params_like, _ = model_skeleton(config.model)
+    params = load_group(path, "params", params_like)
+    if config.variant != "instant" or config.precond_steps:
+        return params, None
+    meta = read_meta(path)
+    if "nu" in meta["groups"]:
+        nu = load_group(path, "nu", params_like)
+        count, b2 = meta["adam"]["count"], meta["adam"]["b2"]
+    elif "opt_state" in meta["groups"] and meta["config"]["variant"] == "teacher":
+        saved = config_from_dict(meta["config"])
+        optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=saved.teacher_b1, b2=saved.teacher_b2)
+        adam = _adam_state(load_group(path, "opt_state", jax.eval_shape(optimizer.init, params_like)))
+        nu, count, b2 = adam.nu, adam.count, saved.teacher_b2
+    else:
+        raise CheckpointError(f"{path} holds no teacher Adam state for Lambda; pass --precond-steps N to estimate it")
+    return params, mmd.preconditioner(nu, count=count, b2=b2, eps=config.precond_eps)
+
+
+def fresh_statistics(
+    config: Config, *, teacher: PyTree, static: PyTree, mesh: jax.sharding.Mesh, dataset: data.Dataset,
+    key: PRNGKeyArray, teacher_cfg: mmd.TeacherConfig, distill_cfg: mmd.DistillConfig,
+) -> tuple[PyTree | None, PyTree | None]:
+    """`(Lambda, real_grad)` from passes over real data (a stream separate from training's): Lambda from
+    `precond_steps` teacher-loss gradients, `real_grad` (center=fixed) the mean real-data gradient."""
+    n = config.precond_steps or (config.center_steps if config.center == "fixed" else 0)
+    if n == 0:
+        return None, None
+    grad_fn = mmd.make_gradient_fn(static=static, mesh=mesh, teacher_cfg=teacher_cfg, distill_cfg=distill_cfg)
+    batches = data.batches(dataset, batch_size=config.batch_size, seed=(config.seed + 1) % 2**32)
+    sharding = NamedSharding(mesh, P("data"))
+    real_sum: list[PyTree] = []
+
+    def teacher_grads() -> Iterator[PyTree]:
+        for i in tqdm(range(n), desc="teacher gradients", disable=jax.process_index() != 0):
+            x, labels = _global_batch(next(batches), sharding)
+            g_teacher, g_real = grad_fn(teacher, x, labels, jax.random.fold_in(key, i))
+            real_sum[:] = [g_real if not real_sum else jax.tree.map(jnp.add, real_sum[0], g_real)]
+            yield g_teacher
+
+    if config.precond_steps:
+        precond = mmd.estimate_preconditioner(teacher_grads(), b2=config.teacher_b2, eps=config.precond_eps)
+    else:
+        precond = None
+        for _ in teacher_grads():
+            pass
+    real_grad = jax.tree.map(lambda g: g / n, real_sum[0]) if config.center == "fixed" else None
+    return precond, real_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+
+
+def maybe_initialize_distributed() -> bool:
+    """`jax.distributed.initialize()` when the environment shows a multi-process job; True if it ran."""
+    env = os.environ
+    multi = (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    )
+    if not multi or jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def _print(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def _global_batch(
+    batch: tuple[np.ndarray, np.ndarray], sharding: NamedSharding
+) -> tuple[Float[Array, "b *dims"], Int[Array, " b"]]:
+    """This process's slice of a global batch -> one global array sharded over "data"."""
+    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in batch)
+
+
+def select_devices(num_devices: int) -> list[Any]:
+    """The first `num_devices` local devices, or (0) every device of every process."""
+    if num_devices == 0:
+        return jax.devices()
+    if jax.process_count() > 1:
+        raise ValueError("--num-devices selects local devices of a single process; leave it 0 in multi-process runs")
+    if num_devices > jax.local_device_count():
+        raise ValueError(f"--num-devices {num_devices} but only {jax.local_device_count()} local devices exist")
+    return jax.local_devices()[:num_devices]
+
+
+def check_batch(config: Config, n_devices: int) -> None:
+    """Refuse, before compiling, a batch size the devices (and the instant variant's halves) cannot split."""
+    divisor = n_devices * (2 if config.variant == "instant" else 1)
+    what = f"{n_devices} devices" + (" x 2 minibatches (instant)" if config.variant == "instant" else "")
+    if config.batch_size % divisor or config.batch_size % jax.process_count():
+        raise ValueError(
+            f"batch size {config.batch_size} is not divisible by {divisor} ({what}); use a multiple of "
+            f"{math.lcm(divisor, jax.process_count())}, or select devices with --num-devices"
+        )
+
+
+def check_data(dataset: data.Dataset, model: uvit.UViTConfig) -> None:
+    """The data must have the model's image shape and classes."""
+    expected = (model.resolution, model.resolution, model.channels)
+    if dataset.images.shape[1:] != expected:
+        raise ValueError(f"{dataset.name} has images {dataset.images.shape[1:]}, the model expects {expected}: "
+                         "set --data-resolution or the --model-* options")
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(f"{dataset.name} has {dataset.num_classes} classes, the model {model.num_classes}: "
+                         f"pass --model-num-classes {dataset.num_classes}")
+
+
+def optimizers(config: Config) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None, Callable]:
+    """`(optimizer, aux optimizer, lr(step))` for the variant; `lr(i)` is the rate of update i (0-based)."""
+    if config.variant == "teacher":
+        opt = mmd.teacher_optimizer(peak_lr=config.teacher_lr, warmup_steps=config.teacher_warmup,
+                                    b1=config.teacher_b1, b2=config.teacher_b2)
+        schedule = mmd.warmup_linear_schedule(peak_lr=config.teacher_lr, warmup_steps=config.teacher_warmup,
+                                              total_steps=None)
+        return opt, None, lambda i: float(schedule(jnp.asarray(i)))
+
+    def distill(peak_lr: float, updates: int) -> tuple[optax.GradientTransformation, Callable]:
+        warmup = min(config.warmup, max(1, int(DISTILL_WARMUP_FRACTION * updates)))
+        schedule = mmd.warmup_linear_schedule(peak_lr=peak_lr, warmup_steps=warmup, total_steps=updates)
+        return mmd.distill_optimizer(peak_lr=peak_lr, total_steps=updates, warmup_steps=warmup), schedule
+
+    if config.variant == "instant":
+        opt, schedule = distill(config.lr, config.steps)
+        return opt, None, lambda i: float(schedule(jnp.asarray(i)))
+    opt, gen_schedule = distill(config.lr, config.steps // 2)
+    aux_opt, aux_schedule = distill(config.aux_lr, (config.steps + 1) // 2)
+    return opt, aux_opt, lambda i: float((aux_schedule if i % 2 == 0 else gen_schedule)(jnp.asarray(i // 2)))
+
+
+def _metric_record(config: Config, step: int, metrics: dict[str, float], lr: float) -> dict[str, Any]:
+    record: dict[str, Any] = {"step": step}
+    if config.variant == "alternating":
+        record["generator_loss" if metrics.pop("generator_step") else "aux_loss"] = metrics.pop("loss")
+    record.update(metrics)
+    record["lr"] = lr
+    return record
+
+
+def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path) -> None:
+    """One panel per metric of metrics.jsonl against the step (raw and moving average), PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    names = [n for n in ("loss", "aux_loss", "generator_loss", "moment_gap", "surrogate", "grad_norm", "lr")
+             if any(n in r for r in records)]
+    if not names:
+        return
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        steps = np.array([r["step"] for r in records if name in r])
+        values = np.array([r[name] for r in records if name in r], dtype=np.float64)
+        ax.plot(steps, values, lw=0.5, alpha=0.4)
+        width = max(1, len(values) // 50)
+        if len(values) >= width:
+            smooth = np.convolve(values, np.ones(width) / width, mode="valid")
+            ax.plot(steps[width - 1:], smooth, lw=1.5)
+        positive = np.all(values[np.isfinite(values)] > 0)
+        ax.set_yscale("log" if positive else "symlog")
+        ax.set_ylabel(name)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    with _atomic_path(out) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def _write_samples(
+    config: Config, params: PyTree, static: PyTree, key: PRNGKeyArray, devices: list[Any], path: pathlib.Path
+) -> None:
+    teacher = config.variant == "teacher"
+    images = evaluation.generate(
+        eqx.combine(params, static), key, num_samples=config.num_samples, batch_size=config.num_samples,
+        num_classes=config.model.num_classes, num_steps=config.teacher_sample_steps if teacher else config.k,
+        shift=config.shift, guidance=0.0, clip=False, gamma=0.0, null_label=config.model.num_classes,
+        image_shape=(config.model.resolution, config.model.resolution, config.model.channels),
+        devices=[d for d in devices if d.process_index == jax.process_index()],
+    )
+    if jax.process_index() == 0:
+        columns = config.model.num_classes if 1 < config.model.num_classes <= 16 else None
+        evaluation.save_image_grid(images, path, columns=columns)
+
+
+def train(config: Config) -> pathlib.Path:
+    """Run (or resume) the configured training; returns the final checkpoint (teacher runs: teacher.eqx)."""
+    config = resolve(config)
+    workdir = pathlib.Path(config.workdir)
+    devices = select_devices(config.num_devices)
+    check_batch(config, len(devices))
+    existing = _checkpoints(workdir)
+    if existing and not config.resume:
+        raise ValueError(f"{workdir} already holds checkpoints; pass --resume to continue that run, or choose "
+                         "another --workdir")
+    saved = _workdir_config(workdir)
+    if saved is not None and _config_differences(saved, config, ignore=RUN_FIELDS) and existing:
+        raise ValueError(f"{workdir}/config.json differs from this configuration in "
+                         f"{_config_differences(saved, config, ignore=RUN_FIELDS)}; use another --workdir")
+    mesh = mmd.data_mesh(devices)
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with _atomic_path(workdir / "config.json") as tmp:
+            tmp.write_text(json.dumps(config_to_dict(config), indent=1) + "\n")
+
+    k_init, k_train, k_sample, k_stats = jax.random.split(jax.random.key(config.seed), 4)
+    null_label = config.model.num_classes
+    teacher_cfg = mmd.TeacherConfig(shift=config.shift, null_label=null_label, label_dropout=config.label_dropout)
+    distill_cfg = mmd.DistillConfig(
+        num_steps=config.k, shift=config.shift, weighting=config.weighting, zs_mode=config.zs,
+        guidance=config.guidance, clip=config.clip, null_label=null_label,
+        regularize_aux=config.regularize_aux, center=config.center,
+    )
+    if config.variant == "teacher":
+        params, static = eqx.partition(uvit.make_model(config.model, key=k_init), eqx.is_inexact_array)
+        frozen = mmd.Frozen()
+    else:
+        teacher_path = ensure_teacher(config)
+        params, precond = load_teacher(teacher_path, config)
+        _, static = model_skeleton(config.model)
+    dataset = data.load(config.data, resolution=config.data_resolution)
+    check_data(dataset, config.model)
+    if config.variant != "teacher":
+        params = jax.device_put(params, replicated)
+        if config.variant == "instant":
+            fresh_precond, real_grad = fresh_statistics(
+                config, teacher=params, static=static, mesh=mesh, dataset=dataset, key=k_stats,
+                teacher_cfg=teacher_cfg, distill_cfg=distill_cfg,
+            )
+            frozen = mmd.Frozen(teacher=params, precond=precond if fresh_precond is None else fresh_precond,
+                                real_grad=real_grad)
+        else:
+            frozen = mmd.Frozen(teacher=params)
+        frozen = jax.device_put(frozen, replicated)
+
+    optimizer, aux_optimizer, learning_rate = optimizers(config)
+    state = mmd.init_train_state(params=params, optimizer=optimizer, aux_optimizer=aux_optimizer)
+    batches = data.batches(dataset, batch_size=config.batch_size, seed=config.seed)
+    if existing:
+        state, k_train = _restore(existing[-1], state, batches)
+        _print(f"Resuming {workdir} from {existing[-1].name} (step {int(state.step)}).")
+    state = jax.device_put(state, replicated)
+    step_fn = mmd.make_train_step(
+        config.variant, static=static, mesh=mesh, optimizer=optimizer, aux_optimizer=aux_optimizer,
+        teacher_cfg=teacher_cfg, distill_cfg=distill_cfg,
+    )
+
+    metrics_path = workdir / "metrics.jsonl"
+    start = int(state.step)
+    if is_main:
+        _truncate_metrics(metrics_path, start)
+    pending: list[tuple[int, dict[str, Array]]] = []
+    last_good = existing[-1] if existing else None
+
+    def flush(elapsed: float, window: int) -> None:
+        """Fetch the pending metrics, write them, stop at the first non-finite value."""
+        host = jax.device_get(pending)
+        pending.clear()
+        rate = window * config.batch_size / max(elapsed, 1e-9)
+        records = []
+        for step, metrics in host:
+            values = {k: float(v) for k, v in metrics.items()}
+            record = _metric_record(config, step, values, learning_rate(step - 1))
+            record.update(images_per_s=rate, time=time.perf_counter() - t_start)
+            records.append(record)
+        if is_main:
+            with open(metrics_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        for record in records:
+            bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                raise FloatingPointError(
+                    f"non-finite {', '.join(bad)} at step {record['step']} of {workdir}; {kept}. Lower the "
+                    "learning rate (or check the data and teacher), then rerun (--resume continues from that checkpoint)."
+                )
+        if records:
+            shown = {k: f"{v:.4g}" for k, v in records[-1].items() if k in ("loss", "aux_loss", "moment_gap", "grad_norm")}
+            progress.set_postfix(shown, refresh=False)
+
+    progress = tqdm(total=config.steps, initial=start, desc=config.variant, disable=not is_main,
+                    dynamic_ncols=True, unit="step")
+    t_start = t_window = time.perf_counter()
+    window = 0
+    for i in range(start, config.steps):
+        x, labels = _global_batch(next(batches), batch_sharding)
+        state, metrics = step_fn(state, frozen, x, labels, jax.random.fold_in(k_train, i))
+        pending.append((i + 1, metrics))
+        window += 1
+        progress.update(1)
+        if i == start:
+            jax.block_until_ready(metrics)
+            _print(f"Compiled and ran the first step in {time.perf_counter() - t_start:.1f}s.")
+            t_window, window = time.perf_counter(), 0
+        step = i + 1
+        done = step == config.steps
+        if step % config.log_every == 0 or step % config.checkpoint_every == 0 or done:
+            jax.block_until_ready(metrics)
+            flush(time.perf_counter() - t_window, window)
+            t_window, window = time.perf_counter(), 0
+        if step % config.checkpoint_every == 0 or done:
+            last_good = _save(workdir, config, state, k_train, batches, step, metrics_path)
+        if step % config.sample_every == 0 or done:
+            _write_samples(config, state.params, static, k_sample, devices,
+                           workdir / "samples" / f"step_{step:08d}.png")
+    progress.close()
+    if existing and start == config.steps:
+        _print(f"{workdir} already finished all {config.steps} steps.")
+    final = _checkpoints(workdir)[-1]
+    if config.variant == "teacher":
+        if is_main:
+            export_teacher(final, workdir / "teacher.eqx")
+        return workdir / "teacher.eqx"
+    return final
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """Drop metric lines after `step` (left by a killed run) so a resumed run's file has each step once."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with _atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
+
+
+def _save(
+    workdir: pathlib.Path, config: Config, state: mmd.TrainState, key: PRNGKeyArray, batches: data.Batches,
+    step: int, metrics_path: pathlib.Path,
+) -> pathlib.Path:
+    """Write a checkpoint (process 0), keep the newest `keep_checkpoints`, redraw the loss plot."""
+    path = workdir / "checkpoints" / f"ckpt_{step:08d}.eqx"
+    if jax.process_index() != 0:
+        return path
+    meta = {
+        "kind": config.variant, "step": step, "config": config_to_dict(config),
+        "key": np.asarray(jax.random.key_data(key)).tolist(), "data_state": batches.get_state(),
+    }
+    save_checkpoint(path, meta=meta, groups={
+        "params": state.params, "opt_state": state.opt_state,
+        "aux_params": state.aux_params, "aux_opt_state": state.aux_opt_state,
+    })
+    for old in _checkpoints(workdir)[: -config.keep_checkpoints]:
+        old.unlink()
+    plot_losses(metrics_path, workdir / "loss.png")
+    return path
+
+
+def _restore(path: pathlib.Path, like: mmd.TrainState, batches: data.Batches) -> tuple[mmd.TrainState, PRNGKeyArray]:
+    """Training state, PRNG key and data position from a checkpoint of this run."""
+    meta = read_meta(path)
+    state = like._replace(
+        step=jnp.asarray(meta["step"], jnp.int32),
+        **{name: load_group(path, name, getattr(like, name)) for name in meta["groups"]},
+    )
+    batches.set_state(meta["data_state"])
+    return state, jax.random.wrap_key_data(jnp.asarray(meta["key"], jnp.uint32))
+
+
+def main(argv: Sequence[str] | None = None) -> pathlib.Path:
+    """Command-line entry point: parse, (multi-host) initialise, train. Returns the final checkpoint."""
+    maybe_initialize_distributed()
+    return train(parse_config(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        sys.exit(f"train.py: error: {error}")
