@@ -532,7 +532,7 @@ def instant_loss(
     `u_1 = J(z_s1) Lambda G_2`, `u_2 = J(z_s2) Lambda G_1`, surrogate
     `-(2/B) sum w (x_gen_1 . sg(u_1) + x_gen_2 . sg(u_2))`. With `cfg.center` = `batch` each `G_i` has
     the same gradient on real pairs of minibatch i subtracted, with `fixed` the given `real_grad` [C].
-    Metric `loss` is the value `G_1^T Lambda G_2` (the monitor the paper plots).
+    Metric `loss` is the value `G_1^T Lambda G_2` (the monitor the paper plots), `surrogate` the surrogate's.
     """
     if cfg.center == "fixed" and real_grad is None:
         raise ValueError("center='fixed' needs real_grad (a mean real-data teacher gradient)")
@@ -563,7 +563,7 @@ def instant_loss(
         + _batch_mean(w2 * _sum_dims(x_gens[1] * lax.stop_gradient(u2)), axis_name)
     )
     value = lax.stop_gradient(_tree_vdot(g1, _tree_mul(precond, g2)))
-    return surrogate, {"loss": value}
+    return surrogate, {"loss": value, "surrogate": lax.stop_gradient(surrogate)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,14 +695,20 @@ def _global_keys(key: PRNGKeyArray, n_local: int, offset: int = 0) -> Key[Array,
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n_local))
 
 
-def _update(
-    optimizer: optax.GradientTransformation, grads: PyTree, opt_state: PyTree, params: PyTree
-) -> tuple[PyTree, PyTree, Float[Array, ""]]:
+def _descend(
+    loss_fn: Callable[[PyTree], tuple[Array, dict[str, Array]]],
+    optimizer: optax.GradientTransformation,
+    params: PyTree,
+    opt_state: PyTree,
+) -> tuple[PyTree, PyTree, dict[str, Array]]:
+    """One optimiser step on `loss_fn(params) -> (loss, metrics)`; metrics gain `loss` and `grad_norm`."""
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     # optax's Adam bias correction computes `decay ** count` with an int32 count: implicit int->float
     # promotion that strict promotion mode (used to check this file) rejects.
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+    return optax.apply_updates(params, updates), opt_state, metrics
 
 
 def _sharded(fn: Callable, mesh: Mesh, batch_spec: P, num_replicated: int) -> Callable:
@@ -753,12 +759,11 @@ def make_train_step(
 
     def teacher_local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
         keys = _global_keys(key, x.shape[0])
-        loss, grads = jax.value_and_grad(
-            lambda p: teacher_loss(model(p), keys, x=x, labels=labels, cfg=teacher_cfg, axis_name="data")
-        )(state.params)
-        params, opt_state, gnorm = _update(optimizer, grads, state.opt_state, state.params)
-        new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new, {"loss": loss, "grad_norm": gnorm}
+        params, opt_state, metrics = _descend(
+            lambda p: (teacher_loss(model(p), keys, x=x, labels=labels, cfg=teacher_cfg, axis_name="data"), {}),
+            optimizer, state.params, state.opt_state,
+        )
+        return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def alternating_local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
         inputs = distill_inputs(
@@ -767,24 +772,22 @@ def make_train_step(
         teacher, generator, auxiliary = (model(p) for p in (frozen.teacher, state.params, state.aux_params))
 
         def aux_update(state: TrainState) -> tuple:
-            (loss, m), grads = jax.value_and_grad(
+            params, opt_state, metrics = _descend(
                 lambda p: auxiliary_loss(
                     model(p), generator=generator, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
                 ),
-                has_aux=True,
-            )(state.aux_params)
-            params, opt_state, gnorm = _update(aux_optimizer, grads, state.aux_opt_state, state.aux_params)
-            return state._replace(aux_params=params, aux_opt_state=opt_state), {"loss": loss, "grad_norm": gnorm, **m}
+                aux_optimizer, state.aux_params, state.aux_opt_state,
+            )
+            return state._replace(aux_params=params, aux_opt_state=opt_state), metrics
 
         def gen_update(state: TrainState) -> tuple:
-            (loss, m), grads = jax.value_and_grad(
+            params, opt_state, metrics = _descend(
                 lambda p: generator_loss(
                     model(p), auxiliary=auxiliary, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
                 ),
-                has_aux=True,
-            )(state.params)
-            params, opt_state, gnorm = _update(optimizer, grads, state.opt_state, state.params)
-            return state._replace(params=params, opt_state=opt_state), {"loss": loss, "grad_norm": gnorm, **m}
+                optimizer, state.params, state.opt_state,
+            )
+            return state._replace(params=params, opt_state=opt_state), metrics
 
         phase = state.step % 2
         state, metrics = lax.cond(phase == 0, aux_update, gen_update, state)
@@ -800,16 +803,14 @@ def make_train_step(
             )
             for i in (0, 1)
         )
-        (surrogate, m), grads = jax.value_and_grad(
+        params, opt_state, metrics = _descend(
             lambda p: instant_loss(
                 model(p), teacher=model(frozen.teacher), precond=frozen.precond, inputs1=inputs1,
                 inputs2=inputs2, cfg=cfg, real_grad=frozen.real_grad, axis_name="data",
             ),
-            has_aux=True,
-        )(state.params)
-        params, opt_state, gnorm = _update(optimizer, grads, state.opt_state, state.params)
-        new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new, {"surrogate": surrogate, "grad_norm": gnorm, **m}
+            optimizer, state.params, state.opt_state,
+        )
+        return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     local = {"teacher": teacher_local, "alternating": alternating_local, "instant": instant_local}[variant]
 
