@@ -399,20 +399,31 @@ def load_group(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
         raise CheckpointError(f"{path} holds {sorted(meta['groups'])}, not {name!r}")
     saved, expected = meta["groups"][name], _manifest(like)
     if saved != expected:
-        saved_d, expected_d = {p: (s, d) for p, s, d in saved}, {p: (s, d) for p, s, d in expected}
+        saved_d, expected_d = ({p: f"{d}{s}" for p, s, d in m} for m in (saved, expected))
         lines = [
             f"  {p}: checkpoint {saved_d.get(p, 'absent')}, configured {expected_d.get(p, 'absent')}"
-            for p in sorted(set(saved_d) | set(expected_d))
+            for p in list(expected_d) + [p for p in saved_d if p not in expected_d]
             if saved_d.get(p) != expected_d.get(p)
         ]
         shown = lines[:20] + ([f"  ... and {len(lines) - 20} more"] if len(lines) > 20 else [])
         raise CheckpointError(
-            f"{path}: {name!r} does not match the configured model ({len(lines)} leaves differ: path, (shape, dtype)):\n"
+            f"{path}: {name!r} does not match the configured model ({len(lines)} leaves differ):\n"
             + "\n".join(shown)
             + "\nConfigure the architecture the checkpoint was trained with (see its meta.json 'config.model')."
         )
+    return _read_member(path, name, like)
+
+
+def _read_member(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
     with zipfile.ZipFile(path) as archive:
         return eqx.tree_deserialise_leaves(io.BytesIO(archive.read(f"{name}.eqx")), like)
+
+
+def read_leaves(path: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
+    """A checkpoint group's leaves by path (e.g. `[1][0].nu.net.stem.weight`), without building the model."""
+    manifest = read_meta(path)["groups"][name]
+    like = [jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)) for _, shape, dtype in manifest]
+    return {p: np.asarray(x) for (p, _, _), x in zip(manifest, _read_member(path, name, like))}
 
 
 def _is_param(x: Any) -> bool:
@@ -787,6 +798,8 @@ def train(config: Config) -> pathlib.Path:
             shown = {k: f"{v:.4g}" for k, v in records[-1].items() if k in ("loss", "aux_loss", "moment_gap", "grad_norm")}
             progress.set_postfix(shown, refresh=False)
 
+    _print(f"{config.variant}: steps {start}..{config.steps} on {len(devices)} devices, batch {config.batch_size}, "
+           f"in {workdir} (the first step compiles).")
     progress = tqdm(total=config.steps, initial=start, desc=config.variant, disable=not is_main,
                     dynamic_ncols=True, unit="step")
     t_start = t_window = time.perf_counter()
@@ -797,13 +810,9 @@ def train(config: Config) -> pathlib.Path:
         pending.append((i + 1, metrics))
         window += 1
         progress.update(1)
-        if i == start:
-            jax.block_until_ready(metrics)
-            _print(f"Compiled and ran the first step in {time.perf_counter() - t_start:.1f}s.")
-            t_window, window = time.perf_counter(), 0
         step = i + 1
         done = step == config.steps
-        if step % config.log_every == 0 or step % config.checkpoint_every == 0 or done:
+        if i == start or step % config.log_every == 0 or step % config.checkpoint_every == 0 or done:
             jax.block_until_ready(metrics)
             flush(time.perf_counter() - t_window, window)
             t_window, window = time.perf_counter(), 0
