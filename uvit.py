@@ -40,7 +40,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class UViTConfig:
     """Architecture of a U-ViT. `widths[i]`/`blocks[i]`: channels and ResBlocks of conv level `i` (level 0 at
     the input resolution divided by `patch_size`, each next level halves it); the transformer runs at
-    `resolution / (patch_size * 2 ** len(widths))`. `dtype` is the compute dtype (parameters stay float32)."""
+    `resolution / (patch_size * 2 ** len(widths))`. Labels run over [0, num_classes], `num_classes` being the
+    null label of classifier-free guidance (`num_classes=0`: unconditional). `dtype` is the compute dtype
+    (parameters stay float32); `remat` recomputes each transformer block in the backward pass."""
 
     resolution: int
     channels: int
@@ -118,7 +120,9 @@ channel multipliers (1, 2) at 64x64 and 32x32, two ResBlocks per level, and the 
 transformer at 16x16 (Simple Diffusion's finding: scale the 16x16 level), width 1024 (multiplier 8, half
 the 2B model's 2048), 16 heads of 64, MLP ratio 4, embedding width 1024; depth 23 brings the total near 400M."""
 
-IMAGENET128 = dataclasses.replace(IMAGENET64, resolution=128, widths=(128, 256, 512), blocks=(2, 2, 2), transformer_depth=21)
+IMAGENET128 = dataclasses.replace(
+    IMAGENET64, resolution=128, widths=(128, 256, 512), blocks=(2, 2, 2), transformer_depth=21
+)
 """ImageNet 128x128 variant of `IMAGENET64`: one more conv level (128, 64, 32 -> width 128, 256, 512) so the
 transformer again sees 16x16 tokens; depth 21 keeps the total near 400M."""
 
@@ -205,7 +209,9 @@ def fourier_features(
 
 
 class Embedding(eqx.Module):
-    """Conditioning vector: MLP of log-SNR Fourier features plus a class embedding (last row = null class)."""
+    """Conditioning vector: MLP of log-SNR Fourier features plus a class embedding (last row = null class).
+
+    Labels must lie in [0, num_classes]; inside jit an out-of-range label cannot raise and JAX clamps it."""
 
     mlp_in: Dense
     mlp_out: Dense
@@ -235,13 +241,13 @@ class ResBlock(eqx.Module):
     skip: Dense | None
 
     def __init__(self, n_in: int, n_out: int, config: UViTConfig, *, key: PRNGKeyArray):
-        k1, k2, k3 = jax.random.split(key, 3)
+        k1, k2, k3, k4 = jax.random.split(key, 4)
         self.norm1 = GroupNorm(n_in, config.groups)
         self.conv1 = Conv(n_in, n_out, key=k1)
         self.cond = Dense(config.emb_width, 2 * n_out, key=k2)
         self.norm2 = GroupNorm(n_out, config.groups)
-        self.conv2 = Conv(n_out, n_out, key=k2, zero=True)
-        self.skip = Dense(n_in, n_out, key=k3) if n_in != n_out else None
+        self.conv2 = Conv(n_out, n_out, key=k3, zero=True)
+        self.skip = Dense(n_in, n_out, key=k4) if n_in != n_out else None
 
     def __call__(self, x: Float[Array, "b h w i"], emb: Float[Array, "b e"]) -> Float[Array, "b h w o"]:
         h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -299,13 +305,13 @@ class TransformerBlock(eqx.Module):
     heads: int = eqx.field(static=True)
 
     def __init__(self, config: UViTConfig, *, key: PRNGKeyArray):
-        k1, k2, k3 = jax.random.split(key, 3)
+        k1, k2, k3, k4, k5 = jax.random.split(key, 5)
         d = config.transformer_width
         self.cond = Dense(config.emb_width, 4 * d, key=k1)
         self.qkv = Dense(d, 3 * d, key=k2)
-        self.attn_out = Dense(d, d, key=k2, zero=True)
-        self.mlp_in = Dense(d, config.mlp_ratio * d, key=k3)
-        self.mlp_out = Dense(config.mlp_ratio * d, d, key=k3, zero=True)
+        self.attn_out = Dense(d, d, key=k3, zero=True)
+        self.mlp_in = Dense(d, config.mlp_ratio * d, key=k4)
+        self.mlp_out = Dense(config.mlp_ratio * d, d, key=k5, zero=True)
         self.heads = config.heads
 
     def __call__(self, x: Float[Array, "b t d"], emb: Float[Array, "b e"]) -> Float[Array, "b t d"]:
@@ -338,7 +344,7 @@ class UViT(eqx.Module):
     head: Conv
 
     def __init__(self, config: UViTConfig, *, key: PRNGKeyArray):
-        keys = iter(jax.random.split(key, 8 + 4 * sum(config.blocks) + 2 * len(config.widths)))
+        keys = iter(jax.random.split(key, 5 + 2 * sum(config.blocks) + 2 * len(config.widths)))
         p2c = config.patch_size**2 * config.channels
         widths, d = config.widths, config.transformer_width
         self.config = config
