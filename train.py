@@ -26,9 +26,10 @@ Work directory (`--workdir`, default `runs/<preset>-<variant>`):
                               `aux_loss` on auxiliary steps, `generator_loss` on generator steps, plus the
                               moment gap), grad_norm, lr, images_per_s (over the logging window), time
     checkpoints/ckpt_<step>.eqx   the last `keep_checkpoints` checkpoints
-    samples/step_<step>.png   samples with a fixed key, one class per column (students: k steps)
+    samples/step_<step>.png   samples with a fixed key, one class per column (students: k steps; step 0 is
+                              the teacher sampled with the student's k steps, the starting point)
     loss.png                  the curves of metrics.jsonl, redrawn at every checkpoint
-    teacher.eqx               (teacher runs) what distillation needs: parameters, Adam's nu and count
+    teacher.eqx               (teacher runs) what distillation needs: parameters, Adam's nu (bfloat16), count
 
 Checkpoints are single zip files, written to a temporary name and renamed: `meta.json` (format, step,
 configuration, PRNG key, data-iterator state, a manifest of every leaf's path, shape and dtype) and one
@@ -132,7 +133,7 @@ class Config:
     # Distillation.
     teacher: str = _field("auto", "teacher checkpoint (auto: checkpoints/<preset>_teacher.eqx, trained if absent)")
     k: int = _field(8, "the student's sampling steps")
-    distill_steps: int = _field(600, "steps of distillation")
+    distill_steps: int = _field(1000, "steps of distillation")
     distill_batch_size: int = _field(32, "batch size of distillation (instant: both minibatches together)")
     lr: float = _field(1e-4, "generator's peak learning rate")
     aux_lr: float = _field(1e-4, "auxiliary's peak learning rate (alternating)")
@@ -345,6 +346,7 @@ def _atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from collaborators
     try:
         yield pathlib.Path(tmp)
         os.replace(tmp, path)
@@ -446,8 +448,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[uvit.Denoiser, Config, dic
 
 
 def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Write what distillation needs from a teacher training checkpoint: its parameters and Adam's `nu`
-    and update count (for Lambda), with the configuration. A quarter of a full checkpoint's size."""
+    """Write what distillation needs from a teacher training checkpoint: its parameters, Adam's `nu` (in
+    bfloat16: Lambda = 1/sqrt(nu) to 0.2%, far below the noise of an EMA estimate) and update count, and the
+    configuration: half a full checkpoint's size."""
     meta = read_meta(checkpoint)
     config = config_from_dict(meta["config"])
     params_like, _ = model_skeleton(config.model)
@@ -458,7 +461,8 @@ def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Non
         out,
         meta={"kind": "teacher", "step": meta["step"], "config": meta["config"],
               "adam": {"count": int(adam.count), "b2": config.teacher_b2}},
-        groups={"params": load_group(checkpoint, "params", params_like), "nu": adam.nu},
+        groups={"params": load_group(checkpoint, "params", params_like),
+                "nu": jax.tree.map(lambda v: v.astype(jnp.bfloat16), adam.nu)},
     )
 
 
@@ -514,7 +518,8 @@ def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | N
         return params, None
     meta = read_meta(path)
     if "nu" in meta["groups"]:
-        nu = load_group(path, "nu", params_like)
+        bf16_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params_like)
+        nu = jax.tree.map(lambda v: v.astype(jnp.float32), load_group(path, "nu", bf16_like))
         count, b2 = meta["adam"]["count"], meta["adam"]["b2"]
     elif "opt_state" in meta["groups"] and meta["config"]["variant"] == "teacher":
         saved = config_from_dict(meta["config"])
@@ -670,7 +675,7 @@ def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path) -> None:
         values = np.array([r[name] for r in records if name in r], dtype=np.float64)
         ax.plot(steps, values, lw=0.5, alpha=0.4)
         width = max(1, len(values) // 50)
-        if len(values) >= width:
+        if width > 1:
             smooth = np.convolve(values, np.ones(width) / width, mode="valid")
             ax.plot(steps[width - 1:], smooth, lw=1.5)
         positive = np.all(values[np.isfinite(values)] > 0)
@@ -800,6 +805,9 @@ def train(config: Config) -> pathlib.Path:
 
     _print(f"{config.variant}: steps {start}..{config.steps} on {len(devices)} devices, batch {config.batch_size}, "
            f"in {workdir} (the first step compiles).")
+    if start == 0 and config.variant != "teacher":
+        # The starting point for comparison: the teacher itself sampled with the student's k steps.
+        _write_samples(config, state.params, static, k_sample, devices, workdir / "samples" / "step_00000000.png")
     progress = tqdm(total=config.steps, initial=start, desc=config.variant, disable=not is_main,
                     dynamic_ncols=True, unit="step")
     t_start = t_window = time.perf_counter()
