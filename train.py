@@ -11,7 +11,7 @@ data-parallel over every local device (and every host).
 Configuration. `Config` (a frozen dataclass) holds every setting; `PRESETS` holds named starting points
 (`mnist`, the default; `tiny`, an 8x8 smoke test; `imagenet64`, `imagenet128`, whose U-ViTs are uvit's
 presets). Every field is a command-line option generated from the dataclass (`--batch-size`,
-`--model-widths 64 128`, `--clip/--no-clip`, ...); the resolved configuration is written to
+`--model-widths 96 192 --model-blocks 1 1`, `--clip/--no-clip`, ...); the resolved configuration is written to
 `WORKDIR/config.json` and into every checkpoint. `--steps`/`--batch-size` default to the preset's
 `teacher_*` or `distill_*` values for the chosen variant.
 
@@ -39,8 +39,9 @@ configuration, PRNG key, data-iterator state, a manifest of every leaf's path, s
 Reproducibility. Update i (0-based) uses the key `fold_in(train_key, i)` and the data stream's i-th
 global batch, and checkpoints hold the optimiser states and the iterator position, so `--resume` gives
 the same parameters as an uninterrupted run; results do not depend on the device count (up to float
-summation order). A non-finite loss or gradient norm stops the run naming the step; no checkpoint is
-written after it, so the last one is good.
+summation order). Metrics are fetched every `log_every` steps and before every checkpoint; a non-finite
+loss or gradient norm stops the run naming its step, and since no checkpoint is written unchecked, the
+last one is good.
 
 Multi-host. When the environment shows a multi-process job (`JAX_COORDINATOR_ADDRESS`, `SLURM_NTASKS` > 1,
 `OMPI_COMM_WORLD_SIZE` > 1, or a multi-host TPU slice's `TPU_WORKER_HOSTNAMES`), `jax.distributed.initialize()`
@@ -50,7 +51,7 @@ batch; process 0 alone writes files. `--batch-size` is the global batch.
 Optimisers. Teacher: clip 1, Adam(b1=0.9, b2=0.99, eps=1e-8), linear warm-up then constant (mmd.teacher_optimizer).
 Distillation (paper Appendix B): clip 1, Adam(b1=0, b2=0.99, eps=1e-12), warm-up then linear decay to 0.
 The paper warms up over 1000 steps of runs up to 200k; here the warm-up is min(`warmup`, 10% of the
-optimiser's updates), so short runs keep the paper's proportions. With `alternating` the auxiliary updates
+optimiser's updates), so that a short run is not mostly warm-up. With `alternating` the auxiliary updates
 on even steps and the generator on odd ones, so each schedule spans half the steps. The peak rates (not
 given in the paper) are our choice: 1e-4 for generator and auxiliary on MNIST.
 """
