@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -114,6 +113,8 @@ def bench_model(*, preset: str, batch_size: int, repeats: int, key: PRNGKeyArray
         "batch_size": batch_size,
         "parameters": uvit.param_count(model),
         "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
         "load_average_1min_before": load_before,
         "load_average_1min_after": os.getloadavg()[0],
         "forward_gflop": fwd_flops / 1e9,
@@ -149,24 +150,29 @@ def run_model(args: argparse.Namespace) -> dict:
     )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and run one benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     model = commands.add_parser("model", help="U-ViT forward / forward+backward speed and FLOP efficiency")
     model.add_argument("--preset", default="mnist", choices=sorted(uvit.PRESETS))
-    model.add_argument("--batch-size", type=int, default=128)
-    model.add_argument("--repeats", type=int, default=10)
+    model.add_argument("--batch-size", type=positive_int, default=128)
+    model.add_argument("--repeats", type=positive_int, default=10)
     model.add_argument("--seed", type=int, default=0)
     model.set_defaults(run=run_model)
     for command in (model,):
         command.add_argument("--out", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1 or getattr(args, "repeats", 1) < 1:
-        parser.error("--batch-size and --repeats must be >= 1")
     result = args.run(args)
     print_table(result)
-    sys.stdout.flush()
     if args.out:
         write_json(args.out, result)
 
