@@ -79,6 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
@@ -508,6 +509,8 @@ def ensure_teacher(config: Config) -> pathlib.Path:
         with _atomic_path(path) as tmp:
             shutil.copyfile(exported, tmp)
         _print(f"Cached the teacher at {path}.")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("teacher cached")  # the other processes read it next
     return path
 
 
