@@ -152,6 +152,14 @@ def test_instant_run(instant):
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["surrogate"]) for r in metrics(instant))
 
 
+def test_instant_with_fresh_preconditioner_and_fixed_centring(npz, teacher, tmp_path):
+    train.main(args(npz, tmp_path, "instant", "--teacher", str(teacher / "teacher.eqx"), "--steps", "1",
+                    "--precond-steps", "2", "--center", "fixed", "--center-steps", "3"))
+    (record,) = metrics(tmp_path)
+    assert np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"])
+    assert json.loads((tmp_path / "config.json").read_text())["center"] == "fixed"
+
+
 def test_one_and_eight_devices_agree(teacher, npz, tmp_path):
     """The teacher run (all 8 fake devices) again on one device."""
     workdir = tmp_path / "one"
