@@ -18,7 +18,9 @@ presets). Every field is a command-line option generated from the dataclass (`--
 The default run. `python train.py --variant instant` distils the preset's teacher `checkpoints/mnist_teacher.eqx`
 (next to this file). If that file is absent it says so, trains the teacher first (in `WORKDIR/teacher/`,
 `teacher_steps` steps) and caches it there, then takes the preconditioner Lambda from the teacher's Adam
-state and distils an 8-step student.
+state and distils an 8-step student. On an unloaded 2-core CPU (2.4M-parameter U-ViT) a teacher step at batch 64
+takes ~1.1 s (1500 steps: ~27 min) and an instant step at batch 32 ~1.2 s (1000 steps: ~20 min), plus
+compilation and sample grids: about 50 minutes in all, longer on a shared machine.
 
 Work directory (`--workdir`, default `runs/<preset>-<variant>`):
     config.json               the resolved configuration
