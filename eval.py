@@ -17,7 +17,28 @@ The protocol behind every number this file reports:
 - **FID.** Mean and covariance (`ddof=1`) in float64;
   `|mu1 - mu2|^2 + tr C1 + tr C2 - 2 tr (C1^1/2 C2 C1^1/2)^1/2`, both square roots by symmetric
   eigendecompositions with negative round-off eigenvalues clipped to 0.
-- **Precision/recall.** Kynkäänniemi et al. 2019, k-NN balls in Inception feature space (k = 3).
+- **Precision/recall.** Kynkäänniemi et al. 2019, k-NN balls in Inception feature space (k = 3), between
+  the samples and an equally large fixed random subset of the reference (all of it if it is smaller).
+- **Reference.** A split of a data.py source (default: the checkpoint's own data, test split; for MNIST
+  its 10k test digits) at the model's resolution; its features are cached under a name holding the
+  source, split, count and a sha256 of the pixels and `FEATURE_PROTOCOL`.
+
+Command line:
+
+    python eval.py --checkpoint runs/mnist-instant/checkpoints/ckpt_00001000.eqx     # student: its k steps
+    python eval.py --checkpoint checkpoints/mnist_teacher.eqx --steps 256 --guidance 1 --num-samples 1000
+    python eval.py --checkpoint CKPT --no-fid --num-samples 64                      # samples only, no Inception
+    python eval.py table runs/*/checkpoints/eval/*.json                             # Markdown table of results
+    python eval.py --help                                                           # every option, and costs
+
+writes `<stem>.png` (the first 100 samples, one class per column when there are at most 16) and
+`<stem>.json` into `--out` (default: `eval/` beside the checkpoint), `<stem>` naming the checkpoint and
+every sampling setting. The JSON holds FID, precision, recall, `num_samples` (FID is biased upwards at
+small counts: compare numbers with the same count), the reference (source, split, image count, cache
+file), the sampler settings (steps, guidance, clip, gamma, shift, seed, batch size), the checkpoint path,
+step, variant and training configuration, timings in seconds (sampling, reference features, features,
+statistics, total) and software versions. A student samples with its trained k unless `--steps` says
+otherwise; a teacher with its run's `teacher_sample_steps` (64 for MNIST).
 """
 
 import argparse
@@ -772,8 +793,9 @@ def _feature_estimate(num_images: int) -> str:
     if jax.default_backend() != "cpu":
         return f"Inception features of {num_images} images (the progress bar shows the rate)"
     seconds = num_images / (CPU_FEATURE_RATE * (os.cpu_count() or 1))
-    return (f"Inception features of {num_images} images: about {seconds / 60:.0f} min on {os.cpu_count()} CPU "
-            f"cores (~{CPU_FEATURE_RATE:g} images/s per core)")
+    duration = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+    return (f"Inception features of {num_images} images: about {duration} on {os.cpu_count()} CPU cores "
+            f"(~{CPU_FEATURE_RATE:g} images/s per core, plus compilation)")
 
 
 def _stem(args: argparse.Namespace, steps: int) -> str:
@@ -806,7 +828,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     plan = (f"{config.variant} {args.checkpoint} (step {meta['step']}): {args.num_samples} samples, {steps} "
             f"steps, guidance {args.guidance:g}, gamma {args.gamma:g}, seed {args.seed}, batch {args.batch_size} "
             f"on {len(devices)} {devices[0].platform} devices")
-    tqdm.write(plan + ("." if args.no_fid else f"; then {_feature_estimate(args.num_samples)}."))
+    if not args.no_fid:
+        cached = (resolve_cache_dir() / f"reference_{cache_name}.npz").exists()
+        to_compute = args.num_samples + (0 if cached else real_images.shape[0])
+        plan += f"; then {_feature_estimate(to_compute)}" + ("" if cached else " (reference included, cached after)")
+    tqdm.write(plan + ".")
 
     t0 = time.perf_counter()
     images = generate(

@@ -341,7 +341,7 @@ def _fake_features(images, **kwargs):
     return np.tile(images.reshape(len(images), -1).astype(np.float32) / 255, (1, 2048 // images[0].size))
 
 
-def test_cli_fid_and_precision_recall_against_cached_reference(tiny_run, tmp_path, monkeypatch):
+def test_cli_fid_and_precision_recall_against_cached_reference(tiny_run, tmp_path, monkeypatch, capsys):
     teacher, _, npz = tiny_run
     calls = []
     monkeypatch.setattr(ev, "load_inception_weights", lambda *a, **k: {})
@@ -362,6 +362,7 @@ def test_cli_fid_and_precision_recall_against_cached_reference(tiny_run, tmp_pat
     cross = np.linalg.svd(x1 @ x2.T / n, compute_uv=False).sum()
     expected = np.sum((real.mean(0) - fake.mean(0)) ** 2) + (np.sum(x1**2) + np.sum(x2**2)) / n - 2 * cross
     assert record["fid"] == pytest.approx(expected, rel=1e-6)
+    assert f"FID {record['fid']:.3f} ({REFERENCE_SIZE} samples vs {REFERENCE_SIZE} npz:" in capsys.readouterr().out
     assert (record["precision"], record["recall"]) == pytest.approx(_brute_force_precision_recall(real, fake, k=3))
     assert record["num_samples"] == REFERENCE_SIZE and record["reference"]["num_images"] == REFERENCE_SIZE
     assert record["reference"]["split"] == "test" and record["reference"]["source"] == f"npz:{npz}"
