@@ -5,6 +5,11 @@
         FLOPs from XLA's compiled cost analysis, achieved GFLOP/s, and the float32 2048x2048 matmul rate
         measured around every timed call, with the ratio between the two.
 
+    python bench.py speed [--preset mnist] [--batch-size 64] [--repeats 5] [--sample-batch 16] [--out speed.json]
+        Steady-state step time and images/s of the teacher, alternating and instant data-parallel steps of
+        mmd.py at the same global batch, their ratios to the teacher step, XLA's FLOP count and GFLOP/s of
+        each step, and the sampling wall time of a 512-step teacher against an 8-step student.
+
 Timings are medians over repeats after a warm-up call (compilation excluded). The 1-minute load average is
 reported with every result: on a shared machine, rerun when it is low.
 """
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+import mmd
 import uvit
 from mmd import alpha_sigma
 
@@ -127,6 +133,83 @@ def bench_model(*, preset: str, batch_size: int, repeats: int, key: PRNGKeyArray
     return result
 
 
+def step_seconds(step: Callable, state: mmd.TrainState, *args, repeats: int) -> float:
+    """Median wall time of `step(state, *args)` (not donating), after a warm-up call that compiles it."""
+    jax.block_until_ready(step(state, *args))
+    return statistics.median(seconds(step, state, *args) for _ in range(repeats))
+
+
+def bench_speed(*, preset: str, batch_size: int, repeats: int, sample_batch: int, key: PRNGKeyArray) -> dict:
+    """Teacher vs alternating vs instant step time at equal global batch, and 512- vs 8-step sampling time.
+
+    The instant step's global batch holds its two minibatches (B/2 each); it is also timed at 2B, i.e.
+    with minibatches as large as the teacher's batch. The alternating step is timed in both phases
+    (auxiliary update, generator update) and reported as their mean, the cost per step of a run.
+    """
+    load_before = os.getloadavg()[0]
+    config = uvit.PRESETS[preset]
+    k_model, k_x, k_label, k_step, k_sample = jax.random.split(key, 5)
+    model = uvit.make_model(config, key=k_model)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    mesh = mmd.data_mesh()
+    shape = (config.resolution, config.resolution, config.channels)
+    shift = mmd.resolution_shift(config.resolution)
+
+    def batch(n: int) -> tuple[Array, Array]:
+        x = jax.random.uniform(jax.random.fold_in(k_x, n), (n, *shape), minval=-1.0, maxval=1.0)
+        return x, jax.random.randint(jax.random.fold_in(k_label, n), (n,), 0, config.num_classes)
+
+    teacher_cfg = mmd.TeacherConfig(shift=shift, null_label=config.num_classes)
+    distill_cfg = mmd.DistillConfig(num_steps=8, shift=shift, null_label=config.num_classes)
+    frozen = mmd.Frozen(teacher=params, precond=jax.tree.map(jnp.ones_like, params))
+    opt = mmd.distill_optimizer(peak_lr=1e-4, total_steps=1000, warmup_steps=10)
+
+    def timed(variant: str, n: int, phases: tuple[int, ...] = (0,)) -> dict[str, float]:
+        aux_opt = opt if variant == "alternating" else None
+        step = mmd.make_train_step(
+            variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt,
+            teacher_cfg=teacher_cfg, distill_cfg=distill_cfg, donate=False,
+        )
+        state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=aux_opt)
+        args = (frozen, *batch(n), k_step)
+        times = [
+            step_seconds(step, state._replace(step=jnp.asarray(p, jnp.int32)), *args, repeats=repeats) for p in phases
+        ]
+        flops = compiled_flops(step, state, *args)
+        s = sum(times) / len(times)
+        return {"s": s, "images_per_s": n / s, "gflop": flops / 1e9, "gflop_per_s": flops / s / 1e9}
+
+    rows = {
+        "teacher": timed("teacher", batch_size),
+        "alternating": timed("alternating", batch_size, phases=(0, 1)),
+        "instant": timed("instant", batch_size),
+        "instant_2B": timed("instant", 2 * batch_size),
+    }
+    result: dict = {
+        "preset": preset,
+        "batch_size": batch_size,
+        "parameters": uvit.param_count(model),
+        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "load_average_1min_before": load_before,
+    }
+    for name, row in rows.items():
+        result.update({f"{name}_{k}": v for k, v in row.items()})
+        result[f"{name}_over_teacher"] = row["s"] / rows["teacher"]["s"]
+    labels = jnp.arange(sample_batch, dtype=jnp.int32) % max(config.num_classes, 1)
+    for k in (512, 8):
+        sampler = jax.jit(
+            lambda key, k=k: mmd.sample(model, key, shape=(sample_batch, *shape), labels=labels, num_steps=k, shift=shift)
+        )
+        jax.block_until_ready(sampler(k_sample))
+        result[f"sample_{k}_steps_s"] = seconds(sampler, k_sample)
+    result["sample_batch"] = sample_batch
+    result["sampling_speedup_512_over_8"] = result["sample_512_steps_s"] / result["sample_8_steps_s"]
+    result["load_average_1min_after"] = os.getloadavg()[0]
+    return result
+
+
 def write_json(path: str, result: dict) -> None:
     """Write `result` as JSON atomically (temporary file in the same folder, then rename)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -150,6 +233,14 @@ def run_model(args: argparse.Namespace) -> dict:
     )
 
 
+def run_speed(args: argparse.Namespace) -> dict:
+    """The `speed` subcommand."""
+    return bench_speed(
+        preset=args.preset, batch_size=args.batch_size, repeats=args.repeats,
+        sample_batch=args.sample_batch, key=jax.random.key(args.seed),
+    )
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -168,7 +259,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.add_argument("--repeats", type=positive_int, default=10)
     model.add_argument("--seed", type=int, default=0)
     model.set_defaults(run=run_model)
-    for command in (model,):
+    speed = commands.add_parser("speed", help="teacher / alternating / instant step time and sampling speed-up")
+    speed.add_argument("--preset", default="mnist", choices=sorted(uvit.PRESETS))
+    speed.add_argument("--batch-size", type=positive_int, default=64, help="global batch of every step")
+    speed.add_argument("--repeats", type=positive_int, default=5)
+    speed.add_argument("--sample-batch", type=positive_int, default=16, help="images per sampling call")
+    speed.add_argument("--seed", type=int, default=0)
+    speed.set_defaults(run=run_speed)
+    for command in (model, speed):
         command.add_argument("--out", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
     result = args.run(args)

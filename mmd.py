@@ -740,7 +740,8 @@ def make_train_step(
 
     Gradients are those of the global-batch mean loss (`grad` of a `pmean`, not `pmean` of a `grad`,
     which `check_vma` would count N times). `alternating` updates the auxiliary on even steps and the
-    generator on odd steps (so each optimiser sees half the steps); `instant` splits the batch into its
+    generator on odd steps (each optimiser sees half the steps; the phase is read from `state.step` on
+    the host, a sync per step, because XLA:CPU ran a `lax.cond` of the two ~6x slower); `instant` splits the batch into its
     two independent minibatches (first and second half), and all-reduces the teacher gradients G_i
     before the JVPs. `static` is the non-parameter part of the model (`eqx.partition(model, eqx.is_inexact_array)`).
     """
@@ -765,34 +766,34 @@ def make_train_step(
         )
         return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def alternating_local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
-        inputs = distill_inputs(
-            _global_keys(key, x.shape[0]), x=x, labels=labels, num_steps=cfg.num_steps, shift=cfg.shift
-        )
-        teacher, generator, auxiliary = (model(p) for p in (frozen.teacher, state.params, state.aux_params))
+    def alternating_local(phase: int) -> Callable:
+        """The auxiliary update (phase 0) or the generator update (phase 1) of Algorithm 2."""
 
-        def aux_update(state: TrainState) -> tuple:
-            params, opt_state, metrics = _descend(
-                lambda p: auxiliary_loss(
-                    model(p), generator=generator, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
-                ),
-                aux_optimizer, state.aux_params, state.aux_opt_state,
+        def local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
+            inputs = distill_inputs(
+                _global_keys(key, x.shape[0]), x=x, labels=labels, num_steps=cfg.num_steps, shift=cfg.shift
             )
-            return state._replace(aux_params=params, aux_opt_state=opt_state), metrics
+            teacher, generator, auxiliary = (model(p) for p in (frozen.teacher, state.params, state.aux_params))
+            if phase == 0:
+                params, opt_state, metrics = _descend(
+                    lambda p: auxiliary_loss(
+                        model(p), generator=generator, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
+                    ),
+                    aux_optimizer, state.aux_params, state.aux_opt_state,
+                )
+                state = state._replace(aux_params=params, aux_opt_state=opt_state)
+            else:
+                params, opt_state, metrics = _descend(
+                    lambda p: generator_loss(
+                        model(p), auxiliary=auxiliary, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
+                    ),
+                    optimizer, state.params, state.opt_state,
+                )
+                state = state._replace(params=params, opt_state=opt_state)
+            metrics["generator_step"] = jnp.asarray(float(phase))
+            return state._replace(step=state.step + 1), metrics
 
-        def gen_update(state: TrainState) -> tuple:
-            params, opt_state, metrics = _descend(
-                lambda p: generator_loss(
-                    model(p), auxiliary=auxiliary, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
-                ),
-                optimizer, state.params, state.opt_state,
-            )
-            return state._replace(params=params, opt_state=opt_state), metrics
-
-        phase = state.step % 2
-        state, metrics = lax.cond(phase == 0, aux_update, gen_update, state)
-        metrics["generator_step"] = phase.astype(jnp.float32)
-        return state._replace(step=state.step + 1), metrics
+        return local
 
     def instant_local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
         n = x.shape[1]
@@ -812,18 +813,29 @@ def make_train_step(
         )
         return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    local = {"teacher": teacher_local, "alternating": alternating_local, "instant": instant_local}[variant]
+    def jitted(local: Callable) -> Callable:
+        def step(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: PRNGKeyArray) -> tuple:
+            if variant == "instant":
+                _check_batch(x.shape[0], 2 * n_dev, f"two minibatches over {n_dev} devices")
+                x = x.reshape((2, x.shape[0] // 2) + x.shape[1:])
+                labels = labels.reshape(2, -1)
+                return _sharded(local, mesh, P(None, "data"), 2)(state, frozen, x, labels, key)
+            _check_batch(x.shape[0], n_dev, f"{n_dev} devices")
+            return _sharded(local, mesh, P("data"), 2)(state, frozen, x, labels, key)
 
-    def step(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: PRNGKeyArray) -> tuple:
-        if variant == "instant":
-            _check_batch(x.shape[0], 2 * n_dev, f"two minibatches over {n_dev} devices")
-            x = x.reshape((2, x.shape[0] // 2) + x.shape[1:])
-            labels = labels.reshape(2, -1)
-            return _sharded(local, mesh, P(None, "data"), 2)(state, frozen, x, labels, key)
-        _check_batch(x.shape[0], n_dev, f"{n_dev} devices")
-        return _sharded(local, mesh, P("data"), 2)(state, frozen, x, labels, key)
+        return jax.jit(step, donate_argnums=(0,) if donate else ())
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    if variant == "teacher":
+        return jitted(teacher_local)
+    if variant == "instant":
+        return jitted(instant_local)
+    # Two programs chosen on the host rather than one `lax.cond`: XLA:CPU ran the conditional ~6x slower.
+    phases = (jitted(alternating_local(0)), jitted(alternating_local(1)))
+
+    def alternating_step(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: PRNGKeyArray) -> tuple:
+        return phases[int(state.step) % 2](state, frozen, x, labels, key)
+
+    return alternating_step
 
 
 def make_gradient_fn(
