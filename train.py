@@ -681,7 +681,7 @@ def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path) -> None:
         values = np.array([r[name] for r in records if name in r], dtype=np.float64)
         ax.plot(steps, values, lw=0.5, alpha=0.4)
         width = max(1, len(values) // 50)
-        if width > 1:
+        if width > 1 and name != "lr":
             smooth = np.convolve(values, np.ones(width) / width, mode="valid")
             ax.plot(steps[width - 1:], smooth, lw=1.5)
         positive = np.all(values[np.isfinite(values)] > 0)
