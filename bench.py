@@ -88,6 +88,19 @@ def denoising_loss(
     return jnp.mean(jnp.square(model(z, lam, label) - x))
 
 
+def run_header(*, preset: str, batch_size: int, model: eqx.Module, load_before: float) -> dict:
+    """What every result records about the run: preset, batch, parameter count, machine, JAX, load."""
+    return {
+        "preset": preset,
+        "batch_size": batch_size,
+        "parameters": uvit.param_count(model),
+        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "load_average_1min_before": load_before,
+    }
+
+
 def bench_model(*, preset: str, batch_size: int, repeats: int, key: PRNGKeyArray) -> dict:
     """Time forward and forward+backward of a preset at `batch_size`; FLOPs, GFLOP/s and matmul ratio."""
     load_before = os.getloadavg()[0]
@@ -115,13 +128,7 @@ def bench_model(*, preset: str, batch_size: int, repeats: int, key: PRNGKeyArray
     fwd = against_matmul(jax.jit(forward), *fwd_args, flops=fwd_flops, repeats=repeats)
     fb = against_matmul(jax.jit(forward_backward), *fb_args, flops=fb_flops, repeats=repeats)
     result = {
-        "preset": preset,
-        "batch_size": batch_size,
-        "parameters": uvit.param_count(model),
-        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
-        "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-        "load_average_1min_before": load_before,
+        **run_header(preset=preset, batch_size=batch_size, model=model, load_before=load_before),
         "load_average_1min_after": os.getloadavg()[0],
         "forward_gflop": fwd_flops / 1e9,
         "forward_backward_gflop": fb_flops / 1e9,
@@ -185,15 +192,7 @@ def bench_speed(*, preset: str, batch_size: int, repeats: int, sample_batch: int
         "instant": timed("instant", batch_size),
         "instant_2B": timed("instant", 2 * batch_size),
     }
-    result: dict = {
-        "preset": preset,
-        "batch_size": batch_size,
-        "parameters": uvit.param_count(model),
-        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
-        "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-        "load_average_1min_before": load_before,
-    }
+    result = run_header(preset=preset, batch_size=batch_size, model=model, load_before=load_before)
     for name, row in rows.items():
         result.update({f"{name}_{k}": v for k, v in row.items()})
         result[f"{name}_over_teacher"] = row["s"] / rows["teacher"]["s"]
