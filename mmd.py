@@ -835,6 +835,7 @@ def make_train_step(
     def alternating_step(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: PRNGKeyArray) -> tuple:
         return phases[int(state.step) % 2](state, frozen, x, labels, key)
 
+    alternating_step.phases = phases  # the two jitted programs, e.g. for XLA's cost analysis
     return alternating_step
 
 
