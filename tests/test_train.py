@@ -6,8 +6,6 @@ import io
 import json
 import shutil
 
-import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
