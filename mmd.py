@@ -740,10 +740,11 @@ def make_train_step(
 
     Gradients are those of the global-batch mean loss (`grad` of a `pmean`, not `pmean` of a `grad`,
     which `check_vma` would count N times). `alternating` updates the auxiliary on even steps and the
-    generator on odd steps (each optimiser sees half the steps; the phase is read from `state.step` on
-    the host, a sync per step, because XLA:CPU ran a `lax.cond` of the two ~6x slower); `instant` splits the batch into its
-    two independent minibatches (first and second half), and all-reduces the teacher gradients G_i
-    before the JVPs. `static` is the non-parameter part of the model (`eqx.partition(model, eqx.is_inexact_array)`).
+    generator on odd steps, so each optimiser sees half the steps; the phase is read from `state.step`
+    on the host (a sync per step), because XLA:CPU ran a `lax.cond` of the two ~6x slower. `instant`
+    splits the batch into its two independent minibatches (first and second half) and all-reduces the
+    teacher gradients G_i before the JVPs. `static` is the non-parameter part of the model
+    (`eqx.partition(model, eqx.is_inexact_array)`).
     """
     _check_choice("variant", variant, VARIANTS)
     if variant == "teacher" and teacher_cfg is None:
