@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -27,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+import data
 import mmd
 import uvit
 from mmd import alpha_sigma
@@ -215,9 +215,8 @@ def write_json(path: str, result: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder {folder} does not exist; create it or choose another --out.")
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, path)
+    with data.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
 
 
 def print_table(result: dict) -> None:

@@ -262,17 +262,26 @@ def _read_mnist_csv(wheel: zipfile.ZipFile, member: str, n: int) -> tuple[np.nda
 
 
 @contextlib.contextmanager
-def _atomic_file(path: pathlib.Path) -> Iterator[io.BufferedWriter]:
-    """Open a temporary file beside path; rename it onto path only if the block completes."""
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yield a temporary path beside `path` (its folder created); rename it onto `path` only if the block
+    completes, so an interrupted write never leaves a partial file that is later trusted."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: pathlib.Path) -> Iterator[io.BufferedWriter]:
+    """`atomic_path` opened for writing, flushed to disk before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _mnist_arrays(cache_dir: pathlib.Path) -> dict[str, np.ndarray]:

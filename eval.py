@@ -95,25 +95,16 @@ Keys = Key[Array, " b"] | UInt32[Array, "b 2"]  # one PRNG key per example, type
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else `$MMD_CACHE_DIR`, else `~/.cache/mmd-jax`; created if missing."""
-    chosen = Path(cache_dir or os.environ.get("MMD_CACHE_DIR") or Path.home() / ".cache" / "mmd-jax")
-    chosen = chosen.expanduser()
+    """`cache_dir`, else data.py's default (`$MMD_CACHE_DIR`, else `~/.cache/mmd-jax`); created if missing."""
+    chosen = Path(cache_dir).expanduser() if cache_dir else data.default_cache_dir()
     chosen.mkdir(parents=True, exist_ok=True)
     return chosen
 
 
 def _atomic_write(path: Path, write: Callable[[io.BufferedIOBase], Any]) -> None:
-    """Call `write` on a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; results and caches are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Call `write` on a temporary file beside `path`, then rename it over `path` (`data.atomic_path`)."""
+    with data.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -59,7 +59,6 @@ given in the paper) are our choice: 1e-4 for generator and auxiliary on MNIST.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import io
 import json
@@ -68,7 +67,6 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 import time
 import types
 import typing
@@ -344,21 +342,6 @@ def _config_differences(a: Config, b: Config, *, ignore: Sequence[str] = ()) -> 
 # Checkpoints: one zip file per checkpoint
 
 
-@contextlib.contextmanager
-def _atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from collaborators
-    try:
-        yield pathlib.Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _manifest(tree: PyTree) -> list[list]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [[jax.tree_util.keystr(p), list(x.shape), str(np.dtype(x.dtype))] for p, x in leaves]
@@ -374,7 +357,7 @@ def save_checkpoint(path: str | os.PathLike, *, meta: dict, groups: dict[str, Py
     path = pathlib.Path(path)
     groups = {name: _to_host(tree) for name, tree in groups.items() if tree is not None}
     meta = {**meta, "format": CHECKPOINT_FORMAT, "groups": {name: _manifest(t) for name, t in groups.items()}}
-    with _atomic_path(path) as tmp:
+    with data.atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             archive.writestr("meta.json", json.dumps(meta, indent=1))
             for name, tree in groups.items():
@@ -508,7 +491,7 @@ def ensure_teacher(config: Config) -> pathlib.Path:
            f"{teacher_config.workdir}), then caching it there.")
     exported = train(teacher_config)
     if jax.process_index() == 0:
-        with _atomic_path(path) as tmp:
+        with data.atomic_path(path) as tmp:
             shutil.copyfile(exported, tmp)
         _print(f"Cached the teacher at {path}.")
     if jax.process_count() > 1:
@@ -692,7 +675,7 @@ def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    with _atomic_path(out) as tmp:
+    with data.atomic_path(out) as tmp:
         tmp.write_bytes(buffer.getvalue())
 
 
@@ -731,7 +714,7 @@ def train(config: Config) -> pathlib.Path:
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        with _atomic_path(workdir / "config.json") as tmp:
+        with data.atomic_path(workdir / "config.json") as tmp:
             tmp.write_text(json.dumps(config_to_dict(config), indent=1) + "\n")
 
     k_init, k_train, k_sample, k_stats = jax.random.split(jax.random.key(config.seed), 4)
@@ -851,7 +834,7 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    with _atomic_path(path) as tmp:
+    with data.atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in lines))
 
 
