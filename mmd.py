@@ -297,11 +297,13 @@ def sample(
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """Teacher training settings: log-SNR shift, label dropout to `null_label` for guidance ([C])."""
+    """Teacher training settings: log-SNR shift, label dropout to `null_label` for guidance, and the decay
+    of the parameters' exponential moving average (0: none; [C], see `ema_decay`)."""
 
     shift: float = 0.0
     null_label: int = 0
     label_dropout: float = 0.1
+    ema_decay: float = 0.0
 
 
 def teacher_loss(
@@ -645,13 +647,15 @@ def teacher_optimizer(
 
 
 class TrainState(NamedTuple):
-    """What a step updates: the trained model (teacher or generator) and, for `alternating`, the auxiliary."""
+    """What a step updates: the trained model (teacher or generator), for `alternating` the auxiliary, and
+    for a teacher with `ema_decay > 0` the moving average of its parameters (what it is sampled with)."""
 
     step: Int[Array, ""]
     params: PyTree
     opt_state: PyTree
     aux_params: PyTree = None
     aux_opt_state: PyTree = None
+    ema: PyTree = None
 
 
 class Frozen(NamedTuple):
@@ -673,12 +677,14 @@ def init_train_state(
     params: PyTree,
     optimizer: optax.GradientTransformation,
     aux_optimizer: optax.GradientTransformation | None = None,
+    ema: bool = False,
 ) -> TrainState:
     """Step 0. For distillation pass the teacher's parameters: generator and auxiliary start as copies of it (§5).
+    With `ema` (teacher training) the moving average starts as a copy of the initial parameters.
 
     Copies, so that a step that donates its state never frees the caller's (e.g. the frozen teacher's) buffers.
     """
-    params, aux = (jax.tree.map(jnp.copy, params) for _ in range(2))
+    params, aux, average = (jax.tree.map(jnp.copy, params) for _ in range(3))
     aux = None if aux_optimizer is None else aux
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -686,7 +692,16 @@ def init_train_state(
         opt_state=optimizer.init(params),
         aux_params=aux,
         aux_opt_state=None if aux_optimizer is None else aux_optimizer.init(aux),
+        ema=average if ema else None,
     )
+
+
+def ema_decay(step: Int[Array, ""], *, decay: float) -> Float[Array, ""]:
+    """Decay of the teacher's parameter average at update `step` (0-based): `min(decay, (1 + t) / (10 + t))`,
+    so a short run averages over its recent past rather than its initialisation ([C], TensorFlow's
+    `ExponentialMovingAverage(num_updates=t)`)."""
+    t = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
 
 
 def _global_keys(key: PRNGKeyArray, n_local: int, offset: int = 0) -> Key[Array, " n"]:
@@ -765,7 +780,11 @@ def make_train_step(
             lambda p: (teacher_loss(model(p), keys, x=x, labels=labels, cfg=teacher_cfg, axis_name="data"), {}),
             optimizer, state.params, state.opt_state,
         )
-        return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        average = state.ema
+        if average is not None:
+            d = ema_decay(state.step, decay=teacher_cfg.ema_decay)
+            average = jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, average, params)
+        return state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema=average), metrics
 
     def alternating_local(phase: int) -> Callable:
         """The auxiliary update (phase 0) or the generator update (phase 1) of Algorithm 2."""

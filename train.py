@@ -50,7 +50,9 @@ Multi-host. When the environment shows a multi-process job (`JAX_COORDINATOR_ADD
 runs first (it reads the rest of that environment). Each process reads its own slice of every global
 batch; process 0 alone writes files. `--batch-size` is the global batch.
 
-Optimisers. Teacher: clip 1, Adam(b1=0.9, b2=0.99, eps=1e-8), linear warm-up then constant (mmd.teacher_optimizer).
+Optimisers. Teacher: clip 1, Adam(b1=0.9, b2=0.99, eps=1e-8), linear warm-up then constant (mmd.teacher_optimizer),
+and a moving average of the parameters (`teacher_ema`, decay min(0.999, (1+t)/(10+t))) that the export, the
+sample grids and distillation use; Lambda comes from Adam's `nu` of the raw parameters' gradients.
 Distillation (paper Appendix B): clip 1, Adam(b1=0, b2=0.99, eps=1e-12), warm-up then linear decay to 0.
 The paper warms up over 1000 steps of runs up to 200k; here the warm-up is min(`warmup`, 10% of the
 optimiser's updates), so that a short run is not mostly warm-up. With `alternating` the auxiliary updates
@@ -129,6 +131,8 @@ class Config:
     teacher_warmup: int = _field(100, "teacher's linear warm-up steps")
     teacher_b1: float = _field(0.9, "teacher's Adam beta1")
     teacher_b2: float = _field(0.99, "teacher's Adam beta2 (its nu gives Lambda)")
+    teacher_ema: float = _field(0.999, "decay of the teacher's parameter average, warmed up as min(decay, "
+                                "(1+t)/(10+t)); exports and sample grids use it (0: none)")
     label_dropout: float = _field(0.1, "probability of replacing a label by the null label (guidance)")
     shift: float | None = _field(None, "log-SNR shift (none: 2 log(64 / resolution), Simple Diffusion's)")
     teacher_sample_steps: int = _field(64, "sampler steps of the teacher's sample grids")
@@ -427,15 +431,18 @@ def model_skeleton(model_config: uvit.UViTConfig) -> tuple[PyTree, PyTree]:
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[uvit.Denoiser, Config, dict]:
     """`(model, config, meta)` from any checkpoint of train.py: the trained network (teacher or student)
-    as a `uvit.Denoiser`, the run's configuration, and the metadata (step, ...)."""
+    as a `uvit.Denoiser` (a teacher's parameter average when it has one), the run's configuration, and the
+    metadata (step, ...)."""
     meta = read_meta(path)
     config = config_from_dict(meta["config"])
     params_like, static = model_skeleton(config.model)
-    return eqx.combine(load_group(path, "params", params_like), static), config, meta
+    group = "ema" if "ema" in meta["groups"] else "params"
+    return eqx.combine(load_group(path, group, params_like), static), config, meta
 
 
 def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Write what distillation needs from a teacher training checkpoint: its parameters, Adam's `nu` (in
+    """Write what distillation needs from a teacher training checkpoint: its parameters (their moving average
+    when the run kept one), Adam's `nu` (in
     bfloat16: Lambda = 1/sqrt(nu) to 0.2%, far below the noise of an EMA estimate) and update count, and the
     configuration: half a full checkpoint's size."""
     meta = read_meta(checkpoint)
@@ -444,11 +451,12 @@ def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Non
     optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=config.teacher_b1, b2=config.teacher_b2)
     opt_state = load_group(checkpoint, "opt_state", jax.eval_shape(optimizer.init, params_like))
     adam = _adam_state(opt_state)
+    averaged = "ema" in meta["groups"]
     save_checkpoint(
         out,
-        meta={"kind": "teacher", "step": meta["step"], "config": meta["config"],
+        meta={"kind": "teacher", "step": meta["step"], "config": meta["config"], "ema": averaged,
               "adam": {"count": int(adam.count), "b2": config.teacher_b2}},
-        groups={"params": load_group(checkpoint, "params", params_like),
+        groups={"params": load_group(checkpoint, "ema" if averaged else "params", params_like),
                 "nu": jax.tree.map(lambda v: v.astype(jnp.bfloat16), adam.nu)},
     )
 
@@ -502,10 +510,10 @@ def ensure_teacher(config: Config) -> pathlib.Path:
 def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | None]:
     """`(teacher params, Lambda or None)`; Lambda from the checkpoint's Adam state when `precond_steps` is 0."""
     params_like, _ = model_skeleton(config.model)
-    params = load_group(path, "params", params_like)
+    meta = read_meta(path)
+    params = load_group(path, "ema" if "ema" in meta["groups"] else "params", params_like)
     if config.variant != "instant" or config.precond_steps:
         return params, None
-    meta = read_meta(path)
     if "nu" in meta["groups"]:
         bf16_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params_like)
         nu = jax.tree.map(lambda v: v.astype(jnp.float32), load_group(path, "nu", bf16_like))
@@ -719,7 +727,8 @@ def train(config: Config) -> pathlib.Path:
 
     k_init, k_train, k_sample, k_stats = jax.random.split(jax.random.key(config.seed), 4)
     null_label = config.model.num_classes
-    teacher_cfg = mmd.TeacherConfig(shift=config.shift, null_label=null_label, label_dropout=config.label_dropout)
+    teacher_cfg = mmd.TeacherConfig(shift=config.shift, null_label=null_label, label_dropout=config.label_dropout,
+                                    ema_decay=config.teacher_ema)
     distill_cfg = mmd.DistillConfig(
         num_steps=config.k, shift=config.shift, weighting=config.weighting, zs_mode=config.zs,
         guidance=config.guidance, clip=config.clip, null_label=null_label,
@@ -748,7 +757,8 @@ def train(config: Config) -> pathlib.Path:
         frozen = jax.device_put(frozen, replicated)
 
     optimizer, aux_optimizer, learning_rate = optimizers(config)
-    state = mmd.init_train_state(params=params, optimizer=optimizer, aux_optimizer=aux_optimizer)
+    state = mmd.init_train_state(params=params, optimizer=optimizer, aux_optimizer=aux_optimizer,
+                                 ema=config.variant == "teacher" and config.teacher_ema > 0)
     batches = data.batches(dataset, batch_size=config.batch_size, seed=config.seed)
     if existing:
         state, k_train = _restore(existing[-1], state, batches)
@@ -816,7 +826,7 @@ def train(config: Config) -> pathlib.Path:
         if step % config.checkpoint_every == 0 or done:
             last_good = _save(workdir, config, state, k_train, batches, step, metrics_path)
         if step % config.sample_every == 0 or done:
-            _write_samples(config, state.params, static, k_sample, devices,
+            _write_samples(config, state.params if state.ema is None else state.ema, static, k_sample, devices,
                            workdir / "samples" / f"step_{step:08d}.png")
     progress.close()
     if existing and start == config.steps:
@@ -852,7 +862,7 @@ def _save(
     }
     save_checkpoint(path, meta=meta, groups={
         "params": state.params, "opt_state": state.opt_state,
-        "aux_params": state.aux_params, "aux_opt_state": state.aux_opt_state,
+        "aux_params": state.aux_params, "aux_opt_state": state.aux_opt_state, "ema": state.ema,
     })
     for old in _checkpoints(workdir)[: -config.keep_checkpoints]:
         old.unlink()

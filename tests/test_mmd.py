@@ -445,8 +445,9 @@ def _run_steps(variant, devices, cfg, num_steps=2):
     mesh = mmd.data_mesh(devices)
     if variant == "teacher":
         opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
-        state = mmd.init_train_state(params=params, optimizer=opt)
-        step = mmd.make_train_step(variant, static=static, mesh=mesh, optimizer=opt, teacher_cfg=mmd.TeacherConfig(null_label=3))
+        state = mmd.init_train_state(params=params, optimizer=opt, ema=True)
+        step = mmd.make_train_step(variant, static=static, mesh=mesh, optimizer=opt,
+                                   teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.5))
         frozen = mmd.Frozen()
     else:
         opt = mmd.distill_optimizer(peak_lr=1e-2, total_steps=10, warmup_steps=1)
@@ -481,6 +482,29 @@ def test_sharded_step_matches_single_device(variant):
     # grad_norm is compared above: a pmean of per-device gradients would make it 8x too large.
     before = jax.tree.leaves(eqx.filter(_setup(seed=2, b=16)[0], eqx.is_inexact_array))
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state8.params), before))
+
+
+def test_teacher_ema_is_the_weighted_sum_of_the_parameter_trajectory():
+    """After n updates the average is sum_i c_i p_i over the trajectory p_0..p_n, with c_i the product form
+    of the recursion: c_0 = prod_t d_t, c_i = (1 - d_{i-1}) prod_{t >= i} d_t, d_t = min(decay, (1+t)/(10+t))."""
+    teacher, _, x, labels, _, key = _setup(seed=3, b=16)
+    x, labels = x.reshape(32, 2), labels.reshape(32)
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+    opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
+    state = mmd.init_train_state(params=params, optimizer=opt, ema=True)
+    step = mmd.make_train_step("teacher", static=static, mesh=mmd.data_mesh(), optimizer=opt, donate=False,
+                               teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.3))
+    trajectory = [jax.tree.map(np.asarray, state.params)]
+    for i in range(5):
+        state, _ = step(state, mmd.Frozen(), x, labels, jax.random.fold_in(key, i))
+        trajectory.append(jax.tree.map(np.asarray, state.params))
+    d = [min(0.3, (1 + t) / (10 + t)) for t in range(5)]  # 0.1, 0.18, 0.25, 0.3, 0.3
+    c = [np.prod(d)] + [(1 - d[i - 1]) * np.prod(d[i:]) for i in range(1, 6)]
+    assert np.isclose(sum(c), 1.0)
+    expected = jax.tree.map(lambda *ps: sum(ci * p for ci, p in zip(c, ps)), *trajectory)
+    for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(jax.tree.leaves(state.ema)[0], jax.tree.leaves(trajectory[-1])[0])
 
 
 def test_non_divisible_batch_raises_before_compiling():

@@ -90,10 +90,13 @@ def test_default_teacher_is_trained_and_cached(auto_run, teacher):
 def test_teacher_run(teacher):
     check_outputs(teacher, "teacher")
     assert all(np.isfinite(r["loss"]) for r in metrics(teacher))
-    # The export holds the final checkpoint's parameters and its Adam nu; the model loads from either file.
+    # The export holds the final checkpoint's parameter average and its Adam nu; the model loads from either
+    # file. The average differs from the last parameters (decay min(0.999, (1+t)/(10+t)) > 0).
     final = teacher / "checkpoints" / f"ckpt_{STEPS:08d}.eqx"
-    for a, b in zip(leaves(teacher / "teacher.eqx"), leaves(final), strict=True):
+    assert train.read_meta(teacher / "teacher.eqx")["ema"]
+    for a, b in zip(leaves(teacher / "teacher.eqx"), leaves(final, "ema"), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, raw) for a, raw in zip(leaves(final, "ema"), leaves(final)))
     nu = {p: x for p, x in train.read_leaves(final, "opt_state").items() if ".nu." in p}
     assert len(nu) == len(leaves(final))
     for a, b in zip(leaves(teacher / "teacher.eqx", "nu"), nu.values(), strict=True):
