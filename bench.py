@@ -10,24 +10,42 @@
         mmd.py at the same global batch, their ratios to the teacher step, XLA's FLOP count and GFLOP/s of
         each step, and the sampling wall time of a 512-step teacher against an 8-step student.
 
+    python bench.py quality [--budget small|full] [--out runs/quality-small] [--time-limit MINUTES]
+        The paper's claims on MNIST: distils students from the committed teacher (checkpoints/mnist_teacher.eqx)
+        and scores teacher and students with eval.py's FID protocol. Rows: the teacher at 32, 128 and 512 steps
+        with guidance 0 and 0.1; students of both variants with k in {1, 8} (small) or {1, 2, 4, 8} (full),
+        weighting flat for k <= 2 and edm otherwise (full adds flat at k = 8). `small` scores 1,000 samples per row,
+        `full` 10,000. Each finished row (a trained student, a result JSON) is cached in --out and a rerun
+        skips it, so the table can be completed over several runs. Writes quality.md (table and verdicts),
+        fid_vs_steps.png and instant_loss.png. Cost on a 2-core CPU is dominated by sampling the 512-step
+        teacher (about 40 minutes per 1,000 images, twice that with guidance) and by Inception (~3 images/s).
+
 Timings are medians over repeats after a warm-up call (compilation excluded). The 1-minute load average is
 reported with every result: on a shared machine, rerun when it is low.
 """
 
 import argparse
+import collections
+import dataclasses
+import io
 import json
 import os
+import pathlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import data
+import eval as evaluation
 import mmd
+import train
 import uvit
 from mmd import alpha_sigma
 
@@ -210,9 +228,269 @@ def bench_speed(*, preset: str, batch_size: int, repeats: int, sample_batch: int
     return result
 
 
-def write_json(path: str, result: dict) -> None:
+
+# ----------------------------------------------------------------------------------------------
+# Quality: the paper's claims on MNIST (FID of teacher and students)
+
+TEACHER_STEPS = (32, 128, 512)
+TEACHER_GUIDANCE = (0.0, 0.1)
+BUDGETS = {"small": {"num_samples": 1000, "ks": (1, 8)}, "full": {"num_samples": 10_000, "ks": (1, 2, 4, 8)}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the quality table: the teacher at `steps` with `guidance`, or a student of `variant`
+    distilled for k = `steps` with `weighting`."""
+
+    variant: str
+    steps: int
+    guidance: float = 0.0
+    weighting: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.variant == "teacher":
+            return f"teacher-{self.steps}-w{self.guidance:g}"
+        return f"{self.variant}-k{self.steps}-{self.weighting}"
+
+
+def quality_rows(budget: str) -> list[Row]:
+    """The rows of a budget, headline first (so a run cut short by --time-limit has the main comparison):
+    the 8-step students and the 512-step teacher, then 1-step students, the shorter teachers, the rest.
+
+    Weighting as in the paper: flat for k <= 2, EDM otherwise; the full budget adds flat at k = 8."""
+    ks = BUDGETS[budget]["ks"]
+
+    def students(k: int, weighting: str | None = None) -> list[Row]:
+        chosen = weighting or ("flat" if k <= 2 else "edm")
+        return [Row(v, k, weighting=chosen) for v in ("instant", "alternating")]
+
+    rows = [*students(8), *(Row("teacher", 512, w) for w in TEACHER_GUIDANCE), *students(1)]
+    rows += [Row("teacher", s, w) for s in TEACHER_STEPS[::-1] if s != 512 for w in TEACHER_GUIDANCE]
+    if budget == "full":
+        rows += students(8, "flat")
+    rows += [r for k in ks if k not in (1, 8) for r in students(k)]
+    return rows
+
+
+def train_student(row: Row, *, teacher: pathlib.Path, out: pathlib.Path, steps: int, batch_size: int,
+                  seed: int) -> tuple[pathlib.Path, float]:
+    """The final checkpoint of `row`'s student, trained (or resumed) in `out/students/<name>` unless
+    finished, and its training wall time from metrics.jsonl (first step's compilation included)."""
+    workdir = out / "students" / row.name
+    final = workdir / "checkpoints" / f"ckpt_{steps:08d}.eqx"
+    if not final.exists():
+        config = dataclasses.replace(
+            train.PRESETS["mnist"], variant=row.variant, k=row.steps, weighting=row.weighting,
+            teacher=str(teacher), workdir=str(workdir), steps=steps, batch_size=batch_size, seed=seed, resume=True,
+            sample_every=max(steps // 5, 1), checkpoint_every=max(steps // 10, 1),
+        )
+        final = train.train(config)
+    last = (workdir / "metrics.jsonl").read_text().splitlines()[-1]
+    return final, float(json.loads(last)["time"])
+
+
+def evaluate_row(row: Row, checkpoint: pathlib.Path, *, out: pathlib.Path, num_samples: int, batch_size: int,
+                 seed: int) -> dict:
+    """eval.py's record for `row` (FID, precision, recall against MNIST's test split), from `checkpoint`."""
+    argv = ["--checkpoint", str(checkpoint), "--num-samples", str(num_samples), "--batch-size", str(batch_size),
+            "--seed", str(seed), "--out", str(out / "eval" / row.name)]
+    if row.variant == "teacher":
+        argv += ["--steps", str(row.steps), "--guidance", f"{row.guidance:g}"]
+    return evaluation.main(argv)
+
+
+def row_path(out: pathlib.Path, row: Row, num_samples: int) -> pathlib.Path:
+    """Where a finished row is cached: its name and sample count (rows of other counts never mix)."""
+    return out / "rows" / f"{row.name}_n{num_samples}.json"
+
+
+def load_rows(out: pathlib.Path, rows: Sequence[Row], num_samples: int) -> dict[Row, dict]:
+    """The cached results of `rows` that exist."""
+    return {row: json.loads(row_path(out, row, num_samples).read_text())
+            for row in rows if row_path(out, row, num_samples).exists()}
+
+
+def quality_table(results: dict[Row, dict]) -> str:
+    """Markdown table of finished rows: teacher rows by steps and guidance, then students by k."""
+    header = ["sampler", "steps", "weighting", "guidance", "FID", "precision", "recall", "samples",
+              "distillation", "train (s)", "sampling (s)"]
+    order = sorted(results, key=lambda r: (r.variant != "teacher", r.variant, r.steps, r.guidance, r.weighting or ""))
+    lines = [header, ["---"] * len(header)]
+    for row in order:
+        r = results[row]
+        distill = "—" if row.variant == "teacher" else f"{r['distill_steps']} steps @ {r['distill_batch_size']}"
+        train_s = "—" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
+        lines.append([
+            "teacher" if row.variant == "teacher" else f"{row.variant} student", str(row.steps),
+            row.weighting or "—", f"{row.guidance:g}", f"{r['fid']:.2f}", f"{r['precision']:.3f}",
+            f"{r['recall']:.3f}", str(r["num_samples"]), distill, train_s, f"{r['timings_s']['sampling']:.1f}",
+        ])
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def verdicts(results: dict[Row, dict]) -> list[str]:
+    """The paper's claims checked on the finished rows, one sentence each (missing rows are named)."""
+    teacher = {row: r["fid"] for row, r in results.items() if row.variant == "teacher" and row.steps == 512}
+    if not teacher:
+        return ["The 512-step teacher rows are not finished: no comparison yet."]
+    best_row = min(teacher, key=teacher.get)
+    best = f"the 512-step teacher's best FID {teacher[best_row]:.2f} (guidance {best_row.guidance:g})"
+    lines = []
+    for variant in ("alternating", "instant"):
+        row = Row(variant, 8, weighting="edm")
+        if row not in results:
+            lines.append(f"{variant}, k = 8: not finished.")
+            continue
+        fid = results[row]["fid"]
+        outcome = "beats" if fid <= teacher[best_row] else f"is {fid - teacher[best_row]:.2f} worse than"
+        lines.append(f"{variant}, k = 8 (edm): FID {fid:.2f} {outcome} {best}.")
+    for k in sorted({row.steps for row in results if row.variant != "teacher"}):
+        pair = {row.variant: results[row]["fid"] for row in results
+                if row.variant != "teacher" and row.steps == k and row.weighting == ("flat" if k <= 2 else "edm")}
+        if len(pair) == 2:
+            better = min(pair, key=pair.get)
+            lines.append(f"k = {k}: alternating {pair['alternating']:.2f}, instant {pair['instant']:.2f} "
+                         f"({better} better).")
+    return lines
+
+
+def plot_quality(results: dict[Row, dict], path: pathlib.Path) -> None:
+    """FID against sampling steps (log scale): a line per teacher guidance, a marker per student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for guidance in TEACHER_GUIDANCE:
+        points = sorted((row.steps, r["fid"]) for row, r in results.items()
+                        if row.variant == "teacher" and row.guidance == guidance)
+        if points:
+            ax.plot(*zip(*points), "o-", color="0.3" if guidance == 0 else "0.6", label=f"teacher, guidance {guidance:g}")
+    styles = {("alternating", "edm"): "s", ("alternating", "flat"): "D", ("instant", "edm"): "^", ("instant", "flat"): "v"}
+    for (variant, weighting), marker in styles.items():
+        points = sorted((row.steps, r["fid"]) for row, r in results.items()
+                        if row.variant == variant and row.weighting == weighting)
+        if points:
+            ax.plot(*zip(*points), marker, ms=8, ls=":" if len(points) > 1 else "", label=f"{variant} student, {weighting}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("FID")
+    counts = sorted({r["num_samples"] for r in results.values()})
+    ax.set_title(f"MNIST, FID on {', '.join(map(str, counts))} samples vs the 10k test digits")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_instant_loss(metrics: pathlib.Path, path: pathlib.Path) -> None:
+    """The instant variant's monitor G_1^T Lambda G_2 against the step: raw values and a running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = np.array([r["step"] for r in records])
+    loss = np.array([r["loss"] for r in records], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(steps, loss, lw=0.5, alpha=0.35, label="G1ᵀ Λ G2 (one step)")
+    width = max(1, len(loss) // 25)
+    if width > 1:
+        ax.plot(steps[width - 1:], np.convolve(loss, np.ones(width) / width, mode="valid"), lw=2,
+                label=f"running mean of {width}")
+    ax.set_yscale("symlog", linthresh=float(np.median(np.abs(loss))) / 10 or 1.0)
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("instant loss")
+    ax.set_title(f"instant variant: {metrics.parent.name}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: pathlib.Path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    with data.atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def write_report(out: pathlib.Path, rows: Sequence[Row], num_samples: int, header: dict) -> str:
+    """quality.md (verdicts and table of the finished rows), fid_vs_steps.png and instant_loss.png in `out`."""
+    results = load_rows(out, rows, num_samples)
+    missing = [row.name for row in rows if row not in results]
+    lines = [f"# MNIST quality ({header['budget']} budget: FID on {num_samples} samples per row)", ""]
+    lines += [f"- {line}" for line in verdicts(results)]
+    lines += ["", quality_table(results), ""]
+    lines += [f"Not finished yet: {', '.join(missing)}." if missing else "All rows finished.", ""]
+    machines = collections.Counter(
+        f"{r['machine']['devices']}, {r['machine']['cpu_count']} CPU cores, jax {r['machine']['jax_version']}"
+        for r in results.values())
+    protocols = collections.Counter(r["feature_protocol"] for r in results.values())
+    lines += [f"Teacher {header['teacher']} (step {header['teacher_step']}). Rows computed on: "
+              + "; ".join(f"{machine} ({n} rows)" for machine, n in machines.items()) + ". Inception protocol: "
+              + "; ".join(f"`{protocol}` ({n} rows)" for protocol, n in protocols.items()) + ".", ""]
+    report = "\n".join(lines)
+    with data.atomic_path(out / "quality.md") as tmp:
+        tmp.write_text(report)
+    if results:
+        plot_quality(results, out / "fid_vs_steps.png")
+    metrics = out / "students" / Row("instant", 8, weighting="edm").name / "metrics.jsonl"
+    if metrics.exists():
+        plot_instant_loss(metrics, out / "instant_loss.png")
+    return report
+
+
+def bench_quality(*, budget: str, out: pathlib.Path, teacher: str, distill_steps: int, distill_batch_size: int,
+                  eval_batch_size: int, time_limit: float | None, seed: int, num_samples: int | None = None,
+                  only: Sequence[str] = ()) -> str:
+    """Run (or resume) every unfinished row of `budget` in headline order (or the rows named in `only`, in
+    that order), then write the report of all the budget's rows."""
+    start = time.perf_counter()
+    num_samples = num_samples or BUDGETS[budget]["num_samples"]
+    rows = quality_rows(budget)
+    by_name = {row.name: row for row in rows}
+    unknown = [name for name in only if name not in by_name]
+    if unknown:
+        raise ValueError(f"unknown --rows {', '.join(unknown)}; the {budget} budget's rows are {', '.join(by_name)}")
+    base = dataclasses.replace(train.PRESETS["mnist"], teacher=teacher, workdir=str(out))
+    teacher_path = train.ensure_teacher(train.resolve(base))
+    header = {"budget": budget, "devices": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+              "cpu_count": os.cpu_count(), "jax_version": jax.__version__, "teacher": str(teacher_path),
+              "teacher_step": train.read_meta(teacher_path)["step"]}
+    for row in [by_name[name] for name in only] or rows:
+        path = row_path(out, row, num_samples)
+        if path.exists():
+            continue
+        if time_limit is not None and time.perf_counter() - start > 60 * time_limit:
+            print(f"--time-limit of {time_limit:g} minutes reached: rerun the same command to continue.")
+            break
+        print(f"== {row.name} ({num_samples} samples)", flush=True)
+        checkpoint, train_s = teacher_path, None
+        if row.variant != "teacher":
+            checkpoint, train_s = train_student(row, teacher=teacher_path, out=out, steps=distill_steps,
+                                                batch_size=distill_batch_size, seed=seed)
+        record = evaluate_row(row, checkpoint, out=out, num_samples=num_samples, batch_size=eval_batch_size, seed=seed)
+        record.update(row=dataclasses.asdict(row), train_seconds=train_s, machine=header,
+                      distill_steps=None if row.variant == "teacher" else distill_steps,
+                      distill_batch_size=None if row.variant == "teacher" else distill_batch_size)
+        write_json(str(path), record, make_folder=True)
+        write_report(out, rows, num_samples, header)
+    return write_report(out, rows, num_samples, header)
+
+
+def write_json(path: str, result: dict, *, make_folder: bool = False) -> None:
     """Write `result` as JSON atomically (temporary file in the same folder, then rename)."""
     folder = os.path.dirname(os.path.abspath(path))
+    if make_folder:
+        os.makedirs(folder, exist_ok=True)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder {folder} does not exist; create it or choose another --out.")
     with data.atomic_path(path) as tmp:
@@ -237,6 +515,16 @@ def run_speed(args: argparse.Namespace) -> dict:
     return bench_speed(
         preset=args.preset, batch_size=args.batch_size, repeats=args.repeats,
         sample_batch=args.sample_batch, key=jax.random.key(args.seed),
+    )
+
+
+def run_quality(args: argparse.Namespace) -> str:
+    """The `quality` subcommand: the report's Markdown."""
+    return bench_quality(
+        budget=args.budget, out=pathlib.Path(args.out or f"runs/quality-{args.budget}"), teacher=args.teacher,
+        distill_steps=args.distill_steps, distill_batch_size=args.distill_batch_size,
+        eval_batch_size=args.eval_batch_size, time_limit=args.time_limit, seed=args.seed,
+        num_samples=args.num_samples, only=args.rows,
     )
 
 
@@ -267,8 +555,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     speed.set_defaults(run=run_speed)
     for command in (model, speed):
         command.add_argument("--out", help="also write the results as JSON to this path")
+    quality = commands.add_parser("quality", help="FID of the MNIST teacher and distilled students (the paper's claims)")
+    quality.add_argument("--budget", default="small", choices=sorted(BUDGETS),
+                         help="small: 1,000 samples per FID, k in {1, 8}; full: 10,000 samples, k in {1, 2, 4, 8}")
+    quality.add_argument("--out", default=None, help="results and cache directory (default: runs/quality-<budget>)")
+    quality.add_argument("--teacher", default="auto",
+                         help="teacher checkpoint (auto: checkpoints/mnist_teacher.eqx, trained first if absent)")
+    quality.add_argument("--distill-steps", type=positive_int, default=train.PRESETS["mnist"].distill_steps)
+    quality.add_argument("--distill-batch-size", type=positive_int, default=train.PRESETS["mnist"].distill_batch_size)
+    quality.add_argument("--eval-batch-size", type=positive_int, default=200,
+                         help="global batch of sampling and Inception (results do not depend on it)")
+    quality.add_argument("--time-limit", type=float, default=None,
+                         help="start no new row after this many minutes (a rerun continues)")
+    quality.add_argument("--num-samples", type=positive_int, default=None,
+                         help="samples per FID (default: the budget's); rows are cached per sample count")
+    quality.add_argument("--rows", nargs="+", default=(), metavar="NAME",
+                         help="run only these rows, in this order (e.g. instant-k8-edm teacher-512-w0); separate "
+                              "processes may run disjoint rows into the same --out")
+    quality.add_argument("--seed", type=int, default=0)
+    quality.set_defaults(run=run_quality)
     args = parser.parse_args(argv)
     result = args.run(args)
+    if isinstance(result, str):
+        print(result)
+        return
     print_table(result)
     if args.out:
         write_json(args.out, result)
