@@ -401,7 +401,11 @@ def plot_instant_loss(metrics: pathlib.Path, path: pathlib.Path) -> None:
     if width > 1:
         ax.plot(steps[width - 1:], np.convolve(loss, np.ones(width) / width, mode="valid"), lw=2,
                 label=f"running mean of {width}")
-    ax.set_yscale("symlog", linthresh=float(np.median(np.abs(loss))) / 10 or 1.0)
+    # One-step values are unbiased and often negative late in training: symlog, ticks outside the linear band.
+    linthresh = float(np.median(np.abs(loss))) / 10 or 1.0
+    ax.set_yscale("symlog", linthresh=linthresh)
+    powers = 10.0 ** np.arange(np.floor(np.log10(linthresh)) + 1, np.log10(np.max(np.abs(loss))) + 1)
+    ax.set_yticks(sorted([0.0, *powers[powers <= np.max(loss)], *-powers[powers <= -np.min(loss)]]))
     ax.set_xlabel("distillation step")
     ax.set_ylabel("instant loss")
     ax.set_title(f"instant variant: {metrics.parent.name}")
@@ -463,7 +467,7 @@ def bench_quality(*, budget: str, out: pathlib.Path, teacher: str, distill_steps
     base = dataclasses.replace(train.PRESETS["mnist"], teacher=teacher, workdir=str(out))
     teacher_path = train.ensure_teacher(train.resolve(base))
     header = {"budget": budget, "devices": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
-              "cpu_count": os.cpu_count(), "jax_version": jax.__version__, "teacher": str(teacher_path),
+              "cpu_count": os.cpu_count(), "jax_version": jax.__version__, "teacher": os.path.relpath(teacher_path),
               "teacher_step": train.read_meta(teacher_path)["step"]}
     for row in [by_name[name] for name in only] or rows:
         path = row_path(out, row, num_samples)
