@@ -10,15 +10,17 @@
         mmd.py at the same global batch, their ratios to the teacher step, XLA's FLOP count and GFLOP/s of
         each step, and the sampling wall time of a 512-step teacher against an 8-step student.
 
-    python bench.py quality [--budget small|full] [--out runs/quality-small] [--time-limit MINUTES]
-        The paper's claims on MNIST: distils students from the committed teacher (checkpoints/mnist_teacher.eqx)
-        and scores teacher and students with eval.py's FID protocol. Rows: the teacher at 32, 128 and 512 steps
-        with guidance 0 and 0.1; students of both variants with k in {1, 8} (small) or {1, 2, 4, 8} (full),
-        weighting flat for k <= 2 and edm otherwise (full adds flat at k = 8). `small` scores 1,000 samples per row,
-        `full` 10,000. Each finished row (a trained student, a result JSON) is cached in --out and a rerun
-        skips it, so the table can be completed over several runs. Writes quality.md (table and verdicts),
-        fid_vs_steps.png and instant_loss.png. Cost on a 2-core CPU is dominated by sampling the 512-step
-        teacher (about 40 minutes per 1,000 images, twice that with guidance) and by Inception (~3 images/s).
+    python bench.py quality [--budget small|full] [--out runs/quality-small] [--time-limit MIN] [--rows NAME ...]
+        The paper's claims on MNIST: distils students from the shipped teacher (checkpoints/mnist_teacher.eqx)
+        and scores teacher and students with eval.py's FID protocol. Rows: the teacher at 32, 128 and 512
+        steps with guidance 0 and 0.1; students of both variants with k in {1, 8} (small) or {1, 2, 4, 8}
+        (full), weighting flat for k <= 2 and edm otherwise (full adds flat at k = 8). `small` scores 1,000
+        samples per row, `full` 10,000. Each finished row (a trained student, a result JSON) is cached in
+        --out and a rerun skips it, so the table can be completed over several runs; `--rows` picks rows, so
+        that several processes (e.g. sharing one GPU) can fill one --out. Writes quality.md (table and
+        verdicts), fid_vs_steps.png and instant_loss.png. On a 2-core CPU the cost is dominated by sampling
+        the 512-step teacher (about 40 minutes per 1,000 images, twice that with guidance) and by Inception
+        (~3 images/s); on one H200 the full budget's rows take about a minute each.
 
 Timings are medians over repeats after a warm-up call (compilation excluded). The 1-minute load average is
 reported with every result: on a shared machine, rerun when it is low.
@@ -367,13 +369,16 @@ def plot_quality(results: dict[Row, dict], path: pathlib.Path) -> None:
         points = sorted((row.steps, r["fid"]) for row, r in results.items()
                         if row.variant == "teacher" and row.guidance == guidance)
         if points:
-            ax.plot(*zip(*points), "o-", color="0.3" if guidance == 0 else "0.6", label=f"teacher, guidance {guidance:g}")
-    styles = {("alternating", "edm"): "s", ("alternating", "flat"): "D", ("instant", "edm"): "^", ("instant", "flat"): "v"}
+            ax.plot(*zip(*points), "o-", color="0.3" if guidance == 0 else "0.6",
+                    label=f"teacher, guidance {guidance:g}")
+    styles = {("alternating", "edm"): "s", ("alternating", "flat"): "D",
+              ("instant", "edm"): "^", ("instant", "flat"): "v"}
     for (variant, weighting), marker in styles.items():
         points = sorted((row.steps, r["fid"]) for row, r in results.items()
                         if row.variant == variant and row.weighting == weighting)
         if points:
-            ax.plot(*zip(*points), marker, ms=8, ls=":" if len(points) > 1 else "", label=f"{variant} student, {weighting}")
+            ax.plot(*zip(*points), marker, ms=8, ls=":" if len(points) > 1 else "",
+                    label=f"{variant} student, {weighting}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sampling steps")
@@ -559,7 +564,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     speed.set_defaults(run=run_speed)
     for command in (model, speed):
         command.add_argument("--out", help="also write the results as JSON to this path")
-    quality = commands.add_parser("quality", help="FID of the MNIST teacher and distilled students (the paper's claims)")
+    quality = commands.add_parser("quality",
+                                  help="FID of the MNIST teacher and distilled students (the paper's claims)")
     quality.add_argument("--budget", default="small", choices=sorted(BUDGETS),
                          help="small: 1,000 samples per FID, k in {1, 8}; full: 10,000 samples, k in {1, 2, 4, 8}")
     quality.add_argument("--out", default=None, help="results and cache directory (default: runs/quality-<budget>)")
