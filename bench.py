@@ -34,6 +34,7 @@ import json
 import os
 import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -595,4 +596,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        sys.exit(f"bench.py: error: {error}")
