@@ -12,8 +12,8 @@
 
     python bench.py quality [--budget small|full] [--out runs/quality-small] [--time-limit MIN] [--rows NAME ...]
         The paper's claims on MNIST: distils students from the shipped teacher (checkpoints/mnist_teacher.eqx)
-        and scores teacher and students with eval.py's FID protocol. Rows: the teacher at 32, 128 and 512
-        steps with guidance 0 and 0.1; students of both variants with k in {1, 8} (small) or {1, 2, 4, 8}
+        and scores teacher and students with eval.py's FID protocol. Rows: the teacher at 8 (undistilled), 32, 128
+        and 512 steps with guidance 0 and 0.1; students of both variants with k in {1, 8} (small) or {1, 2, 4, 8}
         (full), weighting flat for k <= 2 and edm otherwise (full adds flat at k = 8). `small` scores 1,000
         samples per row, `full` 10,000. Each finished row (a trained student, a result JSON) is cached in
         --out and a rerun skips it, so the table can be completed over several runs; `--rows` picks rows, so
@@ -235,7 +235,7 @@ def bench_speed(*, preset: str, batch_size: int, repeats: int, sample_batch: int
 # ----------------------------------------------------------------------------------------------
 # Quality: the paper's claims on MNIST (FID of teacher and students)
 
-TEACHER_STEPS = (32, 128, 512)
+TEACHER_STEPS = (8, 32, 128, 512)
 TEACHER_GUIDANCE = (0.0, 0.1)
 BUDGETS = {"small": {"num_samples": 1000, "ks": (1, 8)}, "full": {"num_samples": 10_000, "ks": (1, 2, 4, 8)}}
 
@@ -259,7 +259,8 @@ class Row:
 
 def quality_rows(budget: str) -> list[Row]:
     """The rows of a budget, headline first (so a run cut short by --time-limit has the main comparison):
-    the 8-step students and the 512-step teacher, then 1-step students, the shorter teachers, the rest.
+    the 8-step students, the 512-step teacher and the undistilled 8-step teacher (the students' starting point),
+    then 1-step students, the other teachers, the rest.
 
     Weighting as in the paper: flat for k <= 2, EDM otherwise; the full budget adds flat at k = 8."""
     ks = BUDGETS[budget]["ks"]
@@ -268,8 +269,8 @@ def quality_rows(budget: str) -> list[Row]:
         chosen = weighting or ("flat" if k <= 2 else "edm")
         return [Row(v, k, weighting=chosen) for v in ("instant", "alternating")]
 
-    rows = [*students(8), *(Row("teacher", 512, w) for w in TEACHER_GUIDANCE), *students(1)]
-    rows += [Row("teacher", s, w) for s in TEACHER_STEPS[::-1] if s != 512 for w in TEACHER_GUIDANCE]
+    rows = [*students(8), *(Row("teacher", s, w) for s in (512, 8) for w in TEACHER_GUIDANCE), *students(1)]
+    rows += [Row("teacher", s, w) for s in TEACHER_STEPS[::-1] if s not in (512, 8) for w in TEACHER_GUIDANCE]
     if budget == "full":
         rows += students(8, "flat")
     rows += [r for k in ks if k not in (1, 8) for r in students(k)]

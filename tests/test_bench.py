@@ -17,11 +17,12 @@ def names(rows):
 def test_small_budget_is_the_issue_rows_headline_first():
     rows = bench.quality_rows("small")
     teachers = {(r.steps, r.guidance) for r in rows if r.variant == "teacher"}
-    assert teachers == {(s, w) for s in (32, 128, 512) for w in (0.0, 0.1)}
+    assert teachers == {(s, w) for s in (8, 32, 128, 512) for w in (0.0, 0.1)}
     assert sorted(names(r for r in rows if r.variant != "teacher")) == sorted(
         ["instant-k1-flat", "alternating-k1-flat", "instant-k8-edm", "alternating-k8-edm"])
-    assert names(rows[:4]) == ["instant-k8-edm", "alternating-k8-edm", "teacher-512-w0", "teacher-512-w0.1"]
-    assert len(set(rows)) == len(rows) == 10
+    assert names(rows[:6]) == ["instant-k8-edm", "alternating-k8-edm", "teacher-512-w0", "teacher-512-w0.1",
+                               "teacher-8-w0", "teacher-8-w0.1"]
+    assert len(set(rows)) == len(rows) == 12
 
 
 def test_full_budget_weighting_flat_up_to_two_steps_and_flat_k8_comparison():
@@ -97,7 +98,7 @@ def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     report = run()
     assert [c[1] for c in calls if c[0] == "eval"] == [n for n in names(bench.quality_rows("small"))
                                                           if n not in ("instant-k8-edm", "teacher-512-w0")]
-    assert "All rows finished." in report and "(10 rows)" in report
+    assert "All rows finished." in report and "(12 rows)" in report
     calls.clear()
     run()
     assert calls == []
