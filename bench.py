@@ -335,12 +335,17 @@ def quality_table(results: dict[Row, dict]) -> str:
 
 def verdicts(results: dict[Row, dict]) -> list[str]:
     """The paper's claims checked on the finished rows, one sentence each (missing rows are named)."""
+    lines = []
+    for row, r in results.items():
+        same = Row("teacher", row.steps, 0.0)
+        if row.variant != "teacher" and same in results:
+            lines.append(f"{row.variant}, k = {row.steps} ({row.weighting}): FID {r['fid']:.2f} against the "
+                         f"undistilled teacher's {results[same]['fid']:.2f} with the same {row.steps} steps.")
     teacher = {row: r["fid"] for row, r in results.items() if row.variant == "teacher" and row.steps == 512}
     if not teacher:
-        return ["The 512-step teacher rows are not finished: no comparison yet."]
+        return [*lines, "The 512-step teacher rows are not finished: no comparison with them yet."]
     best_row = min(teacher, key=teacher.get)
     best = f"the 512-step teacher's best FID {teacher[best_row]:.2f} (guidance {best_row.guidance:g})"
-    lines = []
     for variant in ("alternating", "instant"):
         row = Row(variant, 8, weighting="edm")
         if row not in results:

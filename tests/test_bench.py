@@ -47,14 +47,16 @@ def test_verdicts_compare_with_the_best_guided_512_step_teacher():
         Row("alternating", 8, weighting="edm"): record(2.5),
         Row("instant", 1, weighting="flat"): record(9.0),
         Row("alternating", 1, weighting="flat"): record(7.0),
+        Row("teacher", 8, 0.0): record(4.0),
     }
     lines = bench.verdicts(results)
+    assert "instant, k = 8 (edm): FID 1.50 against the undistilled teacher's 4.00 with the same 8 steps." in lines
     assert "instant, k = 8 (edm): FID 1.50 beats the 512-step teacher's best FID 2.00 (guidance 0.1)." in lines
     assert "alternating, k = 8 (edm): FID 2.50 is 0.50 worse than the 512-step teacher's best FID 2.00 (guidance 0.1)." in lines
     assert "k = 1: alternating 7.00, instant 9.00 (alternating better)." in lines
     table = bench.quality_table(results).splitlines()
-    assert len(table) == 2 + len(results) and table[2].startswith("| teacher | 512 |")
-    assert bench.verdicts({}) == ["The 512-step teacher rows are not finished: no comparison yet."]
+    assert len(table) == 2 + len(results) and table[2].startswith("| teacher | 8 |")
+    assert bench.verdicts({}) == ["The 512-step teacher rows are not finished: no comparison with them yet."]
 
 
 @pytest.fixture
