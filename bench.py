@@ -29,7 +29,6 @@ reported with every result: on a shared machine, rerun when it is low.
 import argparse
 import collections
 import dataclasses
-import io
 import json
 import os
 import pathlib
@@ -37,7 +36,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -394,7 +392,7 @@ def plot_quality(results: dict[Row, dict], path: pathlib.Path) -> None:
     ax.set_title(f"MNIST, FID on {', '.join(map(str, counts))} samples vs the 10k test digits")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    save_figure(fig, path)
+    evaluation.save_figure(fig, path, dpi=110)
 
 
 def plot_instant_loss(metrics: pathlib.Path, path: pathlib.Path) -> None:
@@ -423,19 +421,7 @@ def plot_instant_loss(metrics: pathlib.Path, path: pathlib.Path) -> None:
     ax.set_title(f"instant variant: {metrics.parent.name}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    save_figure(fig, path)
-
-
-def save_figure(fig: Any, path: pathlib.Path) -> None:
-    """Write a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    with data.atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    evaluation.save_figure(fig, path, dpi=110)
 
 
 def write_report(out: pathlib.Path, rows: Sequence[Row], num_samples: int, header: dict) -> str:

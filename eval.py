@@ -703,6 +703,15 @@ def save_image_grid(
     _atomic_write(Path(path), lambda f: picture.save(f, format="PNG"))
 
 
+def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int) -> None:
+    """Lay out a matplotlib figure, write it as PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=dpi))
+    plt.close(fig)
+
+
 def software_versions() -> dict[str, str]:
     """Versions of Python and the numerical stack, and the devices, for result files."""
     return {

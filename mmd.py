@@ -684,15 +684,18 @@ def init_train_state(
 
     Copies, so that a step that donates its state never frees the caller's (e.g. the frozen teacher's) buffers.
     """
-    params, aux, average = (jax.tree.map(jnp.copy, params) for _ in range(3))
-    aux = None if aux_optimizer is None else aux
+    def copy() -> PyTree:
+        return jax.tree.map(jnp.copy, params)
+
+    trained = copy()
+    aux = None if aux_optimizer is None else copy()
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
+        params=trained,
+        opt_state=optimizer.init(trained),
         aux_params=aux,
         aux_opt_state=None if aux_optimizer is None else aux_optimizer.init(aux),
-        ema=average if ema else None,
+        ema=copy() if ema else None,
     )
 
 

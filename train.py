@@ -437,27 +437,30 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[uvit.Denoiser, Config, dic
     meta = read_meta(path)
     config = config_from_dict(meta["config"])
     params_like, static = model_skeleton(config.model)
-    group = "ema" if "ema" in meta["groups"] else "params"
-    return eqx.combine(load_group(path, group, params_like), static), config, meta
+    return eqx.combine(load_group(path, _network_group(meta), params_like), static), config, meta
+
+
+def _network_group(meta: dict) -> str:
+    """The checkpoint group holding the network to use: a teacher's parameter average when it kept one."""
+    return "ema" if "ema" in meta["groups"] else "params"
 
 
 def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:
     """Write what distillation needs from a teacher training checkpoint: its parameters (their moving average
-    when the run kept one), Adam's `nu` (in
-    bfloat16: Lambda = 1/sqrt(nu) to 0.2%, far below the noise of an EMA estimate) and update count, and the
-    configuration: half a full checkpoint's size."""
+    when the run kept one), Adam's `nu` (in bfloat16: Lambda = 1/sqrt(nu) to 0.2%, far below the noise of an
+    EMA estimate) and update count, and the configuration: half a full checkpoint's size."""
     meta = read_meta(checkpoint)
     config = config_from_dict(meta["config"])
     params_like, _ = model_skeleton(config.model)
     optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=config.teacher_b1, b2=config.teacher_b2)
     opt_state = load_group(checkpoint, "opt_state", jax.eval_shape(optimizer.init, params_like))
     adam = _adam_state(opt_state)
-    averaged = "ema" in meta["groups"]
+    group = _network_group(meta)
     save_checkpoint(
         out,
-        meta={"kind": "teacher", "step": meta["step"], "config": meta["config"], "ema": averaged,
+        meta={"kind": "teacher", "step": meta["step"], "config": meta["config"], "ema": group == "ema",
               "adam": {"count": int(adam.count), "b2": config.teacher_b2}},
-        groups={"params": load_group(checkpoint, "ema" if averaged else "params", params_like),
+        groups={"params": load_group(checkpoint, group, params_like),
                 "nu": jax.tree.map(lambda v: v.astype(jnp.bfloat16), adam.nu)},
     )
 
@@ -512,7 +515,7 @@ def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | N
     """`(teacher params, Lambda or None)`; Lambda from the checkpoint's Adam state when `precond_steps` is 0."""
     params_like, _ = model_skeleton(config.model)
     meta = read_meta(path)
-    params = load_group(path, "ema" if "ema" in meta["groups"] else "params", params_like)
+    params = load_group(path, _network_group(meta), params_like)
     if config.variant != "instant" or config.precond_steps:
         return params, None
     if "nu" in meta["groups"]:
@@ -680,12 +683,7 @@ def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path) -> None:
         ax.set_yscale("log" if positive else "symlog")
         ax.set_ylabel(name)
     axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    with data.atomic_path(out) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    evaluation.save_figure(fig, out, dpi=100)
 
 
 def _write_samples(
