@@ -265,7 +265,7 @@ def _add_options(parser: argparse.ArgumentParser, cls: type, defaults: Any, pref
         if dataclasses.is_dataclass(hints[f.name]):
             _add_options(parser, hints[f.name], default, prefix=dest + ".")
             continue
-        flag = "--" + dest.replace(".", "-").replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + dest.replace(".", "-").replace("_", "-")
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f"{f.metadata.get('help', f'{cls.__name__}.{f.name}')} (default: {shown})"
         kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
