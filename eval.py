@@ -28,7 +28,7 @@ Command line (options are generated from `EvalConfig`; `--help` lists them with 
     python eval.py --checkpoint checkpoints/mnist_teacher.eqx --k 256 --guidance 1 --num-samples 1000
     python eval.py --checkpoint CKPT --no-fid --num-samples 2000      # fd_mnist and label accuracy only
     python eval.py table runs/*/checkpoints/eval/*.json                             # Markdown table of results
-    python eval.py train-classifier [--seed 0] [--epochs 4]    # remake checkpoints/mnist_classifier.eqx
+    python eval.py train-classifier [--seed 0] [--epochs 8]    # remake checkpoints/mnist_classifier.eqx
 
 writes `<stem>.png` (the first 100 samples, one class per column when there are at most 16) and
 `<stem>.json` into `--out` (default: `eval/` beside the checkpoint), `<stem>` naming the checkpoint and
@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from jaxtyping import Array, Bool, Float, Float32, Float64, Int, Key, PRNGKeyArray, UInt8, UInt32
+from jaxtyping import Array, Bool, Float, Float32, Float64, Int, Key, PRNGKeyArray, Shaped, UInt8, UInt32
 from PIL import Image
 from tqdm import tqdm
 
@@ -128,14 +128,15 @@ def _mesh(devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
 
 
 def inception_features(
-    images: UInt8[np.ndarray, "n h w c"],
+    images: Shaped[np.ndarray, "*shape"],
     *,
     batch_size: int = 200,
     params: inception.Params | None = None,
     devices: Sequence[jax.Device] | None = None,
     progress: str | None = None,
 ) -> Float32[np.ndarray, "n 2048"]:
-    """Pool3 features of uint8 NHWC images (1 or 3 channels, any size; resized as inception.py says).
+    """Pool3 features of uint8 NHWC images `(n, h, w, 1|3)` of any size (resized as inception.py says);
+    anything else raises a ValueError naming that layout.
 
     `params` defaults to `inception.inception_params(inception.load_inception_weights())`; batches are
     split over `devices` (default: all local devices); `progress` is a progress-bar label (None: no bar).
@@ -775,7 +776,7 @@ def _train_classifier_command(argv: Sequence[str]) -> dict:
     p = argparse.ArgumentParser(prog="eval.py train-classifier",
                                 description=f"Train the MNIST classifier into {mnist_classifier.WEIGHTS}.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--out", default=str(mnist_classifier.WEIGHTS))
     args = p.parse_args(argv)
     result = mnist_classifier.train_classifier(seed=args.seed, epochs=args.epochs, out=args.out)

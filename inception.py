@@ -320,7 +320,8 @@ def _fused_1x1(layer: Conv, x: Float[Array, "b h w c"], *, pool_last: Callable |
     """The outputs of a fused group, split; with `pool_last`, the last one is pooled before its bias."""
     y = _linear(layer, x)
     ends = np.cumsum(layer.splits)
-    parts = [(y[..., e - n : e], layer.bias[e - n : e].reshape(1, 1, 1, -1)) for n, e in zip(layer.splits, ends)]
+    biases = [layer.bias[e - n : e].reshape(1, 1, 1, -1) for n, e in zip(layer.splits, ends)]
+    parts = [(y[..., e - n : e], bias) for n, e, bias in zip(layer.splits, ends, biases)]
     outs = [jax.nn.relu(part + bias) for part, bias in parts[: -1 if pool_last else None]]
     if pool_last:
         outs.append(jax.nn.relu(pool_last(parts[-1][0]) + parts[-1][1]))
