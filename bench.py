@@ -19,7 +19,7 @@
         Images/s of eval.py's sampler (the shipped MNIST teacher at k steps, the cost of a k-step student) at
         several batch sizes, and one batch's GFLOP/s against the float32 matmul rate.
 
-    python bench.py proxy [--k 2 4 8 32 128] [--num-samples 500] [--out runs/eval-proxy]
+    python bench.py proxy [--k 2 4 8 16 64] [--num-samples 500] [--out runs/eval-proxy]
         FID, fd_mnist and label accuracy of the shipped MNIST teacher at k sampling steps (one row each, cached,
         resumable), the real-vs-real floor (training vs test digits) and the rank correlation of the proxies
         with FID; writes eval-proxy.md into --out.
@@ -304,7 +304,8 @@ def bench_proxy(*, teacher: pathlib.Path, steps: Sequence[int], num_samples: int
     real_images = test.images[pick]
     params = inception.inception_params(inception.load_inception_weights())
     real = {"params": params,
-            "inception": evaluation.feature_stats(evaluation.inception_features(real_images, params=params)),
+            "inception": evaluation.feature_stats(
+                evaluation.inception_features(real_images, batch_size=batch_size, params=params)),
             "mnist": evaluation.feature_stats(evaluation.mnist_features(real_images))}
     rows = {}
     floor_path = out / f"floor_n{num_samples}.json"
@@ -742,10 +743,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         command.add_argument("--out", help="also write the results as JSON to this path")
     proxy = commands.add_parser("proxy", help="fd_mnist and label accuracy against FID on the teacher's samplers")
     proxy.add_argument("--teacher", default="checkpoints/mnist_teacher.eqx")
-    proxy.add_argument("--k", type=positive_int, nargs="+", default=[2, 4, 8, 32, 128],
+    proxy.add_argument("--k", type=positive_int, nargs="+", default=[2, 4, 8, 16, 64],
                        help="the teacher's sampling steps, one row each")
     proxy.add_argument("--num-samples", type=positive_int, default=500)
-    proxy.add_argument("--batch-size", type=positive_int, default=250)
+    proxy.add_argument("--batch-size", type=positive_int, default=100)
     proxy.add_argument("--seed", type=int, default=0)
     proxy.add_argument("--out", default="runs/eval-proxy", help="rows cache and report directory")
     proxy.set_defaults(run=run_proxy)

@@ -112,3 +112,20 @@ def test_quality_rejects_unknown_rows(fakes):
     _, run, _ = fakes
     with pytest.raises(ValueError, match="unknown --rows instant-k3-edm"):
         run(only=["instant-k3-edm"])
+
+
+def test_spearman_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    a, b = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6], [2.0, 7.0, 1.0, 8.0, 0.5, 3.0]
+    assert bench.spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert bench.spearman(a, a) == pytest.approx(1.0)
+
+
+def test_proxy_report_ranks_and_floor(tmp_path):
+    rows = {k: {"fid": 100.0 / k, "fd_mnist": 10.0 / k, "label_accuracy": 1 - 1 / k, "sampling_s": 1.0,
+                "scoring_s": 2.0} for k in (2, 4, 8)}
+    floor = {"fid": 1.0, "fd_mnist": 0.1, "label_accuracy": 0.99}
+    report = bench.proxy_report(rows, floor, num_samples=50, out=tmp_path)
+    assert "| teacher, 2 steps | 50.00 | 5.000 | 0.5000 | 1 | 2 |" in report
+    assert "fd_mnist 1.00, label accuracy 1.00" in report and "| real: train vs test digits | 1.00 |" in report
+    assert (tmp_path / "eval-proxy.md").read_text() == report + "\n"

@@ -38,8 +38,10 @@ def _blur(images: np.ndarray) -> np.ndarray:
 def test_fd_mnist_orders_real_and_degraded_digits(mnist_test):
     test = mnist_test.images[:2000]
     train = data.load("mnist", split="train").images[:2000]
-    assert ev.mnist_features(test).shape == (2000, mc.FEATURE_DIM)
-    assert abs(ev.fd_mnist(test, test)) < 1e-6
+    features = ev.mnist_features(test)
+    assert features.shape == (2000, mc.FEATURE_DIM)
+    scale = np.trace(np.cov(features.astype(np.float64), rowvar=False))  # FD of two unrelated sets ~ 2 x this
+    assert abs(ev.fd_mnist(test, test)) < 1e-6 * scale
     real_vs_real = ev.fd_mnist(train, test)
     blurred = ev.fd_mnist(_blur(test), test)
     assert 0 < real_vs_real < 0.1 * blurred
@@ -61,3 +63,18 @@ def test_missing_or_corrupt_weights_name_the_file_and_the_command(tmp_path):
     (tmp_path / "corrupt.eqx").write_bytes(b"not weights")
     with pytest.raises(ValueError, match=r"corrupt\.eqx are unreadable .*`python eval\.py train-classifier`"):
         mc.load_classifier(tmp_path / "corrupt.eqx")
+
+
+@pytest.mark.network
+def test_mnist_metrics_read_the_cached_reference(mnist_test, monkeypatch, tmp_path):
+    monkeypatch.setenv("MMD_CACHE_DIR", str(tmp_path))  # after `mnist_test` read MNIST from the user's cache
+    images, labels = mnist_test.images[:300], mnist_test.labels[:300]
+    first = ev._mnist_metrics(images, labels, images, "mnist-test-subset")
+    scale = np.trace(np.cov(ev.mnist_features(images).astype(np.float64), rowvar=False))
+    assert abs(first["fd_mnist"]) < 1e-6 * scale and first["label_accuracy"] >= 0.98
+    calls = []
+    features = ev.mnist_features
+    monkeypatch.setattr(ev, "mnist_features", lambda x: calls.append(len(x)) or features(x))
+    second = ev._mnist_metrics(images[:100], None, images, "mnist-test-subset")
+    assert calls == [100] and second["label_accuracy"] is None  # the reference came from the cache
+    assert second["mnist_reference_cache"] == first["mnist_reference_cache"]
