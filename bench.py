@@ -32,7 +32,8 @@
         samples per row, `full` 10,000. Each finished row (a trained student, a result JSON) is cached in
         --out and a rerun skips it, so the table can be completed over several runs; `--rows` picks rows, so
         that several processes (e.g. sharing one GPU) can fill one --out. Writes quality.md (table and
-        verdicts), fid_vs_steps.png and instant_loss.png. On a 2-core CPU the cost is dominated by sampling
+        verdicts), quality.json (the rows, schema QUALITY_SCHEMA; copied to docs/results/), fid_vs_steps.png and
+        instant_loss.png. On a 2-core CPU the cost is dominated by sampling
         the 512-step teacher (about 40 minutes per 1,000 images, twice that with guidance) and by Inception
         (~3 images/s); on one H200 the full budget's rows take about a minute each.
 
@@ -487,6 +488,46 @@ def quality_table(results: dict[Row, dict]) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
+QUALITY_SCHEMA = {
+    "sampler": str, "k": int, "weighting": (str, type(None)), "guidance": float, "gamma": float,
+    "lr": (float, type(None)), "distill_steps": (int, type(None)), "batch_size": (int, type(None)),
+    "fid": float, "precision": float, "recall": float, "fd_mnist": (float, type(None)),
+    "label_accuracy": (float, type(None)), "num_samples": int, "device": str, "inception_protocol": str,
+}
+"""The fields of a docs/results/quality.json row and their types (None: not measured or not applicable)."""
+
+
+def quality_json_rows(results: dict[Row, dict]) -> list[dict]:
+    """One QUALITY_SCHEMA row per finished result, in `quality_table`'s order."""
+    order = sorted(results, key=lambda r: (r.variant != "teacher", r.variant, r.steps, r.guidance, r.weighting or ""))
+    rows = []
+    for row in order:
+        r = results[row]
+        student = row.variant != "teacher"
+        rows.append(validate_quality_row({
+            "sampler": row.variant, "k": row.steps, "weighting": row.weighting, "guidance": float(row.guidance),
+            "gamma": float(r.get("gamma", 0.0)), "lr": float(r["config"]["lr"]) if student else None,
+            "distill_steps": r["distill_steps"] if student else None,
+            "batch_size": r["distill_batch_size"] if student else None,
+            "fid": r["fid"], "precision": r["precision"], "recall": r["recall"], "fd_mnist": r.get("fd_mnist"),
+            "label_accuracy": r.get("label_accuracy"), "num_samples": r["num_samples"],
+            "device": r["machine"]["devices"], "inception_protocol": r["feature_protocol"],
+        }))
+    return rows
+
+
+def validate_quality_row(row: dict) -> dict:
+    """`row` itself if it has exactly QUALITY_SCHEMA's fields with their types and a known sampler."""
+    if set(row) != set(QUALITY_SCHEMA):
+        raise ValueError(f"quality row fields differ from the schema: missing {sorted(set(QUALITY_SCHEMA) - set(row))}"
+                         f", unknown {sorted(set(row) - set(QUALITY_SCHEMA))}")
+    wrong = [name for name, kind in QUALITY_SCHEMA.items()
+             if not isinstance(row[name], kind) or isinstance(row[name], bool)]
+    if wrong or row["sampler"] not in ("teacher", "alternating", "instant") or row["k"] < 1:
+        raise ValueError(f"quality row has wrong types or values in {wrong or ['sampler/k']}: {row}")
+    return row
+
+
 def verdicts(results: dict[Row, dict]) -> list[str]:
     """The paper's claims checked on the finished rows, one sentence each (missing rows are named)."""
     lines = []
@@ -598,6 +639,8 @@ def write_report(out: pathlib.Path, rows: Sequence[Row], num_samples: int, heade
     report = "\n".join(lines)
     with data.atomic_path(out / "quality.md") as tmp:
         tmp.write_text(report)
+    with data.atomic_path(out / "quality.json") as tmp:
+        tmp.write_text(json.dumps(quality_json_rows(results), indent=1) + "\n")
     if results:
         plot_quality(results, out / "fid_vs_steps.png")
     metrics = out / "students" / Row("instant", 8, weighting="edm").name / "metrics.jsonl"
