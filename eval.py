@@ -473,7 +473,11 @@ def write_results(
 
 GRID_SAMPLES = 100
 CPU_FEATURE_RATE = 3.0  # Inception-v3 images/s per CPU core (`python bench.py inception`, 2-core machine)
-_field = train._field
+
+
+def _field(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with its command-line help (as train.Config's; `flag` renames the option)."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
 @dataclasses.dataclass(frozen=True)
