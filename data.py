@@ -79,6 +79,7 @@ import logging
 import os
 import pathlib
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -270,7 +271,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary path beside `path` (its folder created); rename it onto `path` only if the block
     completes, so an interrupted write never leaves a partial file that is later trusted. The file is
     flushed to disk before the rename and the rename after it. A killed writer leaves at most a temporary
-    file named `.<name>.<pid>.<hex>.tmp` (`TEMPORARY_GLOB`), which readers ignore.
+    file named `.<name>.<pid>.<hex>.tmp` (`temporary_files`), which readers ignore.
 
     Fault injection for tests: when the environment variable `MMD_KILL_BEFORE_RENAME` holds a glob that
     matches `path`'s name, the process kills itself with SIGKILL between writing and renaming."""
@@ -289,8 +290,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
         tmp.unlink(missing_ok=True)
 
 
-TEMPORARY_GLOB = ".*.*.tmp"
-"""Names of `atomic_path`'s temporary files (left behind only by a killed writer)."""
+def temporary_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """`atomic_path`'s temporary files in `folder` (left behind only by a killed writer)."""
+    pattern = re.compile(r"\..+\.\d+\.[0-9a-f]{32}\.tmp")
+    return sorted(p for p in folder.glob(".*.tmp") if pattern.fullmatch(p.name)) if folder.is_dir() else []
 
 
 def _fsync(path: pathlib.Path) -> None:
