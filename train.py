@@ -38,6 +38,14 @@ Checkpoints are single zip files, written to a temporary name and renamed: `meta
 configuration, PRNG key, data-iterator state, a manifest of every leaf's path, shape and dtype) and one
 `<group>.eqx` member per pytree (`params`, `opt_state`, `aux_params`, `aux_opt_state`; teacher exports:
 `params`, `nu`) written with `eqx.tree_serialise_leaves`. `load_checkpoint(path)` rebuilds the model.
+Every member is read whole, so zip's CRC-32 catches a damaged byte: a damaged or incompatible file
+is one error line naming it. `--teacher` takes a checkpoint or a teacher run's directory.
+
+Restarts. Inputs a later stage cannot take (channels other than 1 or 3, data that does not fit the
+model, a teacher of another model, guidance on a teacher trained with label dropout 0) are refused
+before anything is written (`check_inputs`). `--resume` continues from the newest checkpoint that
+reads back intact (naming the ones it skipped) and tolerates what a kill leaves: metric lines after
+that checkpoint or cut short are dropped, missing ones are reported, temporary files are removed.
 
 Reproducibility. Update i (0-based) uses the key `fold_in(train_key, i)` and the data stream's i-th
 global batch, and checkpoints hold the optimiser states and the iterator position, so `--resume` gives
@@ -377,14 +385,15 @@ _DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, OSError, EOFError
 
 
 def _member_bytes(path: pathlib.Path, member: str) -> bytes:
-    """One member of a checkpoint read whole, so that zip checks its CRC-32: a flipped byte is an error."""
+    """One member of a checkpoint, read whole so that zip checks its CRC-32 (a flipped byte)."""
     try:
         with zipfile.ZipFile(path) as archive:
             return archive.read(member)
     except _DAMAGE as e:
-        raise CheckpointError(f"{path}: {member} cannot be read ({type(e).__name__}: {e}): the file is damaged "
-                              "or not a train.py checkpoint; use another one (--resume falls back to the "
-                              "previous checkpoint by itself)") from e
+        raise CheckpointError(
+            f"{path}: {member} cannot be read ({type(e).__name__}: {e}): the file is damaged or "
+            "not a train.py checkpoint; use another one (--resume falls back to the previous one)"
+        ) from e
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -398,8 +407,8 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{path} has format {found!r}, expected {CHECKPOINT_FORMAT!r}: not a checkpoint "
-                              "of this version of train.py")
+        raise CheckpointError(f"{path} has format {found!r}, expected {CHECKPOINT_FORMAT!r}: not a "
+                              "checkpoint of this version of train.py")
     return meta
 
 
@@ -408,8 +417,8 @@ def _saved_config(path: str | os.PathLike, meta: dict) -> Config:
     try:
         return config_from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its configuration does not fit this version of train.py ({e}); use "
-                              "the version that wrote it") from e
+        raise CheckpointError(f"{path}: its configuration does not fit this version of train.py "
+                              f"({e}); use the version that wrote it") from e
 
 
 def load_group(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
@@ -420,7 +429,7 @@ def load_group(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
 
 
 def _check_manifest(path: str | os.PathLike, meta: dict, name: str, like: PyTree) -> None:
-    """Refuse a group whose leaves' paths, shapes or dtypes differ from `like`'s, listing the differences."""
+    """Refuse a group whose leaves' paths, shapes or dtypes differ from `like`'s, listing them."""
     if name not in meta["groups"]:
         raise CheckpointError(f"{path} holds {sorted(meta['groups'])}, not {name!r}")
     saved, expected = meta["groups"][name], _manifest(like)
@@ -446,8 +455,8 @@ def _read_member(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
     try:
         return eqx.tree_deserialise_leaves(io.BytesIO(content), like)
     except _DAMAGE as e:
-        raise CheckpointError(f"{path}: {name}.eqx does not hold the leaves its manifest lists ({e}); the file "
-                              "is damaged: use another checkpoint") from e
+        raise CheckpointError(f"{path}: {name}.eqx does not hold the leaves its manifest lists "
+                              f"({e}); the file is damaged: use another checkpoint") from e
 
 
 def read_leaves(path: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
@@ -522,26 +531,28 @@ def default_teacher_path(preset: str) -> pathlib.Path:
 
 
 def _teacher_file(config: Config) -> pathlib.Path:
-    """The file `--teacher` names: a checkpoint, a teacher run's directory (its teacher.eqx), or for `auto`
-    the preset's cached teacher (which may not exist yet)."""
+    """The file `--teacher` names: a checkpoint, a teacher run's directory (its teacher.eqx), or for
+    `auto` the preset's cached teacher (which may not exist yet)."""
     if config.teacher == "auto":
         return default_teacher_path(config.preset)
     path = pathlib.Path(config.teacher)
-    usage = "pass --teacher a teacher.eqx, a ckpt_*.eqx of a --variant teacher run, its directory, or auto"
+    usage = ("pass --teacher a teacher.eqx, a ckpt_*.eqx of a --variant teacher run, its "
+             "directory, or auto")
     if path.is_dir():
         if (path / "teacher.eqx").is_file():
             return path / "teacher.eqx"
         found = _checkpoints(path)
         unfinished = f" (the run is unfinished: resume it, or pass {found[-1]})" if found else ""
-        raise FileNotFoundError(f"teacher directory {path} holds no teacher.eqx{unfinished}; {usage}")
+        raise FileNotFoundError(f"teacher directory {path} holds no teacher.eqx{unfinished}; "
+                                f"{usage}")
     if not path.is_file():
         raise FileNotFoundError(f"teacher checkpoint {path} not found; {usage}")
     return path
 
 
 def ensure_teacher(config: Config) -> pathlib.Path:
-    """The teacher checkpoint to distil: `config.teacher` (a file or a teacher run's directory), or for
-    `auto` the preset's cached teacher, trained first (in WORKDIR/teacher) and cached when absent."""
+    """The teacher checkpoint to distil: `config.teacher` (a file or a teacher run's directory),
+    or for `auto` the preset's cached teacher, trained first (in WORKDIR/teacher) and cached."""
     path = _teacher_file(config)
     if path.is_file():
         return path
@@ -666,12 +677,14 @@ def check_batch(config: Config, n_devices: int) -> None:
 
 
 def check_inputs(config: Config) -> data.Dataset:
-    """Refuse, before anything is written or compiled, any input that a later stage cannot handle; returns
-    the training data. Sample grids and eval.py's Inception take 1 or 3 channels (`check_data`: the data
-    must match the model); a distillation teacher must fit the model and guidance (`check_teacher`)."""
+    """Refuse, before anything is written or compiled, any input a later stage cannot handle, and
+    return the training data. Sample grids and eval.py's Inception take 1 or 3 channels; the data
+    must fit the model (`check_data`), a distillation teacher the model and guidance
+    (`check_teacher`)."""
     if config.model.channels not in (1, 3):
-        raise ValueError(f"--model-channels {config.model.channels}: sample grids and FID (Inception, eval.py) "
-                         "take 1 or 3 channels; use 1- or 3-channel data and set --model-channels to match")
+        raise ValueError(f"--model-channels {config.model.channels}: sample grids and FID "
+                         "(Inception, eval.py) take 1 or 3 channels; use 1- or 3-channel data and "
+                         "set --model-channels to match")
     if config.variant != "teacher":
         check_teacher(config)
     dataset = data.load(config.data, resolution=config.data_resolution)
@@ -680,25 +693,29 @@ def check_inputs(config: Config) -> data.Dataset:
 
 
 def check_teacher(config: Config) -> None:
-    """Refuse a teacher that cannot serve this distillation: unreadable, not a teacher, another model, or
-    guidance on a teacher whose null label never trained (`mmd.check_guidance`). A teacher still to be
-    trained (`--teacher auto`) is checked against this configuration."""
+    """Refuse a teacher that cannot serve this distillation: unreadable, not a teacher, another
+    model, or guidance on a teacher whose null label never trained (`mmd.check_guidance`). A
+    teacher still to be trained (`--teacher auto`) is checked against this configuration."""
     path = _teacher_file(config)
     if not path.is_file():
         mmd.check_guidance(guidance=config.guidance, num_classes=config.model.num_classes,
-                           label_dropout=config.label_dropout, where=f"the teacher to be trained for {path}")
+                           label_dropout=config.label_dropout,
+                           where=f"the teacher to be trained for {path}")
         return
     meta = read_meta(path)
     saved = _saved_config(path, meta)
     if saved.variant != "teacher":
-        raise CheckpointError(f"{path} is a checkpoint of a {saved.variant} run, not of a teacher; pass --teacher "
-                              "a teacher.eqx or a ckpt_*.eqx of a --variant teacher run")
+        raise CheckpointError(f"{path} is a checkpoint of a {saved.variant} run, not of a teacher; "
+                              "pass --teacher a teacher.eqx or a ckpt_*.eqx of a --variant teacher "
+                              "run")
     _check_manifest(path, meta, _network_group(meta), model_skeleton(config.model)[0])
     differ = [f.name for f in dataclasses.fields(config.model) if f.name not in ("dtype", "remat")
               and getattr(saved.model, f.name) != getattr(config.model, f.name)]
     if differ:
-        options = " ".join(f"--model-{n.replace('_', '-')} {getattr(saved.model, n)}" for n in differ)
-        raise CheckpointError(f"{path} was trained with another model ({', '.join(differ)}): pass {options}")
+        options = " ".join(f"--model-{n.replace('_', '-')} {getattr(saved.model, n)}"
+                           for n in differ)
+        raise CheckpointError(f"{path} was trained with another model ({', '.join(differ)}): "
+                              f"pass {options}")
     mmd.check_guidance(guidance=config.guidance, num_classes=saved.model.num_classes,
                        label_dropout=saved.label_dropout, where=f"teacher {path}")
 
@@ -706,12 +723,13 @@ def check_teacher(config: Config) -> None:
 def check_data(dataset: data.Dataset, model: uvit.UViTConfig) -> None:
     """The data must be images of 1 or 3 channels with the model's shape and classes."""
     expected = (model.resolution, model.resolution, model.channels)
+    channels = dataset.images.shape[-1]
     if dataset.images.ndim != 4:
-        raise ValueError(f"{dataset.name} holds {dataset.images.shape[-1]}-D points, not images: train.py "
-                         "trains image models (NHWC data)")
-    if dataset.images.shape[-1] not in (1, 3):
-        raise ValueError(f"{dataset.name} has {dataset.images.shape[-1]}-channel images; sample grids and FID "
-                         "(Inception, eval.py) take 1 or 3 channels: convert the data (e.g. drop alpha)")
+        raise ValueError(f"{dataset.name} holds {channels}-D points, not images: train.py trains "
+                         "image models (NHWC data)")
+    if channels not in (1, 3):
+        raise ValueError(f"{dataset.name} has {channels}-channel images; sample grids and FID "
+                         "(Inception, eval.py) take 1 or 3 channels: convert the data (drop alpha)")
     if dataset.images.shape[1:] != expected:
         raise ValueError(f"{dataset.name} has images {dataset.images.shape[1:]}, the model expects {expected}: "
                          "set --data-resolution or the --model-* options")
@@ -933,8 +951,9 @@ def train(config: Config) -> pathlib.Path:
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """Keep one line per step up to `step` (the checkpoint resumed from): drop later lines and lines that a
-    killed run cut short, and say what was dropped or is missing (metrics newer or older than the checkpoint)."""
+    """Keep one line per step up to `step` (the checkpoint resumed from): drop later lines and
+    lines a kill cut short; say what was dropped or is missing (metrics newer or older than the
+    checkpoint)."""
     if not path.exists():
         return
     kept: dict[int, str] = {}
@@ -955,12 +974,13 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
     notes += [f"{cut} unreadable lines (cut short by a kill)"] if cut else []
     missing = step - len(kept)
     if notes or missing:
-        gap = f"; {missing} of steps 1..{step} have no line (lost with the killed run)" if missing else ""
+        gap = f"; {missing} of steps 1..{step} have no line (lost with a killed run)"
+        gap = gap if missing else ""
         _print(f"{path}: dropped {' and '.join(notes) or 'nothing'}{gap}.")
 
 
 def _remove_temporary_files(workdir: pathlib.Path) -> None:
-    """Delete the temporary files of writes that a kill interrupted (`data.atomic_path`), saying which."""
+    """Delete temporary files of writes a kill interrupted (`data.atomic_path`), saying which."""
     leftovers = [p for folder in (workdir, workdir / "checkpoints", workdir / "samples")
                  for p in data.temporary_files(folder)]
     for path in leftovers:
@@ -1009,14 +1029,14 @@ def _restore(path: pathlib.Path, like: mmd.TrainState, batches: data.Batches) ->
 def _restore_newest(
     paths: list[pathlib.Path], like: mmd.TrainState, batches: data.Batches
 ) -> tuple[pathlib.Path, mmd.TrainState, PRNGKeyArray]:
-    """`_restore` from the newest of `paths` that reads back intact, saying which were skipped and why."""
+    """`_restore` from the newest of `paths` that reads back intact, saying what it skipped."""
     for path in reversed(paths):
         try:
             return path, *_restore(path, like, batches)
         except CheckpointError as e:
             _print(f"Skipping damaged checkpoint {path.name} (kept for inspection): {e}")
-    raise CheckpointError(f"no intact checkpoint in {paths[0].parent} (messages above); move the damaged files "
-                          "away to start the run afresh, or use another --workdir")
+    raise CheckpointError(f"no intact checkpoint in {paths[0].parent} (messages above); move the "
+                          "damaged files away to start the run afresh, or use another --workdir")
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
