@@ -534,12 +534,13 @@ def _exact_pixels(img: Image.Image, path: pathlib.Path) -> Image.Image:
     16-bit colour PNGs as 8-bit RGB(A), keeping the high byte. Transparency is accepted only where
     nothing is transparent (the alpha channel is dropped)."""
     mode = img.mode
-    if mode == "P" and "transparency" in img.info or mode in ALPHA_MODES:
+    if mode in ALPHA_MODES or "transparency" in img.info:  # alpha, or a transparent colour
         rgba = img.convert("RGBA")
         if rgba.getextrema()[3][0] < 255:
             raise DataError(f"{path}: mode {mode} with transparent pixels; flatten it onto a "
                             "background first")
-        return rgba.convert("RGB")
+        if mode in ALPHA_MODES or mode in EXACT_RGB_MODES:
+            return rgba.convert("RGB")
     if mode in EXACT_RGB_MODES:
         return img.convert("RGB")
     # Older Pillows read 16-bit grey PNGs as "I".

@@ -307,7 +307,12 @@ def _apply(base: Any, overrides: dict[str, Any]) -> Any:
 
 def _workdir_config(workdir: pathlib.Path) -> Config | None:
     path = workdir / "config.json"
-    return config_from_dict(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); restore it, or use another --workdir") from e
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:

@@ -300,13 +300,15 @@ def test_folder_accepts_opaque_alpha_and_refuses_what_a_conversion_would_lose(tm
         "hole.png": (Image.fromarray(rgba, mode="RGBA"), "mode RGBA with transparent pixels"),
         "pal.png": (Image.fromarray(np.zeros((4, 4), np.uint8), mode="P"),
                     "mode P with transparent pixels"),
+        "grey.png": (Image.fromarray(np.zeros((4, 4), np.uint8)), "mode L with transparent pixels"),
         "int32.tif": (Image.fromarray(np.zeros((4, 4), np.int32)), "mode I: 32-bit integer"),
         "float.tif": (Image.fromarray(np.zeros((4, 4), np.float32)), "mode F: floating-point"),
         "print.jpg": (Image.new("CMYK", (4, 4)), "mode CMYK: CMYK needs its colour profile"),
     }
     for name, (image, message) in cases.items():
         (tmp_path / "b").mkdir()
-        image.save(tmp_path / "b" / name, **({"transparency": 0} if name == "pal.png" else {}))
+        transparent = {"transparency": 0} if name in ("pal.png", "grey.png") else {}
+        image.save(tmp_path / "b" / name, **transparent)
         with pytest.raises(data.DataError, match=f"b/{name}: {message}"):
             data.load(f"folder:{tmp_path}", resolution=4)
         (tmp_path / "b" / name).unlink()
