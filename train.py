@@ -396,8 +396,8 @@ def _member_bytes(path: pathlib.Path, member: str) -> bytes:
             return archive.read(member)
     except _DAMAGE as e:
         raise CheckpointError(
-            f"{path}: {member} cannot be read ({type(e).__name__}: {e}): the file is damaged or "
-            "not a train.py checkpoint; use another one (--resume falls back to the previous one)"
+            f"{path}: {member} cannot be read ({type(e).__name__}: {e}): damaged, or not a "
+            "checkpoint written by train.py; use another (--resume falls back to the previous one)"
         ) from e
 
 

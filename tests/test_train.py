@@ -412,8 +412,8 @@ def test_every_flipped_byte_and_truncation_is_detected_or_harmless(teacher, tmp_
     in_data = {
         start + i for start, size in data_ranges for i in np.linspace(0, size - 1, 40).astype(int)
     }
-    near_headers = {max(0, start + d) for start, _ in data_ranges for d in range(-80, 8)}
-    positions = sorted(in_data | near_headers | set(range(len(raw) - 300, len(raw))))
+    near_headers = {max(0, start + d) for start, _ in data_ranges for d in range(-64, 4)}
+    positions = sorted(in_data | near_headers | set(range(len(raw) - 220, len(raw))))
     damaged, harmless = tmp_path / "damaged.eqx", set()
     for position in positions:
         damaged.write_bytes(raw)
