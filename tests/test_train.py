@@ -343,8 +343,7 @@ def test_inputs_later_stages_cannot_take_are_refused_before_anything_is_written(
             npz,
             "instant",
             ["--teacher", str(dropout0), "--guidance", "2"],
-            r"dropout0.eqx was trained with label "
-            r"dropout 0, so its null label never learned the unconditional model that guidance 2",
+            r"dropout0.eqx was trained with label dropout 0, so its null label never learned",
         ),
         (
             npz,
@@ -356,8 +355,7 @@ def test_inputs_later_stages_cannot_take_are_refused_before_anything_is_written(
             npz,
             "instant",
             ["--teacher", str(teacher / "checkpoints")],
-            r"teacher directory .*checkpoints holds no "
-            r"teacher.eqx; pass --teacher a teacher.eqx, a ckpt_\*.eqx of a --variant teacher run",
+            r"teacher directory .*checkpoints holds no teacher.eqx; pass --teacher a teacher.eqx",
         ),
     ]
     for data_path, variant, extra, message in cases:
@@ -488,6 +486,7 @@ def test_sigkill_between_writing_and_renaming_a_checkpoint_then_resume(teacher, 
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert [p.name for p in train._checkpoints(workdir)] == [
