@@ -545,7 +545,7 @@ def _exact_pixels(img: Image.Image, path: pathlib.Path) -> Image.Image:
         return img.convert("RGB")
     # Older Pillows read 16-bit grey PNGs as "I".
     if mode in GREY16_MODES or mode == "I" and img.format == "PNG":
-        return Image.fromarray(np.asarray(img).astype(np.float32) / np.float32(257.0), mode="F")
+        return Image.fromarray(np.asarray(img).astype(np.float32) / np.float32(257.0))  # mode F
     reason = {
         "I": "32-bit integer pixels have no standard range; store 8- or 16-bit images",
         "F": "floating-point pixels have no standard range; store 8- or 16-bit images",
