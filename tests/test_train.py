@@ -499,3 +499,13 @@ def test_sigkill_between_writing_and_renaming_a_checkpoint_then_resume(teacher, 
     assert not list(workdir.rglob("*.tmp"))
     for a, b in zip(leaves(workdir / "teacher.eqx"), leaves(teacher / "teacher.eqx"), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_with_no_intact_checkpoint_says_so(teacher, npz, tmp_path, never_compile):
+    workdir = tmp_path / "all-damaged"
+    shutil.copytree(teacher, workdir)
+    for path in train._checkpoints(workdir):
+        path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(train.CheckpointError, match=r"no intact checkpoint in .*damaged/checkpoints"):
+        train.main(args(npz, workdir, "teacher", "--resume"))
+    assert len(train._checkpoints(workdir)) == STEPS  # kept for inspection
