@@ -633,6 +633,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         raise ValueError("--checkpoint is required: a ckpt_*.eqx or teacher.eqx written by train.py")
     model, run, meta = load_model(config.checkpoint)
     student = run.variant != "teacher"
+    mmd.check_guidance(guidance=config.guidance, num_classes=run.model.num_classes,
+                       label_dropout=None if student else run.label_dropout, where=str(config.checkpoint))
     num_steps = config.num_steps or (run.k if student else run.teacher_sample_steps)
     shape = (run.model.resolution, run.model.resolution, run.model.channels)
     shift = mmd.resolution_shift(run.model.resolution) if run.shift is None else run.shift
