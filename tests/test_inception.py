@@ -1,4 +1,5 @@
-"""Tests for inception.py against independent references: the TorchScript model's own features (oracle),
+"""Tests for inception.py against independent references: the TorchScript model's own features
+(oracle),
 closed-form resizing, checksums and the restricted unpickler."""
 
 import io
@@ -26,9 +27,14 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory):
-    """The real weights: the user's verified cache if it holds them, else downloaded and converted once per
+    """The real weights: the user's verified cache if it holds them, else downloaded and converted
+    once per
     test session into a temporary cache."""
-    cache = USER_CACHE if (USER_CACHE / inc.WEIGHTS_FILE).exists() else tmp_path_factory.mktemp("inception")
+    cache = (
+        USER_CACHE
+        if (USER_CACHE / inc.WEIGHTS_FILE).exists()
+        else tmp_path_factory.mktemp("inception")
+    )
     return inc.inception_params(inc.load_inception_weights(cache))
 
 
@@ -44,14 +50,16 @@ def test_inception_features_match_torchscript_oracle(inception):
     assert features.shape == (4, 2048) and features.dtype == np.float32
     assert np.abs(features - expected).max() <= 1e-4
     # Image 2 has R = G = B: one grey channel must be replicated to the same features.
-    grey = ev.inception_features(images[2:3, :, :, :1], params=inception, devices=jax.local_devices()[:1])
+    grey = ev.inception_features(
+        images[2:3, :, :, :1], params=inception, devices=jax.local_devices()[:1]
+    )
     assert np.abs(grey[0] - expected[2]).max() <= 1e-4
 
 
 def test_resize_passes_299_through_and_reproduces_linear_ramps():
     images = np.zeros((2, 299, 299, 3), np.uint8)
     assert inc.resize_for_inception(images) is images
-    # Bicubic (Keys, a = -0.5) interpolation reproduces linear functions exactly away from the borders:
+  
     # output pixel j samples the input at (j + 0.5) * n / 299 - 0.5.
     n = 32
     ramp = np.broadcast_to((7 * np.arange(n, dtype=np.uint8))[None, :, None], (n, n, 1))
@@ -87,7 +95,9 @@ class _RunsCode:
 
 def test_restricted_unpickler_refuses_forbidden_globals():
     with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
-        inc.RestrictedUnpickler(io.BytesIO(pickle.dumps(_RunsCode(), protocol=2)), lambda key: None).load()
+        inc.RestrictedUnpickler(
+            io.BytesIO(pickle.dumps(_RunsCode(), protocol=2)), lambda key: None
+        ).load()
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("out_jit_module/data.pkl", pickle.dumps(_RunsCode(), protocol=2))
