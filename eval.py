@@ -11,31 +11,43 @@ The protocol behind every number this file reports:
 - **FID.** Mean and covariance (`ddof=1`) in float64;
   `|mu1 - mu2|^2 + tr C1 + tr C2 - 2 tr (C1^1/2 C2 C1^1/2)^1/2`, both square roots by symmetric
   eigendecompositions with negative round-off eigenvalues clipped to 0.
-- **Precision/recall.** Kynkäänniemi et al. 2019, k-NN balls in Inception feature space (k = 3), between
-  the samples and an equally large fixed random subset of the reference (all of it if it is smaller).
+- **Precision/recall.** Kynkäänniemi et al. 2019, k-NN balls in Inception feature space (k = 3),
+between
+  the samples and an equally large fixed random subset of the reference (all of it if it is
+  smaller).
 - **MNIST metrics** (models of 32x32x1 MNIST digits): `fd_mnist`, the same Fréchet distance in the
   64-d penultimate features of mnist_classifier.py's LeNet (shipped weights), against the reference
   split; `label_accuracy`, the fraction of class-conditional samples the classifier labels as the
   digit they were asked for. Seconds on a CPU where FID takes minutes; for sweeps, `--no-fid`.
-- **Reference.** A split of a data.py source (default: the checkpoint's own data, test split; for MNIST
+- **Reference.** A split of a data.py source (default: the checkpoint's own data, test split; for
+MNIST
   its 10k test digits) at the model's resolution. Its statistics are computed once and cached
   (`reference_statistics`) under a name holding the feature extractor, source, split, count and a
   sha256 of the pixels and the extractor's protocol (for Inception: its weights' digest and resize).
 
 Command line (options are generated from `EvalConfig`; `--help` lists them with their costs):
 
-    python eval.py --checkpoint runs/mnist-instant/checkpoints/ckpt_00001000.eqx     # student: its k steps
-    python eval.py --checkpoint checkpoints/mnist_teacher.eqx --k 256 --guidance 1 --num-samples 1000
-    python eval.py --checkpoint CKPT --no-fid --num-samples 2000      # fd_mnist and label accuracy only
-    python eval.py table runs/*/checkpoints/eval/*.json                             # Markdown table of results
-    python eval.py train-classifier [--seed 0] [--epochs 8]    # remake checkpoints/mnist_classifier.eqx
+    python eval.py --checkpoint runs/mnist-instant/checkpoints/ckpt_00001000.eqx     # student: its
+    k steps
+    python eval.py --checkpoint checkpoints/mnist_teacher.eqx --k 256 --guidance 1 --num-samples
+    1000
+    python eval.py --checkpoint CKPT --no-fid --num-samples 2000      # fd_mnist and label accuracy
+    only
+    python eval.py table runs/*/checkpoints/eval/*.json                             # Markdown
+    table of results
+    python eval.py train-classifier [--seed 0] [--epochs 8]    # remake
+    checkpoints/mnist_classifier.eqx
 
 writes `<stem>.png` (the first 100 samples, one class per column when there are at most 16) and
-`<stem>.json` into `--out` (default: `eval/` beside the checkpoint), `<stem>` naming the checkpoint and
-every sampling setting. The JSON holds FID, precision, recall, fd_mnist, label_accuracy, `num_samples`
+`<stem>.json` into `--out` (default: `eval/` beside the checkpoint), `<stem>` naming the checkpoint
+and
+every sampling setting. The JSON holds FID, precision, recall, fd_mnist, label_accuracy,
+`num_samples`
 (FID is biased upwards at small counts: compare numbers with the same count), the reference (source,
-split, image count, cache files), the sampler settings (steps, guidance, clip, gamma, shift, seed, batch
-size), the checkpoint path, step, variant and training configuration, timings in seconds and software
+split, image count, cache files), the sampler settings (steps, guidance, clip, gamma, shift, seed,
+batch
+size), the checkpoint path, step, variant and training configuration, timings in seconds and
+software
 versions. A student samples with its trained k unless `--k` says otherwise; a teacher with its run's
 `teacher_sample_steps` (64 for MNIST).
 """
@@ -64,7 +76,9 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from jaxtyping import Array, Bool, Float, Float32, Float64, Int, Key, PRNGKeyArray, Shaped, UInt8, UInt32
+from jaxtyping import (
+    Array, Bool, Float, Float32, Float64, Int, Key, PRNGKeyArray, Shaped, UInt8, UInt32,
+)
 from PIL import Image
 from tqdm import tqdm
 
@@ -135,11 +149,14 @@ def inception_features(
     devices: Sequence[jax.Device] | None = None,
     progress: str | None = None,
 ) -> Float32[np.ndarray, "n 2048"]:
-    """Pool3 features of uint8 NHWC images `(n, h, w, 1|3)` of any size (resized as inception.py says);
+    """Pool3 features of uint8 NHWC images `(n, h, w, 1|3)` of any size (resized as inception.py
+    says);
     anything else raises a ValueError naming that layout.
 
-    `params` defaults to `inception.inception_params(inception.load_inception_weights())`; batches are
-    split over `devices` (default: all local devices); `progress` is a progress-bar label (None: no bar).
+    `params` defaults to `inception.inception_params(inception.load_inception_weights())`; batches
+    are
+    split over `devices` (default: all local devices); `progress` is a progress-bar label (None: no
+    bar).
     """
     _check_images(images, "inception_features")
     if images.shape[0] == 0:
@@ -151,17 +168,28 @@ def inception_features(
     features = _map_batches(
         lambda x: inception.inception_batch(params, x),
         lambda indices: (inception.resize_for_inception(images[indices]),),
-        num=images.shape[0], batch_size=batch_size, mesh=mesh, progress=progress,
+        num=images.shape[0],
+        batch_size=batch_size,
+        mesh=mesh,
+        progress=progress,
     )
     return features.astype(np.float32)
 
 
 def _check_images(images: Any, where: str) -> None:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
-            or images.shape[-1] not in (1, 3):
-        got = f"{images.dtype} {images.shape}" if hasattr(images, "shape") else type(images).__name__
-        raise ValueError(f"{where} needs uint8 images laid out (n, h, w, 1|3), got {got} "
-                         "(convert samples in [-1, 1] with `to_uint8`)")
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[-1] not in (1, 3)
+    ):
+        got = (
+            f"{images.dtype} {images.shape}" if hasattr(images, "shape") else type(images).__name__
+        )
+        raise ValueError(
+            f"{where} needs uint8 images laid out (n, h, w, 1|3), got {got} "
+            "(convert samples in [-1, 1] with `to_uint8`)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +233,9 @@ def frechet_distance(
 
 
 
-Statistics = tuple[Float32[np.ndarray, "n d"], Float64[np.ndarray, " d"], Float64[np.ndarray, "d d"]]
+Statistics = tuple[
+    Float32[np.ndarray, "n d"], Float64[np.ndarray, " d"], Float64[np.ndarray, "d d"]
+]
 
 
 @contextlib.contextmanager
@@ -221,7 +251,8 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _read_statistics(path: Path, protocol: str) -> Statistics | None:
-    """The cached (features, mu, cov) if `path` holds them under `protocol`; None if missing, unreadable,
+    """The cached (features, mu, cov) if `path` holds them under `protocol`; None if missing,
+    unreadable,
     truncated (zip CRC) or written under another protocol."""
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -245,13 +276,19 @@ def reference_statistics(
 ) -> Statistics:
     """Features, mean and covariance of a reference set, computed once and cached on disk.
 
-    The cache is `reference_<name>.npz` in `inception.resolve_cache_dir(cache_dir)`, written atomically
-    (`data.atomic_path`); `compute_features` is called only on a miss. `name` must identify the images
-    and the feature extractor exactly; a file that is unreadable or was written under another `protocol`
-    is recomputed, never used. A lock file beside it makes concurrent processes compute it only once.
+    The cache is `reference_<name>.npz` in `inception.resolve_cache_dir(cache_dir)`, written
+    atomically
+    (`data.atomic_path`); `compute_features` is called only on a miss. `name` must identify the
+    images
+    and the feature extractor exactly; a file that is unreadable or was written under another
+    `protocol`
+    is recomputed, never used. A lock file beside it makes concurrent processes compute it only
+    once.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ValueError(f"reference name {name!r} must be letters, digits, '.', '_' or '-' (it names a file)")
+        raise ValueError(
+            f"reference name {name!r} must be letters, digits, '.', '_' or '-' (it names a file)"
+        )
     path = inception.resolve_cache_dir(cache_dir) / f"reference_{name}.npz"
     cached = _read_statistics(path, protocol)
     if cached is not None:
@@ -271,21 +308,30 @@ def reference_statistics(
 # MNIST's in-domain metrics (mnist_classifier.py's LeNet).
 
 
-def fd_mnist(images: UInt8[np.ndarray, "n h w c"], reference: UInt8[np.ndarray, "m h w c"]) -> float:
-    """Fréchet distance between the classifier's 64-d features of two uint8 digit sets (>= 2 each)."""
-    return frechet_distance(*feature_stats(mnist_features(images)), *feature_stats(mnist_features(reference)))
+def fd_mnist(
+    images: UInt8[np.ndarray, "n h w c"], reference: UInt8[np.ndarray, "m h w c"]
+) -> float:
+    """Fréchet distance between the classifier's 64-d features of two uint8 digit sets (>= 2
+    each)."""
+    return frechet_distance(
+        *feature_stats(mnist_features(images)), *feature_stats(mnist_features(reference))
+    )
 
 
 def label_accuracy(images: UInt8[np.ndarray, "n h w c"], labels: Int[np.ndarray, " n"]) -> float:
-    """Fraction of `images` that the classifier labels as `labels` (the digits they were asked for)."""
+    """Fraction of `images` that the classifier labels as `labels` (the digits they were asked
+    for)."""
     labels = np.asarray(labels)
     if labels.shape != images.shape[:1]:
-        raise ValueError(f"label_accuracy needs one label per image, got {labels.shape} for {images.shape}")
+        raise ValueError(
+            f"label_accuracy needs one label per image, got {labels.shape} for {images.shape}"
+        )
     return float(np.mean(mnist_classify(images) == labels))
 
 
 def mnist_protocol() -> str:
-    """What the classifier's features depend on: its weights file's sha256 (cache key of references)."""
+    """What the classifier's features depend on: its weights file's sha256 (cache key of
+    references)."""
     path = mnist_classifier.WEIGHTS
     mnist_classifier.load_classifier()  # a clear error if the file is missing or unreadable
     return f"mnist-classifier LeNet pool2-hidden64 | weights {data.sha256_file(path)[:16]}"
@@ -472,49 +518,82 @@ def write_results(
 # Command line: evaluate a checkpoint, tabulate results.
 
 GRID_SAMPLES = 100
-CPU_FEATURE_RATE = 3.0  # Inception-v3 images/s per CPU core (`python bench.py inception`, 2-core machine)
+# Inception-v3 images/s per CPU core (`python bench.py inception`: 8-20 images/s on 2 cores).
+CPU_FEATURE_RATE = 4.0
 
 
 def _field(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with its command-line help (as train.Config's; `flag` renames the option)."""
+    """A dataclass field with its command-line help (as train.Config's; `flag` renames the
+    option)."""
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Every setting of `evaluate`; the command line has one option per field (`--k` for `num_steps`)."""
+    """Every setting of `evaluate`; the command line has one option per field (`--k` for
+    `num_steps`)."""
 
-    checkpoint: str | None = _field(None, "a ckpt_*.eqx or teacher.eqx written by train.py (required)")
-    num_steps: int | None = _field(None, "sampling steps (none: a student's trained k; a teacher's "
-                                   "teacher_sample_steps, 64 for mnist)", flag="--k")
+    checkpoint: str | None = _field(
+        None, "a ckpt_*.eqx or teacher.eqx written by train.py (required)"
+    )
+    num_steps: int | None = _field(
+        None,
+        "sampling steps (none: a student's trained k; a teacher's "
+        "teacher_sample_steps, 64 for mnist)",
+        flag="--k",
+    )
     guidance: float = _field(0.0, "classifier-free guidance weight w")
     clip: bool = _field(False, "clip the guided prediction to [-1, 1]")
     gamma: float = _field(0.0, "sampling-noise interpolation gamma of the ancestral step")
-    num_samples: int = _field(10_000, "samples to generate and score (FID is biased upwards at small counts)")
+    num_samples: int = _field(
+        10_000, "samples to generate and score (FID is biased upwards at small counts)"
+    )
     seed: int = _field(0, "sample i uses fold_in(key(seed), i)")
-    batch_size: int = _field(200, "global batch of sampling and Inception, split over all local devices; "
-                             "results do not depend on it")
-    reference: str | None = _field(None, "reference data source as in train.py's --data (none: the "
-                                   "checkpoint's own)")
-    reference_split: str = _field("test", "split of the reference source (MNIST's test split: 10k digits)",
-                                  choices=("train", "test"))
+    batch_size: int = _field(
+        200,
+        "global batch of sampling and Inception, split over all local devices; "
+        "results do not depend on it",
+    )
+    reference: str | None = _field(
+        None, "reference data source as in train.py's --data (none: the checkpoint's own)"
+    )
+    reference_split: str = _field(
+        "test",
+        "split of the reference source (MNIST's test split: 10k digits)",
+        choices=("train", "test"),
+    )
     out: str | None = _field(None, "output directory (none: eval/ next to the checkpoint)")
     precision_recall_k: int = _field(3, "k of the k-NN manifolds of precision and recall")
-    fid: bool = _field(True, "Inception FID, precision and recall (--no-fid: skip Inception entirely)")
-    mnist_metrics: bool = _field(True, "fd_mnist and label_accuracy for models of 32x32x1 MNIST digits")
+    fid: bool = _field(
+        True, "Inception FID, precision and recall (--no-fid: skip Inception entirely)"
+    )
+    mnist_metrics: bool = _field(
+        True, "fd_mnist and label_accuracy for models of 32x32x1 MNIST digits"
+    )
     save_samples: bool = _field(False, "also write every sample (uint8) and label as .npz")
 
     def __post_init__(self):
         if self.num_samples < 2:
-            raise ValueError(f"--num-samples must be at least 2 (FID needs a covariance), got {self.num_samples}")
-        if self.batch_size < 1 or (self.num_steps is not None and self.num_steps < 1) \
-                or self.precision_recall_k < 1:
-            raise ValueError(f"--batch-size, --k and --precision-recall-k must be >= 1, got {self.batch_size}, "
-                             f"{self.num_steps}, {self.precision_recall_k}")
+            raise ValueError(
+                f"--num-samples must be at least 2 (FID needs a covariance), got {self.num_samples}"
+            )
+        if (
+            self.batch_size < 1
+            or (self.num_steps is not None and self.num_steps < 1)
+            or self.precision_recall_k < 1
+        ):
+            raise ValueError(
+                f"--batch-size, --k and --precision-recall-k must be >= 1, got {self.batch_size}, "
+                f"{self.num_steps}, {self.precision_recall_k}"
+            )
         if not all(math.isfinite(v) for v in (self.guidance, self.gamma)):
-            raise ValueError(f"--guidance and --gamma must be finite, got {self.guidance}, {self.gamma}")
+            raise ValueError(
+                f"--guidance and --gamma must be finite, got {self.guidance}, {self.gamma}"
+            )
         if self.reference_split not in ("train", "test"):
-            raise ValueError(f"--reference-split must be train or test, got {self.reference_split!r}")
+            raise ValueError(
+                f"--reference-split must be train or test, got {self.reference_split!r}"
+            )
 
 
 def load_model(path: str | os.PathLike) -> tuple[Callable, Any, dict[str, Any]]:
@@ -536,14 +615,17 @@ def reference_images(
 ) -> tuple[UInt8[np.ndarray, "n h w c"], str]:
     """uint8 images of a data split at the model's resolution, and a name identifying them exactly.
 
-    Sources are data.py's; sizes other than the model's are box-downsampled by data.py (as in training).
+    Sources are data.py's; sizes other than the model's are box-downsampled by data.py (as in
+    training).
     The name holds the source, split, resolution, count and a sha256 of the pixels (16 hex digits).
     """
     dataset = data.load(source, split=split, resolution=model_shape[0])
     images = dataset.images
     if images.ndim != 4 or images.shape[1:] != model_shape:
-        raise ValueError(f"reference {source} ({split}) holds images of shape {images.shape[1:]}, the model "
-                         f"makes {model_shape}: pass --reference with a data source of the model's image shape")
+        raise ValueError(
+            f"reference {source} ({split}) holds images of shape {images.shape[1:]}, the model "
+            f"makes {model_shape}: pass --reference with a data source of the model's image shape"
+        )
     if images.dtype != np.uint8:
         images = to_uint8(images)  # float [-1, 1] sources, quantised like the samples
     digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()[:16]
@@ -557,19 +639,24 @@ def _cache_name(kind: str, protocol: str, images_name: str) -> str:
 
 
 def _feature_estimate(num_images: int) -> str:
-    """A time estimate for Inception features before any are computed (only on CPUs, where it matters)."""
+    """A time estimate for Inception features before any are computed (only on CPUs, where it
+    matters)."""
     if jax.default_backend() != "cpu":
         return f"Inception features of {num_images} images (the progress bar shows the rate)"
     seconds = num_images / (CPU_FEATURE_RATE * (os.cpu_count() or 1))
     duration = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
-    return (f"Inception features of {num_images} images: about {duration} on {os.cpu_count()} CPU cores "
-            f"(~{CPU_FEATURE_RATE:g} images/s per core, plus compilation)")
+    return (
+        f"Inception features of {num_images} images: about {duration} on {os.cpu_count()} CPU "
+        f"cores (~{CPU_FEATURE_RATE:g} images/s per core, plus compilation)"
+    )
 
 
 def _stem(config: EvalConfig, num_steps: int) -> str:
     clip = "_clip" if config.clip else ""
-    return (f"{Path(config.checkpoint).stem}_steps{num_steps}_w{config.guidance:g}_gamma{config.gamma:g}{clip}"
-            f"_n{config.num_samples}_seed{config.seed}")
+    return (
+        f"{Path(config.checkpoint).stem}_steps{num_steps}_w{config.guidance:g}"
+        f"_gamma{config.gamma:g}{clip}_n{config.num_samples}_seed{config.seed}"
+    )
 
 
 def _is_mnist(shape: tuple[int, int, int], num_classes: int) -> bool:
@@ -577,8 +664,11 @@ def _is_mnist(shape: tuple[int, int, int], num_classes: int) -> bool:
 
 
 def _inception_metrics(
-    config: EvalConfig, images: UInt8[np.ndarray, "n h w c"], real_images: UInt8[np.ndarray, "m h w c"],
-    images_name: str, reference: str,
+    config: EvalConfig,
+    images: UInt8[np.ndarray, "n h w c"],
+    real_images: UInt8[np.ndarray, "m h w c"],
+    images_name: str,
+    reference: str,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """FID, precision and recall of `images` against the (cached) reference, and their timings."""
     devices, timings = jax.local_devices(), {}
@@ -586,38 +676,57 @@ def _inception_metrics(
     name = _cache_name("inception", inception.FEATURE_PROTOCOL, images_name)
     t0 = time.perf_counter()
     real, mu_real, cov_real = reference_statistics(
-        name, lambda: inception_features(real_images, batch_size=config.batch_size, params=params,
-                                         devices=devices, progress="reference features"),
+        name,
+        lambda: inception_features(
+            real_images,
+            batch_size=config.batch_size,
+            params=params,
+            devices=devices,
+            progress="reference features",
+        ),
         protocol=inception.FEATURE_PROTOCOL,
     )
     timings["reference_features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fake = inception_features(images, batch_size=config.batch_size, params=params, devices=devices,
-                              progress="features")
+    fake = inception_features(
+        images, batch_size=config.batch_size, params=params, devices=devices, progress="features"
+    )
     timings["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    # k-NN radii shrink as a set grows: compare equal-sized sets (a fixed random subset of the reference).
-    subset = np.sort(np.random.default_rng(0).permutation(real.shape[0])[: min(real.shape[0], fake.shape[0])])
+  
+    subset = np.sort(
+        np.random.default_rng(0).permutation(real.shape[0])[: min(real.shape[0], fake.shape[0])]
+    )
     precision, recall = precision_recall(real[subset], fake, k=config.precision_recall_k)
     metrics = {
         "fid": frechet_distance(*feature_stats(fake), mu_real, cov_real),
         "precision": precision,
         "recall": recall,
-        "reference": {"source": reference, "split": config.reference_split, "num_images": int(real.shape[0]),
-                      "cache": f"reference_{name}.npz", "precision_recall_images": int(subset.shape[0])},
+        "reference": {
+            "source": reference,
+            "split": config.reference_split,
+            "num_images": int(real.shape[0]),
+            "cache": f"reference_{name}.npz",
+            "precision_recall_images": int(subset.shape[0]),
+        },
     }
     timings["statistics"] = time.perf_counter() - t0
     return metrics, timings
 
 
 def _mnist_metrics(
-    images: UInt8[np.ndarray, "n h w c"], labels: Int[np.ndarray, " n"] | None,
-    real_images: UInt8[np.ndarray, "m h w c"], images_name: str,
+    images: UInt8[np.ndarray, "n h w c"],
+    labels: Int[np.ndarray, " n"] | None,
+    real_images: UInt8[np.ndarray, "m h w c"],
+    images_name: str,
 ) -> dict[str, Any]:
-    """fd_mnist against the (cached) reference and, for class-conditional samples, label_accuracy."""
+    """fd_mnist against the (cached) reference and, for class-conditional samples,
+    label_accuracy."""
     protocol = mnist_protocol()
     name = _cache_name("mnist", protocol, images_name)
-    _, mu_real, cov_real = reference_statistics(name, lambda: mnist_features(real_images), protocol=protocol)
+    _, mu_real, cov_real = reference_statistics(
+        name, lambda: mnist_features(real_images), protocol=protocol
+    )
     return {
         "fd_mnist": frechet_distance(*feature_stats(mnist_features(images)), mu_real, cov_real),
         "label_accuracy": None if labels is None else label_accuracy(images, labels),
@@ -626,57 +735,95 @@ def _mnist_metrics(
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
-    """Sample a checkpoint, score it (FID, precision/recall; fd_mnist and label_accuracy for MNIST models)
+    """Sample a checkpoint, score it (FID, precision/recall; fd_mnist and label_accuracy for MNIST
+    models)
     against a reference split, write the sample grid PNG and the JSON result; return the record."""
     t_start = time.perf_counter()
     if not config.checkpoint:
-        raise ValueError("--checkpoint is required: a ckpt_*.eqx or teacher.eqx written by train.py")
+        raise ValueError(
+            "--checkpoint is required: a ckpt_*.eqx or teacher.eqx written by train.py"
+        )
     model, run, meta = load_model(config.checkpoint)
     student = run.variant != "teacher"
-    mmd.check_guidance(guidance=config.guidance, num_classes=run.model.num_classes,
-                       label_dropout=None if student else run.label_dropout, where=str(config.checkpoint))
+    mmd.check_guidance(
+        guidance=config.guidance,
+        num_classes=run.model.num_classes,
+        label_dropout=None if student else run.label_dropout,
+        where=str(config.checkpoint),
+    )
     num_steps = config.num_steps or (run.k if student else run.teacher_sample_steps)
     shape = (run.model.resolution, run.model.resolution, run.model.channels)
     shift = mmd.resolution_shift(run.model.resolution) if run.shift is None else run.shift
     reference = config.reference or run.data
     mnist = config.mnist_metrics and _is_mnist(shape, run.model.num_classes)
     if student and num_steps != run.k:
-        tqdm.write(f"Note: this {run.variant} student was trained for k={run.k} steps; sampling it "
-                   f"with {num_steps} queries noise levels it never saw.")
+        tqdm.write(
+            f"Note: this {run.variant} student was trained for k={run.k} steps; sampling it "
+            f"with {num_steps} queries noise levels it never saw."
+        )
     if config.fid or mnist:
-        real_images, images_name = reference_images(reference, split=config.reference_split, model_shape=shape)
+        real_images, images_name = reference_images(
+            reference, split=config.reference_split, model_shape=shape
+        )
     if config.fid and min(config.num_samples, real_images.shape[0]) <= config.precision_recall_k:
-        raise ValueError(f"precision/recall with k={config.precision_recall_k} need more than that many samples "
-                         f"and reference images; got --num-samples {config.num_samples} and "
-                         f"{real_images.shape[0]} reference images")
+        raise ValueError(
+            f"precision/recall with k={config.precision_recall_k} need more than that many samples "
+            f"and reference images; got --num-samples {config.num_samples} and "
+            f"{real_images.shape[0]} reference images"
+        )
     if mnist:
         mnist_protocol()  # fail before sampling if the classifier's weights are missing
     out = Path(config.out) if config.out else Path(config.checkpoint).parent / "eval"
     stem = _stem(config, num_steps)
-    plan = (f"{run.variant} {config.checkpoint} (step {meta['step']}): {config.num_samples} samples, {num_steps} "
-            f"steps, guidance {config.guidance:g}, gamma {config.gamma:g}, seed {config.seed}, batch "
-            f"{config.batch_size} on {jax.local_device_count()} {jax.local_devices()[0].platform} devices")
+    plan = (
+        f"{run.variant} {config.checkpoint} (step {meta['step']}): {config.num_samples} samples, "
+        f"{num_steps} steps, guidance {config.guidance:g}, gamma {config.gamma:g}, seed "
+        f"{config.seed}, batch {config.batch_size} on {jax.local_device_count()} "
+        f"{jax.local_devices()[0].platform} devices"
+    )
     if config.fid:
-        plan += f"; then {_feature_estimate(config.num_samples)} (plus the reference's once, then cached)"
+        plan += f"; then {_feature_estimate(config.num_samples)} (and once the reference's)"
     tqdm.write(plan + ".")
 
     t0 = time.perf_counter()
     images = generate(
-        model, jax.random.key(config.seed), num_samples=config.num_samples, batch_size=config.batch_size,
-        num_classes=run.model.num_classes, num_steps=num_steps, shift=shift, guidance=config.guidance,
-        clip=config.clip, gamma=config.gamma, null_label=run.model.num_classes, image_shape=shape,
-        devices=jax.local_devices(), progress="sampling",
+        model,
+        jax.random.key(config.seed),
+        num_samples=config.num_samples,
+        batch_size=config.batch_size,
+        num_classes=run.model.num_classes,
+        num_steps=num_steps,
+        shift=shift,
+        guidance=config.guidance,
+        clip=config.clip,
+        gamma=config.gamma,
+        null_label=run.model.num_classes,
+        image_shape=shape,
+        devices=jax.local_devices(),
+        progress="sampling",
     )
     timings = {"sampling": time.perf_counter() - t0}
-    labels = np.arange(config.num_samples) % run.model.num_classes if run.model.num_classes else None
+    labels = (
+        np.arange(config.num_samples) % run.model.num_classes if run.model.num_classes else None
+    )
     columns = run.model.num_classes if 1 < run.model.num_classes <= 16 else None
     save_image_grid(images[:GRID_SAMPLES], out / f"{stem}.png", columns=columns)
     if config.save_samples:
         with data.atomic_path(out / f"{stem}_samples.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, images=images, labels=labels if labels is not None else np.zeros(len(images), int))
+            np.savez(
+                f,
+                images=images,
+                labels=labels if labels is not None else np.zeros(len(images), int),
+            )
 
-    metrics: dict[str, Any] = {"fid": None, "precision": None, "recall": None, "reference": None,
-                               "fd_mnist": None, "label_accuracy": None}
+    metrics: dict[str, Any] = {
+        "fid": None,
+        "precision": None,
+        "recall": None,
+        "reference": None,
+        "fd_mnist": None,
+        "label_accuracy": None,
+    }
     if config.fid:
         found, more = _inception_metrics(config, images, real_images, images_name, reference)
         metrics.update(found)
@@ -686,35 +833,77 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         metrics.update(_mnist_metrics(images, labels, real_images, images_name))
         timings["mnist_metrics"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    return _report(config, run, meta, metrics, timings, num_steps=num_steps, shift=shift, shape=shape,
-                   out=out, stem=stem)
+    return _report(
+        config,
+        run,
+        meta,
+        metrics,
+        timings,
+        num_steps=num_steps,
+        shift=shift,
+        shape=shape,
+        out=out,
+        stem=stem,
+    )
 
 
-def _report(config: EvalConfig, run: Any, meta: dict, metrics: dict, timings: dict, *, num_steps: int,
-            shift: float, shape: tuple[int, int, int], out: Path, stem: str) -> dict[str, Any]:
+def _report(
+    config: EvalConfig,
+    run: Any,
+    meta: dict,
+    metrics: dict,
+    timings: dict,
+    *,
+    num_steps: int,
+    shift: float,
+    shape: tuple[int, int, int],
+    out: Path,
+    stem: str,
+) -> dict[str, Any]:
     """Write the JSON result of `evaluate` and print its one-line summary; return the record."""
     results = {
-        "checkpoint": str(config.checkpoint), "step": meta["step"], "variant": run.variant,
-        "preset": run.preset, "data": run.data, **metrics, "num_samples": config.num_samples,
-        "precision_recall_k": config.precision_recall_k, "feature_protocol": inception.FEATURE_PROTOCOL,
-        "steps": num_steps, "trained_k": run.k if run.variant != "teacher" else None,
-        "guidance": config.guidance, "clip": config.clip, "gamma": config.gamma, "shift": shift,
-        "seed": config.seed, "batch_size": config.batch_size, "num_classes": run.model.num_classes,
-        "image_shape": list(shape), "samples_per_s": config.num_samples / timings["sampling"],
+        "checkpoint": str(config.checkpoint),
+        "step": meta["step"],
+        "variant": run.variant,
+        "preset": run.preset,
+        "data": run.data,
+        **metrics,
+        "num_samples": config.num_samples,
+        "precision_recall_k": config.precision_recall_k,
+        "feature_protocol": inception.FEATURE_PROTOCOL,
+        "steps": num_steps,
+        "trained_k": run.k if run.variant != "teacher" else None,
+        "guidance": config.guidance,
+        "clip": config.clip,
+        "gamma": config.gamma,
+        "shift": shift,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "num_classes": run.model.num_classes,
+        "image_shape": list(shape),
+        "samples_per_s": config.num_samples / timings["sampling"],
         "sample_grid": str(out / f"{stem}.png"),
-        "config": json.loads(json.dumps(dataclasses.asdict(run))),  # tuples as lists, as in the file
+        "config": json.loads(
+            json.dumps(dataclasses.asdict(run))
+        ),  # tuples as lists, as in the file
     }
     record = write_results(out / f"{stem}.json", results, timings=timings)
-    parts = ["FID not computed (--no-fid)" if metrics["fid"] is None else
-             f"FID {metrics['fid']:.3f} ({config.num_samples} samples vs {metrics['reference']['num_images']} "
-             f"{metrics['reference']['source']} {config.reference_split} images), precision "
-             f"{metrics['precision']:.3f}, recall {metrics['recall']:.3f}"]
+    parts = [
+        "FID not computed (--no-fid)"
+        if metrics["fid"] is None
+        else f"FID {metrics['fid']:.3f} ({config.num_samples} samples vs "
+        f"{metrics['reference']['num_images']} {metrics['reference']['source']} "
+        f"{config.reference_split} images), precision "
+        f"{metrics['precision']:.3f}, recall {metrics['recall']:.3f}"
+    ]
     if metrics["fd_mnist"] is not None:
         parts.append(f"fd_mnist {metrics['fd_mnist']:.3f}")
     if metrics["label_accuracy"] is not None:
         parts.append(f"label accuracy {metrics['label_accuracy']:.4f}")
-    tqdm.write(f"{', '.join(parts)}; sampling {timings['sampling']:.1f} s, total {timings['total']:.1f} s "
-               f"-> {out / stem}.json")
+    tqdm.write(
+        f"{', '.join(parts)}; sampling {timings['sampling']:.1f} s, total {timings['total']:.1f} s "
+        f"-> {out / stem}.json"
+    )
     return record
 
 
@@ -764,23 +953,26 @@ def parser() -> argparse.ArgumentParser:
     """The command line of `python eval.py` (see `main`): one option per `EvalConfig` field."""
     p = argparse.ArgumentParser(
         prog="eval.py",
-        description="Sample a train.py checkpoint and compute FID, precision and recall (and, for MNIST, "
-                    "fd_mnist and label accuracy) against a reference split; writes a sample grid PNG and a "
-                    "JSON result. `python eval.py table R.json ...` prints result files as a Markdown table; "
-                    "`python eval.py train-classifier [--seed S] [--epochs E]` retrains the MNIST classifier.",
-        epilog="Cost: sampling takes num_samples x steps network calls; FID then needs Inception-v3 features "
-               f"of every sample (and once, cached, of the reference split). On a 2-core CPU Inception runs at "
-               f"about {2 * CPU_FEATURE_RATE:g} images/s: 10,000 samples take about half an hour of features "
-               "(GPUs: seconds); the MNIST metrics take seconds. FID is biased upwards at small sample "
-               "counts: compare only numbers with the same --num-samples.",
+        description="Sample a train.py checkpoint and compute FID, precision and recall (and, for "
+        "MNIST, fd_mnist and label accuracy) against a reference split; writes a sample grid PNG and "
+        "a JSON result. `python eval.py table R.json ...` prints result files as a Markdown table; "
+        "`python eval.py train-classifier [--seed S] [--epochs E]` retrains the MNIST classifier.",
+        epilog="Cost: sampling takes num_samples x steps network calls; FID then needs Inception "
+        "features of every sample (and once, cached, of the reference split). On a 2-core CPU "
+        f"Inception runs at about {2 * CPU_FEATURE_RATE:g} images/s: 10,000 samples take about 20 "
+        "minutes of features (GPUs: seconds); the MNIST metrics take seconds. FID is biased "
+        "upwards at small sample "
+        "counts: compare only numbers with the same --num-samples.",
     )
     train._add_options(p, EvalConfig, EvalConfig())
     return p
 
 
 def _train_classifier_command(argv: Sequence[str]) -> dict:
-    p = argparse.ArgumentParser(prog="eval.py train-classifier",
-                                description=f"Train the MNIST classifier into {mnist_classifier.WEIGHTS}.")
+    p = argparse.ArgumentParser(
+        prog="eval.py train-classifier",
+        description=f"Train the MNIST classifier into {mnist_classifier.WEIGHTS}.",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--out", default=str(mnist_classifier.WEIGHTS))
@@ -791,7 +983,8 @@ def _train_classifier_command(argv: Sequence[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | str:
-    """`python eval.py --checkpoint CKPT [...]` (returns the result record), `python eval.py table R.json
+    """`python eval.py --checkpoint CKPT [...]` (returns the result record), `python eval.py table
+    R.json
     [...]` (prints and returns the Markdown table) or `python eval.py train-classifier [...]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:

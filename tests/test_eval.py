@@ -159,12 +159,16 @@ def test_reference_statistics_are_cached_by_name(tmp_path):
     calls = []
     compute = lambda: calls.append(1) or features  # noqa: E731
     first = ev.reference_statistics("toy-10", compute, protocol="p1", cache_dir=tmp_path)
-    second = ev.reference_statistics("toy-10", lambda: pytest.fail("cache miss"), protocol="p1", cache_dir=tmp_path)
+    second = ev.reference_statistics(
+        "toy-10", lambda: pytest.fail("cache miss"), protocol="p1", cache_dir=tmp_path
+    )
     assert len(calls) == 1 and (tmp_path / "reference_toy-10.npz").exists()
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(second[1], features.astype(np.float64).mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(second[2], np.cov(features.astype(np.float64), rowvar=False), rtol=1e-12)
+    np.testing.assert_allclose(
+        second[2], np.cov(features.astype(np.float64), rowvar=False), rtol=1e-12
+    )
     with pytest.raises(ValueError, match="names a file"):
         ev.reference_statistics("../escape", compute, protocol="p1", cache_dir=tmp_path)
 
@@ -180,11 +184,16 @@ def test_corrupt_or_mismatched_reference_cache_is_recomputed(tmp_path):
     assert calls == [1] and np.allclose(mu, features.mean(axis=0) + 1)
     # A truncated file and a flipped byte (zip CRC) are never used.
     whole = path.read_bytes()
-    for broken in (whole[: len(whole) // 2], whole[:200] + bytes([whole[200] ^ 0xFF]) + whole[201:]):
+    for broken in (
+        whole[: len(whole) // 2],
+        whole[:200] + bytes([whole[200] ^ 0xFF]) + whole[201:],
+    ):
         path.write_bytes(broken)
         ev.reference_statistics("toy", again, protocol="p2", cache_dir=tmp_path)
     assert calls == [1, 1, 1]
-    assert ev.reference_statistics("toy", pytest.fail, protocol="p2", cache_dir=tmp_path)[0].shape == (6, 4)
+    assert ev.reference_statistics("toy", pytest.fail, protocol="p2", cache_dir=tmp_path)[
+        0
+    ].shape == (6, 4)
 
 
 def test_concurrent_processes_compute_a_reference_once(tmp_path):
@@ -196,7 +205,9 @@ def test_concurrent_processes_compute_a_reference_once(tmp_path):
         "ev.reference_statistics('shared', compute, protocol='p', cache_dir=sys.argv[1])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(ev.__file__).parent), "JAX_PLATFORMS": "cpu"}
-    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env) for _ in range(2)]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env) for _ in range(2)
+    ]
     assert [p.wait(timeout=120) for p in processes] == [0, 0]
     assert (tmp_path / "calls").read_text() == "x"
 
@@ -326,7 +337,8 @@ def test_cli_fid_and_precision_recall_against_cached_reference(tiny_run, tmp_pat
     assert record["reference"]["split"] == "test" and record["reference"]["source"] == f"npz:{npz}"
     assert set(record["timings_s"]) >= {"sampling", "features", "reference_features", "total"}
     # The reference features are cached under a name that says what they are (reused: see reference_statistics).
-    (cache,) = Path(os.environ["MMD_CACHE_DIR"]).glob(f"reference_inception-tiny.npz-test-8px-{REFERENCE_SIZE}-*.npz")
+    pattern = f"reference_inception-tiny.npz-test-8px-{REFERENCE_SIZE}-*.npz"
+    (cache,) = Path(os.environ["MMD_CACHE_DIR"]).glob(pattern)
     assert record["reference"]["cache"] == cache.name
     with np.load(cache) as f:
         np.testing.assert_array_equal(f["features"], real.astype(np.float32))
