@@ -1,6 +1,7 @@
 """mmd.py against independent references: brute-force Gaussian conditioning, closed-form schedules, the
 exact denoiser of a Gaussian mixture, plain double backprop, a Taylor expansion, Monte Carlo, optax."""
 
+import functools
 import math
 
 import equinox as eqx
@@ -438,50 +439,62 @@ def test_straight_through_value_is_guided_and_gradient_is_unguided():
 # ---------------------------------------------------------------------------------------- data parallel
 
 
-def _run_steps(variant, devices, cfg, num_steps=2):
+STEPS = {"teacher": mmd.teacher_step, "auxiliary": mmd.auxiliary_step, "generator": mmd.generator_step,
+         "instant": mmd.instant_step}
+
+
+def _run_steps(name, devices, cfg, num_steps=2):
+    """`num_steps` updates with one named per-device step in `mmd.data_parallel`, or (`alternating`) with the
+    programs of `mmd.train_steps`, picked by update number."""
     teacher, _, x, labels, precond, key = _setup(seed=2, b=16)
     x, labels = x.reshape(32, 2), labels.reshape(32)
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     mesh = mmd.data_mesh(devices)
-    if variant == "teacher":
+    if name == "teacher":
         opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
         state = mmd.init_train_state(params=params, optimizer=opt, ema=True)
-        step = mmd.make_train_step(variant, static=static, mesh=mesh, optimizer=opt,
-                                   teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.5))
+        step_cfg = mmd.TeacherConfig(null_label=3, ema_decay=0.5)
         frozen = mmd.Frozen()
     else:
         opt = mmd.distill_optimizer(peak_lr=1e-2, total_steps=10, warmup_steps=1)
-        aux_opt = opt if variant == "alternating" else None
-        state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=aux_opt)
-        # Perturb the generator so that distillation has a non-zero gradient at step 0.
+        state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=opt)
+        # Perturb generator and auxiliary so that distillation has a non-zero gradient at step 0.
         state = state._replace(params=jax.tree.map(lambda p: p * 1.1, state.params))
-        step = mmd.make_train_step(
-            variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt, distill_cfg=cfg
-        )
+        if name == "generator":
+            state = state._replace(aux_params=jax.tree.map(lambda p: p * 0.9, state.aux_params))
+        step_cfg = cfg
         frozen = mmd.Frozen(teacher=params, precond=precond)
+    if name == "alternating":
+        programs = mmd.train_steps(name, static=static, mesh=mesh, optimizer=opt, aux_optimizer=opt, distill_cfg=cfg)
+    else:
+        local = functools.partial(STEPS[name], static=static, optimizer=opt, cfg=step_cfg)
+        programs = (mmd.data_parallel(local, mesh=mesh, minibatches=2 if name == "instant" else 1),)
     history = []
     for i in range(num_steps):
-        state, metrics = step(state, frozen, x, labels, jax.random.fold_in(key, i))
+        state, metrics = programs[i % len(programs)](state, frozen, x, labels, jax.random.fold_in(key, i))
         history.append(jax.tree.map(np.asarray, metrics))
     return jax.tree.map(np.asarray, state), history
 
 
-@pytest.mark.parametrize("variant", ["teacher", "alternating", "instant"])
-def test_sharded_step_matches_single_device(variant):
+@pytest.mark.parametrize("name", ["teacher", "auxiliary", "generator", "instant", "alternating"])
+def test_sharded_step_matches_single_device(name):
     cfg = mmd.DistillConfig(num_steps=4, weighting="edm", guidance=0.5, null_label=3, center="batch")
     assert len(jax.devices()) == 8
-    state8, hist8 = _run_steps(variant, jax.devices(), cfg)
-    state1, hist1 = _run_steps(variant, jax.devices()[:1], cfg)
+    state8, hist8 = _run_steps(name, jax.devices(), cfg)
+    state1, hist1 = _run_steps(name, jax.devices()[:1], cfg)
     for m8, m1 in zip(hist8, hist1):
         assert m8.keys() == m1.keys()
-        for name in m8:
-            np.testing.assert_allclose(m8[name], m1[name], rtol=2e-4, atol=1e-6, err_msg=name)
+        for metric in m8:
+            np.testing.assert_allclose(m8[metric], m1[metric], rtol=2e-4, atol=1e-6, err_msg=metric)
     for a, b in zip(jax.tree.leaves(state8), jax.tree.leaves(state1)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
     assert int(state8.step) == 2
+    if name == "alternating":  # auxiliary update first, then the generator's
+        assert [float(m["generator_step"]) for m in hist8] == [0.0, 1.0]
     # grad_norm is compared above: a pmean of per-device gradients would make it 8x too large.
     before = jax.tree.leaves(eqx.filter(_setup(seed=2, b=16)[0], eqx.is_inexact_array))
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state8.params), before))
+    trained = state8.aux_params if name == "auxiliary" else state8.params
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained), before))
 
 
 def test_teacher_ema_is_the_weighted_sum_of_the_parameter_trajectory():
@@ -492,8 +505,8 @@ def test_teacher_ema_is_the_weighted_sum_of_the_parameter_trajectory():
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
     state = mmd.init_train_state(params=params, optimizer=opt, ema=True)
-    step = mmd.make_train_step("teacher", static=static, mesh=mmd.data_mesh(), optimizer=opt, donate=False,
-                               teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.3))
+    (step,) = mmd.train_steps("teacher", static=static, mesh=mmd.data_mesh(), optimizer=opt, donate=False,
+                              teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.3))
     trajectory = [jax.tree.map(np.asarray, state.params)]
     for i in range(5):
         state, _ = step(state, mmd.Frozen(), x, labels, jax.random.fold_in(key, i))
@@ -511,7 +524,7 @@ def test_non_divisible_batch_raises_before_compiling():
     teacher, *_ = _setup()
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     opt = mmd.teacher_optimizer(peak_lr=1e-3)
-    step = mmd.make_train_step(
+    (step,) = mmd.train_steps(
         "teacher", static=static, mesh=mmd.data_mesh(), optimizer=opt, teacher_cfg=mmd.TeacherConfig(null_label=3)
     )
     state = mmd.init_train_state(params=params, optimizer=opt)
@@ -528,7 +541,7 @@ def test_bad_names_and_shapes_raise():
     with pytest.raises(ValueError, match="none, batch, fixed"):
         mmd.DistillConfig(center="mean")
     with pytest.raises(ValueError, match="teacher, alternating, instant"):
-        mmd.make_train_step("progressive", static=None, mesh=mmd.data_mesh(), optimizer=optax.sgd(0.1))
+        mmd.train_steps("progressive", static=None, mesh=mmd.data_mesh(), optimizer=optax.sgd(0.1))
     with pytest.raises(jaxtyping.TypeCheckError):
         mmd.posterior(z_t=jnp.zeros((3, 2)), x=jnp.zeros((3, 2)), lam_t=jnp.zeros(4), lam_s=jnp.zeros(4))
     with pytest.raises(jaxtyping.TypeCheckError):
@@ -549,19 +562,20 @@ def test_distillation_end_to_end_on_2d_mixture():
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     draw = jax.jit(lambda key: mix.draw(key, batch))
 
-    def train(step, state, frozen, num_steps, seed):
+    def train(programs, state, frozen, num_steps, seed):
         for i in range(num_steps):
             key = jax.random.fold_in(jax.random.key(seed), i)
+            step = programs[i % len(programs)]
             state, metrics = step(state, frozen, draw(jax.random.fold_in(key, 1)), labels, key)
         assert all(np.isfinite(v) for v in jax.tree.leaves(metrics))
         return state
 
     opt = mmd.teacher_optimizer(peak_lr=1e-3, warmup_steps=100)
-    step = mmd.make_train_step(
+    programs = mmd.train_steps(
         "teacher", static=static, mesh=mesh, optimizer=opt,
         teacher_cfg=mmd.TeacherConfig(null_label=0, label_dropout=0.0),
     )
-    t_state = train(step, mmd.init_train_state(params=params, optimizer=opt), mmd.Frozen(), 3000, 1)
+    t_state = train(programs, mmd.init_train_state(params=params, optimizer=opt), mmd.Frozen(), 3000, 1)
 
     reference = mix.draw(jax.random.key(99), 2000)
 
@@ -579,8 +593,9 @@ def test_distillation_end_to_end_on_2d_mixture():
     for variant, num_steps, lr in [("alternating", 2000, 2e-4), ("instant", 1000, 1e-4)]:
         opt = mmd.distill_optimizer(peak_lr=lr, total_steps=num_steps, warmup_steps=num_steps // 10)
         aux_opt = opt if variant == "alternating" else None
-        step = mmd.make_train_step(variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt, distill_cfg=cfg)
+        programs = mmd.train_steps(variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt,
+                                   distill_cfg=cfg)
         state = mmd.init_train_state(params=t_state.params, optimizer=opt, aux_optimizer=aux_opt)
-        distilled = distance(train(step, state, frozen, num_steps, 2).params)
+        distilled = distance(train(programs, state, frozen, num_steps, 2).params)
         print(f"4-step energy distance: undistilled {undistilled:.4f}, {variant} {distilled:.4f}")
         assert distilled <= 0.5 * undistilled, (variant, distilled, undistilled)
