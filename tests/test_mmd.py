@@ -264,10 +264,11 @@ CASES = [
     mmd.DistillConfig(num_steps=2, weighting="edm", zs_mode="marginal"),
     mmd.DistillConfig(num_steps=4, weighting="dmd", guidance=0.7, clip=True, null_label=3),
     mmd.DistillConfig(num_steps=8, weighting="flat", center="batch"),
+    mmd.DistillConfig(num_steps=4, weighting="edm", instant_form="one_sided"),
 ]
 
 
-@pytest.mark.parametrize("cfg", CASES, ids=["flat", "edm-marginal", "dmd-guided-clipped", "centred"])
+@pytest.mark.parametrize("cfg", CASES, ids=["flat", "edm-marginal", "dmd-guided-clipped", "centred", "one-sided"])
 def test_instant_surrogate_gradient_equals_double_backprop(cfg):
     teacher, generator, x, labels, precond, key = _setup()
     inputs1, inputs2 = _inputs(key, x, labels, cfg)
@@ -290,6 +291,8 @@ def test_instant_surrogate_gradient_equals_double_backprop(cfg):
             if cfg.center == "batch":
                 real = (inp.x, mmd.diffuse(inp.x, inp.lam_s, inp.noise_real))
             grads.append(_reference_teacher_grad(teacher, x_gen, z_s, inp.lam_s, inp.labels, cfg, real))
+        if cfg.instant_form == "one_sided":  # the gradient of G_1^T Lambda sg(G_2)
+            grads[1] = jax.lax.stop_gradient(grads[1])
         return sum(jnp.vdot(a, l * b) for a, l, b in zip(*(jax.tree.leaves(t) for t in (grads[0], precond, grads[1]))))
 
     value, grad_ref = jax.value_and_grad(l2b)(gen_params)
@@ -385,6 +388,56 @@ def test_two_batch_estimate_is_unbiased_and_one_batch_is_not():
     assert one.mean() - target > 10 * se_one
 
 
+def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
+    """Algorithm 3 as printed (eq. 8, `nu = Lambda G_2`, times the 2 of ||.||^2) vs the symmetric surrogate,
+    Monte Carlo over independent minibatch pairs on a linear problem: E[one-sided gradient] = half of
+    E[symmetric gradient] = half of grad_eta ||E G||^2_Lambda (double backprop through one huge batch)."""
+    teacher = Linear(jnp.asarray([[0.8, 0.1], [-0.2, 0.7]], F32), jnp.asarray([0.05, -0.1], F32))
+    generator = Linear(jnp.asarray([[0.5, 0.0], [0.3, 0.4]], F32), jnp.asarray([0.3, 0.2], F32))
+    precond = Linear(jnp.asarray([[1.0, 2.0], [0.5, 1.5]], F32), jnp.asarray([1.0, 0.7], F32))
+    gen_params, gen_static = eqx.partition(generator, eqx.is_inexact_array)
+    mix = ring()
+    forms = {form: mmd.DistillConfig(num_steps=4, weighting="flat", instant_form=form)
+             for form in ("symmetric", "one_sided")}
+
+    def inputs(key, b):
+        kx, ki = jax.random.split(key)
+        return mmd.distill_inputs(ki, x=mix.draw(kx, b), labels=jnp.zeros(b, jnp.int32), num_steps=4, shift=0.0)
+
+    def flat(tree):
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)])
+
+    def grad_of(form, inp1, inp2):
+        def surrogate(p):
+            return mmd.instant_loss(eqx.combine(p, gen_static), teacher=teacher, precond=precond,
+                                    inputs1=inp1, inputs2=inp2, cfg=forms[form])[0]
+        return flat(jax.grad(surrogate)(gen_params))
+
+    def draws(key):
+        k1, k2 = jax.random.split(key)
+        inp1, inp2 = inputs(k1, 4), inputs(k2, 4)
+        return grad_of("symmetric", inp1, inp2), grad_of("one_sided", inp1, inp2)
+
+    sym, one = (np.asarray(a, np.float64) for a in jax.jit(jax.vmap(draws))(jax.random.split(jax.random.key(1), 20000)))
+
+    # The reference: grad_eta ||E G||^2_Lambda, G by plain double backprop on one huge batch.
+    big = inputs(jax.random.key(0), 200_000)
+
+    def sqnorm_of_mean_gradient(p):
+        x_gen = eqx.combine(p, gen_static)(big.z_t, big.lam_t, big.labels)
+        z_s = mmd.draw_zs(big, x_gen, mode="conditional")
+        g = _reference_teacher_grad(teacher, x_gen, z_s, big.lam_s, big.labels, forms["symmetric"])
+        return sum(jnp.vdot(a, l * a) for a, l in zip(jax.tree.leaves(g), jax.tree.leaves(precond)))
+
+    target = np.asarray(flat(jax.grad(sqnorm_of_mean_gradient)(gen_params)), np.float64)
+    se_sym, se_one = (a.std(axis=0) / math.sqrt(a.shape[0]) for a in (sym, one))
+    assert np.all(np.abs(target) > 10 * se_sym)  # the expected gradient is well resolved
+    assert np.all(np.abs(sym.mean(axis=0) - target) < 4 * se_sym + 1e-3 * np.abs(target))
+    assert np.all(np.abs(one.mean(axis=0) - 0.5 * target) < 4 * se_one + 1e-3 * np.abs(target))
+    # Per draw, the one-sided gradient is the first of the symmetric surrogate's two terms, not half of it.
+    assert not np.allclose(one, 0.5 * sym, rtol=1e-2)
+
+
 # ---------------------------------------------------------------------------------------- preconditioner
 
 
@@ -407,6 +460,38 @@ def test_preconditioner_equals_optax_adam_state():
         np.testing.assert_allclose(fresh[name], ref, rtol=1e-5)
     with pytest.raises(ValueError, match="found 0"):
         mmd.preconditioner_from_adam(optax.sgd(0.1).init(params), b2=0.99)
+
+
+def test_median_relative_eps_against_numpy():
+    """eps_mode="median": Lambda = 1 / (sqrt(nu_hat) + eps * median(sqrt(nu_hat))), the median over every
+    entry of every array; the fixed form is unchanged. Reference in numpy, float64."""
+    rng = np.random.default_rng(1)
+    nu = {"a": rng.uniform(0, 1e-2, (5, 3)), "b": rng.uniform(0, 1e-6, 4), "c": np.zeros(2)}  # c: never active
+    count, b2 = 37, 0.99
+    root = {k: np.sqrt(v / (1 - b2**count)) for k, v in nu.items()}
+    median = np.median(np.concatenate([r.ravel() for r in root.values()]))
+    nu32 = {k: jnp.asarray(v, F32) for k, v in nu.items()}
+    relative = mmd.preconditioner(nu32, count=count, b2=b2, eps=0.1, eps_mode="median")
+    fixed = mmd.preconditioner(nu32, count=count, b2=b2, eps=1e-8)
+    for k in nu:
+        np.testing.assert_allclose(relative[k], 1 / (root[k] + 0.1 * median), rtol=1e-5)
+        np.testing.assert_allclose(fixed[k], 1 / (root[k] + 1e-8), rtol=1e-5)
+    assert float(jnp.max(fixed["c"])) == pytest.approx(1e8)  # the paper's form: unbounded where nu = 0
+    assert float(jnp.max(relative["c"])) == pytest.approx(1 / (0.1 * median), rel=1e-5)
+    adam = optax.adam(1e-3, b2=b2).init(nu32)
+    adam = (adam[0]._replace(nu=nu32, count=jnp.asarray(count, jnp.int32)), *adam[1:])
+    from_adam = mmd.preconditioner_from_adam(adam, b2=b2, eps=0.1, eps_mode="median")
+    np.testing.assert_allclose(from_adam["a"], relative["a"], rtol=1e-6)
+    with pytest.raises(ValueError, match="fixed, median"):
+        mmd.preconditioner(nu32, count=count, b2=b2, eps_mode="mean")
+
+
+def test_preconditioned_shares_sum_to_one_and_rank_groups():
+    precond = {"big": jnp.full(3, 10.0, F32), "small": jnp.ones(4, F32)}
+    grads = {"big": jnp.ones(3, F32), "small": jnp.ones(4, F32)}
+    shares = mmd.preconditioned_shares(precond, grads)
+    assert list(shares) == ["['big']", "['small']"]
+    assert shares["['big']"] == pytest.approx(300 / 304) and shares["['small']"] == pytest.approx(4 / 304)
 
 
 # ---------------------------------------------------------------------------------------- straight-through
