@@ -313,8 +313,9 @@ class DistillConfig:
     """Distillation settings shared by both variants (MATH.md §4-8; defaults as the paper).
 
     `num_steps` is the student's k; `regularize_aux` switches the auxiliary's teacher term (§5);
-    `center` is the instant variant's data-centring option (§6, [C]); `instant_form` is its objective:
-    `symmetric` `G_1^T Lambda G_2` (§6 [D], default) or `one_sided`, Algorithm 3 as printed (eq. 8).
+    `center` is the instant variant's data-centring option (§6, [C]); `instant_form` is its
+    objective: `symmetric` `G_1^T Lambda G_2` (§6 [D], default) or `one_sided`, Algorithm 3 as
+    printed (eq. 8).
     """
 
     num_steps: int = 8
@@ -498,10 +499,12 @@ def _centred_gradient(
     real_grad: PyTree | None,
     axis_name: str | None,
 ) -> tuple[PyTree, Float[Array, " b"]]:
-    """`(G, w)` on the generated pairs of one minibatch, less the real-data gradient for `cfg.center`
-    = `batch` (the same gradient on real pairs of this minibatch) or `fixed` (`real_grad`) [C]."""
+    """`(G, w)` on the generated pairs of one minibatch, less the real-data gradient for
+    `cfg.center` = `batch` (the same gradient on real pairs of this minibatch) or `fixed`
+    (`real_grad`) [C]."""
     grads, w = teacher_gradient(
-        teacher, x=x_gen, z_s=z_s, lam_s=inputs.lam_s, labels=inputs.labels, cfg=cfg, axis_name=axis_name
+        teacher, x=x_gen, z_s=z_s, lam_s=inputs.lam_s, labels=inputs.labels, cfg=cfg,
+        axis_name=axis_name,
     )
     if cfg.center == "batch":
         z_real = diffuse(inputs.x, inputs.lam_s, inputs.noise_real)
@@ -528,13 +531,14 @@ def instant_loss(
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """Surrogate whose gradient is exactly that of `L_2b = G_1^T Lambda G_2` (eq. 9, reading [D]).
 
-    Teacher VJPs and JVPs, no Hessians (MATH.md §6, [D]): `G_i` on minibatch i, `u_1 = J(z_s1) Lambda G_2`,
-    `u_2 = J(z_s2) Lambda G_1`, surrogate `-(2/B) sum w (x_gen_1 . sg(u_1) + x_gen_2 . sg(u_2))`.
-    `cfg.instant_form="one_sided"` keeps the first term only: Algorithm 3 as printed (eq. 8, `nu = Lambda
-    G_2` from the other minibatch) times the factor 2 of `||.||^2`, i.e. the gradient of
-    `G_1^T Lambda sg(G_2)`, whose expectation is half the symmetric one's. `cfg.center` subtracts
-    real-data gradients from each `G_i` [C]. Metric `loss` is the value `G_1^T Lambda G_2` (the monitor
-    the paper plots), `surrogate` the surrogate's. Raises ValueError for `center="fixed"` without `real_grad`.
+    Teacher VJPs and JVPs, no Hessians (MATH.md §6, [D]): `G_i` on minibatch i,
+    `u_1 = J(z_s1) Lambda G_2`, `u_2 = J(z_s2) Lambda G_1`, surrogate
+    `-(2/B) sum w (x_gen_1 . sg(u_1) + x_gen_2 . sg(u_2))`. `cfg.instant_form="one_sided"` keeps the
+    first term only: Algorithm 3 as printed (eq. 8, `nu = Lambda G_2` from the other minibatch)
+    times the factor 2 of `||.||^2`, i.e. the gradient of `G_1^T Lambda sg(G_2)`, whose expectation
+    is half the symmetric one's. `cfg.center` subtracts real-data gradients from each `G_i` [C].
+    Metric `loss` is the value `G_1^T Lambda G_2` (the monitor the paper plots), `surrogate` the
+    surrogate's. Raises ValueError for `center="fixed"` without `real_grad`.
     """
     if cfg.center == "fixed" and real_grad is None:
         raise ValueError("center='fixed' needs real_grad (a mean real-data teacher gradient)")
@@ -547,14 +551,17 @@ def instant_loss(
     x_gen1, x_gen2 = x_gen[:b1], x_gen[b1:]
     z_s1 = draw_zs(inputs1, x_gen1, mode=cfg.zs_mode)
     z_s2 = draw_zs(inputs2, x_gen2, mode=cfg.zs_mode)
-    centred = functools.partial(_centred_gradient, teacher, cfg=cfg, real_grad=real_grad, axis_name=axis_name)
+    centred = functools.partial(
+        _centred_gradient, teacher, cfg=cfg, real_grad=real_grad, axis_name=axis_name
+    )
     G_1, w1 = centred(inputs=inputs1, x_gen=x_gen1, z_s=z_s1)  # noqa: N806 (the paper's names)
     G_2, w2 = centred(inputs=inputs2, x_gen=x_gen2, z_s=z_s2)  # noqa: N806
     u_1 = _teacher_jvp(teacher, z_s1, inputs1.lam_s, inputs1.labels, _tree_mul(precond, G_2))
     surrogate = _batch_mean(w1 * _sum_dims(x_gen1 * lax.stop_gradient(u_1)), axis_name)
     if cfg.instant_form == "symmetric":
         u_2 = _teacher_jvp(teacher, z_s2, inputs2.lam_s, inputs2.labels, _tree_mul(precond, G_1))
-        surrogate = surrogate + _batch_mean(w2 * _sum_dims(x_gen2 * lax.stop_gradient(u_2)), axis_name)
+        term2 = _batch_mean(w2 * _sum_dims(x_gen2 * lax.stop_gradient(u_2)), axis_name)
+        surrogate = surrogate + term2
     surrogate = -2.0 * surrogate
     value = lax.stop_gradient(_tree_vdot(G_1, _tree_mul(precond, G_2)))
     return surrogate, {"loss": value, "surrogate": lax.stop_gradient(surrogate)}
@@ -565,13 +572,19 @@ def instant_loss(
 
 
 def preconditioner(
-    nu: PyTree, *, count: int | Int[Array, ""], b2: float, eps: float = 1e-8, eps_mode: str = "fixed"
+    nu: PyTree,
+    *,
+    count: int | Int[Array, ""],
+    b2: float,
+    eps: float = 1e-8,
+    eps_mode: str = "fixed",
 ) -> PyTree:
     """`Lambda = 1 / (sqrt(nu_hat) + eps')`, `nu_hat = nu / (1 - b2^count)` (MATH.md §6; eps [C]).
 
-    `eps_mode="fixed"`: `eps' = eps` (the paper's Adam form, default); `"median"`: `eps' = eps * median of
-    sqrt(nu_hat)` over all parameters [C], which caps Lambda at `1 / (eps * median)` where the teacher's
-    gradients were tiny (a fixed 1e-8 lets it reach 1e8). Raises ValueError for an unknown mode.
+    `eps_mode="fixed"`: `eps' = eps` (the paper's Adam form, default); `"median"`:
+    `eps' = eps * median of sqrt(nu_hat)` over all parameters [C], which caps Lambda at
+    `1 / (eps * median)` where the teacher's gradients were tiny (a fixed 1e-8 lets it reach 1e8).
+    Raises ValueError for an unknown mode.
     """
     _check_choice("eps mode", eps_mode, EPS_MODES)
     correction = 1.0 - jnp.asarray(b2, jnp.float32) ** jnp.asarray(count, jnp.float32)
@@ -597,8 +610,8 @@ def adam_state(opt_state: PyTree) -> optax.ScaleByAdamState:
 def preconditioner_from_adam(
     opt_state: PyTree, *, b2: float, eps: float = 1e-8, eps_mode: str = "fixed"
 ) -> PyTree:
-    """Lambda from the teacher's optax Adam state (its bias-corrected `nu`), as loaded from a checkpoint
-    (MATH.md §6); `eps`, `eps_mode` as in `preconditioner`."""
+    """Lambda from the teacher's optax Adam state (its bias-corrected `nu`), as loaded from a
+    checkpoint (MATH.md §6); `eps`, `eps_mode` as in `preconditioner`."""
     adam = adam_state(opt_state)
     return preconditioner(adam.nu, count=adam.count, b2=b2, eps=eps, eps_mode=eps_mode)
 
@@ -607,7 +620,8 @@ def estimate_preconditioner(
     grads: Iterable[PyTree], *, b2: float, eps: float = 1e-8, eps_mode: str = "fixed"
 ) -> PyTree:
     """A fresh Lambda from a stream of teacher-loss gradients on real data: Adam's EMA of squared
-    gradients with no parameter update, bias-corrected (MATH.md §6); `eps`, `eps_mode` as in `preconditioner`."""
+    gradients with no parameter update, bias-corrected (MATH.md §6); `eps`, `eps_mode` as in
+    `preconditioner`."""
     nu, count = None, 0
     for g in grads:
         if nu is None:
@@ -620,8 +634,9 @@ def estimate_preconditioner(
 
 
 def preconditioned_shares(precond: PyTree, grads: PyTree) -> dict[str, float]:
-    """Each parameter array's share of `||Lambda G||^2` (keyed by its pytree path, largest first): which
-    parameter groups dominate the direction `Lambda G` along which Algorithm 3 takes teacher JVPs (§6)."""
+    """Each parameter array's share of `||Lambda G||^2` (keyed by its pytree path, largest first):
+    which parameter groups dominate the direction `Lambda G` along which Algorithm 3 takes teacher
+    JVPs (§6)."""
     paths_and_leaves = jax.tree_util.tree_leaves_with_path(_tree_mul(precond, grads))
     sq = {jax.tree_util.keystr(path): float(jnp.sum(jnp.square(v))) for path, v in paths_and_leaves}
     total = sum(sq.values())
@@ -768,7 +783,9 @@ def ema_decay(step: Int[Array, ""], *, decay: float) -> Float[Array, ""]:
     return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
 
 
-def _global_keys(key: PRNGKeyArray, n_local: int, offset: int | Int[Array, ""] = 0) -> Key[Array, " n"]:
+def _global_keys(
+    key: PRNGKeyArray, n_local: int, offset: int | Int[Array, ""] = 0
+) -> Key[Array, " n"]:
     """Per-example keys `fold_in(key, global index)`, so results do not depend on the device count."""
     start = offset + lax.axis_index("data") * n_local
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n_local))
@@ -814,7 +831,8 @@ def teacher_step(
     if average is not None:
         d = ema_decay(state.step, decay=cfg.ema_decay)
         average = jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, average, params)
-    return state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema=average), metrics
+    state = state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema=average)
+    return state, metrics
 
 
 def auxiliary_step(
@@ -828,8 +846,8 @@ def auxiliary_step(
     optimizer: optax.GradientTransformation,
     cfg: DistillConfig,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """Algorithm 2, the auxiliary's update (even steps): descend `L(phi)` (`auxiliary_loss`) on a fresh
-    minibatch with the auxiliary's `optimizer`; the generator and the teacher stay fixed."""
+    """Algorithm 2, the auxiliary's update (even steps): descend `L(phi)` (`auxiliary_loss`) on a
+    fresh minibatch with the auxiliary's `optimizer`; the generator and the teacher stay fixed."""
     inputs = distill_inputs(
         _global_keys(key, x.shape[0]), x=x, labels=labels, num_steps=cfg.num_steps, shift=cfg.shift
     )
@@ -838,7 +856,8 @@ def auxiliary_step(
     def loss(aux_params: PyTree) -> tuple[Array, dict[str, Array]]:
         auxiliary = eqx.combine(aux_params, static)
         return auxiliary_loss(
-            auxiliary, generator=generator, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
+            auxiliary, generator=generator, teacher=teacher, inputs=inputs, cfg=cfg,
+            axis_name="data",
         )
 
     params, opt_state, metrics = _descend(loss, optimizer, state.aux_params, state.aux_opt_state)
@@ -857,8 +876,8 @@ def generator_step(
     optimizer: optax.GradientTransformation,
     cfg: DistillConfig,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """Algorithm 2, the generator's update (odd steps): descend `L(eta)` (`generator_loss`) on a fresh
-    minibatch with the generator's `optimizer`; the auxiliary and the teacher stay fixed."""
+    """Algorithm 2, the generator's update (odd steps): descend `L(eta)` (`generator_loss`) on a
+    fresh minibatch with the generator's `optimizer`; the auxiliary and the teacher stay fixed."""
     inputs = distill_inputs(
         _global_keys(key, x.shape[0]), x=x, labels=labels, num_steps=cfg.num_steps, shift=cfg.shift
     )
@@ -867,7 +886,8 @@ def generator_step(
     def loss(params: PyTree) -> tuple[Array, dict[str, Array]]:
         generator = eqx.combine(params, static)
         return generator_loss(
-            generator, auxiliary=auxiliary, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
+            generator, auxiliary=auxiliary, teacher=teacher, inputs=inputs, cfg=cfg,
+            axis_name="data",
         )
 
     params, opt_state, metrics = _descend(loss, optimizer, state.params, state.opt_state)
@@ -919,8 +939,9 @@ def real_data_gradients(
     teacher_cfg: TeacherConfig,
     distill_cfg: DistillConfig,
 ) -> tuple[PyTree, PyTree]:
-    """`(grad of teacher_loss, real-data G)` of the teacher on one batch of real data: the stream for
-    `estimate_preconditioner` and the mean real-data gradient subtracted by `center="fixed"` (MATH.md §6)."""
+    """`(grad of teacher_loss, real-data G)` of the teacher on one batch of real data: the stream
+    for `estimate_preconditioner` and the mean real-data gradient subtracted by `center="fixed"`
+    (MATH.md §6)."""
     teacher = eqx.combine(params, static)
     k_teacher, k_real = (_global_keys(jax.random.fold_in(key, i), x.shape[0]) for i in (0, 1))
     g_teacher = eqx.filter_grad(
@@ -931,14 +952,16 @@ def real_data_gradients(
     )
     z_real = diffuse(x, inputs.lam_s, inputs.noise_real)
     g_real, _ = teacher_gradient(
-        teacher, x=x, z_s=z_real, lam_s=inputs.lam_s, labels=labels, cfg=distill_cfg, axis_name="data"
+        teacher, x=x, z_s=z_real, lam_s=inputs.lam_s, labels=labels, cfg=distill_cfg,
+        axis_name="data",
     )
     return eqx.filter(g_teacher, eqx.is_inexact_array), g_real
 
 
 def data_mesh(devices: Sequence[Any] | None = None, *, num_devices: int = 0) -> Mesh:
-    """A 1-D mesh with axis "data" over `devices`; else over the first `num_devices` local devices; else
-    (`num_devices=0`) over every device of every process. Raises ValueError for an impossible count."""
+    """A 1-D mesh with axis "data" over `devices`; else over the first `num_devices` local devices;
+    else (`num_devices=0`) over every device of every process. Raises ValueError for an impossible
+    count."""
     if devices is None and num_devices == 0:
         devices = jax.devices()
     elif devices is None:
@@ -946,28 +969,36 @@ def data_mesh(devices: Sequence[Any] | None = None, *, num_devices: int = 0) -> 
             raise ValueError("num_devices selects local devices of a single process; leave it 0 in "
                              "multi-process runs")
         if num_devices > jax.local_device_count():
-            raise ValueError(f"num_devices={num_devices} but only {jax.local_device_count()} local devices "
-                             "exist; choose fewer")
+            raise ValueError(f"num_devices={num_devices} but only {jax.local_device_count()} "
+                             "local devices exist; choose fewer")
         devices = jax.local_devices()[:num_devices]
     return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
 
 
-def check_batch_size(batch_size: int, *, num_devices: int, minibatches: int = 1, num_processes: int = 1) -> None:
-    """Refuse (ValueError) a global batch that the devices, the instant variant's `minibatches` and the
-    processes (each loads an equal slice) cannot split evenly."""
+def check_batch_size(
+    batch_size: int, *, num_devices: int, minibatches: int = 1, num_processes: int = 1
+) -> None:
+    """Refuse (ValueError) a global batch that the devices, the instant variant's `minibatches` and
+    the processes (each loads an equal slice) cannot split evenly."""
     divisor = num_devices * minibatches
     if batch_size % divisor or batch_size % num_processes:
-        what = f"{num_devices} devices" + (f" x {minibatches} minibatches" if minibatches > 1 else "")
-        raise ValueError(f"batch size {batch_size} is not divisible by {divisor} ({what}); use a multiple of "
-                         f"{math.lcm(divisor, num_processes)}")
+        what = f"{num_devices} devices"
+        if minibatches > 1:
+            what += f" x {minibatches} minibatches"
+        raise ValueError(f"batch size {batch_size} is not divisible by {divisor} ({what}); use a "
+                         f"multiple of {math.lcm(divisor, num_processes)}")
 
 
-def data_parallel(step: Callable, *, mesh: Mesh, minibatches: int = 1, donate: bool = True) -> Callable:
-    """`jit(shard_map(step))`: run a per-device `step(*replicated, x, labels, key)` with the replicated
-    arguments (state, frozen, parameters) and `key` on every device and the batch `x`, `labels` split over
-    mesh axis "data"; outputs are replicated. With `minibatches=2` (Algorithm 3) the batch is first cut into
-    `(2, b/2, ...)`, each minibatch split over the devices. `donate` gives the first argument's buffers to XLA.
-    Inside `step`, losses are global-batch means (`pmean`), so gradients are those of the global loss."""
+def data_parallel(
+    step: Callable, *, mesh: Mesh, minibatches: int = 1, donate: bool = True
+) -> Callable:
+    """`jit(shard_map(step))`: run a per-device `step(*replicated, x, labels, key)` with the
+    replicated arguments (state, frozen, parameters) and `key` on every device and the batch `x`,
+    `labels` split over mesh axis "data"; outputs are replicated. With `minibatches=2` (Algorithm 3)
+    the batch is first cut into `(2, b/2, ...)`, each minibatch split over the devices. `donate`
+    gives the first argument's buffers to XLA. Inside `step`, losses are global-batch means
+    (`pmean`), so gradients are those of the global loss. Raises ValueError (before compiling) for
+    a batch the devices cannot split."""
     n_dev = mesh.shape["data"]
     batch_spec = P("data") if minibatches == 1 else P(None, "data")
 
@@ -995,11 +1026,12 @@ def train_steps(
     distill_cfg: DistillConfig | None = None,
     donate: bool = True,
 ) -> tuple[Callable[..., tuple[TrainState, dict[str, Array]]], ...]:
-    """The jitted programs `(state, frozen, x, labels, key) -> (state, metrics)` of a variant; update `i`
-    (0-based) runs `programs[i % len(programs)]`: `(teacher_step,)`, `(instant_step,)`, or for
-    `alternating` `(auxiliary_step, generator_step)`, so each optimiser sees half the updates. Two programs
-    picked on the host, not one `lax.cond`: XLA:CPU ran the conditional ~6x slower. `static` is the
-    non-parameter part of the model (`eqx.partition(model, eqx.is_inexact_array)`)."""
+    """The jitted programs `(state, frozen, x, labels, key) -> (state, metrics)` of a variant;
+    update `i` (0-based) runs `programs[i % len(programs)]`: `(teacher_step,)`, `(instant_step,)`,
+    or for `alternating` `(auxiliary_step, generator_step)`, so each optimiser sees half the
+    updates. Two programs picked on the host, not one `lax.cond`: XLA:CPU ran the conditional ~6x
+    slower. `static` is the non-parameter part of the model
+    (`eqx.partition(model, eqx.is_inexact_array)`). Raises ValueError for a missing setting."""
     _check_choice("variant", variant, VARIANTS)
     if variant == "teacher" and teacher_cfg is None:
         raise ValueError("the teacher step needs teacher_cfg")
@@ -1015,4 +1047,5 @@ def train_steps(
         return (data_parallel(step, mesh=mesh, minibatches=2, donate=donate),)
     aux = functools.partial(auxiliary_step, static=static, optimizer=aux_optimizer, cfg=distill_cfg)
     gen = functools.partial(generator_step, static=static, optimizer=optimizer, cfg=distill_cfg)
-    return data_parallel(aux, mesh=mesh, donate=donate), data_parallel(gen, mesh=mesh, donate=donate)
+    return (data_parallel(aux, mesh=mesh, donate=donate),
+            data_parallel(gen, mesh=mesh, donate=donate))

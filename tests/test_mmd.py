@@ -389,9 +389,10 @@ def test_two_batch_estimate_is_unbiased_and_one_batch_is_not():
 
 
 def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
-    """Algorithm 3 as printed (eq. 8, `nu = Lambda G_2`, times the 2 of ||.||^2) vs the symmetric surrogate,
-    Monte Carlo over independent minibatch pairs on a linear problem: E[one-sided gradient] = half of
-    E[symmetric gradient] = half of grad_eta ||E G||^2_Lambda (double backprop through one huge batch)."""
+    """Algorithm 3 as printed (eq. 8, `nu = Lambda G_2`, times the 2 of ||.||^2) vs the symmetric
+    surrogate, Monte Carlo over independent minibatch pairs on a linear problem: E[one-sided gradient]
+    = half of E[symmetric gradient] = half of grad_eta ||E G||^2_Lambda (double backprop through one
+    huge batch)."""
     teacher = Linear(jnp.asarray([[0.8, 0.1], [-0.2, 0.7]], F32), jnp.asarray([0.05, -0.1], F32))
     generator = Linear(jnp.asarray([[0.5, 0.0], [0.3, 0.4]], F32), jnp.asarray([0.3, 0.2], F32))
     precond = Linear(jnp.asarray([[1.0, 2.0], [0.5, 1.5]], F32), jnp.asarray([1.0, 0.7], F32))
@@ -427,14 +428,14 @@ def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
         x_gen = eqx.combine(p, gen_static)(big.z_t, big.lam_t, big.labels)
         z_s = mmd.draw_zs(big, x_gen, mode="conditional")
         g = _reference_teacher_grad(teacher, x_gen, z_s, big.lam_s, big.labels, forms["symmetric"])
-        return sum(jnp.vdot(a, l * a) for a, l in zip(jax.tree.leaves(g), jax.tree.leaves(precond)))
+        return sum(jnp.vdot(a, lam * a) for a, lam in zip(jax.tree.leaves(g), jax.tree.leaves(precond)))
 
     target = np.asarray(flat(jax.grad(sqnorm_of_mean_gradient)(gen_params)), np.float64)
     se_sym, se_one = (a.std(axis=0) / math.sqrt(a.shape[0]) for a in (sym, one))
     assert np.all(np.abs(target) > 10 * se_sym)  # the expected gradient is well resolved
     assert np.all(np.abs(sym.mean(axis=0) - target) < 4 * se_sym + 1e-3 * np.abs(target))
     assert np.all(np.abs(one.mean(axis=0) - 0.5 * target) < 4 * se_one + 1e-3 * np.abs(target))
-    # Per draw, the one-sided gradient is the first of the symmetric surrogate's two terms, not half of it.
+    # Per draw, the one-sided gradient is the first of the symmetric surrogate's two terms, not half.
     assert not np.allclose(one, 0.5 * sym, rtol=1e-2)
 
 
@@ -463,10 +464,11 @@ def test_preconditioner_equals_optax_adam_state():
 
 
 def test_median_relative_eps_against_numpy():
-    """eps_mode="median": Lambda = 1 / (sqrt(nu_hat) + eps * median(sqrt(nu_hat))), the median over every
-    entry of every array; the fixed form is unchanged. Reference in numpy, float64."""
+    """eps_mode="median": Lambda = 1 / (sqrt(nu_hat) + eps * median(sqrt(nu_hat))), the median over
+    every entry of every array; the fixed form is unchanged. Reference in numpy, float64."""
     rng = np.random.default_rng(1)
-    nu = {"a": rng.uniform(0, 1e-2, (5, 3)), "b": rng.uniform(0, 1e-6, 4), "c": np.zeros(2)}  # c: never active
+    # "c": parameters that never received a gradient.
+    nu = {"a": rng.uniform(0, 1e-2, (5, 3)), "b": rng.uniform(0, 1e-6, 4), "c": np.zeros(2)}
     count, b2 = 37, 0.99
     root = {k: np.sqrt(v / (1 - b2**count)) for k, v in nu.items()}
     median = np.median(np.concatenate([r.ravel() for r in root.values()]))
@@ -476,7 +478,8 @@ def test_median_relative_eps_against_numpy():
     for k in nu:
         np.testing.assert_allclose(relative[k], 1 / (root[k] + 0.1 * median), rtol=1e-5)
         np.testing.assert_allclose(fixed[k], 1 / (root[k] + 1e-8), rtol=1e-5)
-    assert float(jnp.max(fixed["c"])) == pytest.approx(1e8)  # the paper's form: unbounded where nu = 0
+    # The paper's form is 1 / eps where nu = 0; the relative one is capped at 1 / (eps * median).
+    assert float(jnp.max(fixed["c"])) == pytest.approx(1e8)
     assert float(jnp.max(relative["c"])) == pytest.approx(1 / (0.1 * median), rel=1e-5)
     adam = optax.adam(1e-3, b2=b2).init(nu32)
     adam = (adam[0]._replace(nu=nu32, count=jnp.asarray(count, jnp.int32)), *adam[1:])
@@ -529,8 +532,8 @@ STEPS = {"teacher": mmd.teacher_step, "auxiliary": mmd.auxiliary_step, "generato
 
 
 def _run_steps(name, devices, cfg, num_steps=2):
-    """`num_steps` updates with one named per-device step in `mmd.data_parallel`, or (`alternating`) with the
-    programs of `mmd.train_steps`, picked by update number."""
+    """`num_steps` updates with one named per-device step in `mmd.data_parallel`, or
+    (`alternating`) with the programs of `mmd.train_steps`, picked by update number."""
     teacher, _, x, labels, precond, key = _setup(seed=2, b=16)
     x, labels = x.reshape(32, 2), labels.reshape(32)
     params, static = eqx.partition(teacher, eqx.is_inexact_array)

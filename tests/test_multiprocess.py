@@ -3,10 +3,10 @@
 Each process is a fresh Python (`python tests/test_multiprocess.py ...`): it sets its own CPU device
 count, joins a localhost coordinator with gloo CPU collectives (`jax.distributed.initialize`), reads
 its own slice of every global batch through `data.batches`, assembles the global batch with
-`jax.make_array_from_process_local_data` (as train.py does) and runs teacher steps, then instant steps
-from that teacher, with mmd's step programs. The losses and the parameters must equal those of one
-process holding all the devices. Nothing here uses `psum_scatter` (gloo returns wrong values for
-chunks near 4 MiB).
+`jax.make_array_from_process_local_data` (as train.py does) and runs teacher steps, then instant
+steps from that teacher, with mmd's step programs. The losses and the parameters must equal those
+of one process holding all the devices. Nothing here uses `psum_scatter` (gloo returns wrong values
+for chunks near 4 MiB).
 """
 
 import os
@@ -30,10 +30,17 @@ def _free_port() -> int:
 
 
 def _start(process_id: int, num_processes: int, port: int, out: pathlib.Path) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",  # not the pytest process's 8 fake devices
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    # XLA_FLAGS emptied: not the pytest process's 8 fake devices.
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    )
     argv = [sys.executable, __file__, str(process_id), str(num_processes), str(port), str(out)]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_two_processes_equal_one_process(tmp_path):
@@ -55,7 +62,11 @@ def test_two_processes_equal_one_process(tmp_path):
     assert one["process_count"] == 1 and one["device_count"] == DEVICES
     for i in range(2):
         two = np.load(tmp_path / f"two_{i}.npz")
-        assert two["process_index"] == i and two["process_count"] == 2 and two["device_count"] == DEVICES
+        assert (
+            two["process_index"] == i
+            and two["process_count"] == 2
+            and two["device_count"] == DEVICES
+        )
         # train.py writes checkpoints, metrics, grids and config.json only where this is true.
         assert bool(two["writes_files"]) == (i == 0)
         assert sorted(two.files) == sorted(one.files)
@@ -76,7 +87,9 @@ def _worker(process_id: int, num_processes: int, port: int, out: str) -> None:
     jax.config.update("jax_num_cpu_devices", DEVICES // num_processes)
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id
+        )
     import data
     import mmd
     from toy import MLPDenoiser
@@ -93,28 +106,54 @@ def _worker(process_id: int, num_processes: int, port: int, out: str) -> None:
     def run(programs, state, frozen, name):
         for i in range(STEPS):
             x, labels = (jax.make_array_from_process_local_data(sharded, a) for a in next(batches))
-            state, metrics = programs[i % len(programs)](state, frozen, x, labels, jax.random.fold_in(key, i))
+            state, metrics = programs[i % len(programs)](
+                state, frozen, x, labels, jax.random.fold_in(key, i)
+            )
             for metric in ("loss", "grad_norm"):
                 results.setdefault(f"{metric}_{name}", []).append(_host(metrics[metric]))
         return state
 
     opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
-    programs = mmd.train_steps("teacher", static=static, mesh=mesh, optimizer=opt,
-                               teacher_cfg=mmd.TeacherConfig(null_label=8, ema_decay=0.5))
+    programs = mmd.train_steps(
+        "teacher",
+        static=static,
+        mesh=mesh,
+        optimizer=opt,
+        teacher_cfg=mmd.TeacherConfig(null_label=8, ema_decay=0.5),
+    )
     state = jax.device_put(mmd.init_train_state(params=params, optimizer=opt, ema=True), replicated)
     state = run(programs, state, mmd.Frozen(), "teacher")
     teacher = state.params
-    frozen = mmd.Frozen(teacher=teacher, precond=mmd.preconditioner_from_adam(state.opt_state, b2=0.99))
+    frozen = mmd.Frozen(
+        teacher=teacher, precond=mmd.preconditioner_from_adam(state.opt_state, b2=0.99)
+    )
     opt = mmd.distill_optimizer(peak_lr=1e-2, total_steps=10, warmup_steps=1)
-    programs = mmd.train_steps("instant", static=static, mesh=mesh, optimizer=opt,
-                               distill_cfg=mmd.DistillConfig(num_steps=2, weighting="flat", null_label=8))
-    state = run(programs, jax.device_put(mmd.init_train_state(params=teacher, optimizer=opt), replicated),
-                frozen, "instant")
+    programs = mmd.train_steps(
+        "instant",
+        static=static,
+        mesh=mesh,
+        optimizer=opt,
+        distill_cfg=mmd.DistillConfig(num_steps=2, weighting="flat", null_label=8),
+    )
+    state = run(
+        programs,
+        jax.device_put(mmd.init_train_state(params=teacher, optimizer=opt), replicated),
+        frozen,
+        "instant",
+    )
     leaves = {f"param_teacher_{i}": _host(v) for i, v in enumerate(jax.tree.leaves(teacher))}
-    leaves.update({f"param_student_{i}": _host(v) for i, v in enumerate(jax.tree.leaves(state.params))})
-    np.savez(out, **{k: np.stack(v) for k, v in results.items()}, **leaves,
-             process_index=jax.process_index(), process_count=jax.process_count(),
-             device_count=jax.device_count(), writes_files=jax.process_index() == 0)
+    leaves.update(
+        {f"param_student_{i}": _host(v) for i, v in enumerate(jax.tree.leaves(state.params))}
+    )
+    np.savez(
+        out,
+        **{k: np.stack(v) for k, v in results.items()},
+        **leaves,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        device_count=jax.device_count(),
+        writes_files=jax.process_index() == 0,
+    )
 
 
 def _host(x) -> np.ndarray:

@@ -210,8 +210,9 @@ def test_bad_inputs_raise_actionable_errors():
 
 
 def test_attention_heads_against_a_loop_over_heads():
-    """The block's multi-head attention equals a numpy loop: head i reads columns [i*dh, (i+1)*dh) of each of
-    q, k, v (the qkv projection's three d-wide thirds) and writes the same columns of the merged output."""
+    """The block's multi-head attention equals a numpy loop: head i reads columns [i*dh, (i+1)*dh)
+    of each of q, k, v (the qkv projection's three d-wide thirds) and writes the same columns of
+    the merged output."""
     cfg = dataclasses.replace(TINY, transformer_width=12, heads=3, mlp_ratio=2)
     block = uvit.TransformerBlock(cfg, key=jax.random.key(0))
     block = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), block)
