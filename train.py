@@ -792,6 +792,9 @@ def _write_samples(
     config: Config, params: PyTree, static: PyTree, key: PRNGKeyArray, devices: list[Any], path: pathlib.Path
 ) -> None:
     teacher = config.variant == "teacher"
+    # Each process samples on its own devices from its own copy of the (replicated) parameters: a
+    # transfer from another process's devices is not supported on CPU.
+    params = jax.tree.map(lambda a: a.addressable_data(0), params)
     images = evaluation.generate(
         eqx.combine(params, static), key, num_samples=config.num_samples, batch_size=config.num_samples,
         num_classes=config.model.num_classes, num_steps=config.teacher_sample_steps if teacher else config.k,
@@ -933,7 +936,7 @@ def train(config: Config) -> pathlib.Path:
     progress.close()
     if existing and start == config.steps:
         _print(f"{workdir} already finished all {config.steps} steps.")
-    final = _checkpoints(workdir)[-1]
+    final = last_good  # not a directory listing: only process 0 writes, maybe to its own disk
     if config.variant == "teacher":
         if is_main:
             export_teacher(final, workdir / "teacher.eqx")
