@@ -160,12 +160,13 @@ class Config:
     zs: str = _field("conditional", "how z_s is drawn", choices=mmd.ZS_MODES)
     regularize_aux: bool = _field(True, "the auxiliary's teacher regulariser (alternating)")
     center: str = _field("none", "data centring of the instant variant's gradients", choices=mmd.CENTERINGS)
-    instant_form: str = _field("symmetric", "instant objective: symmetric G1^T Lambda G2, or one_sided "
-                               "(Algorithm 3 as printed, eq. 8)", choices=mmd.INSTANT_FORMS)
+    instant_form: str = _field("symmetric", "instant objective: symmetric G1^T Lambda G2, or "
+                               "one_sided (Algorithm 3 as printed, eq. 8)",
+                               choices=mmd.INSTANT_FORMS)
     precond_steps: int = _field(0, "estimate Lambda from N fresh teacher gradients (0: teacher's Adam state)")
     precond_eps: float = _field(1e-8, "eps of Lambda = 1 / (sqrt(nu_hat) + eps)")
-    precond_eps_mode: str = _field("fixed", "fixed: eps as given (the paper's); median: eps times the median "
-                                   "sqrt(nu_hat)", choices=mmd.EPS_MODES)
+    precond_eps_mode: str = _field("fixed", "fixed: eps as given (the paper's); median: eps times "
+                                   "the median sqrt(nu_hat)", choices=mmd.EPS_MODES)
     center_steps: int = _field(16, "real-data batches averaged for center=fixed (when precond_steps is 0)")
     # Output.
     log_every: int = _field(10, "fetch metrics, check them and update the progress bar every N steps")
@@ -606,8 +607,9 @@ def fresh_statistics(
     n = config.precond_steps or (config.center_steps if config.center == "fixed" else 0)
     if n == 0:
         return None, None
-    grad_fn = mmd.data_parallel(functools.partial(mmd.real_data_gradients, static=static, teacher_cfg=teacher_cfg,
-                                                  distill_cfg=distill_cfg), mesh=mesh, donate=False)
+    local = functools.partial(mmd.real_data_gradients, static=static, teacher_cfg=teacher_cfg,
+                              distill_cfg=distill_cfg)
+    grad_fn = mmd.data_parallel(local, mesh=mesh, donate=False)
     batches = data.batches(dataset, batch_size=config.batch_size, seed=(config.seed + 1) % 2**32)
     sharding = NamedSharding(mesh, P("data"))
     real_sum: list[PyTree] = []
@@ -620,7 +622,8 @@ def fresh_statistics(
             yield g_teacher
 
     if config.precond_steps:
-        precond = mmd.estimate_preconditioner(teacher_grads(), b2=config.teacher_b2, eps=config.precond_eps,
+        precond = mmd.estimate_preconditioner(teacher_grads(), b2=config.teacher_b2,
+                                              eps=config.precond_eps,
                                               eps_mode=config.precond_eps_mode)
     else:
         precond = None
@@ -663,7 +666,8 @@ def _global_batch(
 
 def check_batch(config: Config, n_devices: int) -> None:
     """Refuse, before compiling, a batch size the devices (and the instant variant's halves) cannot split."""
-    mmd.check_batch_size(config.batch_size, num_devices=n_devices, minibatches=2 if config.variant == "instant" else 1,
+    minibatches = 2 if config.variant == "instant" else 1
+    mmd.check_batch_size(config.batch_size, num_devices=n_devices, minibatches=minibatches,
                          num_processes=jax.process_count())
 
 
@@ -837,7 +841,8 @@ def train(config: Config) -> pathlib.Path:
     distill_cfg = mmd.DistillConfig(
         num_steps=config.k, shift=config.shift, weighting=config.weighting, zs_mode=config.zs,
         guidance=config.guidance, clip=config.clip, null_label=null_label,
-        regularize_aux=config.regularize_aux, center=config.center, instant_form=config.instant_form,
+        regularize_aux=config.regularize_aux, center=config.center,
+        instant_form=config.instant_form,
     )
     if config.variant == "teacher":
         params, static = eqx.partition(uvit.make_model(config.model, key=k_init), eqx.is_inexact_array)
@@ -918,7 +923,8 @@ def train(config: Config) -> pathlib.Path:
     window = 0
     for i in range(start, config.steps):
         x, labels = _global_batch(next(batches), batch_sharding)
-        state, metrics = programs[i % len(programs)](state, frozen, x, labels, jax.random.fold_in(k_train, i))
+        step_fn = programs[i % len(programs)]  # alternating: auxiliary, then generator
+        state, metrics = step_fn(state, frozen, x, labels, jax.random.fold_in(k_train, i))
         pending.append((i + 1, metrics))
         window += 1
         progress.update(1)

@@ -74,7 +74,7 @@ def test_two_processes_equal_one_process(tmp_path):
     # The steps did something: the instant losses are not all equal.
     assert len(set(np.round(one["loss_instant"], 8))) > 1
 
-    # train.py's loop: process 0 wrote the whole run, process 1 nothing, the same numbers as one process.
+    # train.py's loop: process 0 wrote the whole run, process 1 nothing; numbers as one process's.
     written, single = tmp_path / "two_0_run", tmp_path / "one_0_run"
     assert not (tmp_path / "two_1_run").exists()
     names = {"checkpoints/ckpt_00000002.eqx", "config.json", "metrics.jsonl", "teacher.eqx",
@@ -128,7 +128,8 @@ def _steps(tag: str, root: pathlib.Path) -> None:
     state = jax.device_put(mmd.init_train_state(params=teacher, optimizer=opt), replicated)
     state = run(programs, state, mmd.Frozen(teacher=teacher, precond=precond), "instant")
     leaves = {f"param_teacher_{i}": _host(v) for i, v in enumerate(jax.tree.leaves(teacher))}
-    leaves.update({f"param_student_{i}": _host(v) for i, v in enumerate(jax.tree.leaves(state.params))})
+    student = jax.tree.leaves(state.params)
+    leaves.update({f"param_student_{i}": _host(v) for i, v in enumerate(student)})
     np.savez(root / f"{tag}_{jax.process_index()}.npz", **leaves,
              **{k: np.stack(v) for k, v in results.items()}, process_index=jax.process_index(),
              process_count=jax.process_count(), device_count=jax.device_count())
