@@ -18,8 +18,18 @@ import socket
 import subprocess
 import sys
 
+import equinox as eqx
+import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import data
+import mmd
+import train
+from toy import MLPDenoiser
+
+# Importing these modules must not start JAX's backend: each process sets its device count first.
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEVICES = 4  # in all: 2 processes x 2 devices, or 1 process x 4 devices
 BATCH = 16
@@ -42,8 +52,6 @@ def _start(process_id: int, num_processes: int, port: int, root: pathlib.Path) -
 
 
 def _leaves(checkpoint: pathlib.Path) -> list[np.ndarray]:
-    import train
-
     return list(train.read_leaves(checkpoint, "params").values())
 
 
@@ -88,15 +96,6 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def _steps(tag: str, root: pathlib.Path) -> None:
     """Teacher steps, then instant steps from that teacher, with mmd's programs on 2-D data."""
-    import equinox as eqx
-    import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    import data
-    import mmd
-    from toy import MLPDenoiser
-
     dataset = data.load("gmm:n=512,seed=0")  # 2-D points, 8 classes
     batches = data.batches(dataset, batch_size=BATCH, seed=0)  # this process's slice of each batch
     mesh = mmd.data_mesh()
@@ -142,15 +141,11 @@ def _host(x) -> np.ndarray:
 
 def _worker(process_id: int, num_processes: int, port: int, root: pathlib.Path) -> None:
     """One process of the run: `num_processes` of them share `DEVICES` CPU devices."""
-    import jax
-
     jax.config.update("jax_num_cpu_devices", DEVICES // num_processes)
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes,
                                    process_id=process_id)
-    import train
-
     tag = "two" if num_processes > 1 else "one"
     _steps(tag, root)
     train.main(["--variant", "teacher", "--preset", "tiny", "--data", f"npz:{root / 'tiny.npz'}",
