@@ -551,18 +551,22 @@ def instant_loss(
     x_gen1, x_gen2 = x_gen[:b1], x_gen[b1:]
     z_s1 = draw_zs(inputs1, x_gen1, mode=cfg.zs_mode)
     z_s2 = draw_zs(inputs2, x_gen2, mode=cfg.zs_mode)
-    centred = functools.partial(
-        _centred_gradient, teacher, cfg=cfg, real_grad=real_grad, axis_name=axis_name
+    G_1, w1 = _centred_gradient(  # noqa: N806 (the paper's names)
+        teacher, inputs=inputs1, x_gen=x_gen1, z_s=z_s1, cfg=cfg, real_grad=real_grad,
+        axis_name=axis_name,
     )
-    G_1, w1 = centred(inputs=inputs1, x_gen=x_gen1, z_s=z_s1)  # noqa: N806 (the paper's names)
-    G_2, w2 = centred(inputs=inputs2, x_gen=x_gen2, z_s=z_s2)  # noqa: N806
+    G_2, w2 = _centred_gradient(  # noqa: N806
+        teacher, inputs=inputs2, x_gen=x_gen2, z_s=z_s2, cfg=cfg, real_grad=real_grad,
+        axis_name=axis_name,
+    )
     u_1 = _teacher_jvp(teacher, z_s1, inputs1.lam_s, inputs1.labels, _tree_mul(precond, G_2))
-    surrogate = _batch_mean(w1 * _sum_dims(x_gen1 * lax.stop_gradient(u_1)), axis_name)
-    if cfg.instant_form == "symmetric":
+    term1 = _batch_mean(w1 * _sum_dims(x_gen1 * lax.stop_gradient(u_1)), axis_name)
+    if cfg.instant_form == "one_sided":  # G_2 reaches the generator through minibatch 1 only
+        surrogate = -2.0 * term1
+    else:
         u_2 = _teacher_jvp(teacher, z_s2, inputs2.lam_s, inputs2.labels, _tree_mul(precond, G_1))
         term2 = _batch_mean(w2 * _sum_dims(x_gen2 * lax.stop_gradient(u_2)), axis_name)
-        surrogate = surrogate + term2
-    surrogate = -2.0 * surrogate
+        surrogate = -2.0 * (term1 + term2)
     value = lax.stop_gradient(_tree_vdot(G_1, _tree_mul(precond, G_2)))
     return surrogate, {"loss": value, "surrogate": lax.stop_gradient(surrogate)}
 
