@@ -71,6 +71,7 @@ given in the paper) are our choice: 1e-4 for generator and auxiliary on MNIST.
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -159,8 +160,13 @@ class Config:
     zs: str = _field("conditional", "how z_s is drawn", choices=mmd.ZS_MODES)
     regularize_aux: bool = _field(True, "the auxiliary's teacher regulariser (alternating)")
     center: str = _field("none", "data centring of the instant variant's gradients", choices=mmd.CENTERINGS)
+    instant_form: str = _field("symmetric", "instant objective: symmetric G1^T Lambda G2, or "
+                               "one_sided (Algorithm 3 as printed, eq. 8)",
+                               choices=mmd.INSTANT_FORMS)
     precond_steps: int = _field(0, "estimate Lambda from N fresh teacher gradients (0: teacher's Adam state)")
     precond_eps: float = _field(1e-8, "eps of Lambda = 1 / (sqrt(nu_hat) + eps)")
+    precond_eps_mode: str = _field("fixed", "fixed: eps as given (the paper's); median: eps times "
+                                   "the median sqrt(nu_hat)", choices=mmd.EPS_MODES)
     center_steps: int = _field(16, "real-data batches averaged for center=fixed (when precond_steps is 0)")
     # Output.
     log_every: int = _field(10, "fetch metrics, check them and update the progress bar every N steps")
@@ -505,7 +511,7 @@ def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Non
     params_like, _ = model_skeleton(config.model)
     optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=config.teacher_b1, b2=config.teacher_b2)
     opt_state = load_group(checkpoint, "opt_state", jax.eval_shape(optimizer.init, params_like))
-    adam = _adam_state(opt_state)
+    adam = mmd.adam_state(opt_state)
     group = _network_group(meta)
     save_checkpoint(
         out,
@@ -514,12 +520,6 @@ def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Non
         groups={"params": load_group(checkpoint, group, params_like),
                 "nu": jax.tree.map(lambda v: v.astype(jnp.bfloat16), adam.nu)},
     )
-
-
-def _adam_state(opt_state: PyTree) -> optax.ScaleByAdamState:
-    (state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-                if isinstance(s, optax.ScaleByAdamState)]
-    return state
 
 
 def _checkpoints(workdir: pathlib.Path) -> list[pathlib.Path]:
@@ -590,11 +590,12 @@ def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | N
     elif "opt_state" in meta["groups"] and meta["config"]["variant"] == "teacher":
         saved = _saved_config(path, meta)
         optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=saved.teacher_b1, b2=saved.teacher_b2)
-        adam = _adam_state(load_group(path, "opt_state", jax.eval_shape(optimizer.init, params_like)))
+        adam = mmd.adam_state(load_group(path, "opt_state", jax.eval_shape(optimizer.init, params_like)))
         nu, count, b2 = adam.nu, adam.count, saved.teacher_b2
     else:
         raise CheckpointError(f"{path} holds no teacher Adam state for Lambda; pass --precond-steps N to estimate it")
-    return params, mmd.preconditioner(nu, count=count, b2=b2, eps=config.precond_eps)
+    return params, mmd.preconditioner(nu, count=count, b2=b2, eps=config.precond_eps,
+                                      eps_mode=config.precond_eps_mode)
 
 
 def fresh_statistics(
@@ -606,7 +607,9 @@ def fresh_statistics(
     n = config.precond_steps or (config.center_steps if config.center == "fixed" else 0)
     if n == 0:
         return None, None
-    grad_fn = mmd.make_gradient_fn(static=static, mesh=mesh, teacher_cfg=teacher_cfg, distill_cfg=distill_cfg)
+    local = functools.partial(mmd.real_data_gradients, static=static, teacher_cfg=teacher_cfg,
+                              distill_cfg=distill_cfg)
+    grad_fn = mmd.data_parallel(local, mesh=mesh, donate=False)
     batches = data.batches(dataset, batch_size=config.batch_size, seed=(config.seed + 1) % 2**32)
     sharding = NamedSharding(mesh, P("data"))
     real_sum: list[PyTree] = []
@@ -619,7 +622,9 @@ def fresh_statistics(
             yield g_teacher
 
     if config.precond_steps:
-        precond = mmd.estimate_preconditioner(teacher_grads(), b2=config.teacher_b2, eps=config.precond_eps)
+        precond = mmd.estimate_preconditioner(teacher_grads(), b2=config.teacher_b2,
+                                              eps=config.precond_eps,
+                                              eps_mode=config.precond_eps_mode)
     else:
         precond = None
         for _ in teacher_grads():
@@ -659,26 +664,11 @@ def _global_batch(
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in batch)
 
 
-def select_devices(num_devices: int) -> list[Any]:
-    """The first `num_devices` local devices, or (0) every device of every process."""
-    if num_devices == 0:
-        return jax.devices()
-    if jax.process_count() > 1:
-        raise ValueError("--num-devices selects local devices of a single process; leave it 0 in multi-process runs")
-    if num_devices > jax.local_device_count():
-        raise ValueError(f"--num-devices {num_devices} but only {jax.local_device_count()} local devices exist")
-    return jax.local_devices()[:num_devices]
-
-
 def check_batch(config: Config, n_devices: int) -> None:
     """Refuse, before compiling, a batch size the devices (and the instant variant's halves) cannot split."""
-    divisor = n_devices * (2 if config.variant == "instant" else 1)
-    what = f"{n_devices} devices" + (" x 2 minibatches (instant)" if config.variant == "instant" else "")
-    if config.batch_size % divisor or config.batch_size % jax.process_count():
-        raise ValueError(
-            f"batch size {config.batch_size} is not divisible by {divisor} ({what}); use a multiple of "
-            f"{math.lcm(divisor, jax.process_count())}, or select devices with --num-devices"
-        )
+    minibatches = 2 if config.variant == "instant" else 1
+    mmd.check_batch_size(config.batch_size, num_devices=n_devices, minibatches=minibatches,
+                         num_processes=jax.process_count())
 
 
 def check_inputs(config: Config) -> data.Dataset:
@@ -806,6 +796,9 @@ def _write_samples(
     config: Config, params: PyTree, static: PyTree, key: PRNGKeyArray, devices: list[Any], path: pathlib.Path
 ) -> None:
     teacher = config.variant == "teacher"
+    # Each process samples on its own devices from its own copy of the (replicated) parameters: a
+    # transfer from another process's devices is not supported on CPU.
+    params = jax.tree.map(lambda a: a.addressable_data(0), params)
     images = evaluation.generate(
         eqx.combine(params, static), key, num_samples=config.num_samples, batch_size=config.num_samples,
         num_classes=config.model.num_classes, num_steps=config.teacher_sample_steps if teacher else config.k,
@@ -822,7 +815,8 @@ def train(config: Config) -> pathlib.Path:
     """Run (or resume) the configured training; returns the final checkpoint (teacher runs: teacher.eqx)."""
     config = resolve(config)
     workdir = pathlib.Path(config.workdir)
-    devices = select_devices(config.num_devices)
+    mesh = mmd.data_mesh(num_devices=config.num_devices)
+    devices = list(mesh.devices.flat)
     check_batch(config, len(devices))
     dataset = check_inputs(config)
     existing = _checkpoints(workdir)
@@ -833,7 +827,6 @@ def train(config: Config) -> pathlib.Path:
     if saved is not None and _config_differences(saved, config, ignore=RUN_FIELDS) and existing:
         raise ValueError(f"{workdir}/config.json differs from this configuration in "
                          f"{_config_differences(saved, config, ignore=RUN_FIELDS)}; use another --workdir")
-    mesh = mmd.data_mesh(devices)
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     is_main = jax.process_index() == 0
     if is_main:
@@ -849,6 +842,7 @@ def train(config: Config) -> pathlib.Path:
         num_steps=config.k, shift=config.shift, weighting=config.weighting, zs_mode=config.zs,
         guidance=config.guidance, clip=config.clip, null_label=null_label,
         regularize_aux=config.regularize_aux, center=config.center,
+        instant_form=config.instant_form,
     )
     if config.variant == "teacher":
         params, static = eqx.partition(uvit.make_model(config.model, key=k_init), eqx.is_inexact_array)
@@ -879,7 +873,7 @@ def train(config: Config) -> pathlib.Path:
         resumed, state, k_train = _restore_newest(existing, state, batches)
         _print(f"Resuming {workdir} from {resumed.name} (step {int(state.step)}).")
     state = jax.device_put(state, replicated)
-    step_fn = mmd.make_train_step(
+    programs = mmd.train_steps(
         config.variant, static=static, mesh=mesh, optimizer=optimizer, aux_optimizer=aux_optimizer,
         teacher_cfg=teacher_cfg, distill_cfg=distill_cfg,
     )
@@ -929,6 +923,7 @@ def train(config: Config) -> pathlib.Path:
     window = 0
     for i in range(start, config.steps):
         x, labels = _global_batch(next(batches), batch_sharding)
+        step_fn = programs[i % len(programs)]  # alternating: auxiliary, then generator
         state, metrics = step_fn(state, frozen, x, labels, jax.random.fold_in(k_train, i))
         pending.append((i + 1, metrics))
         window += 1
@@ -947,7 +942,7 @@ def train(config: Config) -> pathlib.Path:
     progress.close()
     if existing and start == config.steps:
         _print(f"{workdir} already finished all {config.steps} steps.")
-    final = _checkpoints(workdir)[-1]
+    final = last_good  # not a directory listing: only process 0 writes, maybe to its own disk
     if config.variant == "teacher":
         if is_main:
             export_teacher(final, workdir / "teacher.eqx")
