@@ -342,6 +342,9 @@ def test_cli_fid_and_precision_recall_against_cached_reference(tiny_run, tmp_pat
     assert record["reference"]["cache"] == cache.name
     with np.load(cache) as f:
         np.testing.assert_array_equal(f["features"], real.astype(np.float32))
+    # A second evaluation reads the reference from the cache: Inception runs on the samples only.
+    assert _eval(teacher, tmp_path / "again")["fid"] == pytest.approx(record["fid"], rel=1e-12)
+    assert calls == [REFERENCE_SIZE] * 3
 
 
 def test_cli_errors(tiny_run, tmp_path):
