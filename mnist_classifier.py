@@ -170,8 +170,7 @@ def train_classifier(
     *, seed: int = 0, epochs: int = 8, batch_size: int = 128, out: str | os.PathLike = WEIGHTS
 ) -> dict:
     """Train on MNIST's training split (see the module docstring), write the weights atomically to
-    `out`,
-    and return {test accuracy, seconds, seed, epochs}. Same seed, same weights on the same
+    `out`, and return {test accuracy, seconds, seed, epochs}. Same seed, same weights on the same
     machine."""
     train_set, test_set = data.load("mnist", split="train"), data.load("mnist", split="test")
     images, y = train_set.images, train_set.labels.astype(np.int32)
