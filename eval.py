@@ -686,7 +686,8 @@ def _inception_metrics(
     )
     timings["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-  
+    # k-NN radii shrink as a set grows: compare equal-sized sets (a fixed random subset of the
+    # reference).
     subset = np.sort(
         np.random.default_rng(0).permutation(real.shape[0])[: min(real.shape[0], fake.shape[0])]
     )

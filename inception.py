@@ -313,8 +313,7 @@ FUSED_1X1 = {
 
 
 def _folded(weights: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(HWIO weight scaled by 1 / sqrt(var + eps), bias beta - mean / sqrt(var + eps)), in float64.
-    """
+    """(HWIO weight scaled by 1 / sqrt(var + eps), bias beta - mean / sqrt(var + eps)), float64."""
     scale = 1.0 / np.sqrt(weights[f"{name}.var"].astype(np.float64) + BN_EPS)
     weight = weights[f"{name}.weight"].astype(np.float64).transpose(2, 3, 1, 0) * scale
     return weight, weights[f"{name}.beta"] - weights[f"{name}.mean"] * scale

@@ -107,8 +107,7 @@ def load_classifier(path: Path = WEIGHTS) -> LeNet:
         )
     try:
         return eqx.tree_deserialise_leaves(path, LeNet(key=jax.random.key(0)))
-    # noqa: BLE001 -- any failure to read means the same thing to the user
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 (any failure to read means the same to the user)
         raise ValueError(
             f"MNIST classifier weights {path} are unreadable ({type(error).__name__}: "
             f"{error}): recreate them with `{TRAIN_COMMAND}`"

@@ -59,8 +59,8 @@ def test_inception_features_match_torchscript_oracle(inception):
 def test_resize_passes_299_through_and_reproduces_linear_ramps():
     images = np.zeros((2, 299, 299, 3), np.uint8)
     assert inc.resize_for_inception(images) is images
-  
-    # output pixel j samples the input at (j + 0.5) * n / 299 - 0.5.
+    # Bicubic (Keys, a = -0.5) interpolation reproduces linear functions exactly away from the
+    # borders: output pixel j samples the input at (j + 0.5) * n / 299 - 0.5.
     n = 32
     ramp = np.broadcast_to((7 * np.arange(n, dtype=np.uint8))[None, :, None], (n, n, 1))
     resized = inc.resize_for_inception(np.stack([ramp, ramp.transpose(1, 0, 2)]))
