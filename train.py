@@ -643,8 +643,8 @@ def save_titled_grids(
     columns: int | None,
 ) -> None:
     """Image grids side by side, each under its own title, with an overall title; PNG, atomically."""
-    width = max(4.0, 0.35 * tile(panels[0][1], columns=columns).shape[1] / panels[0][1].shape[2])
-    fig = Figure(figsize=(width * len(panels), width * 1.1))
+    height, width = tile(panels[0][1], columns=columns).shape[:2]
+    fig = Figure(figsize=(5.0 * len(panels), 5.0 * height / width + 0.9))
     for ax, (name, images) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         grid = tile(images, columns=columns)
         ax.imshow(grid[:, :, 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
@@ -683,7 +683,7 @@ def write_samples(run: Run, params: PyTree, *, step: int, network: str) -> pathl
         name, k = _sampler_name(run.config, network)
         when = "the starting point" if step == 0 and network == "teacher" else f"after {step} training steps"
         save_titled_grids([(f"{name}, {k} sampling steps", images)], path, columns=_columns(run.config),
-                          title=f"{run.workdir.name}: {when}")
+                          title=f"{run.workdir}: {when}")
     return path
 
 
@@ -698,7 +698,7 @@ def write_comparison(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
         panels = [(f"teacher, {k} steps (before distillation)", teacher),
                   (f"{run.config.variant} student, {k} steps, after {step} training steps", student)]
         save_titled_grids(panels, path, columns=_columns(run.config),
-                          title=f"{run.workdir.name}: same noise and labels (label = column)")
+                          title=f"{run.workdir}: same noise and labels (label = column)")
     return path
 
 
@@ -732,7 +732,7 @@ def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path, *, variant: str) 
                     np.array([r[name] for r in records if name in r], dtype=np.float64), name=name)
         ax.set_title(labels[name], fontsize=9, loc="left")
     axes[-1].set_xlabel("training step")
-    fig.suptitle(f"{variant} run {metrics_path.parent.name}: metrics.jsonl", fontsize=10)
+    fig.suptitle(f"{variant} run {metrics_path.parent}", fontsize=10)
     save_figure(fig, out, dpi=100)
 
 
@@ -852,7 +852,7 @@ class Progress:
                         unit="step") if _show_bars() else None
 
     def show(self, step: int, record: dict[str, Any]) -> None:
-        shown = {k: f"{v:.4g}" for k, v in record.items() if k in SHOWN}
+        shown = {k: f"{record[k]:.4g}" for k in SHOWN if k in record}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(shown, refresh=False)
@@ -900,14 +900,15 @@ def train(config: Config) -> pathlib.Path:
            f"{config.batch_size}, in {run.workdir} (the first step compiles).")
     if start == 0 and config.variant != "teacher":  # the starting point: the teacher with the student's k
         write_samples(run, run.frozen.teacher, step=0, network="teacher")
-    progress = Progress(config, start)
+    progress, stopping = Progress(config, start), False
     with StopSignals() as stop:
         for i in range(start, config.steps):
             x, labels = _global_batch(next(run.batches), run.batch_sharding)
             state, metrics = run.step_fn(state, run.frozen, x, labels, jax.random.fold_in(run.train_key, i))
             step = i + 1
             log.append(step, metrics)
-            end = step == config.steps or stop.requested
+            stopping = stop.requested  # read once: a signal arriving later stops after the next step
+            end = step == config.steps or stopping
             if i == start or step % config.log_every == 0 or step % config.checkpoint_every == 0 or end:
                 progress.show(step, log.flush(last_good))
             if step % config.checkpoint_every == 0 or end:
@@ -915,12 +916,12 @@ def train(config: Config) -> pathlib.Path:
             if step % config.sample_every == 0 or end:
                 write_samples(run, _network(state), step=step,
                               network="teacher" if config.variant == "teacher" else "student")
-            if stop.requested:
+            if stopping:
                 break
     progress.close()
     if config.variant != "teacher" and step > start:
         write_comparison(run, state.params, step=step)
-    if stop.requested:
+    if stopping:
         raise Interrupted(step, last_good)
     if start == config.steps:
         _print(f"{run.workdir} already finished all {config.steps} steps.")
@@ -937,11 +938,13 @@ def summary(run: Run, result: pathlib.Path, *, steps: int, seconds: float) -> st
     command to run next."""
     config, workdir = run.config, run.workdir
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()[-1:]]
-    final = {k: f"{v:.4g}" for k, v in (records[0] if records else {}).items() if k in SHOWN}
+    last = records[0] if records else {}
+    final = {k: f"{last[k]:.4g}" for k in SHOWN if k in last}
     files = [result, workdir / "loss.png", workdir / "metrics.jsonl", workdir / "samples" / "teacher_vs_student.png",
              workdir / "samples" / f"step_{config.steps:08d}.png"]
     if config.variant == "teacher":
-        command = f"python train.py --variant instant --teacher {result}"
+        data_option = "" if config.data == PRESETS[config.preset].data else f" --data {shlex.quote(config.data)}"
+        command = f"python train.py --preset {config.preset}{data_option} --variant instant --teacher {result}"
     else:
         command = f"python eval.py --checkpoint {result} --num-samples 1000"
     return "\n".join([
