@@ -647,7 +647,8 @@ def save_titled_grids(
     fig = Figure(figsize=(5.0 * len(panels), 5.0 * height / width + 0.9))
     for ax, (name, images) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         grid = tile(images, columns=columns)
-        ax.imshow(grid[:, :, 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(grid[:, :, 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
+                  interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
@@ -1173,7 +1174,7 @@ def _add_options(parser: argparse.ArgumentParser, cls: type, defaults: Any, pref
         if dataclasses.is_dataclass(hints[f.name]):
             _add_options(parser, hints[f.name], default, prefix=dest + ".")
             continue
-        flag = "--" + dest.replace(".", "-").replace("_", "-")
+        flag = _flag(dest)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f"{f.metadata.get('help', f'{cls.__name__}.{f.name}')} (default: {shown})"
         kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
