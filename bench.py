@@ -509,47 +509,59 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and run one benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    sub = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # every option's help shows its default
-    model = commands.add_parser("model", help="U-ViT forward / forward+backward speed and FLOP efficiency", **sub)
-    model.add_argument("--preset", default="mnist", choices=sorted(uvit.PRESETS), help="U-ViT architecture")
+    sub = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # help shows every default
+    model = commands.add_parser(
+        "model", help="U-ViT forward / forward+backward speed and FLOP efficiency", **sub
+    )
+    presets = sorted(uvit.PRESETS)
+    model.add_argument("--preset", default="mnist", choices=presets, help="U-ViT architecture")
     model.add_argument("--batch-size", type=positive_int, default=128, help="images per timed call")
-    model.add_argument("--repeats", type=positive_int, default=10, help="timed calls after a warm-up (median)")
+    model.add_argument("--repeats", type=positive_int, default=10,
+                       help="timed calls after a warm-up (median)")
     model.add_argument("--seed", type=int, default=0, help="seed of the parameters and inputs")
     model.set_defaults(run=run_model)
-    speed = commands.add_parser("speed", help="teacher / alternating / instant step time and sampling speed-up",
-                                **sub)
-    speed.add_argument("--preset", default="mnist", choices=sorted(uvit.PRESETS), help="U-ViT architecture")
+    speed = commands.add_parser(
+        "speed", help="teacher / alternating / instant step time and sampling speed-up", **sub
+    )
+    speed.add_argument("--preset", default="mnist", choices=presets, help="U-ViT architecture")
     speed.add_argument("--batch-size", type=positive_int, default=64, help="global batch of every step")
-    speed.add_argument("--repeats", type=positive_int, default=5, help="timed steps after a warm-up (median)")
+    speed.add_argument("--repeats", type=positive_int, default=5,
+                       help="timed steps after a warm-up (median)")
     speed.add_argument("--sample-batch", type=positive_int, default=16, help="images per sampling call")
-    speed.add_argument("--seed", type=int, default=0, help="seed of the parameters, data and sampling")
+    speed.add_argument("--seed", type=int, default=0,
+                       help="seed of the parameters, data and sampling")
     speed.set_defaults(run=run_speed)
     for command in (model, speed):
         command.add_argument("--out", help="also write the results as JSON to this path")
     mnist = train.PRESETS["mnist"]
-    quality = commands.add_parser("quality", help="FID of the MNIST teacher and distilled students (the paper's "
-                                  "claims)", **sub)
+    quality = commands.add_parser(
+        "quality", help="FID of the MNIST teacher and distilled students (paper's claims)", **sub
+    )
     quality.add_argument("--budget", default="small", choices=sorted(BUDGETS),
                          help="small: 1,000 samples per FID, k in {1, 8}; full: 10,000 samples, k in {1, 2, 4, 8}")
-    quality.add_argument("--out", default=None, help="results and cache directory (none: runs/quality-<budget>)")
+    quality.add_argument("--out", default=None,
+                         help="results and cache directory (none: runs/quality-<budget>)")
     quality.add_argument("--teacher", default="auto",
                          help="teacher checkpoint (auto: checkpoints/mnist_teacher.eqx, trained first if absent)")
     quality.add_argument("--distill-steps", type=positive_int, default=mnist.distill_steps,
                          help="training steps of each student")
-    quality.add_argument("--distill-batch-size", type=positive_int, default=mnist.distill_batch_size,
+    quality.add_argument("--distill-batch-size", type=positive_int,
+                         default=mnist.distill_batch_size,
                          help="global batch of each student's training (instant: both minibatches)")
     quality.add_argument("--eval-batch-size", type=positive_int, default=200,
                          help="global batch of sampling and Inception (results do not depend on it)")
     quality.add_argument("--time-limit", type=float, default=None,
                          help="start no new row after this many minutes (a rerun continues)")
     quality.add_argument("--num-samples", type=positive_int, default=None,
-                         help="samples per FID (none: the budget's); rows are cached per sample count")
+                         help="samples per FID (none: the budget's); rows are cached per sample "
+                              "count")
     names = [row.name for row in quality_rows("full")]
     quality.add_argument("--rows", nargs="+", default=(), metavar="NAME",
-                         help="run only these rows, in this order; separate processes may run disjoint rows into "
-                              f"the same --out. Names (small: the first {len(quality_rows('small'))}): "
-                              + " ".join(names))
-    quality.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the sample labels")
+                         help="run only these rows, in this order; separate processes may run "
+                              "disjoint rows into the same --out. Names (small: the first "
+                              f"{len(quality_rows('small'))}): " + " ".join(names))
+    quality.add_argument("--seed", type=int, default=0,
+                         help="seed of training, sampling and the sample labels")
     quality.set_defaults(run=run_quality)
     args = parser.parse_args(argv)
     result = args.run(args)

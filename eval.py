@@ -442,7 +442,8 @@ def inception_features(
     if images.shape[0] == 0:
         return np.zeros((0, 2048), np.float32)
     mesh = mmd.data_mesh(list(devices or jax.local_devices()))
-    params = data.replicate(params if params is not None else inception_params(load_inception_weights()), mesh)
+    params = params if params is not None else inception_params(load_inception_weights())
+    params = data.replicate(params, mesh)
     features = data.map_batches(
         lambda x: _inception_batch(params, x),
         lambda indices: (resize_for_inception(images[indices]),),

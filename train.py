@@ -4,7 +4,7 @@ data-parallel over every local device (and every host).
     python train.py --variant instant               # the whole job on MNIST (see "The default run")
     python train.py --variant teacher --workdir runs/my-teacher --steps 3000
     python train.py --variant alternating --teacher runs/my-teacher/teacher.eqx --k 4
-    python train.py --variant instant --resume      # continue a stopped run from its last checkpoint
+    python train.py --variant instant --resume      # continue from the last checkpoint
     python train.py --preset imagenet64 --data imagenet64:/data/imagenet64 --teacher T.eqx --variant instant
     python train.py --help                          # every option and its default (add --preset to see its)
 
@@ -29,12 +29,13 @@ Work directory (`--workdir`, default `runs/<preset>-<variant>`):
                               `aux_loss` on auxiliary steps, `generator_loss` on generator steps, plus the
                               moment gap), grad_norm, lr, images_per_s (over the logging window), time
     checkpoints/ckpt_<step>.eqx   the last `keep_checkpoints` checkpoints
-    samples/step_<step>.png   titled sample grids with a fixed key, one class per column (students: k steps;
-                              step 0 is the teacher sampled with the student's k steps, the starting point)
-    samples/teacher_vs_student.png   (distillation) the teacher and the final student, both with k steps,
+    samples/step_<step>.png   titled sample grids with a fixed key, one class per column (students:
+                              k steps; step 0 is the teacher sampled with the student's k steps)
+    samples/teacher_vs_student.png
+                              (distillation) the teacher and the final student, both with k steps,
                               from the same noise and labels
-    loss.png                  the curves of metrics.jsonl (titled panels, running means), redrawn at every
-                              checkpoint
+    loss.png                  the curves of metrics.jsonl (titled panels, running means), redrawn
+                              at every checkpoint
     teacher.eqx               (teacher runs) what distillation needs: parameters, Adam's nu (bfloat16), count
 
 Checkpoints are single zip files, written to a temporary name and renamed: `meta.json` (format, step,
@@ -49,13 +50,14 @@ summation order). Metrics are fetched every `log_every` steps and before every c
 loss or gradient norm stops the run naming its step, and since no checkpoint is written unchecked, the
 last one is good.
 
-Stopping and resuming. Ctrl-C (SIGINT) or SIGTERM lets the current step finish, writes a checkpoint (and
-sample grids) at that step and prints where it is and the command that resumes (exit status 130); a second
-Ctrl-C aborts at once, leaving the previous checkpoint. `--resume` restores everything from the work
-directory's last checkpoint (parameters, optimiser states, the parameter average, PRNG key, data position)
-and the saved configuration; the steps after that checkpoint are recomputed, with the same result.
-A finished run prints a summary: steps, wall time, final loss, the files written and the next command.
-Progress is a bar on a terminal and a plain line about 50 times a run otherwise (logs redirected to files).
+Stopping and resuming. Ctrl-C (SIGINT) or SIGTERM lets the current step finish, writes a checkpoint
+(and sample grids) at that step and prints where it is and the command that resumes (exit status
+130); a second Ctrl-C aborts at once, leaving the previous checkpoint. `--resume` restores
+everything from the work directory's last checkpoint (parameters, optimiser states, the parameter
+average, PRNG key, data position) and the saved configuration; the steps after that checkpoint are
+recomputed, with the same result. A finished run prints a summary: steps, wall time, final loss, the
+files written and the next command. Progress is a bar on a terminal, otherwise (a log file) a plain
+line about 50 times a run.
 
 Multi-host. When the environment shows a multi-process job (`JAX_COORDINATOR_ADDRESS`, `SLURM_NTASKS` > 1,
 `OMPI_COMM_WORLD_SIZE` > 1, or a multi-host TPU slice's `TPU_WORKER_HOSTNAMES`), `jax.distributed.initialize()`
@@ -65,11 +67,12 @@ batch; process 0 alone writes files. `--batch-size` is the global batch.
 Optimisers. Teacher: clip 1, Adam(b1=0.9, b2=0.99, eps=1e-8), linear warm-up then constant (mmd.teacher_optimizer),
 and a moving average of the parameters (`teacher_ema`, decay min(0.999, (1+t)/(10+t))) that the export, the
 sample grids and distillation use; Lambda comes from Adam's `nu` of the raw parameters' gradients.
-Distillation (paper Appendix B): clip 1, Adam(b1=0, b2=0.99, eps=1e-12), warm-up then linear decay to 0.
-The paper warms up over 1000 steps of runs up to 200k; here the warm-up is min(`warmup`, 10% of the
-generator's updates), so that a short run is not mostly warm-up; config.json records the value used. With `alternating` the auxiliary updates
-on even steps and the generator on odd ones, so each schedule spans half the steps. The peak rates (not
-given in the paper) are our choice: 1e-4 for generator and auxiliary on MNIST.
+Distillation (paper Appendix B): clip 1, Adam(b1=0, b2=0.99, eps=1e-12), warm-up then linear decay
+to 0. The paper warms up over 1000 steps of runs up to 200k; here the warm-up is min(`warmup`, 10%
+of the generator's updates), so that a short run is not mostly warm-up; config.json records the
+value used. With `alternating` the auxiliary updates on even steps and the generator on odd ones, so
+each schedule spans half the steps. The peak rates (not given in the paper) are our choice: 1e-4 for
+generator and auxiliary on MNIST.
 """
 
 import argparse
@@ -153,15 +156,15 @@ class Config:
     shift: float | None = _field(None, "log-SNR shift (none: 2 log(64 / resolution), Simple Diffusion's)")
     teacher_k: int = _field(64, "sampling steps of the teacher's sample grids")
     # Distillation.
-    teacher: str = _field("auto", "teacher checkpoint (auto: checkpoints/<preset>_teacher.eqx, trained first if "
-                          "absent); config.json records the file used")
+    teacher: str = _field("auto", "teacher checkpoint (auto: checkpoints/<preset>_teacher.eqx, "
+                          "trained first if absent); config.json records the file used")
     k: int = _field(8, "the student's sampling steps")
     distill_steps: int = _field(1000, "steps of distillation")
     distill_batch_size: int = _field(32, "batch size of distillation (instant: both minibatches together)")
     lr: float = _field(1e-4, "generator's peak learning rate")
     aux_lr: float = _field(1e-4, "auxiliary's peak learning rate (alternating)")
-    warmup: int = _field(1000, "distillation warm-up steps, capped at 10%% of the (generator's) updates; "
-                         "config.json records the value used")
+    warmup: int = _field(1000, "distillation warm-up steps, capped at 10%% of the (generator's) "
+                         "updates; config.json records the value used")
     weighting: str = _field("edm", "loss weighting w(lambda)", choices=mmd.WEIGHTINGS)
     guidance: float = _field(0.0, "classifier-free guidance weight w of the teacher")
     clip: bool = _field(False, "clip the guided teacher's prediction to [-1, 1]")
@@ -179,8 +182,8 @@ class Config:
     num_samples: int = _field(50, "images per sample grid (labels i %% num_classes: one class per column)")
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                     "k", "teacher_k", "num_samples"):
+        for name in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every",
+                     "keep_checkpoints", "k", "teacher_k", "num_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
@@ -188,7 +191,8 @@ class Config:
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.variant not in mmd.VARIANTS:
-            raise ValueError(f"unknown --variant {self.variant!r}; valid: {', '.join(mmd.VARIANTS)}")
+            valid = ", ".join(mmd.VARIANTS)
+            raise ValueError(f"unknown --variant {self.variant!r}; valid: {valid}")
 
 
 def _flag(name: str) -> str:
@@ -225,7 +229,7 @@ PRESETS = {
 """Named configurations. ImageNet values follow the paper (batch 2048, 200k distillation steps); their
 learning rates are our choice and untested at that scale."""
 
-# Fields renamed since checkpoints were first written (the shipped teacher's config has the old names).
+# Fields renamed since checkpoints were first written (the shipped teacher's config has old names).
 RENAMED = {"teacher_sample_steps": "teacher_k"}
 
 # Settings that may change when a run is resumed: they do not affect the numbers it computes.
@@ -233,20 +237,23 @@ RUN_FIELDS = ("resume", "workdir", "num_devices", "log_every", "sample_every", "
 
 
 def resolve(config: Config) -> Config:
-    """Fill the fields whose value depends on others with the values the run uses: steps, batch size,
-    shift, workdir, the teacher file (`auto`: the preset's) and the warm-up actually applied."""
+    """Fill the fields whose value depends on others with the values the run uses: steps, batch
+    size, shift, workdir, the teacher file (`auto`: the preset's) and the warm-up applied."""
     teacher = config.variant == "teacher"
     steps = config.steps or (config.teacher_steps if teacher else config.distill_steps)
     # The generator's updates: every step (instant), every second step (alternating).
     updates = steps // 2 if config.variant == "alternating" else steps
+    warmup = min(config.warmup, max(1, int(DISTILL_WARMUP_FRACTION * updates)))
+    auto = config.teacher == "auto"
     return dataclasses.replace(
         config,
         steps=steps,
-        batch_size=config.batch_size or (config.teacher_batch_size if teacher else config.distill_batch_size),
+        batch_size=config.batch_size
+        or (config.teacher_batch_size if teacher else config.distill_batch_size),
         shift=mmd.resolution_shift(config.model.resolution) if config.shift is None else config.shift,
         workdir=config.workdir or str(pathlib.Path("runs") / f"{config.preset}-{config.variant}"),
-        teacher=str(default_teacher_path(config.preset)) if config.teacher == "auto" else config.teacher,
-        warmup=config.warmup if teacher else min(config.warmup, max(1, int(DISTILL_WARMUP_FRACTION * updates))),
+        teacher=str(default_teacher_path(config.preset)) if auto else config.teacher,
+        warmup=config.warmup if teacher else warmup,
     )
 
 
@@ -359,8 +366,9 @@ def check_data(dataset: data.Dataset, model: uvit.UViTConfig) -> None:
 
 
 def optimizers(config: Config) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None, Callable]:
-    """`(optimizer, aux optimizer, lr(i))` of a resolved configuration; `lr(i)` is the rate of update i
-    (0-based). Both distillation optimisers warm up over `config.warmup` updates (see `resolve`)."""
+    """`(optimizer, aux optimizer, lr(i))` of a resolved configuration; `lr(i)` is the rate of
+    update i (0-based). Both distillation optimisers warm up over `config.warmup` updates
+    (see `resolve`)."""
     if config.variant == "teacher":
         opt = mmd.teacher_optimizer(peak_lr=config.teacher_lr, warmup_steps=config.teacher_warmup,
                                     b1=config.teacher_b1, b2=config.teacher_b2)
@@ -369,9 +377,8 @@ def optimizers(config: Config) -> tuple[optax.GradientTransformation, optax.Grad
         return opt, None, lambda i: float(schedule(jnp.asarray(i)))
 
     def distill(peak_lr: float, updates: int) -> tuple[optax.GradientTransformation, Callable]:
-        schedule = mmd.warmup_linear_schedule(peak_lr=peak_lr, warmup_steps=config.warmup, total_steps=updates)
-        opt = mmd.distill_optimizer(peak_lr=peak_lr, total_steps=updates, warmup_steps=config.warmup)
-        return opt, schedule
+        kwargs = dict(peak_lr=peak_lr, warmup_steps=config.warmup, total_steps=updates)
+        return mmd.distill_optimizer(**kwargs), mmd.warmup_linear_schedule(**kwargs)
 
     if config.variant == "instant":
         opt, schedule = distill(config.lr, config.steps)
@@ -416,7 +423,7 @@ def fresh_statistics(
 
 
 def _show_bars() -> bool:
-    """Progress bars only on process 0 and only on a terminal (a log file gets plain lines, no '\\r')."""
+    """Progress bars only on process 0 and only on a terminal (a log file gets plain lines)."""
     return jax.process_index() == 0 and sys.stderr.isatty()
 
 
@@ -433,11 +440,11 @@ PATH_SOURCES = ("mnist", "imagenet64", "folder", "npz")  # data.SOURCES whose ar
 
 
 def load_data(config: Config) -> data.Dataset:
-    """The training split of `--data`, checked against the model; messages name the options to change."""
+    """The training split of `--data`, checked against the model; errors name the options."""
     kind, _, path = config.data.partition(":")
     if kind == "folder" and config.data_resolution is None:
-        raise ValueError(f"--data {config.data} resizes its images: pass --data-resolution N (the model's "
-                         f"--model-resolution is {config.model.resolution})")
+        raise ValueError(f"--data {config.data} resizes its images: pass --data-resolution N "
+                         f"(the model's --model-resolution is {config.model.resolution})")
     if kind in PATH_SOURCES and path and not pathlib.Path(path).exists():
         raise FileNotFoundError(f"--data {config.data}: {path} does not exist")
     try:
@@ -449,8 +456,9 @@ def load_data(config: Config) -> data.Dataset:
 
 
 def check_run(config: Config) -> tuple[list[Any], list[pathlib.Path]]:
-    """`(devices, existing checkpoints)` after every check that needs no data: devices and batch size, the
-    work directory's state, the teacher file. Nothing is written before these (and the data) pass."""
+    """`(devices, existing checkpoints)` after every check that needs no data: devices and batch
+    size, the work directory's state, the teacher file. Nothing is written before these (and the
+    data) pass."""
     devices = select_devices(config.num_devices)
     check_batch(config, len(devices))
     workdir = pathlib.Path(config.workdir)
@@ -461,11 +469,12 @@ def check_run(config: Config) -> tuple[list[Any], list[pathlib.Path]]:
     saved = _workdir_config(workdir)
     changed = _config_differences(saved, config, ignore=RUN_FIELDS) if saved is not None else []
     if changed and existing:
-        raise ValueError(f"{workdir}/config.json differs from this configuration in {changed}; use another "
-                         "--workdir")
+        raise ValueError(f"{workdir}/config.json differs from this configuration in {changed}; "
+                         "use another --workdir")
     if config.variant != "teacher" and not pathlib.Path(config.teacher).is_file():
-        raise FileNotFoundError(f"teacher checkpoint {config.teacher} not found; pass --teacher PATH (a "
-                                "teacher.eqx or ckpt_*.eqx of a --variant teacher run) or --teacher auto")
+        raise FileNotFoundError(f"teacher checkpoint {config.teacher} not found; pass --teacher "
+                                "PATH (a teacher.eqx or ckpt_*.eqx of a --variant teacher run) or "
+                                "--teacher auto")
     return devices, existing
 
 
@@ -500,8 +509,8 @@ class Run(typing.NamedTuple):
 
 
 def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
-    """Check the configuration, work directory, teacher and data; only then write config.json, build the
-    step function (compiled on its first call) and the initial or restored training state."""
+    """Check the configuration, work directory, teacher and data; only then write config.json,
+    build the step function (compiled on its first call) and the initial or restored state."""
     devices, existing = check_run(config)
     dataset = load_data(config)
     k_init, k_train, k_sample, k_stats = jax.random.split(jax.random.key(config.seed), 4)
@@ -526,7 +535,8 @@ def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
             teacher_cfg=teacher_cfg, distill_cfg=distill_cfg,
         ) if config.variant == "instant" else (None, None)
         precond = precond if fresh_precond is None else fresh_precond
-        frozen = jax.device_put(mmd.Frozen(teacher=params, precond=precond, real_grad=real_grad), replicated)
+        frozen = mmd.Frozen(teacher=params, precond=precond, real_grad=real_grad)
+        frozen = jax.device_put(frozen, replicated)
     optimizer, aux_optimizer, learning_rate = optimizers(config)
     state = mmd.init_train_state(params=params, optimizer=optimizer, aux_optimizer=aux_optimizer,
                                  ema=config.variant == "teacher" and config.teacher_ema > 0)
@@ -538,8 +548,9 @@ def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
         config.variant, static=static, mesh=mesh, optimizer=optimizer, aux_optimizer=aux_optimizer,
         teacher_cfg=teacher_cfg, distill_cfg=distill_cfg,
     )
-    run = Run(config, workdir, devices, static, frozen, step_fn, batches, NamedSharding(mesh, P("data")),
-              learning_rate, k_train, k_sample, existing[-1] if existing else None)
+    run = Run(config, workdir, devices, static, frozen, step_fn, batches,
+              NamedSharding(mesh, P("data")), learning_rate, k_train, k_sample,
+              existing[-1] if existing else None)
     return run, jax.device_put(state, replicated)
 
 
@@ -609,7 +620,9 @@ def generate(
     return to_uint8(samples)
 
 
-def tile(images: UInt8[np.ndarray, "n h w c"], *, columns: int | None = None) -> UInt8[np.ndarray, "H W c"]:
+def tile(
+    images: UInt8[np.ndarray, "n h w c"], *, columns: int | None = None
+) -> UInt8[np.ndarray, "H W c"]:
     """Images row-major in one array (`columns` default: ceil(sqrt(n))), empty cells black."""
     if images.shape[-1] not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
@@ -618,7 +631,8 @@ def tile(images: UInt8[np.ndarray, "n h w c"], *, columns: int | None = None) ->
     rows = -(-n // columns)
     grid = np.zeros((rows * columns, h, w, c), np.uint8)
     grid[:n] = images
-    return grid.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
+    grid = grid.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4)
+    return grid.reshape(rows * h, columns * w, c)
 
 
 def save_image_grid(
@@ -642,7 +656,7 @@ def save_titled_grids(
     panels: Sequence[tuple[str, UInt8[np.ndarray, "n h w c"]]], path: pathlib.Path, *, title: str,
     columns: int | None,
 ) -> None:
-    """Image grids side by side, each under its own title, with an overall title; PNG, atomically."""
+    """Image grids side by side, each under its own title, and an overall title; PNG, atomically."""
     height, width = tile(panels[0][1], columns=columns).shape[:2]
     fig = Figure(figsize=(5.0 * len(panels), 5.0 * height / width + 0.9))
     for ax, (name, images) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -656,7 +670,7 @@ def save_titled_grids(
 
 
 def _sampler_name(config: Config, network: str) -> tuple[str, int]:
-    """(what samples, with how many steps) for a grid's title: `network` is "teacher" or "student"."""
+    """(what samples, how many steps) for a grid's title; `network` is "teacher" or "student"."""
     if network == "teacher":
         k = config.teacher_k if config.variant == "teacher" else config.k
         return f"teacher ({'parameter average' if config.teacher_ema > 0 else 'parameters'})", k
@@ -669,35 +683,36 @@ def sample_images(run: Run, params: PyTree, *, network: str) -> UInt8[np.ndarray
     return generate(
         eqx.combine(params, run.static), run.sample_key, num_samples=config.num_samples,
         batch_size=config.num_samples, num_classes=config.model.num_classes,
-        num_steps=_sampler_name(config, network)[1], shift=config.shift, guidance=0.0, clip=False, gamma=0.0,
-        null_label=config.model.num_classes,
+        num_steps=_sampler_name(config, network)[1], shift=config.shift, guidance=0.0, clip=False,
+        gamma=0.0, null_label=config.model.num_classes,
         image_shape=(config.model.resolution, config.model.resolution, config.model.channels),
         devices=[d for d in run.devices if d.process_index == jax.process_index()],
     )
 
 
 def write_samples(run: Run, params: PyTree, *, step: int, network: str) -> pathlib.Path:
-    """`samples/step_<step>.png`: a titled grid (sampler, steps, training step), one class per column."""
+    """`samples/step_<step>.png`: a titled grid (sampler, steps, training step)."""
     images = sample_images(run, params, network=network)
     path = run.workdir / "samples" / f"step_{step:08d}.png"
     if jax.process_index() == 0:
         name, k = _sampler_name(run.config, network)
-        when = "the starting point" if step == 0 and network == "teacher" else f"after {step} training steps"
-        save_titled_grids([(f"{name}, {k} sampling steps", images)], path, columns=_columns(run.config),
-                          title=f"{run.workdir}: {when}")
+        start = step == 0 and network == "teacher"
+        when = "the starting point" if start else f"after {step} training steps"
+        save_titled_grids([(f"{name}, {k} sampling steps", images)], path,
+                          columns=_columns(run.config), title=f"{run.workdir}: {when}")
     return path
 
 
 def write_comparison(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
-    """`samples/teacher_vs_student.png`: the teacher and the student, both with k sampling steps, from the
-    same noise and labels, so that what distillation changed is visible."""
+    """`samples/teacher_vs_student.png`: the teacher and the student, both with k sampling steps,
+    from the same noise and labels, so that what distillation changed is visible."""
     teacher, student = (sample_images(run, p, network=n)
                         for p, n in ((run.frozen.teacher, "teacher"), (params, "student")))
     path = run.workdir / "samples" / "teacher_vs_student.png"
     if jax.process_index() == 0:
         k = run.config.k
-        panels = [(f"teacher, {k} steps (before distillation)", teacher),
-                  (f"{run.config.variant} student, {k} steps, after {step} training steps", student)]
+        after = f"{run.config.variant} student, {k} steps, after {step} training steps"
+        panels = [(f"teacher, {k} steps (before distillation)", teacher), (after, student)]
         save_titled_grids(panels, path, columns=_columns(run.config),
                           title=f"{run.workdir}: same noise and labels (label = column)")
     return path
@@ -717,12 +732,14 @@ PANELS = {
 
 
 def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path, *, variant: str) -> None:
-    """loss.png from metrics.jsonl: one titled panel per quantity a reader of the paper knows (instant: the
-    monitor G1^T Lambda G2; alternating: the moment gap and auxiliary loss; teacher: its loss), each as
-    single-step values (faint) and their running mean, on a scale where the mean's trend shows; lr last.
-    The instant variant's surrogate (a number whose gradient is L_2b's) is not shown: its value means nothing."""
+    """loss.png from metrics.jsonl: one titled panel per quantity a reader of the paper knows
+    (instant: the monitor G1^T Lambda G2; alternating: the moment gap and auxiliary loss; teacher:
+    its loss), each as single-step values (faint) and their running mean, on a scale where the
+    mean's trend shows; the gradient norm and learning rate last. The instant variant's surrogate
+    (a number whose gradient is L_2b's) is not shown: its value means nothing."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    labels = {**PANELS, "loss": "instant monitor G1ᵀ Λ G2 (Algorithm 3)"} if variant == "instant" else PANELS
+    monitor = {"loss": "instant monitor G1ᵀ Λ G2 (Algorithm 3)"}
+    labels = PANELS | (monitor if variant == "instant" else {})
     names = [n for n in labels if any(n in r for r in records)]
     if not names:
         return
@@ -738,12 +755,12 @@ def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path, *, variant: str) 
 
 
 def _plot_panel(ax: Any, steps: np.ndarray, values: np.ndarray, *, name: str) -> None:
-    """Faint single-step values, a running mean, and y limits that fit the running mean (not the noise)."""
+    """Faint single-step values, a running mean, and y limits that fit the mean (not the noise)."""
     if name == "lr":
         ax.plot(steps, values, ".", ms=2)
         return
     width = max(1, len(values) // 20)
-    mean = np.convolve(values, np.ones(width) / width, mode="valid") if len(values) >= width else values
+    mean = np.convolve(values, np.ones(width) / width, mode="valid")
     ax.plot(steps, values, ".", ms=2, alpha=0.3, label="single step")
     ax.plot(steps[width - 1:], mean, lw=1.5, label=f"running mean of {width} steps")
     positive = np.all(values[np.isfinite(values)] > 0)
@@ -770,14 +787,15 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-    """Inside the block the first SIGINT or SIGTERM sets `requested`: the loop finishes its step, writes a
-    checkpoint and stops. A second one raises KeyboardInterrupt at once. Main thread only (elsewhere the
-    signals keep their handlers)."""
+    """Inside the block the first SIGINT or SIGTERM sets `requested`: the loop finishes its step,
+    writes a checkpoint and stops. A second one raises KeyboardInterrupt at once. Main thread only
+    (elsewhere the signals keep their handlers)."""
 
     def __enter__(self) -> "StopSignals":
         self.requested, self.previous = False, {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            signals = (signal.SIGINT, signal.SIGTERM)
+            self.previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -793,7 +811,7 @@ class StopSignals:
 
 
 class MetricsLog:
-    """The steps' metrics: kept on device until `flush`, then appended to metrics.jsonl and checked."""
+    """The steps' metrics: kept on device until `flush`, then written to metrics.jsonl, checked."""
 
     def __init__(self, run: Run):
         self.run, self.pending = run, []
@@ -811,8 +829,9 @@ class MetricsLog:
         rate = window * self.run.config.batch_size / max(now - self.t_window, 1e-9)
         self.t_window = now
         records = [
-            {**_metric_record(self.run.config, step, {k: float(v) for k, v in metrics.items()},
-                              self.run.learning_rate(step - 1)), "images_per_s": rate, "time": now - self.t_start}
+            _metric_record(self.run.config, step, {k: float(v) for k, v in metrics.items()},
+                           self.run.learning_rate(step - 1))
+            | {"images_per_s": rate, "time": now - self.t_start}
             for step, metrics in host
         ]
         if jax.process_index() == 0:
@@ -823,9 +842,9 @@ class MetricsLog:
             if bad:
                 kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
                 raise FloatingPointError(
-                    f"non-finite {', '.join(bad)} at step {record['step']} of {self.run.workdir}; {kept}. Lower "
-                    "the learning rate (or check the data and teacher), then rerun (--resume continues from "
-                    "that checkpoint)."
+                    f"non-finite {', '.join(bad)} at step {record['step']} of {self.run.workdir}; "
+                    f"{kept}. Lower the learning rate (or check the data and teacher), then rerun "
+                    "(--resume continues from that checkpoint)."
                 )
         return records[-1]
 
@@ -843,8 +862,9 @@ SHOWN = ("loss", "aux_loss", "moment_gap", "grad_norm")
 
 
 class Progress:
-    """On a terminal a tqdm bar; otherwise (a log file) a plain line about 50 times a run and at the first
-    and last step, with an ETA measured after the first step (which compiles); never a carriage return."""
+    """On a terminal a tqdm bar; otherwise (a log file) a plain line about 50 times a run and at
+    the first and last step, with an ETA measured after the first step (which compiles); never a
+    carriage return."""
 
     def __init__(self, config: Config, start: int):
         self.config, self.start, self.first = config, start, None
@@ -864,7 +884,8 @@ class Progress:
         if step % self.every and step != self.config.steps and step != self.first[0]:
             return
         done, since = step - self.first[0], now - self.first[1]
-        eta = f", eta {_duration(since / done * (self.config.steps - step))}" if done else " (compiled)"
+        left = self.config.steps - step
+        eta = f", eta {_duration(since / done * left)}" if done else " (compiled)"
         values = " ".join(f"{k} {v}" for k, v in shown.items())
         _print(f"{self.config.variant} step {step}/{self.config.steps}: {values}, "
                f"{record['images_per_s']:.1f} images/s{eta}")
@@ -886,7 +907,7 @@ def _network(state: mmd.TrainState) -> PyTree:
 
 
 def train(config: Config) -> pathlib.Path:
-    """Run (or resume) the configured training; returns the final checkpoint (teacher runs: teacher.eqx).
+    """Run (or resume) the configured training; returns the final checkpoint (teacher: teacher.eqx).
 
     The teacher must exist (`main` trains a missing default teacher first). On SIGINT or SIGTERM the
     current step finishes, a checkpoint and sample grids are written, and `Interrupted` is raised.
@@ -899,20 +920,22 @@ def train(config: Config) -> pathlib.Path:
         _truncate_metrics(log.path, start)
     _print(f"{config.variant}: steps {start}..{config.steps} on {len(run.devices)} devices, batch "
            f"{config.batch_size}, in {run.workdir} (the first step compiles).")
-    if start == 0 and config.variant != "teacher":  # the starting point: the teacher with the student's k
+    if start == 0 and config.variant != "teacher":  # the start: the teacher with the student's k
         write_samples(run, run.frozen.teacher, step=0, network="teacher")
     progress, stopping = Progress(config, start), False
     with StopSignals() as stop:
         for i in range(start, config.steps):
             x, labels = _global_batch(next(run.batches), run.batch_sharding)
-            state, metrics = run.step_fn(state, run.frozen, x, labels, jax.random.fold_in(run.train_key, i))
+            key = jax.random.fold_in(run.train_key, i)
+            state, metrics = run.step_fn(state, run.frozen, x, labels, key)
             step = i + 1
             log.append(step, metrics)
-            stopping = stop.requested  # read once: a signal arriving later stops after the next step
+            stopping = stop.requested  # read once: a later signal stops after the next step
             end = step == config.steps or stopping
-            if i == start or step % config.log_every == 0 or step % config.checkpoint_every == 0 or end:
+            checkpoint = step % config.checkpoint_every == 0 or end
+            if i == start or step % config.log_every == 0 or checkpoint:
                 progress.show(step, log.flush(last_good))
-            if step % config.checkpoint_every == 0 or end:
+            if checkpoint:
                 last_good = _save(run, state, step)
             if step % config.sample_every == 0 or end:
                 write_samples(run, _network(state), step=step,
@@ -935,22 +958,26 @@ def train(config: Config) -> pathlib.Path:
 
 
 def summary(run: Run, result: pathlib.Path, *, steps: int, seconds: float) -> str:
-    """The end-of-run report: steps, wall time, final loss, the files written (those that exist), and the
-    command to run next."""
+    """The end-of-run report: steps, wall time, final loss, the files written (those that exist)
+    and the command to run next."""
     config, workdir = run.config, run.workdir
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()[-1:]]
-    last = records[0] if records else {}
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
     final = {k: f"{last[k]:.4g}" for k in SHOWN if k in last}
-    files = [result, workdir / "loss.png", workdir / "metrics.jsonl", workdir / "samples" / "teacher_vs_student.png",
-             workdir / "samples" / f"step_{config.steps:08d}.png"]
+    samples = workdir / "samples"
+    files = [result, workdir / "loss.png", workdir / "metrics.jsonl",
+             samples / "teacher_vs_student.png", samples / f"step_{config.steps:08d}.png"]
     if config.variant == "teacher":
-        data_option = "" if config.data == PRESETS[config.preset].data else f" --data {shlex.quote(config.data)}"
-        command = f"python train.py --preset {config.preset}{data_option} --variant instant --teacher {result}"
+        same = config.data == PRESETS[config.preset].data
+        data_option = "" if same else f" --data {shlex.quote(config.data)}"
+        command = (f"python train.py --preset {config.preset}{data_option} --variant instant "
+                   f"--teacher {result}")
     else:
         command = f"python eval.py --checkpoint {result} --num-samples 1000"
     return "\n".join([
         f"Finished {config.variant} in {workdir}: {steps} steps in {_duration(seconds)} "
-        f"(step {config.steps} of {config.steps}); final {', '.join(f'{k} {v}' for k, v in final.items())}.",
+        f"(step {config.steps} of {config.steps}); final "
+        + ", ".join(f"{k} {v}" for k, v in final.items()) + ".",
         *(f"  {path}" for path in files if path.exists()),
         f"Next: {command}",
     ])
@@ -1126,7 +1153,8 @@ def _save(run: Run, state: mmd.TrainState, step: int) -> pathlib.Path:
         return path
     meta = {
         "kind": config.variant, "step": step, "config": config_to_dict(config),
-        "key": np.asarray(jax.random.key_data(run.train_key)).tolist(), "data_state": run.batches.get_state(),
+        "key": np.asarray(jax.random.key_data(run.train_key)).tolist(),
+        "data_state": run.batches.get_state(),
     }
     save_checkpoint(path, meta=meta, groups={
         "params": state.params, "opt_state": state.opt_state,
@@ -1207,7 +1235,7 @@ def _apply(base: Any, overrides: dict[str, Any]) -> Any:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a mistake prints one line and a pointer to --help instead of the whole usage."""
+    """argparse, but a mistake prints one line and a pointer to --help, not the whole usage."""
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"train.py: error: {message} (python train.py --help lists every option)\n")
@@ -1242,8 +1270,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
 
 
 def ensure_teacher(config: Config) -> pathlib.Path:
-    """The teacher file of a distillation configuration (resolved): `config.teacher` when it exists; the
-    preset's default teacher (`--teacher auto`) is trained first (in WORKDIR/teacher) and cached when absent."""
+    """The teacher file of a distillation configuration: `config.teacher` when it exists; the
+    preset's default teacher (`--teacher auto`) is trained first (in WORKDIR/teacher) and cached
+    when absent."""
     config = resolve(config)
     path = pathlib.Path(config.teacher)
     if path.is_file() or path != default_teacher_path(config.preset):
@@ -1269,9 +1298,9 @@ def resume_command(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
-    """Command-line entry point: parse, (multi-host) initialise, train a missing default teacher, then the
-    configured run. Returns the final checkpoint. On SIGINT/SIGTERM prints where the checkpoint is and the
-    command that resumes, then raises `Interrupted`."""
+    """Command-line entry point: parse, (multi-host) initialise, train a missing default teacher,
+    then the configured run. Returns the final checkpoint. On SIGINT/SIGTERM prints where the
+    checkpoint is and the command that resumes, then raises `Interrupted`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     maybe_initialize_distributed()
     config = parse_config(argv)
@@ -1280,7 +1309,8 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
             ensure_teacher(config)
         return train(config)
     except Interrupted as stop:
-        _print(f"Interrupted at step {stop.step}; checkpoint {stop.checkpoint}. Resume: {resume_command(argv)}")
+        _print(f"Interrupted at step {stop.step}; checkpoint {stop.checkpoint}. "
+               f"Resume: {resume_command(argv)}")
         raise
 
 
@@ -1290,6 +1320,6 @@ if __name__ == "__main__":
     except Interrupted:
         sys.exit(130)
     except KeyboardInterrupt:
-        sys.exit("train.py: aborted; the last checkpoint written is intact (--resume continues from it)")
+        sys.exit("train.py: aborted; the last checkpoint written is intact (--resume continues)")
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         sys.exit(f"train.py: error: {error}")

@@ -192,8 +192,8 @@ SAMPLER = dict(num_classes=3, num_steps=4, shift=0.0, guidance=0.5, clip=True, g
 
 
 def _generate(batch_size: int, devices: list) -> np.ndarray:
-    return train.generate(_gaussian_denoiser, jax.random.key(7), num_samples=11, batch_size=batch_size,
-                       devices=devices, **SAMPLER)
+    return train.generate(_gaussian_denoiser, jax.random.key(7), num_samples=11,
+                          batch_size=batch_size, devices=devices, **SAMPLER)
 
 
 def test_generate_is_invariant_to_batch_size_and_device_count():

@@ -152,7 +152,8 @@ def test_resume_matches_uninterrupted_run(auto_run, alternating, npz, tmp_path, 
 def instant_run(npz, teacher, tmp_path_factory):
     workdir, printed = tmp_path_factory.mktemp("instant"), io.StringIO()
     with contextlib.redirect_stdout(printed):
-        train.main(args(npz, workdir, "instant", "--teacher", str(teacher / "teacher.eqx"), "--num-devices", "4"))
+        train.main(args(npz, workdir, "instant", "--teacher", str(teacher / "teacher.eqx"),
+                        "--num-devices", "4"))
     return workdir, printed.getvalue()
 
 
@@ -178,7 +179,8 @@ def test_instant_run(instant):
     for name in ("step_00000000.png", "teacher_vs_student.png"):
         assert Image.open(instant / "samples" / name).format == "PNG"
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["surrogate"]) for r in metrics(instant))
-    assert json.loads((instant / "config.json").read_text())["warmup"] == 1  # min(10, 10% of 4 updates), >= 1
+    # The warm-up used: min(10, 10% of 4 updates) but at least 1.
+    assert json.loads((instant / "config.json").read_text())["warmup"] == 1
 
 
 def test_instant_with_fresh_preconditioner_and_fixed_centring(npz, teacher, tmp_path):
@@ -271,9 +273,12 @@ def test_shipped_mnist_teacher_draws_the_digits_its_labels_ask_for():
     assert np.mean(nearest == np.asarray(labels)) >= 0.6
 
 
-def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(npz, teacher, tmp_path, monkeypatch):
-    """SIGINT during step 2 of 4: the step finishes, ckpt 2 is written, the printed command resumes, and the
-    final state equals the uninterrupted teacher run's (the `teacher` fixture: same options, 8 devices)."""
+def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(
+    npz, teacher, tmp_path, monkeypatch
+):
+    """SIGINT during step 2 of 4: the step finishes, ckpt 2 is written, the printed command resumes,
+    and the final state equals the uninterrupted teacher run's (the `teacher` fixture: same options,
+    8 devices)."""
     workdir, calls, printed = tmp_path / "stopped", [], io.StringIO()
     real_global_batch = train._global_batch
 
@@ -286,16 +291,19 @@ def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(npz
     monkeypatch.setattr(train, "_global_batch", global_batch)
     with contextlib.redirect_stdout(printed), pytest.raises(train.Interrupted):
         train.main(args(npz, workdir, "teacher"))
-    assert [p.name for p in train._checkpoints(workdir)] == ["ckpt_00000001.eqx", "ckpt_00000002.eqx"]
+    names = [p.name for p in train._checkpoints(workdir)]
+    assert names == ["ckpt_00000001.eqx", "ckpt_00000002.eqx"]
     (line,) = [line for line in printed.getvalue().splitlines() if line.startswith("Interrupted")]
-    assert f"at step 2; checkpoint {workdir / 'checkpoints' / 'ckpt_00000002.eqx'}. Resume: " in line
+    checkpoint = workdir / "checkpoints" / "ckpt_00000002.eqx"
+    assert f"at step 2; checkpoint {checkpoint}. Resume: " in line
     command = shlex.split(line.split("Resume: ")[1])
     assert command[:2] == ["python", "train.py"] and command[-1] == "--resume"
     monkeypatch.setattr(train, "_global_batch", real_global_batch)
     train.main(command[2:])
     final = f"checkpoints/ckpt_{STEPS:08d}.eqx"
     for group in ("params", "opt_state", "ema"):
-        for a, b in zip(leaves(workdir / final, group), leaves(teacher / final, group), strict=True):
+        resumed, uninterrupted = leaves(workdir / final, group), leaves(teacher / final, group)
+        for a, b in zip(resumed, uninterrupted, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -304,8 +312,8 @@ def test_sigint_in_a_subprocess_exits_130_with_a_checkpoint_and_no_carriage_retu
     workdir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args(npz, workdir, "teacher"), "--steps", "1000000",
-         "--checkpoint-every", "1000000", "--log-every", "10"],
+        [sys.executable, str(ROOT / "train.py"), *args(npz, workdir, "teacher"),
+         "--steps", "1000000", "--checkpoint-every", "1000000", "--log-every", "10"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
     )
     output = b""
@@ -330,7 +338,9 @@ def test_sigint_in_a_subprocess_exits_130_with_a_checkpoint_and_no_carriage_retu
     ("{tmp}/absent", "none", "--data .*unknown data source"),
     ("npz:{tmp}/absent.npz", "none", "--data npz:.*absent.npz does not exist"),
 ])
-def test_data_errors_name_the_flag_before_anything_is_written(npz, tmp_path, data, resolution, message):
+def test_data_errors_name_the_flag_before_anything_is_written(
+    npz, tmp_path, data, resolution, message
+):
     workdir = tmp_path / "run"
     argv = args(npz, workdir, "teacher")
     argv[argv.index("--data") + 1] = data.format(tmp=tmp_path)
