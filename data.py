@@ -30,10 +30,14 @@ memory. `split` is "train" or "test". Sources:
   for the train split), keyed by the source files' paths, sizes and modification times; `Dataset.images`
   is then a read-only `np.memmap` of it, so processes on one host share a single copy in the page cache.
 - `folder:DIR`: one sub-folder per class of image files (png, jpg, jpeg, bmp, gif, webp, tif, tiff),
-  class index = position of the folder name in sorted order. Each image is converted to RGB,
-  centre-cropped to a square and resized (Lanczos) to `resolution`, which is required here. If DIR has a
-  sub-folder named after the split (`DIR/train`, `DIR/test`) the classes are read from there; otherwise DIR
-  itself is the train split and `split="test"` is an error.
+  class index = position of the folder name in sorted order. Each image is converted to 8-bit RGB
+  without loss or refused: 16-bit grey is scaled by 1/257 (resized before rounding), 16-bit
+  colour keeps its high byte (Pillow), alpha or palette transparency is accepted only where every
+  pixel is opaque; 32-bit integer (`I`), float (`F`), CMYK and other modes are refused naming the
+  file and its mode. Then it is centre-cropped to a square and resized (Lanczos) to `resolution`,
+  which is required here. If DIR has a sub-folder named after the split (`DIR/train`, `DIR/test`)
+  the classes are read from there; otherwise DIR itself is the train split and `split="test"` is an
+  error.
 - `npz:FILE`: array `x` (N, H, W, C) or (N, H, W), optional `y` (N,) integer labels >= 0 (num_classes is
   max(y) + 1; without `y` every label is 0 and num_classes is 1); `x_test` / `y_test` for split "test".
   `x` is either uint8 in [0, 255] or float in [-1, 1] (the batch range; kept as float32). Float data in
@@ -68,6 +72,7 @@ message names the file and the problem.
 import concurrent.futures
 import contextlib
 import dataclasses
+import fnmatch
 import gzip
 import hashlib
 import io
@@ -75,6 +80,8 @@ import logging
 import os
 import pathlib
 import pickle
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -266,16 +273,46 @@ def _read_mnist_csv(wheel: zipfile.ZipFile, member: str, n: int) -> tuple[np.nda
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """Yield a temporary path beside `path` (its folder created); rename it onto `path` only if the block
-    completes, so an interrupted write never leaves a partial file that is later trusted."""
+    """Yield a temporary path beside `path` (its folder created); rename it onto `path` only if the
+    block completes, so an interrupted write never leaves a partial file that is later trusted.
+    The file is flushed to disk before the rename and the rename after it. A killed writer leaves at
+    most a temporary file `.<name>.<pid>.<hex>.tmp` (`temporary_files`), which readers ignore.
+
+    Fault injection for tests: when the environment variable `MMD_KILL_BEFORE_RENAME` holds a glob
+    matching `path`'s name, the process kills itself with SIGKILL between writing and renaming."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
+        _fsync(tmp)
+        kill_pattern = os.environ.get("MMD_KILL_BEFORE_RENAME")
+        if kill_pattern and fnmatch.fnmatchcase(path.name, kill_pattern):
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """`atomic_path`'s temporary files in `folder` (left behind only by a killed writer)."""
+    pattern = re.compile(r"\..+\.\d+\.[0-9a-f]{32}\.tmp")
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(".*.tmp") if pattern.fullmatch(p.name))
+
+
+def _fsync(path: pathlib.Path) -> None:
+    """Flush a file, or a folder's entries, to disk (folders: where the OS allows opening them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return  # Windows cannot open folders; its renames are journaled
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -489,17 +526,56 @@ def _load_imagenet(directory: pathlib.Path, split: str, cache_dir: pathlib.Path)
 # --- Folder of images and npz ------------------------------------------------------------------------
 
 
+# Pillow modes whose conversion to 8-bit RGB loses nothing (Pillow reads 16-bit colour as 8-bit).
+EXACT_RGB_MODES = ("1", "L", "P", "RGB", "RGBX", "YCbCr")
+ALPHA_MODES = ("LA", "PA", "RGBA")
+GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _exact_pixels(img: Image.Image, path: pathlib.Path) -> Image.Image:
+    """`img` as 8-bit "RGB", or for 16-bit grey as "F" holding value / 257 (0..255, unrounded),
+    refusing every mode whose conversion would lose or invent information. Pillow itself reads
+    16-bit colour PNGs as 8-bit RGB(A), keeping the high byte. Transparency is accepted only where
+    nothing is transparent (the alpha channel is dropped)."""
+    mode = img.mode
+    if mode in ALPHA_MODES or "transparency" in img.info:  # alpha, or a transparent colour
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            raise DataError(f"{path}: mode {mode} with transparent pixels; flatten it onto a "
+                            "background first")
+        if mode in ALPHA_MODES or mode in EXACT_RGB_MODES:
+            return rgba.convert("RGB")
+    if mode in EXACT_RGB_MODES:
+        return img.convert("RGB")
+    # Older Pillows read 16-bit grey PNGs as "I".
+    if mode in GREY16_MODES or mode == "I" and img.format == "PNG":
+        return Image.fromarray(np.asarray(img).astype(np.float32) / np.float32(257.0))  # mode F
+    reason = {
+        "I": "32-bit integer pixels have no standard range; store 8- or 16-bit images",
+        "F": "floating-point pixels have no standard range; store 8- or 16-bit images",
+        "CMYK": "CMYK needs its colour profile to become RGB; convert the file to RGB first",
+    }.get(mode, "this mode is not supported; convert the file to 8-bit RGB or greyscale")
+    raise DataError(f"{path}: mode {mode}: {reason}")
+
+
 def _read_image(path: pathlib.Path, resolution: int) -> UInt8[np.ndarray, "r r 3"]:
+    """One image as 8-bit RGB (`_exact_pixels`), centre-cropped to a square, Lanczos-resized."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = _exact_pixels(img, path)
             w, h = img.size
             side = min(w, h)
             left, top = (w - side) // 2, (h - side) // 2
             img = img.crop((left, top, left + side, top + side))
-            return np.asarray(img.resize((resolution, resolution), Image.Resampling.LANCZOS), np.uint8)
+            pixels = np.asarray(img.resize((resolution, resolution), Image.Resampling.LANCZOS))
+    except DataError:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from e
+    if pixels.dtype == np.uint8:
+        return pixels
+    grey = np.clip(np.round(pixels), 0, 255).astype(np.uint8)  # 16-bit grey: resized, then rounded
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def _load_folder(directory: pathlib.Path, split: str, resolution: int) -> Dataset:

@@ -674,6 +674,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     model, config, meta = load_model(args.checkpoint)
     student = config.variant != "teacher"
+    mmd.check_guidance(guidance=args.guidance, num_classes=config.model.num_classes,
+                       label_dropout=None if student else config.label_dropout,
+                       where=str(args.checkpoint))
     steps = args.steps or (config.k if student else config.teacher_k)
     shape = (config.model.resolution, config.model.resolution, config.model.channels)
     shift = mmd.resolution_shift(config.model.resolution) if config.shift is None else config.shift

@@ -187,6 +187,25 @@ def ancestral_step(
 # §7 Classifier-free guidance and clipping; §6 straight-through
 
 
+def check_guidance(
+    *, guidance: float, num_classes: int, label_dropout: float | None, where: str
+) -> None:
+    """Refuse guidance weight `guidance` != 0 (MATH.md §7) where the null label never trained: an
+    unconditional model (`num_classes` 0), or a teacher trained with `label_dropout` 0 (its
+    null-label embedding got no gradient). `label_dropout` None: unknown (a student).
+
+    Raises ValueError naming `where`."""
+    if guidance == 0.0:
+        return
+    if num_classes == 0:
+        raise ValueError(f"{where}: guidance {guidance:g} needs a class-conditional model, this "
+                         "one is unconditional (num_classes 0); use guidance 0")
+    if label_dropout == 0.0:
+        raise ValueError(f"{where} was trained with label dropout 0, so its null label never "
+                         f"learned the unconditional model that guidance {guidance:g} uses; use "
+                         "guidance 0, or a teacher trained with --label-dropout > 0 (default 0.1)")
+
+
 def guided_denoise(
     denoiser: Denoiser,
     z: Float[Array, "b *dims"],

@@ -42,6 +42,14 @@ Checkpoints are single zip files, written to a temporary name and renamed: `meta
 configuration, PRNG key, data-iterator state, a manifest of every leaf's path, shape and dtype) and one
 `<group>.eqx` member per pytree (`params`, `opt_state`, `aux_params`, `aux_opt_state`; teacher exports:
 `params`, `nu`) written with `eqx.tree_serialise_leaves`. `load_checkpoint(path)` rebuilds the model.
+Every member is read whole, so zip's CRC-32 catches a damaged byte: a damaged or incompatible file
+is one error line naming it. `--teacher` takes a checkpoint or a teacher run's directory.
+
+Restarts. Inputs a later stage cannot take (channels other than 1 or 3, data that does not fit the
+model, a teacher of another model, guidance on a teacher trained with label dropout 0) are refused
+before anything is written (`check_inputs`). `--resume` continues from the newest checkpoint that
+reads back intact (naming the ones it skipped) and tolerates what a kill leaves: metric lines after
+that checkpoint or cut short are dropped, missing ones are reported, temporary files are removed.
 
 Reproducibility. Update i (0-based) uses the key `fold_in(train_key, i)` and the data stream's i-th
 global batch, and checkpoints hold the optimiser states and the iterator position, so `--resume` gives
@@ -302,7 +310,12 @@ def _config_differences(a: Config, b: Config, *, ignore: Sequence[str] = ()) -> 
 
 def _workdir_config(workdir: pathlib.Path) -> Config | None:
     path = workdir / "config.json"
-    return config_from_dict(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); restore it, or use another --workdir") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,9 +367,60 @@ def check_batch(config: Config, n_devices: int) -> None:
         )
 
 
+def check_inputs(config: Config) -> data.Dataset:
+    """Refuse, before anything is written or compiled, any input a later stage cannot handle, and
+    return the training data. Sample grids and eval.py's Inception take 1 or 3 channels; the data
+    must fit the model (`check_data`), a distillation teacher the model and guidance
+    (`check_teacher`)."""
+    if config.model.channels not in (1, 3):
+        raise ValueError(f"--model-channels {config.model.channels}: sample grids and FID "
+                         "(Inception, eval.py) take 1 or 3 channels; use 1- or 3-channel data and "
+                         "set --model-channels to match")
+    if config.variant != "teacher":
+        check_teacher(config)
+    dataset = load_data(config)
+    check_data(dataset, config.model)
+    return dataset
+
+
+def check_teacher(config: Config) -> None:
+    """Refuse a teacher that cannot serve this distillation: unreadable, not a teacher, another
+    model, or guidance on a teacher whose null label never trained (`mmd.check_guidance`). A
+    teacher still to be trained (`--teacher auto`) is checked against this configuration."""
+    path = _teacher_file(config)
+    if not path.is_file():
+        mmd.check_guidance(guidance=config.guidance, num_classes=config.model.num_classes,
+                           label_dropout=config.label_dropout,
+                           where=f"the teacher to be trained for {path}")
+        return
+    meta = read_meta(path)
+    saved = _saved_config(path, meta)
+    if saved.variant != "teacher":
+        raise CheckpointError(f"{path} is a checkpoint of a {saved.variant} run, not of a teacher; "
+                              "pass --teacher a teacher.eqx or a ckpt_*.eqx of a --variant teacher "
+                              "run")
+    _check_manifest(path, meta, _network_group(meta), model_skeleton(config.model)[0])
+    differ = [f.name for f in dataclasses.fields(config.model) if f.name not in ("dtype", "remat")
+              and getattr(saved.model, f.name) != getattr(config.model, f.name)]
+    if differ:
+        options = " ".join(f"--model-{n.replace('_', '-')} {getattr(saved.model, n)}"
+                           for n in differ)
+        raise CheckpointError(f"{path} was trained with another model ({', '.join(differ)}): "
+                              f"pass {options}")
+    mmd.check_guidance(guidance=config.guidance, num_classes=saved.model.num_classes,
+                       label_dropout=saved.label_dropout, where=f"teacher {path}")
+
+
 def check_data(dataset: data.Dataset, model: uvit.UViTConfig) -> None:
-    """The data must have the model's image shape and classes."""
+    """The data must be images of 1 or 3 channels with the model's shape and classes."""
     expected = (model.resolution, model.resolution, model.channels)
+    channels = dataset.images.shape[-1]
+    if dataset.images.ndim != 4:
+        raise ValueError(f"{dataset.name} holds {channels}-D points, not images: train.py trains "
+                         "image models (NHWC data)")
+    if channels not in (1, 3):
+        raise ValueError(f"{dataset.name} has {channels}-channel images; sample grids and FID "
+                         "(Inception, eval.py) take 1 or 3 channels: convert the data (drop alpha)")
     if dataset.images.shape[1:] != expected:
         raise ValueError(f"{dataset.name} has images {dataset.images.shape[1:]}, the model expects {expected}: "
                          "set --data-resolution or the --model-* options")
@@ -440,7 +504,7 @@ PATH_SOURCES = ("mnist", "imagenet64", "folder", "npz")  # data.SOURCES whose ar
 
 
 def load_data(config: Config) -> data.Dataset:
-    """The training split of `--data`, checked against the model; errors name the options."""
+    """The training split of `--data`; errors name the options to change."""
     kind, _, path = config.data.partition(":")
     if kind == "folder" and config.data_resolution is None:
         raise ValueError(f"--data {config.data} resizes its images: pass --data-resolution N "
@@ -451,7 +515,6 @@ def load_data(config: Config) -> data.Dataset:
         dataset = data.load(config.data, resolution=config.data_resolution)
     except data.DataError as error:
         raise data.DataError(f"--data {config.data}: {error}") from error
-    check_data(dataset, config.model)
     return dataset
 
 
@@ -471,11 +534,31 @@ def check_run(config: Config) -> tuple[list[Any], list[pathlib.Path]]:
     if changed and existing:
         raise ValueError(f"{workdir}/config.json differs from this configuration in {changed}; "
                          "use another --workdir")
-    if config.variant != "teacher" and not pathlib.Path(config.teacher).is_file():
-        raise FileNotFoundError(f"teacher checkpoint {config.teacher} not found; pass --teacher "
-                                "PATH (a teacher.eqx or ckpt_*.eqx of a --variant teacher run) or "
-                                "--teacher auto")
+    if config.variant != "teacher" and not _teacher_file(config).is_file():
+        raise FileNotFoundError(f"teacher checkpoint {config.teacher} not found; train it first "
+                                "(`python train.py` with --teacher auto does) or pass --teacher PATH")
     return devices, existing
+
+
+def _teacher_file(config: Config) -> pathlib.Path:
+    """The file `--teacher` names: a checkpoint, a teacher run's directory (its teacher.eqx), or for
+    `auto` the preset's cached teacher (which may not exist yet)."""
+    default = default_teacher_path(config.preset)
+    if config.teacher == "auto" or pathlib.Path(config.teacher) == default:
+        return default
+    path = pathlib.Path(config.teacher)
+    usage = ("pass --teacher a teacher.eqx, a ckpt_*.eqx of a --variant teacher run, its "
+             "directory, or auto")
+    if path.is_dir():
+        if (path / "teacher.eqx").is_file():
+            return path / "teacher.eqx"
+        found = _checkpoints(path)
+        unfinished = f" (the run is unfinished: resume it, or pass {found[-1]})" if found else ""
+        raise FileNotFoundError(f"teacher directory {path} holds no teacher.eqx{unfinished}; "
+                                f"{usage}")
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher checkpoint {path} not found; {usage}")
+    return path
 
 
 def mmd_configs(config: Config) -> tuple[mmd.TeacherConfig, mmd.DistillConfig]:
@@ -512,13 +595,13 @@ def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
     """Check the configuration, work directory, teacher and data; only then write config.json,
     build the step function (compiled on its first call) and the initial or restored state."""
     devices, existing = check_run(config)
-    dataset = load_data(config)
+    dataset = check_inputs(config)
     k_init, k_train, k_sample, k_stats = jax.random.split(jax.random.key(config.seed), 4)
     if config.variant == "teacher":
         params, static = eqx.partition(uvit.make_model(config.model, key=k_init), eqx.is_inexact_array)
         precond = None
     else:
-        params, precond = load_teacher(pathlib.Path(config.teacher), config)
+        params, precond = load_teacher(_teacher_file(config), config)
         _, static = model_skeleton(config.model)
     workdir = pathlib.Path(config.workdir)
     if jax.process_index() == 0:
@@ -541,16 +624,16 @@ def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
     state = mmd.init_train_state(params=params, optimizer=optimizer, aux_optimizer=aux_optimizer,
                                  ema=config.variant == "teacher" and config.teacher_ema > 0)
     batches = data.batches(dataset, batch_size=config.batch_size, seed=config.seed)
+    resumed = None
     if existing:
-        state, k_train = _restore(existing[-1], state, batches)
-        _print(f"Resuming {workdir} from {existing[-1].name} (step {int(state.step)}).")
+        resumed, state, k_train = _restore_newest(existing, state, batches)
+        _print(f"Resuming {workdir} from {resumed.name} (step {int(state.step)}).")
     step_fn = mmd.make_train_step(
         config.variant, static=static, mesh=mesh, optimizer=optimizer, aux_optimizer=aux_optimizer,
         teacher_cfg=teacher_cfg, distill_cfg=distill_cfg,
     )
     run = Run(config, workdir, devices, static, frozen, step_fn, batches,
-              NamedSharding(mesh, P("data")), learning_rate, k_train, k_sample,
-              existing[-1] if existing else None)
+              NamedSharding(mesh, P("data")), learning_rate, k_train, k_sample, resumed)
     return run, jax.device_put(state, replicated)
 
 
@@ -918,6 +1001,7 @@ def train(config: Config) -> pathlib.Path:
     t_start, log, last_good = time.perf_counter(), MetricsLog(run), run.last_checkpoint
     if jax.process_index() == 0:
         _truncate_metrics(log.path, start)
+        _remove_temporary_files(run.workdir)
     _print(f"{config.variant}: steps {start}..{config.steps} on {len(run.devices)} devices, batch "
            f"{config.batch_size}, in {run.workdir} (the first step compiles).")
     if start == 0 and config.variant != "teacher":  # the start: the teacher with the student's k
@@ -1010,25 +1094,58 @@ def save_checkpoint(path: str | os.PathLike, *, meta: dict, groups: dict[str, Py
                     eqx.tree_serialise_leaves(member, tree)
 
 
+# What reading a damaged zip can raise: a bad CRC, header or size (BadZipFile, EOFError, OSError), a
+# flipped compression-method or flag bit (NotImplementedError, RuntimeError), garbage in a member.
+_DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, OSError, EOFError, ValueError,
+           NotImplementedError, RuntimeError, UnicodeDecodeError)
+
+
+def _member_bytes(path: pathlib.Path, member: str) -> bytes:
+    """One member of a checkpoint, read whole so that zip checks its CRC-32 (a flipped byte)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(member)
+    except _DAMAGE as e:
+        raise CheckpointError(
+            f"{path}: {member} cannot be read ({type(e).__name__}: {e}): damaged, or not a "
+            "checkpoint written by train.py; use another (--resume falls back to the previous one)"
+        ) from e
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     """A checkpoint's `meta.json` (step, configuration, manifest, ...)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        with zipfile.ZipFile(path) as archive:
-            meta = json.loads(archive.read("meta.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
+        meta = json.loads(_member_bytes(path, "meta.json"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py ({e})") from e
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path} has format {found!r}, expected {CHECKPOINT_FORMAT!r}: not a "
+                              "checkpoint of this version of train.py")
     return meta
+
+
+def _saved_config(path: str | os.PathLike, meta: dict) -> Config:
+    """The training configuration stored in a checkpoint's meta, with an error naming the file."""
+    try:
+        return config_from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its configuration does not fit this version of train.py "
+                              f"({e}); use the version that wrote it") from e
 
 
 def load_group(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
     """Read the pytree `name` of a checkpoint into the structure of `like` (arrays or ShapeDtypeStructs),
     after checking every leaf's path, shape and dtype; a mismatch lists the differing leaves."""
-    meta = read_meta(path)
+    _check_manifest(path, read_meta(path), name, like)
+    return _read_member(path, name, like)
+
+
+def _check_manifest(path: str | os.PathLike, meta: dict, name: str, like: PyTree) -> None:
+    """Refuse a group whose leaves' paths, shapes or dtypes differ from `like`'s, listing them."""
     if name not in meta["groups"]:
         raise CheckpointError(f"{path} holds {sorted(meta['groups'])}, not {name!r}")
     saved, expected = meta["groups"][name], _manifest(like)
@@ -1045,12 +1162,17 @@ def load_group(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
             + "\n".join(shown)
             + "\nConfigure the architecture the checkpoint was trained with (see its meta.json 'config.model')."
         )
-    return _read_member(path, name, like)
 
 
 def _read_member(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
-    with zipfile.ZipFile(path) as archive:
-        return eqx.tree_deserialise_leaves(io.BytesIO(archive.read(f"{name}.eqx")), like)
+    """The group `name` (CRC-checked) deserialised into the structure of `like`."""
+    path = pathlib.Path(path)
+    content = _member_bytes(path, f"{name}.eqx")
+    try:
+        return eqx.tree_deserialise_leaves(io.BytesIO(content), like)
+    except _DAMAGE as e:
+        raise CheckpointError(f"{path}: {name}.eqx does not hold the leaves its manifest lists "
+                              f"({e}); the file is damaged: use another checkpoint") from e
 
 
 def read_leaves(path: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
@@ -1075,7 +1197,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[uvit.Denoiser, Config, dic
     as a `uvit.Denoiser` (a teacher's parameter average when it has one), the run's configuration, and the
     metadata (step, ...)."""
     meta = read_meta(path)
-    config = config_from_dict(meta["config"])
+    config = _saved_config(path, meta)
     params_like, static = model_skeleton(config.model)
     return eqx.combine(load_group(path, _network_group(meta), params_like), static), config, meta
 
@@ -1090,7 +1212,7 @@ def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Non
     when the run kept one), Adam's `nu` (in bfloat16: Lambda = 1/sqrt(nu) to 0.2%, far below the noise of an
     EMA estimate) and update count, and the configuration: half a full checkpoint's size."""
     meta = read_meta(checkpoint)
-    config = config_from_dict(meta["config"])
+    config = _saved_config(checkpoint, meta)
     params_like, _ = model_skeleton(config.model)
     optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=config.teacher_b1, b2=config.teacher_b2)
     opt_state = load_group(checkpoint, "opt_state", jax.eval_shape(optimizer.init, params_like))
@@ -1127,7 +1249,7 @@ def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | N
         nu = jax.tree.map(lambda v: v.astype(jnp.float32), load_group(path, "nu", bf16_like))
         count, b2 = meta["adam"]["count"], meta["adam"]["b2"]
     elif "opt_state" in meta["groups"] and meta["config"]["variant"] == "teacher":
-        saved = config_from_dict(meta["config"])
+        saved = _saved_config(path, meta)
         optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=saved.teacher_b1, b2=saved.teacher_b2)
         adam = _adam_state(load_group(path, "opt_state", jax.eval_shape(optimizer.init, params_like)))
         nu, count, b2 = adam.nu, adam.count, saved.teacher_b2
@@ -1137,12 +1259,43 @@ def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | N
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """Drop metric lines after `step` (left by a killed run) so a resumed run's file has each step once."""
+    """Keep one line per step up to `step` (the checkpoint resumed from): drop later lines and
+    lines a kill cut short; say what was dropped or is missing (metrics newer or older than the
+    checkpoint)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept: dict[int, str] = {}
+    later = cut = 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            cut += bool(line.strip())
+            continue
+        if record_step > step:
+            later += 1
+        else:
+            kept.setdefault(record_step, line)
     with data.atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.write_text("".join(line + "\n" for line in kept.values()))
+    notes = [f"{later} lines after step {step} (the checkpoint resumed from)"] if later else []
+    notes += [f"{cut} unreadable lines (cut short by a kill)"] if cut else []
+    missing = step - len(kept)
+    if notes or missing:
+        gap = f"; {missing} of steps 1..{step} have no line (lost with a killed run)"
+        gap = gap if missing else ""
+        _print(f"{path}: dropped {' and '.join(notes) or 'nothing'}{gap}.")
+
+
+def _remove_temporary_files(workdir: pathlib.Path) -> None:
+    """Delete temporary files of writes a kill interrupted (`data.atomic_path`), saying which."""
+    leftovers = [p for folder in (workdir, workdir / "checkpoints", workdir / "samples")
+                 for p in data.temporary_files(folder)]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if leftovers:
+        _print(f"Removed {len(leftovers)} temporary files of interrupted writes: "
+               f"{', '.join(str(p) for p in leftovers)}.")
 
 
 def _save(run: Run, state: mmd.TrainState, step: int) -> pathlib.Path:
@@ -1173,8 +1326,24 @@ def _restore(path: pathlib.Path, like: mmd.TrainState, batches: data.Batches) ->
         step=jnp.asarray(meta["step"], jnp.int32),
         **{name: load_group(path, name, getattr(like, name)) for name in meta["groups"]},
     )
-    batches.set_state(meta["data_state"])
+    try:
+        batches.set_state(meta["data_state"])
+    except data.DataError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     return state, jax.random.wrap_key_data(jnp.asarray(meta["key"], jnp.uint32))
+
+
+def _restore_newest(
+    paths: list[pathlib.Path], like: mmd.TrainState, batches: data.Batches
+) -> tuple[pathlib.Path, mmd.TrainState, PRNGKeyArray]:
+    """`_restore` from the newest of `paths` that reads back intact, saying what it skipped."""
+    for path in reversed(paths):
+        try:
+            return path, *_restore(path, like, batches)
+        except CheckpointError as e:
+            _print(f"Skipping damaged checkpoint {path.name} (kept for inspection): {e}")
+    raise CheckpointError(f"no intact checkpoint in {paths[0].parent} (messages above); move the "
+                          "damaged files away to start the run afresh, or use another --workdir")
 
 
 
@@ -1274,9 +1443,9 @@ def ensure_teacher(config: Config) -> pathlib.Path:
     preset's default teacher (`--teacher auto`) is trained first (in WORKDIR/teacher) and cached
     when absent."""
     config = resolve(config)
-    path = pathlib.Path(config.teacher)
-    if path.is_file() or path != default_teacher_path(config.preset):
-        return path  # a missing explicit file is reported by `check_run`
+    path = _teacher_file(config)
+    if path.is_file():
+        return path
     teacher_config = resolve(dataclasses.replace(
         config, variant="teacher", steps=None, batch_size=None, workdir=str(pathlib.Path(config.workdir) / "teacher"),
     ))
@@ -1305,7 +1474,12 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     maybe_initialize_distributed()
     config = parse_config(argv)
     try:
-        if config.variant != "teacher":
+        default = default_teacher_path(config.preset)
+        if config.variant != "teacher" and config.teacher == str(default) and not default.is_file():
+            # --teacher auto without the preset's teacher: check the distillation's inputs, then
+            # train the teacher (hours on a CPU) before distilling.
+            check_batch(config, len(select_devices(config.num_devices)))
+            check_inputs(config)
             ensure_teacher(config)
         return train(config)
     except Interrupted as stop:

@@ -4,6 +4,7 @@
 import gzip
 import json
 import pickle
+import zlib
 
 import numpy as np
 import pytest
@@ -251,6 +252,67 @@ def test_folder_split_subdirectories_and_errors(tmp_path):
     (tmp_path / "train" / "empty" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(data.DataError, match="broken.jpg: unreadable image"):
         data.load(f"folder:{tmp_path}", resolution=2)
+
+
+def png_bytes(pixels, *, color_type):
+    """A PNG written by hand (Pillow cannot write 16-bit colour): 16-bit samples, no filter."""
+
+    def chunk(kind, body):
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    h, w = pixels.shape[:2]
+    header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([16, color_type, 0, 0, 0])
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def test_folder_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """Columns 0, 4369, ..., 65535 are v / 257 = 0, 17, ..., 255 in 8 bits: 16-bit grey (Pillow's
+    mode I;16) and 16-bit RGB (whose high byte, floor(v / 256), is the same here)."""
+    ramp = np.tile(np.arange(16) * 4369, (16, 1))
+    (tmp_path / "a").mkdir()
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "a" / "grey16.png")
+    (tmp_path / "a" / "rgb16.png").write_bytes(png_bytes(np.stack([ramp] * 3, -1), color_type=2))
+    assert Image.open(tmp_path / "a" / "grey16.png").mode == "I;16"
+    images = data.load(f"folder:{tmp_path}", resolution=16).images
+    expected = np.arange(16) * 17
+    for image in images:
+        np.testing.assert_array_equal(image[0], np.stack([expected] * 3, -1))
+    # Downsampled 16 -> 8 the ramp is still a ramp spanning ~0..255, not a clipped 0, 255, 255, ...
+    row = data.load(f"folder:{tmp_path}", resolution=8).images[0, 0, :, 0].astype(int)
+    assert np.all(np.diff(row) > 0) and row[0] < 20 and row[-1] > 235
+
+
+def test_folder_accepts_opaque_alpha_and_refuses_what_a_conversion_would_lose(tmp_path):
+    (tmp_path / "a").mkdir()
+    rgba = np.full((4, 4, 4), 255, np.uint8)
+    rgba[..., :3] = (10, 20, 30)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a" / "opaque.png")
+    grey_alpha = Image.fromarray(np.full((4, 4, 2), (90, 255), np.uint8), mode="LA")
+    grey_alpha.save(tmp_path / "a" / "grey_alpha.png")
+    images = data.load(f"folder:{tmp_path}", resolution=4).images  # grey_alpha.png, opaque.png
+    np.testing.assert_array_equal(images[0], np.broadcast_to([90, 90, 90], (4, 4, 3)))
+    np.testing.assert_array_equal(images[1], np.broadcast_to([10, 20, 30], (4, 4, 3)))
+    rgba[0, 0, 3] = 0
+    cases = {
+        "hole.png": (Image.fromarray(rgba, mode="RGBA"), "mode RGBA with transparent pixels"),
+        "pal.png": (Image.fromarray(np.zeros((4, 4), np.uint8), mode="P"),
+                    "mode P with transparent pixels"),
+        "grey.png": (Image.fromarray(np.zeros((4, 4), np.uint8)), "mode L with transparent pixels"),
+        "int32.tif": (Image.fromarray(np.zeros((4, 4), np.int32)), "mode I: 32-bit integer"),
+        "float.tif": (Image.fromarray(np.zeros((4, 4), np.float32)), "mode F: floating-point"),
+        "print.jpg": (Image.new("CMYK", (4, 4)), "mode CMYK: CMYK needs its colour profile"),
+    }
+    for name, (image, message) in cases.items():
+        (tmp_path / "b").mkdir()
+        transparent = {"transparency": 0} if name in ("pal.png", "grey.png") else {}
+        image.save(tmp_path / "b" / name, **transparent)
+        with pytest.raises(data.DataError, match=f"b/{name}: {message}"):
+            data.load(f"folder:{tmp_path}", resolution=4)
+        (tmp_path / "b" / name).unlink()
+        (tmp_path / "b").rmdir()
 
 
 # --- npz --------------------------------------------------------------------------------------------

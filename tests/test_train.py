@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
+import eval as evaluation
 import mmd
 import train
 
@@ -362,3 +365,260 @@ def test_config_errors_are_one_line_before_anything_is_written(npz, tmp_path, ca
     with pytest.raises(FileNotFoundError, match="teacher checkpoint"):
         train.main(args(npz, workdir, "instant", "--teacher", str(tmp_path / "absent.eqx")))
     assert not workdir.exists()
+
+
+# --- Nothing lost, nothing silent (issue 14) ------------------------------------------------------
+
+
+def with_meta(src, dst, **changes):
+    """A copy of checkpoint `src` whose meta.json config has `changes` (members copied as is)."""
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w") as new:
+        for name in old.namelist():
+            content = old.read(name)
+            if name == "meta.json":
+                meta = json.loads(content)
+                meta["config"].update(changes)
+                content = json.dumps(meta).encode()
+            new.writestr(name, content)
+    return dst
+
+
+def member_offset(path, member):
+    """Where a stored zip member's bytes start in the file (after its local header)."""
+    info = zipfile.ZipFile(path).getinfo(member)
+    raw = path.read_bytes()
+    start = info.header_offset + 30
+    return (
+        start
+        + int.from_bytes(raw[start - 4 : start - 2], "little")
+        + int.from_bytes(raw[start - 2 : start], "little")
+    )
+
+
+def flip(path, position):
+    raw = bytearray(path.read_bytes())
+    raw[position] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture
+def never_compile(monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("compiled a step")
+
+    monkeypatch.setattr(mmd, "make_train_step", never)
+
+
+def test_inputs_later_stages_cannot_take_are_refused_before_anything_is_written(
+    npz, teacher, tmp_path, monkeypatch, never_compile
+):
+    """The issue's 4-channel npz (sample grids and Inception take 1 or 3 channels), and data or a
+    teacher that does not fit the model: each refused with its message, no work dir created."""
+    rgba = tmp_path / "rgba.npz"
+    np.savez(rgba, x=np.zeros((64, 8, 8, 4), np.uint8), y=np.arange(64) % 10)
+    # No cached teacher: --teacher auto would train one first.
+    monkeypatch.setattr(train, "CHECKPOINT_DIR", tmp_path / "no-teachers")
+    workdir = tmp_path / "run"
+    dropout0 = with_meta(teacher / "teacher.eqx", tmp_path / "dropout0.eqx", label_dropout=0.0)
+    cases = [
+        (
+            rgba,
+            "teacher",
+            ["--model-channels", "4"],
+            r"--model-channels 4: sample grids and FID .* 1 or 3 channels",
+        ),
+        (
+            rgba,
+            "instant",
+            ["--model-channels", "4"],
+            r"--model-channels 4: sample grids and FID .* 1 or 3 channels",
+        ),
+        (rgba, "teacher", [], r"rgba.npz/train has 4-channel images; .* take 1 or 3 channels"),
+        (
+            npz,
+            "teacher",
+            ["--model-num-classes", "5"],
+            r"has 10 classes, the model 5: pass --model-num-classes 10",
+        ),
+        (
+            npz,
+            "teacher",
+            ["--model-resolution", "16"],
+            r"has images \(8, 8, 1\), the model expects \(16, 16, 1\)",
+        ),
+        (
+            npz,
+            "instant",
+            ["--guidance", "2", "--label-dropout", "0"],
+            r"teacher to be trained .* label dropout 0",
+        ),
+        (
+            npz,
+            "instant",
+            ["--teacher", str(dropout0), "--guidance", "2"],
+            r"dropout0.eqx was trained with label dropout 0, so its null label never learned",
+        ),
+        (
+            npz,
+            "alternating",
+            ["--teacher", str(teacher / "teacher.eqx"), "--model-heads", "4"],
+            r"teacher.eqx was trained with another model \(heads\): pass --model-heads 2",
+        ),
+        (
+            npz,
+            "instant",
+            ["--teacher", str(teacher / "checkpoints")],
+            r"teacher directory .*checkpoints holds no teacher.eqx; pass --teacher a teacher.eqx",
+        ),
+    ]
+    for data_path, variant, extra, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train.main(args(data_path, workdir, variant, *extra))
+        assert not workdir.exists(), (variant, extra)
+
+
+def test_teacher_may_be_a_run_directory_and_must_be_a_teacher(teacher, alternating, tmp_path):
+    config = train.parse_config(
+        ["--preset", "tiny", "--variant", "alternating", "--teacher", str(teacher)]
+    )
+    assert train.ensure_teacher(config) == teacher / "teacher.eqx"
+    train.check_teacher(config)
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    shutil.copy(
+        teacher / "checkpoints" / "ckpt_00000002.eqx", tmp_path / "unfinished" / "checkpoints"
+    )
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"holds no teacher.eqx \(the run is unfinished: resume it, or "
+        r"pass .*unfinished/checkpoints/ckpt_00000002.eqx\)",
+    ):
+        train.ensure_teacher(dataclasses.replace(config, teacher=str(tmp_path / "unfinished")))
+    student = alternating / "checkpoints" / f"ckpt_{STEPS:08d}.eqx"
+    with pytest.raises(
+        train.CheckpointError, match="is a checkpoint of a alternating run, not of a teacher"
+    ):
+        train.check_teacher(dataclasses.replace(config, teacher=str(student)))
+
+
+def test_eval_refuses_guidance_on_a_teacher_without_label_dropout(teacher, tmp_path):
+    dropout0 = with_meta(teacher / "teacher.eqx", tmp_path / "dropout0.eqx", label_dropout=0.0)
+    with pytest.raises(ValueError, match="dropout0.eqx was trained with label dropout 0"):
+        evaluation.main(
+            ["--checkpoint", str(dropout0), "--guidance", "1", "--no-fid", "--num-samples", "4"]
+        )
+    assert not (tmp_path / "eval").exists()
+
+
+def test_every_flipped_byte_and_truncation_is_detected_or_harmless(teacher, tmp_path):
+    """A flipped byte anywhere in a checkpoint (headers, members, central directory) either changes
+    nothing that is read or raises a one-line CheckpointError naming the file; every flipped byte
+    inside a member is caught. A truncated file or another format raise one too."""
+    original = teacher / "teacher.eqx"
+    expected = {g: train.read_leaves(original, g) for g in ("params", "nu")}
+    raw = original.read_bytes()
+    archive = zipfile.ZipFile(original)
+    data_ranges = [
+        (member_offset(original, m), archive.getinfo(m).compress_size) for m in archive.namelist()
+    ]
+    in_data = {
+        start + i for start, size in data_ranges for i in np.linspace(0, size - 1, 40).astype(int)
+    }
+    near_headers = {max(0, start + d) for start, _ in data_ranges for d in range(-64, 4)}
+    positions = sorted(in_data | near_headers | set(range(len(raw) - 220, len(raw))))
+    damaged, harmless = tmp_path / "damaged.eqx", set()
+    for position in positions:
+        damaged.write_bytes(raw)
+        flip(damaged, position)
+        try:
+            for group, leaves_ in expected.items():
+                for a, b in zip(
+                    train.read_leaves(damaged, group).values(), leaves_.values(), strict=True
+                ):
+                    np.testing.assert_array_equal(a, b)
+            harmless.add(position)
+        except train.CheckpointError as e:
+            assert str(e).startswith(f"{damaged}") and "\n" not in str(e)
+    # Every flipped byte of meta.json, params.eqx and nu.eqx is caught (CRC-32).
+    assert not harmless & in_data
+    for content, message in [
+        (raw[: len(raw) // 2], "meta.json cannot be read .*BadZipFile"),
+        (b"not a zip", "meta.json cannot be read"),
+        (None, "has format 'other', expected 'mmd-jax-checkpoint-1'"),
+    ]:
+        if content is None:
+            with zipfile.ZipFile(damaged, "w") as archive:
+                archive.writestr("meta.json", json.dumps({"format": "other"}))
+        else:
+            damaged.write_bytes(content)
+        with pytest.raises(train.CheckpointError, match=f"damaged.eqx.*{message}"):
+            train.load_checkpoint(damaged)
+
+
+def test_resume_skips_a_damaged_checkpoint_and_tolerates_leftovers(teacher, npz, tmp_path, capsys):
+    """The newest checkpoint has a flipped byte in params.eqx, metrics.jsonl lacks step 3 and ends
+    in a cut line, a temporary file of a killed write lies in checkpoints/: --resume continues from
+    step 3, says what it skipped and dropped, and ends with the uninterrupted run's parameters."""
+    workdir = tmp_path / "resumed"
+    shutil.copytree(teacher, workdir)
+    (workdir / "teacher.eqx").unlink()
+    newest = workdir / "checkpoints" / f"ckpt_{STEPS:08d}.eqx"
+    flip(newest, member_offset(newest, "params.eqx") + 100)
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    (workdir / "metrics.jsonl").write_text("\n".join(lines[:2] + lines[3:]) + "\n" + lines[3][:50])
+    leftover = workdir / "checkpoints" / f".ckpt_{STEPS:08d}.eqx.123.{'0' * 32}.tmp"
+    leftover.write_bytes(b"partial")
+    with pytest.raises(
+        train.CheckpointError, match=r"ckpt_00000004.eqx: params.eqx cannot be read .*Bad CRC-32"
+    ):
+        train.read_leaves(newest, "params")
+    train.main(args(npz, workdir, "teacher", "--resume"))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Skipping damaged checkpoint ckpt_00000004.eqx (kept for inspection)" in out
+    assert "from ckpt_00000003.eqx (step 3)" in out
+    assert (
+        "dropped 1 lines after step 3 (the checkpoint resumed from) and 1 unreadable lines" in out
+    )
+    assert (
+        "1 of steps 1..3 have no line" in out
+        and f"Removed 1 temporary files of interrupted writes: {leftover}" in out
+    )
+    assert [r["step"] for r in metrics(workdir)] == [1, 2, 4] and not leftover.exists()
+    for a, b in zip(leaves(workdir / "teacher.eqx"), leaves(teacher / "teacher.eqx"), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sigkill_between_writing_and_renaming_a_checkpoint_then_resume(teacher, npz, tmp_path):
+    """A real SIGKILL (data.atomic_path's test hook) after checkpoint 3 is written, before its
+    rename: --resume continues from checkpoint 2 and ends with the uninterrupted run's
+    parameters."""
+    workdir = tmp_path / "killed"
+    env = {**os.environ, "MMD_KILL_BEFORE_RENAME": "ckpt_00000003.eqx", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args(npz, workdir, "teacher")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p.name for p in train._checkpoints(workdir)] == [
+        "ckpt_00000001.eqx",
+        "ckpt_00000002.eqx",
+    ]
+    assert len(data.temporary_files(workdir / "checkpoints")) == 1
+    train.main(args(npz, workdir, "teacher", "--resume"))
+    assert [r["step"] for r in metrics(workdir)] == list(range(1, STEPS + 1))
+    assert not list(workdir.rglob("*.tmp"))
+    for a, b in zip(leaves(workdir / "teacher.eqx"), leaves(teacher / "teacher.eqx"), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_with_no_intact_checkpoint_says_so(teacher, npz, tmp_path, never_compile):
+    workdir = tmp_path / "all-damaged"
+    shutil.copytree(teacher, workdir)
+    for path in train._checkpoints(workdir):
+        path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(train.CheckpointError, match=r"no intact checkpoint in .*damaged/"):
+        train.main(args(npz, workdir, "teacher", "--resume"))
+    assert len(train._checkpoints(workdir)) == STEPS  # kept for inspection
