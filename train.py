@@ -112,6 +112,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, UInt8
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from PIL import Image
 from tqdm import tqdm
 
@@ -536,7 +537,7 @@ def check_run(config: Config) -> tuple[list[Any], list[pathlib.Path]]:
                          "use another --workdir")
     if config.variant != "teacher" and not _teacher_file(config).is_file():
         raise FileNotFoundError(f"teacher checkpoint {config.teacher} not found; train it first "
-                                "(`python train.py` with --teacher auto does) or pass --teacher PATH")
+                                "(`python train.py --teacher auto` does) or pass --teacher PATH")
     return devices, existing
 
 
@@ -780,7 +781,7 @@ def write_samples(run: Run, params: PyTree, *, step: int, network: str) -> pathl
     if jax.process_index() == 0:
         name, k = _sampler_name(run.config, network)
         start = step == 0 and network == "teacher"
-        when = "the starting point" if start else f"after {step} training steps"
+        when = "step 0, before distillation" if start else f"after {step} training steps"
         save_titled_grids([(f"{name}, {k} sampling steps", images)], path,
                           columns=_columns(run.config), title=f"{run.workdir}: {when}")
     return path
@@ -830,15 +831,18 @@ def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path, *, variant: str) 
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
     for ax, name in zip(axes, names):
         _plot_panel(ax, np.array([r["step"] for r in records if name in r]),
-                    np.array([r[name] for r in records if name in r], dtype=np.float64), name=name)
+                    np.array([r[name] for r in records if name in r], dtype=np.float64), name=name,
+                    linear=variant == "instant" and name == "loss")
         ax.set_title(labels[name], fontsize=9, loc="left")
     axes[-1].set_xlabel("training step")
     fig.suptitle(f"{variant} run {metrics_path.parent}", fontsize=10)
     save_figure(fig, out, dpi=100)
 
 
-def _plot_panel(ax: Any, steps: np.ndarray, values: np.ndarray, *, name: str) -> None:
-    """Faint single-step values, a running mean, and y limits that fit the mean (not the noise)."""
+def _plot_panel(ax: Any, steps: np.ndarray, values: np.ndarray, *, name: str, linear: bool) -> None:
+    """Faint single-step values and their running mean; a log scale for positive values unless
+    `linear` (the instant monitor, whose one-step values turn negative), with y limits that fit
+    the running mean, not the noise."""
     if name == "lr":
         ax.plot(steps, values, ".", ms=2)
         return
@@ -846,8 +850,9 @@ def _plot_panel(ax: Any, steps: np.ndarray, values: np.ndarray, *, name: str) ->
     mean = np.convolve(values, np.ones(width) / width, mode="valid")
     ax.plot(steps, values, ".", ms=2, alpha=0.3, label="single step")
     ax.plot(steps[width - 1:], mean, lw=1.5, label=f"running mean of {width} steps")
-    positive = np.all(values[np.isfinite(values)] > 0)
+    positive = np.all(values[np.isfinite(values)] > 0) and not linear
     ax.set_yscale("log" if positive else "linear")
+    ax.yaxis.set_minor_formatter(NullFormatter())  # labels at powers of 10 only: no overlaps
     finite = mean[np.isfinite(mean)]
     if finite.size and not positive:  # signed one-step estimates: zoom on the running mean
         low, high = finite.min(), finite.max()
