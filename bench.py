@@ -190,25 +190,22 @@ def bench_speed(*, preset: str, batch_size: int, repeats: int, sample_batch: int
     frozen = mmd.Frozen(teacher=params, precond=jax.tree.map(jnp.ones_like, params))
     opt = mmd.distill_optimizer(peak_lr=1e-4, total_steps=1000, warmup_steps=10)
 
-    def timed(variant: str, n: int, phases: tuple[int, ...] = (0,)) -> dict[str, float]:
+    def timed(variant: str, n: int) -> dict[str, float]:
         aux_opt = opt if variant == "alternating" else None
-        step = mmd.make_train_step(
+        programs = mmd.train_steps(  # alternating: one program per phase
             variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt,
             teacher_cfg=teacher_cfg, distill_cfg=distill_cfg, donate=False,
         )
         state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=aux_opt)
         args = (frozen, *batch(n), k_step)
-        times = [
-            step_seconds(step, state._replace(step=jnp.asarray(p, jnp.int32)), *args, repeats=repeats) for p in phases
-        ]
-        programs = getattr(step, "phases", (step,))  # alternating: one program per phase
+        times = [step_seconds(program, state, *args, repeats=repeats) for program in programs]
         flops = statistics.mean(compiled_flops(program, state, *args) for program in programs)
         s = sum(times) / len(times)
         return {"s": s, "images_per_s": n / s, "gflop": flops / 1e9, "gflop_per_s": flops / s / 1e9}
 
     rows = {
         "teacher": timed("teacher", batch_size),
-        "alternating": timed("alternating", batch_size, phases=(0, 1)),
+        "alternating": timed("alternating", batch_size),
         "instant": timed("instant", batch_size),
         "instant_2B": timed("instant", 2 * batch_size),
     }

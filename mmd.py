@@ -1,9 +1,16 @@
 """Moment Matching Distillation (Salimans et al., NeurIPS 2024): the mathematics as pure functions.
 
-Specification: the project's MATH.md; the section numbers below (§) refer to it. Read top to bottom:
-schedules -> forward process and posterior -> ancestral sampler -> teacher loss -> distillation inputs
--> Algorithm 2 (alternating) -> Algorithm 3 (instant, two minibatches) -> preconditioner -> optimisers
--> data-parallel training steps.
+Specification: the project's MATH.md; the section numbers below (§) refer to it, in its order:
+§1 schedules and loss weights (+ the teacher's training loss) -> §2 forward process, posterior,
+ancestral sampler -> §4 distillation inputs -> §5 Algorithm 2 (alternating) -> §6 Algorithm 3
+(instant, two minibatches) and its preconditioner -> §7 guidance, clipping, straight-through -> §10
+optimisers -> training steps: one per-device step per variant (`teacher_step`; `auxiliary_step` and
+`generator_step` of Algorithm 2; `instant_step` of Algorithm 3) and `data_parallel`, which runs any
+of them over devices (shard_map + jit).
+
+Copying: the file from its first line to the end of §10 (the optimisers) is self-contained: copy
+it whole, imports included, into your own experiment (it needs jax, equinox, optax, jaxtyping and
+numpy). The training-steps section builds on it and can be copied together with it.
 
 Conventions
 - Everything is shape-agnostic over data dimensions: arrays are `(b, *dims)`, so the same code serves
@@ -19,8 +26,9 @@ Conventions
 """
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -39,6 +47,8 @@ Keys = PRNGKeyArray | Key[Array, " b"] | UInt32[Array, "b 2"]
 WEIGHTINGS = ("edm", "flat", "dmd")
 ZS_MODES = ("conditional", "marginal")
 CENTERINGS = ("none", "batch", "fixed")
+INSTANT_FORMS = ("symmetric", "one_sided")
+EPS_MODES = ("fixed", "median")
 VARIANTS = ("teacher", "alternating", "instant")
 
 
@@ -131,6 +141,51 @@ def loss_weight(
 
 
 # ----------------------------------------------------------------------------------------------
+# §1, §7 Teacher training
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Teacher training settings: log-SNR shift, label dropout to `null_label` for guidance, and the decay
+    of the parameters' exponential moving average (0: none; [C], see `ema_decay`)."""
+
+    shift: float = 0.0
+    null_label: int = 0
+    label_dropout: float = 0.1
+    ema_decay: float = 0.0
+
+
+def teacher_loss(
+    denoiser: Denoiser,
+    key: Keys,
+    *,
+    x: Float[Array, "b *dims"],
+    labels: Int[Array, " b"],
+    cfg: TeacherConfig,
+    axis_name: str | None = None,
+) -> Float[Array, ""]:
+    """Simple Diffusion's v-prediction loss with t ~ U[0, 1] on the shifted cosine (MATH.md §1, §7).
+
+    Written in x-space: `||v - v_hat||^2 = ||x - x_hat||^2 / sigma^2 = (1 + SNR) ||x - x_hat||^2` [D],
+    since `x_hat = alpha z - sigma v_hat`. Labels are replaced by `null_label` with prob. `label_dropout`.
+    """
+    keys = example_keys(key, x.shape[0])
+
+    def draws(k: PRNGKeyArray) -> tuple[Array, Array, Array]:
+        kt, kn, kd = jax.random.split(k, 3)
+        return (
+            jax.random.uniform(kt),
+            jax.random.normal(kn, x.shape[1:]),
+            jax.random.bernoulli(kd, cfg.label_dropout),
+        )
+
+    t, noise, drop = jax.vmap(draws)(keys)
+    lam = logsnr_cosine(t, shift=cfg.shift)
+    x_pred = denoiser(diffuse(x, lam, noise), lam, jnp.where(drop, cfg.null_label, labels))
+    return _batch_mean((1.0 + jnp.exp(lam)) * _sum_dims((x - x_pred) ** 2), axis_name)
+
+
+# ----------------------------------------------------------------------------------------------
 # §2 Forward process, posterior (eq. 1) and ancestral step (eq. 2)
 
 
@@ -181,67 +236,6 @@ def ancestral_step(
         + gamma * jax.nn.log_sigmoid(-lam_t)
     )
     return mean + _expand(jnp.exp(0.5 * log_var), noise) * noise
-
-
-# ----------------------------------------------------------------------------------------------
-# §7 Classifier-free guidance and clipping; §6 straight-through
-
-
-def check_guidance(
-    *, guidance: float, num_classes: int, label_dropout: float | None, where: str
-) -> None:
-    """Refuse guidance weight `guidance` != 0 (MATH.md §7) where the null label never trained: an
-    unconditional model (`num_classes` 0), or a teacher trained with `label_dropout` 0 (its
-    null-label embedding got no gradient). `label_dropout` None: unknown (a student).
-
-    Raises ValueError naming `where`."""
-    if guidance == 0.0:
-        return
-    if num_classes == 0:
-        raise ValueError(f"{where}: guidance {guidance:g} needs a class-conditional model, this "
-                         "one is unconditional (num_classes 0); use guidance 0")
-    if label_dropout == 0.0:
-        raise ValueError(f"{where} was trained with label dropout 0, so its null label never "
-                         f"learned the unconditional model that guidance {guidance:g} uses; use "
-                         "guidance 0, or a teacher trained with --label-dropout > 0 (default 0.1)")
-
-
-def guided_denoise(
-    denoiser: Denoiser,
-    z: Float[Array, "b *dims"],
-    lam: Float[Array, " b"],
-    labels: Int[Array, " b"],
-    *,
-    guidance: float,
-    clip: bool,
-    null_label: int | None,
-) -> tuple[Float[Array, "b *dims"], Float[Array, "b *dims"]]:
-    """`(clip((1 + w) g(z, c) - w g(z, null)), g(z, c))`: the guided, clipped prediction and the plain
-    conditional one (MATH.md §7). The conditional and null passes share one batched call."""
-    if guidance == 0.0:
-        x_cond = denoiser(z, lam, labels)
-        x_hat = x_cond
-    else:
-        if null_label is None:
-            raise ValueError("guidance != 0 needs null_label (the extra class the teacher was trained with)")
-        b = z.shape[0]
-        both = denoiser(
-            jnp.concatenate([z, z]),
-            jnp.concatenate([lam, lam]),
-            jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
-        )
-        x_cond, x_null = both[:b], both[b:]
-        x_hat = (1.0 + guidance) * x_cond - guidance * x_null
-    if clip:
-        x_hat = jnp.clip(x_hat, -1.0, 1.0)
-    return x_hat, x_cond
-
-
-def straight_through(
-    x_hat: Float[Array, "b *dims"], x_cond: Float[Array, "b *dims"]
-) -> Float[Array, "b *dims"]:
-    """`g_ST = g(z, c) + sg(g_hat - g(z, c))`: value of the guided/clipped teacher, derivative of the plain one (MATH.md §6)."""
-    return x_cond + lax.stop_gradient(x_hat - x_cond)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,51 +305,6 @@ def sample(
 
 
 # ----------------------------------------------------------------------------------------------
-# §1, §7 Teacher training
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherConfig:
-    """Teacher training settings: log-SNR shift, label dropout to `null_label` for guidance, and the decay
-    of the parameters' exponential moving average (0: none; [C], see `ema_decay`)."""
-
-    shift: float = 0.0
-    null_label: int = 0
-    label_dropout: float = 0.1
-    ema_decay: float = 0.0
-
-
-def teacher_loss(
-    denoiser: Denoiser,
-    key: Keys,
-    *,
-    x: Float[Array, "b *dims"],
-    labels: Int[Array, " b"],
-    cfg: TeacherConfig,
-    axis_name: str | None = None,
-) -> Float[Array, ""]:
-    """Simple Diffusion's v-prediction loss with t ~ U[0, 1] on the shifted cosine (MATH.md §1, §7).
-
-    Written in x-space: `||v - v_hat||^2 = ||x - x_hat||^2 / sigma^2 = (1 + SNR) ||x - x_hat||^2` [D],
-    since `x_hat = alpha z - sigma v_hat`. Labels are replaced by `null_label` with prob. `label_dropout`.
-    """
-    keys = example_keys(key, x.shape[0])
-
-    def draws(k: PRNGKeyArray) -> tuple[Array, Array, Array]:
-        kt, kn, kd = jax.random.split(k, 3)
-        return (
-            jax.random.uniform(kt),
-            jax.random.normal(kn, x.shape[1:]),
-            jax.random.bernoulli(kd, cfg.label_dropout),
-        )
-
-    t, noise, drop = jax.vmap(draws)(keys)
-    lam = logsnr_cosine(t, shift=cfg.shift)
-    x_pred = denoiser(diffuse(x, lam, noise), lam, jnp.where(drop, cfg.null_label, labels))
-    return _batch_mean((1.0 + jnp.exp(lam)) * _sum_dims((x - x_pred) ** 2), axis_name)
-
-
-# ----------------------------------------------------------------------------------------------
 # §4 Inputs of one distillation example; §5/§8 drawing z_s
 
 
@@ -364,7 +313,9 @@ class DistillConfig:
     """Distillation settings shared by both variants (MATH.md §4-8; defaults as the paper).
 
     `num_steps` is the student's k; `regularize_aux` switches the auxiliary's teacher term (§5);
-    `center` is the instant variant's data-centring option (§6, [C]).
+    `center` is the instant variant's data-centring option (§6, [C]); `instant_form` is its
+    objective: `symmetric` `G_1^T Lambda G_2` (§6 [D], default) or `one_sided`, Algorithm 3 as
+    printed (eq. 8).
     """
 
     num_steps: int = 8
@@ -376,11 +327,13 @@ class DistillConfig:
     null_label: int | None = None
     regularize_aux: bool = True
     center: str = "none"
+    instant_form: str = "symmetric"
 
     def __post_init__(self) -> None:
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("z_s mode", self.zs_mode, ZS_MODES)
         _check_choice("centring", self.center, CENTERINGS)
+        _check_choice("instant form", self.instant_form, INSTANT_FORMS)
         if self.num_steps < 1:
             raise ValueError(f"num_steps (k) must be >= 1, got {self.num_steps}")
 
@@ -536,6 +489,35 @@ def _teacher_jvp(teacher: Denoiser, z: Array, lam: Array, labels: Array, tangent
     return out
 
 
+def _centred_gradient(
+    teacher: Denoiser,
+    *,
+    inputs: DistillInputs,
+    x_gen: Float[Array, "b *dims"],
+    z_s: Float[Array, "b *dims"],
+    cfg: DistillConfig,
+    real_grad: PyTree | None,
+    axis_name: str | None,
+) -> tuple[PyTree, Float[Array, " b"]]:
+    """`(G, w)` on the generated pairs of one minibatch, less the real-data gradient for
+    `cfg.center` = `batch` (the same gradient on real pairs of this minibatch) or `fixed`
+    (`real_grad`) [C]."""
+    grads, w = teacher_gradient(
+        teacher, x=x_gen, z_s=z_s, lam_s=inputs.lam_s, labels=inputs.labels, cfg=cfg,
+        axis_name=axis_name,
+    )
+    if cfg.center == "batch":
+        z_real = diffuse(inputs.x, inputs.lam_s, inputs.noise_real)
+        real, _ = teacher_gradient(
+            teacher, x=inputs.x, z_s=z_real, lam_s=inputs.lam_s, labels=inputs.labels, cfg=cfg,
+            axis_name=axis_name,
+        )
+        grads = jax.tree.map(jnp.subtract, grads, real)
+    elif cfg.center == "fixed":
+        grads = jax.tree.map(jnp.subtract, grads, real_grad)
+    return grads, w
+
+
 def instant_loss(
     generator: Denoiser,
     *,
@@ -549,41 +531,43 @@ def instant_loss(
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """Surrogate whose gradient is exactly that of `L_2b = G_1^T Lambda G_2` (eq. 9, reading [D]).
 
-    Computed with teacher VJPs and JVPs, no Hessians (MATH.md §6, [D]): `G_i` on minibatch i,
+    Teacher VJPs and JVPs, no Hessians (MATH.md §6, [D]): `G_i` on minibatch i,
     `u_1 = J(z_s1) Lambda G_2`, `u_2 = J(z_s2) Lambda G_1`, surrogate
-    `-(2/B) sum w (x_gen_1 . sg(u_1) + x_gen_2 . sg(u_2))`. With `cfg.center` = `batch` each `G_i` has
-    the same gradient on real pairs of minibatch i subtracted, with `fixed` the given `real_grad` [C].
-    Metric `loss` is the value `G_1^T Lambda G_2` (the monitor the paper plots), `surrogate` the surrogate's.
+    `-(2/B) sum w (x_gen_1 . sg(u_1) + x_gen_2 . sg(u_2))`. `cfg.instant_form="one_sided"` keeps the
+    first term only: Algorithm 3 as printed (eq. 8, `nu = Lambda G_2` from the other minibatch)
+    times the factor 2 of `||.||^2`, i.e. the gradient of `G_1^T Lambda sg(G_2)`, whose expectation
+    is half the symmetric one's. `cfg.center` subtracts real-data gradients from each `G_i` [C].
+    Metric `loss` is the value `G_1^T Lambda G_2` (the monitor the paper plots), `surrogate` the
+    surrogate's. Raises ValueError for `center="fixed"` without `real_grad`.
     """
     if cfg.center == "fixed" and real_grad is None:
         raise ValueError("center='fixed' needs real_grad (a mean real-data teacher gradient)")
     b1 = inputs1.x.shape[0]
-    x_gen = generator(
+    x_gen = generator(  # both minibatches in one batched pass
         jnp.concatenate([inputs1.z_t, inputs2.z_t]),
         jnp.concatenate([inputs1.lam_t, inputs2.lam_t]),
         jnp.concatenate([inputs1.labels, inputs2.labels]),
     )
-    x_gens = (x_gen[:b1], x_gen[b1:])
-
-    def centred_gradient(inputs: DistillInputs, xg: Array, z_s: Array) -> tuple[PyTree, Array]:
-        kw = dict(lam_s=inputs.lam_s, labels=inputs.labels, cfg=cfg, axis_name=axis_name)
-        grads, w = teacher_gradient(teacher, x=xg, z_s=z_s, **kw)
-        if cfg.center == "batch":
-            z_real = diffuse(inputs.x, inputs.lam_s, inputs.noise_real)
-            grads = jax.tree.map(jnp.subtract, grads, teacher_gradient(teacher, x=inputs.x, z_s=z_real, **kw)[0])
-        elif cfg.center == "fixed":
-            grads = jax.tree.map(jnp.subtract, grads, real_grad)
-        return grads, w
-
-    z_s = [draw_zs(inp, xg, mode=cfg.zs_mode) for inp, xg in zip((inputs1, inputs2), x_gens)]
-    (g1, w1), (g2, w2) = (centred_gradient(inp, xg, z) for inp, xg, z in zip((inputs1, inputs2), x_gens, z_s))
-    u1 = _teacher_jvp(teacher, z_s[0], inputs1.lam_s, inputs1.labels, _tree_mul(precond, g2))
-    u2 = _teacher_jvp(teacher, z_s[1], inputs2.lam_s, inputs2.labels, _tree_mul(precond, g1))
-    surrogate = -2.0 * (
-        _batch_mean(w1 * _sum_dims(x_gens[0] * lax.stop_gradient(u1)), axis_name)
-        + _batch_mean(w2 * _sum_dims(x_gens[1] * lax.stop_gradient(u2)), axis_name)
+    x_gen1, x_gen2 = x_gen[:b1], x_gen[b1:]
+    z_s1 = draw_zs(inputs1, x_gen1, mode=cfg.zs_mode)
+    z_s2 = draw_zs(inputs2, x_gen2, mode=cfg.zs_mode)
+    G_1, w1 = _centred_gradient(  # noqa: N806 (the paper's names)
+        teacher, inputs=inputs1, x_gen=x_gen1, z_s=z_s1, cfg=cfg, real_grad=real_grad,
+        axis_name=axis_name,
     )
-    value = lax.stop_gradient(_tree_vdot(g1, _tree_mul(precond, g2)))
+    G_2, w2 = _centred_gradient(  # noqa: N806
+        teacher, inputs=inputs2, x_gen=x_gen2, z_s=z_s2, cfg=cfg, real_grad=real_grad,
+        axis_name=axis_name,
+    )
+    u_1 = _teacher_jvp(teacher, z_s1, inputs1.lam_s, inputs1.labels, _tree_mul(precond, G_2))
+    term1 = _batch_mean(w1 * _sum_dims(x_gen1 * lax.stop_gradient(u_1)), axis_name)
+    if cfg.instant_form == "one_sided":  # G_2 reaches the generator through minibatch 1 only
+        surrogate = -2.0 * term1
+    else:
+        u_2 = _teacher_jvp(teacher, z_s2, inputs2.lam_s, inputs2.labels, _tree_mul(precond, G_1))
+        term2 = _batch_mean(w2 * _sum_dims(x_gen2 * lax.stop_gradient(u_2)), axis_name)
+        surrogate = -2.0 * (term1 + term2)
+    value = lax.stop_gradient(_tree_vdot(G_1, _tree_mul(precond, G_2)))
     return surrogate, {"loss": value, "surrogate": lax.stop_gradient(surrogate)}
 
 
@@ -591,14 +575,32 @@ def instant_loss(
 # §6 The preconditioner Lambda (Adam's diagonal preconditioner of the teacher)
 
 
-def preconditioner(nu: PyTree, *, count: int | Int[Array, ""], b2: float, eps: float = 1e-8) -> PyTree:
-    """`Lambda = 1 / (sqrt(nu_hat) + eps)`, `nu_hat = nu / (1 - b2^count)` (MATH.md §6; eps [C])."""
+def preconditioner(
+    nu: PyTree,
+    *,
+    count: int | Int[Array, ""],
+    b2: float,
+    eps: float = 1e-8,
+    eps_mode: str = "fixed",
+) -> PyTree:
+    """`Lambda = 1 / (sqrt(nu_hat) + eps')`, `nu_hat = nu / (1 - b2^count)` (MATH.md §6; eps [C]).
+
+    `eps_mode="fixed"`: `eps' = eps` (the paper's Adam form, default); `"median"`:
+    `eps' = eps * median of sqrt(nu_hat)` over all parameters [C], which caps Lambda at
+    `1 / (eps * median)` where the teacher's gradients were tiny (a fixed 1e-8 lets it reach 1e8).
+    Raises ValueError for an unknown mode.
+    """
+    _check_choice("eps mode", eps_mode, EPS_MODES)
     correction = 1.0 - jnp.asarray(b2, jnp.float32) ** jnp.asarray(count, jnp.float32)
-    return jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / correction) + eps), nu)
+    root = jax.tree.map(lambda v: jnp.sqrt(v / correction), nu)
+    if eps_mode == "median":
+        eps = eps * jnp.median(jnp.concatenate([r.ravel() for r in jax.tree.leaves(root)]))
+    return jax.tree.map(lambda r: 1.0 / (r + eps), root)
 
 
-def preconditioner_from_adam(opt_state: PyTree, *, b2: float, eps: float = 1e-8) -> PyTree:
-    """Lambda from the teacher's optax Adam state (its bias-corrected `nu`), as loaded from a checkpoint (MATH.md §6)."""
+def adam_state(opt_state: PyTree) -> optax.ScaleByAdamState:
+    """The one optax Adam state inside an optimiser state (e.g. of `teacher_optimizer`'s chain).
+    Raises ValueError when there is none or more than one."""
     states = [
         s
         for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
@@ -606,12 +608,24 @@ def preconditioner_from_adam(opt_state: PyTree, *, b2: float, eps: float = 1e-8)
     ]
     if len(states) != 1:
         raise ValueError(f"expected one optax Adam state in the optimiser state, found {len(states)}")
-    return preconditioner(states[0].nu, count=states[0].count, b2=b2, eps=eps)
+    return states[0]
 
 
-def estimate_preconditioner(grads: Iterable[PyTree], *, b2: float, eps: float = 1e-8) -> PyTree:
+def preconditioner_from_adam(
+    opt_state: PyTree, *, b2: float, eps: float = 1e-8, eps_mode: str = "fixed"
+) -> PyTree:
+    """Lambda from the teacher's optax Adam state (its bias-corrected `nu`), as loaded from a
+    checkpoint (MATH.md §6); `eps`, `eps_mode` as in `preconditioner`."""
+    adam = adam_state(opt_state)
+    return preconditioner(adam.nu, count=adam.count, b2=b2, eps=eps, eps_mode=eps_mode)
+
+
+def estimate_preconditioner(
+    grads: Iterable[PyTree], *, b2: float, eps: float = 1e-8, eps_mode: str = "fixed"
+) -> PyTree:
     """A fresh Lambda from a stream of teacher-loss gradients on real data: Adam's EMA of squared
-    gradients with no parameter update, bias-corrected (MATH.md §6)."""
+    gradients with no parameter update, bias-corrected (MATH.md §6); `eps`, `eps_mode` as in
+    `preconditioner`."""
     nu, count = None, 0
     for g in grads:
         if nu is None:
@@ -620,7 +634,78 @@ def estimate_preconditioner(grads: Iterable[PyTree], *, b2: float, eps: float = 
         count += 1
     if nu is None:
         raise ValueError("estimate_preconditioner needs at least one gradient")
-    return preconditioner(nu, count=count, b2=b2, eps=eps)
+    return preconditioner(nu, count=count, b2=b2, eps=eps, eps_mode=eps_mode)
+
+
+def preconditioned_shares(precond: PyTree, grads: PyTree) -> dict[str, float]:
+    """Each parameter array's share of `||Lambda G||^2` (keyed by its pytree path, largest first):
+    which parameter groups dominate the direction `Lambda G` along which Algorithm 3 takes teacher
+    JVPs (§6)."""
+    paths_and_leaves = jax.tree_util.tree_leaves_with_path(_tree_mul(precond, grads))
+    sq = {jax.tree_util.keystr(path): float(jnp.sum(jnp.square(v))) for path, v in paths_and_leaves}
+    total = sum(sq.values())
+    return {k: v / total for k, v in sorted(sq.items(), key=lambda kv: -kv[1])}
+
+
+# ----------------------------------------------------------------------------------------------
+# §7 Classifier-free guidance and clipping; §6 straight-through
+
+
+def check_guidance(
+    *, guidance: float, num_classes: int, label_dropout: float | None, where: str
+) -> None:
+    """Refuse guidance weight `guidance` != 0 (MATH.md §7) where the null label never trained: an
+    unconditional model (`num_classes` 0), or a teacher trained with `label_dropout` 0 (its
+    null-label embedding got no gradient). `label_dropout` None: unknown (a student).
+
+    Raises ValueError naming `where`."""
+    if guidance == 0.0:
+        return
+    if num_classes == 0:
+        raise ValueError(f"{where}: guidance {guidance:g} needs a class-conditional model, this "
+                         "one is unconditional (num_classes 0); use guidance 0")
+    if label_dropout == 0.0:
+        raise ValueError(f"{where} was trained with label dropout 0, so its null label never "
+                         f"learned the unconditional model that guidance {guidance:g} uses; use "
+                         "guidance 0, or a teacher trained with --label-dropout > 0 (default 0.1)")
+
+
+def guided_denoise(
+    denoiser: Denoiser,
+    z: Float[Array, "b *dims"],
+    lam: Float[Array, " b"],
+    labels: Int[Array, " b"],
+    *,
+    guidance: float,
+    clip: bool,
+    null_label: int | None,
+) -> tuple[Float[Array, "b *dims"], Float[Array, "b *dims"]]:
+    """`(clip((1 + w) g(z, c) - w g(z, null)), g(z, c))`: the guided, clipped prediction and the plain
+    conditional one (MATH.md §7). The conditional and null passes share one batched call."""
+    if guidance == 0.0:
+        x_cond = denoiser(z, lam, labels)
+        x_hat = x_cond
+    else:
+        if null_label is None:
+            raise ValueError("guidance != 0 needs null_label (the extra class the teacher was trained with)")
+        b = z.shape[0]
+        both = denoiser(
+            jnp.concatenate([z, z]),
+            jnp.concatenate([lam, lam]),
+            jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
+        )
+        x_cond, x_null = both[:b], both[b:]
+        x_hat = (1.0 + guidance) * x_cond - guidance * x_null
+    if clip:
+        x_hat = jnp.clip(x_hat, -1.0, 1.0)
+    return x_hat, x_cond
+
+
+def straight_through(
+    x_hat: Float[Array, "b *dims"], x_cond: Float[Array, "b *dims"]
+) -> Float[Array, "b *dims"]:
+    """`g_ST = g(z, c) + sg(g_hat - g(z, c))`: value of the guided/clipped teacher, derivative of the plain one (MATH.md §6)."""
+    return x_cond + lax.stop_gradient(x_hat - x_cond)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,7 +747,8 @@ def teacher_optimizer(
 
 
 # ----------------------------------------------------------------------------------------------
-# Data-parallel training steps (jax.shard_map over the mesh axis "data")
+# Training steps: one per-device step per variant (Algorithm 2, Algorithm 3, teacher training), run
+# data-parallel by `data_parallel` (jax.shard_map over the mesh axis "data", then jax.jit)
 
 
 class TrainState(NamedTuple):
@@ -683,12 +769,6 @@ class Frozen(NamedTuple):
     teacher: PyTree = None
     precond: PyTree = None
     real_grad: PyTree = None
-
-
-def data_mesh(devices: list[Any] | None = None) -> Mesh:
-    """A 1-D mesh with axis "data" over `devices` (default: all devices)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
 
 
 def init_train_state(
@@ -726,7 +806,9 @@ def ema_decay(step: Int[Array, ""], *, decay: float) -> Float[Array, ""]:
     return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
 
 
-def _global_keys(key: PRNGKeyArray, n_local: int, offset: int = 0) -> Key[Array, " n"]:
+def _global_keys(
+    key: PRNGKeyArray, n_local: int, offset: int | Int[Array, ""] = 0
+) -> Key[Array, " n"]:
     """Per-example keys `fold_in(key, global index)`, so results do not depend on the device count."""
     start = offset + lax.axis_index("data") * n_local
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n_local))
@@ -748,20 +830,215 @@ def _descend(
     return optax.apply_updates(params, updates), opt_state, metrics
 
 
-def _sharded(fn: Callable, mesh: Mesh, batch_spec: P, num_replicated: int) -> Callable:
-    """Wrap `fn(*replicated, x, labels, key)` in shard_map: parameters replicated, batch sharded, key replicated."""
-    specs = (P(),) * num_replicated + (batch_spec, batch_spec, P())
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)
+def teacher_step(
+    state: TrainState,
+    frozen: Frozen,
+    x: Float[Array, "b *dims"],
+    labels: Int[Array, " b"],
+    key: PRNGKeyArray,
+    *,
+    static: PyTree,
+    optimizer: optax.GradientTransformation,
+    cfg: TeacherConfig,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One teacher update on this device's slice of the batch: the gradient of the global-batch mean
+    `teacher_loss`, then the parameters' moving average (`cfg.ema_decay`). `frozen` is unused."""
+    keys = _global_keys(key, x.shape[0])
+
+    def loss(params: PyTree) -> tuple[Array, dict[str, Array]]:
+        denoiser = eqx.combine(params, static)
+        return teacher_loss(denoiser, keys, x=x, labels=labels, cfg=cfg, axis_name="data"), {}
+
+    params, opt_state, metrics = _descend(loss, optimizer, state.params, state.opt_state)
+    average = state.ema
+    if average is not None:
+        d = ema_decay(state.step, decay=cfg.ema_decay)
+        average = jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, average, params)
+    state = state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema=average)
+    return state, metrics
 
 
-def _check_batch(batch: int, divisor: int, what: str) -> None:
-    if batch % divisor:
-        raise ValueError(
-            f"batch size {batch} is not divisible by {divisor} ({what}); choose a batch size that is a multiple of {divisor}"
+def auxiliary_step(
+    state: TrainState,
+    frozen: Frozen,
+    x: Float[Array, "b *dims"],
+    labels: Int[Array, " b"],
+    key: PRNGKeyArray,
+    *,
+    static: PyTree,
+    optimizer: optax.GradientTransformation,
+    cfg: DistillConfig,
+) -> tuple[TrainState, dict[str, Array]]:
+    """Algorithm 2, the auxiliary's update (even steps): descend `L(phi)` (`auxiliary_loss`) on a
+    fresh minibatch with the auxiliary's `optimizer`; the generator and the teacher stay fixed."""
+    inputs = distill_inputs(
+        _global_keys(key, x.shape[0]), x=x, labels=labels, num_steps=cfg.num_steps, shift=cfg.shift
+    )
+    generator, teacher = eqx.combine(state.params, static), eqx.combine(frozen.teacher, static)
+
+    def loss(aux_params: PyTree) -> tuple[Array, dict[str, Array]]:
+        auxiliary = eqx.combine(aux_params, static)
+        return auxiliary_loss(
+            auxiliary, generator=generator, teacher=teacher, inputs=inputs, cfg=cfg,
+            axis_name="data",
         )
 
+    params, opt_state, metrics = _descend(loss, optimizer, state.aux_params, state.aux_opt_state)
+    metrics["generator_step"] = jnp.asarray(0.0)
+    return state._replace(step=state.step + 1, aux_params=params, aux_opt_state=opt_state), metrics
 
-def make_train_step(
+
+def generator_step(
+    state: TrainState,
+    frozen: Frozen,
+    x: Float[Array, "b *dims"],
+    labels: Int[Array, " b"],
+    key: PRNGKeyArray,
+    *,
+    static: PyTree,
+    optimizer: optax.GradientTransformation,
+    cfg: DistillConfig,
+) -> tuple[TrainState, dict[str, Array]]:
+    """Algorithm 2, the generator's update (odd steps): descend `L(eta)` (`generator_loss`) on a
+    fresh minibatch with the generator's `optimizer`; the auxiliary and the teacher stay fixed."""
+    inputs = distill_inputs(
+        _global_keys(key, x.shape[0]), x=x, labels=labels, num_steps=cfg.num_steps, shift=cfg.shift
+    )
+    teacher, auxiliary = eqx.combine(frozen.teacher, static), eqx.combine(state.aux_params, static)
+
+    def loss(params: PyTree) -> tuple[Array, dict[str, Array]]:
+        generator = eqx.combine(params, static)
+        return generator_loss(
+            generator, auxiliary=auxiliary, teacher=teacher, inputs=inputs, cfg=cfg,
+            axis_name="data",
+        )
+
+    params, opt_state, metrics = _descend(loss, optimizer, state.params, state.opt_state)
+    metrics["generator_step"] = jnp.asarray(1.0)
+    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def instant_step(
+    state: TrainState,
+    frozen: Frozen,
+    x: Float[Array, "2 b *dims"],
+    labels: Int[Array, "2 b"],
+    key: PRNGKeyArray,
+    *,
+    static: PyTree,
+    optimizer: optax.GradientTransformation,
+    cfg: DistillConfig,
+) -> tuple[TrainState, dict[str, Array]]:
+    """Algorithm 3, one generator update: descend `instant_loss` on the two independent minibatches
+    `x[0]`, `x[1]` (this device's slices of each), with Lambda and the teacher from `frozen`."""
+    n = x.shape[1]
+    inputs1 = distill_inputs(
+        _global_keys(key, n), x=x[0], labels=labels[0], num_steps=cfg.num_steps, shift=cfg.shift
+    )
+    # Minibatch 2's examples are numbered after all of minibatch 1's (n per device).
+    inputs2 = distill_inputs(
+        _global_keys(key, n, offset=n * lax.axis_size("data")),
+        x=x[1], labels=labels[1], num_steps=cfg.num_steps, shift=cfg.shift,
+    )
+    teacher = eqx.combine(frozen.teacher, static)
+
+    def loss(params: PyTree) -> tuple[Array, dict[str, Array]]:
+        return instant_loss(
+            eqx.combine(params, static), teacher=teacher, precond=frozen.precond, inputs1=inputs1,
+            inputs2=inputs2, cfg=cfg, real_grad=frozen.real_grad, axis_name="data",
+        )
+
+    params, opt_state, metrics = _descend(loss, optimizer, state.params, state.opt_state)
+    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def real_data_gradients(
+    params: PyTree,
+    x: Float[Array, "b *dims"],
+    labels: Int[Array, " b"],
+    key: PRNGKeyArray,
+    *,
+    static: PyTree,
+    teacher_cfg: TeacherConfig,
+    distill_cfg: DistillConfig,
+) -> tuple[PyTree, PyTree]:
+    """`(grad of teacher_loss, real-data G)` of the teacher on one batch of real data: the stream
+    for `estimate_preconditioner` and the mean real-data gradient subtracted by `center="fixed"`
+    (MATH.md §6)."""
+    teacher = eqx.combine(params, static)
+    k_teacher, k_real = (_global_keys(jax.random.fold_in(key, i), x.shape[0]) for i in (0, 1))
+    g_teacher = eqx.filter_grad(
+        lambda m: teacher_loss(m, k_teacher, x=x, labels=labels, cfg=teacher_cfg, axis_name="data")
+    )(teacher)
+    inputs = distill_inputs(
+        k_real, x=x, labels=labels, num_steps=distill_cfg.num_steps, shift=distill_cfg.shift
+    )
+    z_real = diffuse(x, inputs.lam_s, inputs.noise_real)
+    g_real, _ = teacher_gradient(
+        teacher, x=x, z_s=z_real, lam_s=inputs.lam_s, labels=labels, cfg=distill_cfg,
+        axis_name="data",
+    )
+    return eqx.filter(g_teacher, eqx.is_inexact_array), g_real
+
+
+def data_mesh(devices: Sequence[Any] | None = None, *, num_devices: int = 0) -> Mesh:
+    """A 1-D mesh with axis "data" over `devices`; else over the first `num_devices` local devices;
+    else (`num_devices=0`) over every device of every process. Raises ValueError for an impossible
+    count."""
+    if devices is None and num_devices == 0:
+        devices = jax.devices()
+    elif devices is None:
+        if jax.process_count() > 1:
+            raise ValueError("num_devices selects local devices of a single process; leave it 0 in "
+                             "multi-process runs")
+        if num_devices > jax.local_device_count():
+            raise ValueError(f"num_devices={num_devices} but only {jax.local_device_count()} "
+                             "local devices exist; choose fewer")
+        devices = jax.local_devices()[:num_devices]
+    return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
+
+
+def check_batch_size(
+    batch_size: int, *, num_devices: int, minibatches: int = 1, num_processes: int = 1
+) -> None:
+    """Refuse (ValueError) a global batch that the devices, the instant variant's `minibatches` and
+    the processes (each loads an equal slice) cannot split evenly."""
+    divisor = num_devices * minibatches
+    if batch_size % divisor or batch_size % num_processes:
+        what = f"{num_devices} devices"
+        if minibatches > 1:
+            what += f" x {minibatches} minibatches"
+        raise ValueError(f"batch size {batch_size} is not divisible by {divisor} ({what}); use a "
+                         f"multiple of {math.lcm(divisor, num_processes)}")
+
+
+def data_parallel(
+    step: Callable, *, mesh: Mesh, minibatches: int = 1, donate: bool = True
+) -> Callable:
+    """`jit(shard_map(step))`: run a per-device `step(*replicated, x, labels, key)` with the
+    replicated arguments (state, frozen, parameters) and `key` on every device and the batch `x`,
+    `labels` split over mesh axis "data"; outputs are replicated. With `minibatches=2` (Algorithm 3)
+    the batch is first cut into `(2, b/2, ...)`, each minibatch split over the devices. `donate`
+    gives the first argument's buffers to XLA. Inside `step`, losses are global-batch means
+    (`pmean`), so gradients are those of the global loss. Raises ValueError (before compiling) for
+    a batch the devices cannot split."""
+    n_dev = mesh.shape["data"]
+    batch_spec = P("data") if minibatches == 1 else P(None, "data")
+
+    def run(*args: Any) -> Any:
+        *replicated, x, labels, key = args
+        check_batch_size(x.shape[0], num_devices=n_dev, minibatches=minibatches)
+        if minibatches > 1:
+            x = x.reshape((minibatches, x.shape[0] // minibatches) + x.shape[1:])
+            labels = labels.reshape(minibatches, -1)
+        specs = (P(),) * len(replicated) + (batch_spec, batch_spec, P())
+        sharded = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)
+        return sharded(*replicated, x, labels, key)
+
+    return jax.jit(run, donate_argnums=(0,) if donate else ())
+
+
+def train_steps(
     variant: str,
     *,
     static: PyTree,
@@ -771,18 +1048,13 @@ def make_train_step(
     teacher_cfg: TeacherConfig | None = None,
     distill_cfg: DistillConfig | None = None,
     donate: bool = True,
-) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
-    """One jitted data-parallel step `(state, frozen, x, labels, key) -> (state, metrics)` for `teacher`,
-    `alternating` or `instant`, over mesh axis "data" (parameters replicated, batch sharded).
-
-    Gradients are those of the global-batch mean loss (`grad` of a `pmean`, not `pmean` of a `grad`,
-    which `check_vma` would count N times). `alternating` updates the auxiliary on even steps and the
-    generator on odd steps, so each optimiser sees half the steps; the phase is read from `state.step`
-    on the host (a sync per step), because XLA:CPU ran a `lax.cond` of the two ~6x slower. `instant`
-    splits the batch into its two independent minibatches (first and second half) and all-reduces the
-    teacher gradients G_i before the JVPs. `static` is the non-parameter part of the model
-    (`eqx.partition(model, eqx.is_inexact_array)`).
-    """
+) -> tuple[Callable[..., tuple[TrainState, dict[str, Array]]], ...]:
+    """The jitted programs `(state, frozen, x, labels, key) -> (state, metrics)` of a variant;
+    update `i` (0-based) runs `programs[i % len(programs)]`: `(teacher_step,)`, `(instant_step,)`,
+    or for `alternating` `(auxiliary_step, generator_step)`, so each optimiser sees half the
+    updates. Two programs picked on the host, not one `lax.cond`: XLA:CPU ran the conditional ~6x
+    slower. `static` is the non-parameter part of the model
+    (`eqx.partition(model, eqx.is_inexact_array)`). Raises ValueError for a missing setting."""
     _check_choice("variant", variant, VARIANTS)
     if variant == "teacher" and teacher_cfg is None:
         raise ValueError("the teacher step needs teacher_cfg")
@@ -790,122 +1062,13 @@ def make_train_step(
         raise ValueError(f"the {variant} step needs distill_cfg")
     if variant == "alternating" and aux_optimizer is None:
         raise ValueError("the alternating step needs aux_optimizer")
-    cfg = distill_cfg
-    n_dev = mesh.shape["data"]
-
-    def model(p: PyTree) -> Denoiser:
-        return eqx.combine(p, static)
-
-    def teacher_local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
-        keys = _global_keys(key, x.shape[0])
-        params, opt_state, metrics = _descend(
-            lambda p: (teacher_loss(model(p), keys, x=x, labels=labels, cfg=teacher_cfg, axis_name="data"), {}),
-            optimizer, state.params, state.opt_state,
-        )
-        average = state.ema
-        if average is not None:
-            d = ema_decay(state.step, decay=teacher_cfg.ema_decay)
-            average = jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, average, params)
-        return state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema=average), metrics
-
-    def alternating_local(phase: int) -> Callable:
-        """The auxiliary update (phase 0) or the generator update (phase 1) of Algorithm 2."""
-
-        def local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
-            inputs = distill_inputs(
-                _global_keys(key, x.shape[0]), x=x, labels=labels, num_steps=cfg.num_steps, shift=cfg.shift
-            )
-            teacher, generator, auxiliary = (model(p) for p in (frozen.teacher, state.params, state.aux_params))
-            if phase == 0:
-                params, opt_state, metrics = _descend(
-                    lambda p: auxiliary_loss(
-                        model(p), generator=generator, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
-                    ),
-                    aux_optimizer, state.aux_params, state.aux_opt_state,
-                )
-                state = state._replace(aux_params=params, aux_opt_state=opt_state)
-            else:
-                params, opt_state, metrics = _descend(
-                    lambda p: generator_loss(
-                        model(p), auxiliary=auxiliary, teacher=teacher, inputs=inputs, cfg=cfg, axis_name="data"
-                    ),
-                    optimizer, state.params, state.opt_state,
-                )
-                state = state._replace(params=params, opt_state=opt_state)
-            metrics["generator_step"] = jnp.asarray(float(phase))
-            return state._replace(step=state.step + 1), metrics
-
-        return local
-
-    def instant_local(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: Array) -> tuple:
-        n = x.shape[1]
-        inputs1, inputs2 = (
-            distill_inputs(
-                _global_keys(key, n, offset=i * n * n_dev),
-                x=x[i], labels=labels[i], num_steps=cfg.num_steps, shift=cfg.shift,
-            )
-            for i in (0, 1)
-        )
-        params, opt_state, metrics = _descend(
-            lambda p: instant_loss(
-                model(p), teacher=model(frozen.teacher), precond=frozen.precond, inputs1=inputs1,
-                inputs2=inputs2, cfg=cfg, real_grad=frozen.real_grad, axis_name="data",
-            ),
-            optimizer, state.params, state.opt_state,
-        )
-        return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    def jitted(local: Callable) -> Callable:
-        def step(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: PRNGKeyArray) -> tuple:
-            if variant == "instant":
-                _check_batch(x.shape[0], 2 * n_dev, f"two minibatches over {n_dev} devices")
-                x = x.reshape((2, x.shape[0] // 2) + x.shape[1:])
-                labels = labels.reshape(2, -1)
-                return _sharded(local, mesh, P(None, "data"), 2)(state, frozen, x, labels, key)
-            _check_batch(x.shape[0], n_dev, f"{n_dev} devices")
-            return _sharded(local, mesh, P("data"), 2)(state, frozen, x, labels, key)
-
-        return jax.jit(step, donate_argnums=(0,) if donate else ())
-
     if variant == "teacher":
-        return jitted(teacher_local)
+        step = functools.partial(teacher_step, static=static, optimizer=optimizer, cfg=teacher_cfg)
+        return (data_parallel(step, mesh=mesh, donate=donate),)
     if variant == "instant":
-        return jitted(instant_local)
-    # Two programs chosen on the host rather than one `lax.cond`: XLA:CPU ran the conditional ~6x slower.
-    phases = (jitted(alternating_local(0)), jitted(alternating_local(1)))
-
-    def alternating_step(state: TrainState, frozen: Frozen, x: Array, labels: Array, key: PRNGKeyArray) -> tuple:
-        return phases[int(state.step) % 2](state, frozen, x, labels, key)
-
-    alternating_step.phases = phases  # the two jitted programs, e.g. for XLA's cost analysis
-    return alternating_step
-
-
-def make_gradient_fn(
-    *, static: PyTree, mesh: Mesh, teacher_cfg: TeacherConfig, distill_cfg: DistillConfig
-) -> Callable[..., tuple[PyTree, PyTree]]:
-    """Jitted data-parallel `(teacher_params, x, labels, key) -> (grad of teacher_loss, real-data G)`:
-    one pass over real data gives both the stream for `estimate_preconditioner` and the mean real-data
-    gradient subtracted by `center="fixed"` (MATH.md §6)."""
-    n_dev = mesh.shape["data"]
-
-    def local(params: PyTree, x: Array, labels: Array, key: Array) -> tuple[PyTree, PyTree]:
-        teacher = eqx.combine(params, static)
-        k_teacher, k_real = (_global_keys(jax.random.fold_in(key, i), x.shape[0]) for i in (0, 1))
-        g_teacher = eqx.filter_grad(
-            lambda m: teacher_loss(m, k_teacher, x=x, labels=labels, cfg=teacher_cfg, axis_name="data")
-        )(teacher)
-        inputs = distill_inputs(
-            k_real, x=x, labels=labels, num_steps=distill_cfg.num_steps, shift=distill_cfg.shift
-        )
-        z_real = diffuse(x, inputs.lam_s, inputs.noise_real)
-        g_real, _ = teacher_gradient(
-            teacher, x=x, z_s=z_real, lam_s=inputs.lam_s, labels=labels, cfg=distill_cfg, axis_name="data"
-        )
-        return eqx.filter(g_teacher, eqx.is_inexact_array), g_real
-
-    def fn(params: PyTree, x: Array, labels: Array, key: PRNGKeyArray) -> tuple[PyTree, PyTree]:
-        _check_batch(x.shape[0], n_dev, f"{n_dev} devices")
-        return _sharded(local, mesh, P("data"), 1)(params, x, labels, key)
-
-    return jax.jit(fn)
+        step = functools.partial(instant_step, static=static, optimizer=optimizer, cfg=distill_cfg)
+        return (data_parallel(step, mesh=mesh, minibatches=2, donate=donate),)
+    aux = functools.partial(auxiliary_step, static=static, optimizer=aux_optimizer, cfg=distill_cfg)
+    gen = functools.partial(generator_step, static=static, optimizer=optimizer, cfg=distill_cfg)
+    return (data_parallel(aux, mesh=mesh, donate=donate),
+            data_parallel(gen, mesh=mesh, donate=donate))

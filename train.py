@@ -85,6 +85,7 @@ generator and auxiliary on MNIST.
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -180,8 +181,13 @@ class Config:
     zs: str = _field("conditional", "how z_s is drawn", choices=mmd.ZS_MODES)
     regularize_aux: bool = _field(True, "the auxiliary's teacher regulariser (alternating)")
     center: str = _field("none", "data centring of the instant variant's gradients", choices=mmd.CENTERINGS)
+    instant_form: str = _field("symmetric", "instant objective: symmetric G1^T Lambda G2, or "
+                               "one_sided (Algorithm 3 as printed, eq. 8)",
+                               choices=mmd.INSTANT_FORMS)
     precond_steps: int = _field(0, "estimate Lambda from N fresh teacher gradients (0: teacher's Adam state)")
     precond_eps: float = _field(1e-8, "eps of Lambda = 1 / (sqrt(nu_hat) + eps)")
+    precond_eps_mode: str = _field("fixed", "fixed: eps as given (the paper's); median: eps times "
+                                   "the median sqrt(nu_hat)", choices=mmd.EPS_MODES)
     center_steps: int = _field(16, "real-data batches averaged for center=fixed (when precond_steps is 0)")
     # Output.
     log_every: int = _field(10, "fetch metrics, check them and update the progress bar every N steps")
@@ -346,26 +352,11 @@ def _global_batch(
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in batch)
 
 
-def select_devices(num_devices: int) -> list[Any]:
-    """The first `num_devices` local devices, or (0) every device of every process."""
-    if num_devices == 0:
-        return jax.devices()
-    if jax.process_count() > 1:
-        raise ValueError("--num-devices selects local devices of a single process; leave it 0 in multi-process runs")
-    if num_devices > jax.local_device_count():
-        raise ValueError(f"--num-devices {num_devices} but only {jax.local_device_count()} local devices exist")
-    return jax.local_devices()[:num_devices]
-
-
 def check_batch(config: Config, n_devices: int) -> None:
     """Refuse, before compiling, a batch size the devices (and the instant variant's halves) cannot split."""
-    divisor = n_devices * (2 if config.variant == "instant" else 1)
-    what = f"{n_devices} devices" + (" x 2 minibatches (instant)" if config.variant == "instant" else "")
-    if config.batch_size % divisor or config.batch_size % jax.process_count():
-        raise ValueError(
-            f"batch size {config.batch_size} is not divisible by {divisor} ({what}); use a multiple of "
-            f"{math.lcm(divisor, jax.process_count())}, or select devices with --num-devices"
-        )
+    minibatches = 2 if config.variant == "instant" else 1
+    mmd.check_batch_size(config.batch_size, num_devices=n_devices, minibatches=minibatches,
+                         num_processes=jax.process_count())
 
 
 def check_inputs(config: Config) -> data.Dataset:
@@ -463,7 +454,9 @@ def fresh_statistics(
     n = config.precond_steps or (config.center_steps if config.center == "fixed" else 0)
     if n == 0:
         return None, None
-    grad_fn = mmd.make_gradient_fn(static=static, mesh=mesh, teacher_cfg=teacher_cfg, distill_cfg=distill_cfg)
+    local = functools.partial(mmd.real_data_gradients, static=static, teacher_cfg=teacher_cfg,
+                              distill_cfg=distill_cfg)
+    grad_fn = mmd.data_parallel(local, mesh=mesh, donate=False)
     batches = data.batches(dataset, batch_size=config.batch_size, seed=(config.seed + 1) % 2**32)
     sharding = NamedSharding(mesh, P("data"))
     real_sum: list[PyTree] = []
@@ -476,7 +469,9 @@ def fresh_statistics(
             yield g_teacher
 
     if config.precond_steps:
-        precond = mmd.estimate_preconditioner(teacher_grads(), b2=config.teacher_b2, eps=config.precond_eps)
+        precond = mmd.estimate_preconditioner(teacher_grads(), b2=config.teacher_b2,
+                                              eps=config.precond_eps,
+                                              eps_mode=config.precond_eps_mode)
     else:
         precond = None
         for _ in teacher_grads():
@@ -519,12 +514,12 @@ def load_data(config: Config) -> data.Dataset:
     return dataset
 
 
-def check_run(config: Config) -> tuple[list[Any], list[pathlib.Path]]:
-    """`(devices, existing checkpoints)` after every check that needs no data: devices and batch
+def check_run(config: Config) -> tuple[jax.sharding.Mesh, list[pathlib.Path]]:
+    """`(mesh, existing checkpoints)` after every check that needs no data: devices and batch
     size, the work directory's state, the teacher file. Nothing is written before these (and the
     data) pass."""
-    devices = select_devices(config.num_devices)
-    check_batch(config, len(devices))
+    mesh = mmd.data_mesh(num_devices=config.num_devices)
+    check_batch(config, mesh.devices.size)
     workdir = pathlib.Path(config.workdir)
     existing = _checkpoints(workdir)
     if existing and not config.resume:
@@ -538,7 +533,7 @@ def check_run(config: Config) -> tuple[list[Any], list[pathlib.Path]]:
     if config.variant != "teacher" and not _teacher_file(config).is_file():
         raise FileNotFoundError(f"teacher checkpoint {config.teacher} not found; train it first "
                                 "(`python train.py --teacher auto` does) or pass --teacher PATH")
-    return devices, existing
+    return mesh, existing
 
 
 def _teacher_file(config: Config) -> pathlib.Path:
@@ -570,7 +565,7 @@ def mmd_configs(config: Config) -> tuple[mmd.TeacherConfig, mmd.DistillConfig]:
     distill_cfg = mmd.DistillConfig(
         num_steps=config.k, shift=config.shift, weighting=config.weighting, zs_mode=config.zs,
         guidance=config.guidance, clip=config.clip, null_label=null_label,
-        regularize_aux=config.regularize_aux, center=config.center,
+        regularize_aux=config.regularize_aux, center=config.center, instant_form=config.instant_form,
     )
     return teacher_cfg, distill_cfg
 
@@ -583,7 +578,7 @@ class Run(typing.NamedTuple):
     devices: list[Any]
     static: PyTree
     frozen: mmd.Frozen
-    step_fn: Callable
+    programs: tuple[Callable, ...]  # the step functions, used in turn (alternating: aux, generator)
     batches: data.Batches
     batch_sharding: NamedSharding
     learning_rate: Callable[[int], float]
@@ -595,7 +590,7 @@ class Run(typing.NamedTuple):
 def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
     """Check the configuration, work directory, teacher and data; only then write config.json,
     build the step function (compiled on its first call) and the initial or restored state."""
-    devices, existing = check_run(config)
+    mesh, existing = check_run(config)
     dataset = check_inputs(config)
     k_init, k_train, k_sample, k_stats = jax.random.split(jax.random.key(config.seed), 4)
     if config.variant == "teacher":
@@ -608,7 +603,6 @@ def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
     if jax.process_index() == 0:
         with data.atomic_path(workdir / "config.json") as tmp:
             tmp.write_text(json.dumps(config_to_dict(config), indent=1) + "\n")
-    mesh = mmd.data_mesh(devices)
     replicated = NamedSharding(mesh, P())
     teacher_cfg, distill_cfg = mmd_configs(config)
     frozen = mmd.Frozen()
@@ -629,11 +623,11 @@ def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
     if existing:
         resumed, state, k_train = _restore_newest(existing, state, batches)
         _print(f"Resuming {workdir} from {resumed.name} (step {int(state.step)}).")
-    step_fn = mmd.make_train_step(
+    programs = mmd.train_steps(
         config.variant, static=static, mesh=mesh, optimizer=optimizer, aux_optimizer=aux_optimizer,
         teacher_cfg=teacher_cfg, distill_cfg=distill_cfg,
     )
-    run = Run(config, workdir, devices, static, frozen, step_fn, batches,
+    run = Run(config, workdir, list(mesh.devices.flat), static, frozen, tuple(programs), batches,
               NamedSharding(mesh, P("data")), learning_rate, k_train, k_sample, resumed)
     return run, jax.device_put(state, replicated)
 
@@ -764,6 +758,9 @@ def _sampler_name(config: Config, network: str) -> tuple[str, int]:
 def sample_images(run: Run, params: PyTree, *, network: str) -> UInt8[np.ndarray, "n h w c"]:
     """`num_samples` images of the run's fixed sample key (same noise and labels every time)."""
     config = run.config
+    # Each process samples on its own devices from its own copy of the (replicated) parameters: a
+    # transfer from another process's devices is not supported on CPU.
+    params = jax.tree.map(lambda a: a.addressable_data(0), params)
     return generate(
         eqx.combine(params, run.static), run.sample_key, num_samples=config.num_samples,
         batch_size=config.num_samples, num_classes=config.model.num_classes,
@@ -1016,7 +1013,8 @@ def train(config: Config) -> pathlib.Path:
         for i in range(start, config.steps):
             x, labels = _global_batch(next(run.batches), run.batch_sharding)
             key = jax.random.fold_in(run.train_key, i)
-            state, metrics = run.step_fn(state, run.frozen, x, labels, key)
+            step_fn = run.programs[i % len(run.programs)]  # alternating: auxiliary, then generator
+            state, metrics = step_fn(state, run.frozen, x, labels, key)
             step = i + 1
             log.append(step, metrics)
             stopping = stop.requested  # read once: a later signal stops after the next step
@@ -1038,7 +1036,7 @@ def train(config: Config) -> pathlib.Path:
         raise Interrupted(step, last_good)
     if start == config.steps:
         _print(f"{run.workdir} already finished all {config.steps} steps.")
-    final = _checkpoints(run.workdir)[-1]
+    final = last_good  # not a directory listing: only process 0 writes, maybe to its own disk
     if config.variant == "teacher" and jax.process_index() == 0:
         export_teacher(final, run.workdir / "teacher.eqx")
     result = run.workdir / "teacher.eqx" if config.variant == "teacher" else final
@@ -1221,7 +1219,7 @@ def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Non
     params_like, _ = model_skeleton(config.model)
     optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=config.teacher_b1, b2=config.teacher_b2)
     opt_state = load_group(checkpoint, "opt_state", jax.eval_shape(optimizer.init, params_like))
-    adam = _adam_state(opt_state)
+    adam = mmd.adam_state(opt_state)
     group = _network_group(meta)
     save_checkpoint(
         out,
@@ -1230,12 +1228,6 @@ def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Non
         groups={"params": load_group(checkpoint, group, params_like),
                 "nu": jax.tree.map(lambda v: v.astype(jnp.bfloat16), adam.nu)},
     )
-
-
-def _adam_state(opt_state: PyTree) -> optax.ScaleByAdamState:
-    (state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-                if isinstance(s, optax.ScaleByAdamState)]
-    return state
 
 
 def _checkpoints(workdir: pathlib.Path) -> list[pathlib.Path]:
@@ -1256,11 +1248,12 @@ def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | N
     elif "opt_state" in meta["groups"] and meta["config"]["variant"] == "teacher":
         saved = _saved_config(path, meta)
         optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=saved.teacher_b1, b2=saved.teacher_b2)
-        adam = _adam_state(load_group(path, "opt_state", jax.eval_shape(optimizer.init, params_like)))
+        adam = mmd.adam_state(load_group(path, "opt_state", jax.eval_shape(optimizer.init, params_like)))
         nu, count, b2 = adam.nu, adam.count, saved.teacher_b2
     else:
         raise CheckpointError(f"{path} holds no teacher Adam state for Lambda; pass --precond-steps N to estimate it")
-    return params, mmd.preconditioner(nu, count=count, b2=b2, eps=config.precond_eps)
+    return params, mmd.preconditioner(nu, count=count, b2=b2, eps=config.precond_eps,
+                                      eps_mode=config.precond_eps_mode)
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
@@ -1483,7 +1476,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
         if config.variant != "teacher" and config.teacher == str(default) and not default.is_file():
             # --teacher auto without the preset's teacher: check the distillation's inputs, then
             # train the teacher (hours on a CPU) before distilling.
-            check_batch(config, len(select_devices(config.num_devices)))
+            check_batch(config, mmd.data_mesh(num_devices=config.num_devices).devices.size)
             check_inputs(config)
             ensure_teacher(config)
         return train(config)

@@ -28,6 +28,7 @@ import math
 
 import equinox as eqx
 import jax
+from einops import rearrange
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
@@ -257,17 +258,13 @@ class ResBlock(eqx.Module):
 
 
 def space_to_depth(x: Float[Array, "b h w c"], p: int) -> Float[Array, "b hp wp cp"]:
-    """Fold each p x p patch into channels."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h // p, w // p, p * p * c)
+    """Fold each p x p patch into channels, ordered (patch row, patch column, channel)."""
+    return rearrange(x, "b (h p) (w q) c -> b h w (p q c)", p=p, q=p)
 
 
 def depth_to_space(x: Float[Array, "b h w c"], p: int) -> Float[Array, "b hp wp cp"]:
     """Inverse of `space_to_depth`."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h * p, w * p, c // (p * p))
+    return rearrange(x, "b h w (p q c) -> b (h p) (w q) c", p=p, q=p)
 
 
 class Downsample(eqx.Module):
@@ -315,14 +312,14 @@ class TransformerBlock(eqx.Module):
         self.heads = config.heads
 
     def __call__(self, x: Float[Array, "b t d"], emb: Float[Array, "b e"]) -> Float[Array, "b t d"]:
-        b, t, d = x.shape
+        d = x.shape[-1]
         scale1, shift1, scale2, shift2 = jnp.split(self.cond(emb)[:, None, :], 4, axis=-1)
         h = layer_norm(x) * (1 + scale1) + shift1
         # Heads before tokens: XLA:CPU runs the batched matmuls ~2x faster with (b, h) leading.
-        q, k, v = self.qkv(h).reshape(b, t, 3, self.heads, d // self.heads).transpose(2, 0, 3, 1, 4)
+        q, k, v = rearrange(self.qkv(h), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d // self.heads)
         weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        attended = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3).reshape(b, t, d)
+        attended = rearrange(jnp.einsum("bhqk,bhkd->bhqd", weights, v), "b h t d -> b t (h d)")
         x = x + self.attn_out(attended)
         h = layer_norm(x) * (1 + scale2) + shift2
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(h)))
@@ -382,11 +379,11 @@ class UViT(eqx.Module):
                 h = block(h, emb)
                 skips.append(h)
             h = down(h)
-        b, s, _, d = h.shape
-        tokens = h.reshape(b, s * s, d) + self.position.astype(dtype)[None]
+        s = h.shape[1]
+        tokens = rearrange(h, "b h w d -> b (h w) d") + self.position.astype(dtype)[None]
         for block in self.transformer:
             tokens = eqx.filter_checkpoint(block)(tokens, emb) if cfg.remat else block(tokens, emb)
-        h = tokens.reshape(b, s, s, d)
+        h = rearrange(tokens, "b (h w) d -> b h w d", h=s)
         for blocks, up in reversed(list(zip(self.decoder, self.ups))):
             h = up(h)
             for block in blocks:

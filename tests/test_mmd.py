@@ -1,6 +1,7 @@
 """mmd.py against independent references: brute-force Gaussian conditioning, closed-form schedules, the
 exact denoiser of a Gaussian mixture, plain double backprop, a Taylor expansion, Monte Carlo, optax."""
 
+import functools
 import math
 
 import equinox as eqx
@@ -263,10 +264,11 @@ CASES = [
     mmd.DistillConfig(num_steps=2, weighting="edm", zs_mode="marginal"),
     mmd.DistillConfig(num_steps=4, weighting="dmd", guidance=0.7, clip=True, null_label=3),
     mmd.DistillConfig(num_steps=8, weighting="flat", center="batch"),
+    mmd.DistillConfig(num_steps=4, weighting="edm", instant_form="one_sided"),
 ]
 
 
-@pytest.mark.parametrize("cfg", CASES, ids=["flat", "edm-marginal", "dmd-guided-clipped", "centred"])
+@pytest.mark.parametrize("cfg", CASES, ids=["flat", "edm-marginal", "dmd-guided-clipped", "centred", "one-sided"])
 def test_instant_surrogate_gradient_equals_double_backprop(cfg):
     teacher, generator, x, labels, precond, key = _setup()
     inputs1, inputs2 = _inputs(key, x, labels, cfg)
@@ -289,6 +291,8 @@ def test_instant_surrogate_gradient_equals_double_backprop(cfg):
             if cfg.center == "batch":
                 real = (inp.x, mmd.diffuse(inp.x, inp.lam_s, inp.noise_real))
             grads.append(_reference_teacher_grad(teacher, x_gen, z_s, inp.lam_s, inp.labels, cfg, real))
+        if cfg.instant_form == "one_sided":  # the gradient of G_1^T Lambda sg(G_2)
+            grads[1] = jax.lax.stop_gradient(grads[1])
         return sum(jnp.vdot(a, l * b) for a, l, b in zip(*(jax.tree.leaves(t) for t in (grads[0], precond, grads[1]))))
 
     value, grad_ref = jax.value_and_grad(l2b)(gen_params)
@@ -384,6 +388,57 @@ def test_two_batch_estimate_is_unbiased_and_one_batch_is_not():
     assert one.mean() - target > 10 * se_one
 
 
+def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
+    """Algorithm 3 as printed (eq. 8, `nu = Lambda G_2`, times the 2 of ||.||^2) vs the symmetric
+    surrogate, Monte Carlo over independent minibatch pairs on a linear problem: E[one-sided gradient]
+    = half of E[symmetric gradient] = half of grad_eta ||E G||^2_Lambda (double backprop through one
+    huge batch)."""
+    teacher = Linear(jnp.asarray([[0.8, 0.1], [-0.2, 0.7]], F32), jnp.asarray([0.05, -0.1], F32))
+    generator = Linear(jnp.asarray([[0.5, 0.0], [0.3, 0.4]], F32), jnp.asarray([0.3, 0.2], F32))
+    precond = Linear(jnp.asarray([[1.0, 2.0], [0.5, 1.5]], F32), jnp.asarray([1.0, 0.7], F32))
+    gen_params, gen_static = eqx.partition(generator, eqx.is_inexact_array)
+    mix = ring()
+    forms = {form: mmd.DistillConfig(num_steps=4, weighting="flat", instant_form=form)
+             for form in ("symmetric", "one_sided")}
+
+    def inputs(key, b):
+        kx, ki = jax.random.split(key)
+        return mmd.distill_inputs(ki, x=mix.draw(kx, b), labels=jnp.zeros(b, jnp.int32), num_steps=4, shift=0.0)
+
+    def flat(tree):
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)])
+
+    def grad_of(form, inp1, inp2):
+        def surrogate(p):
+            return mmd.instant_loss(eqx.combine(p, gen_static), teacher=teacher, precond=precond,
+                                    inputs1=inp1, inputs2=inp2, cfg=forms[form])[0]
+        return flat(jax.grad(surrogate)(gen_params))
+
+    def draws(key):
+        k1, k2 = jax.random.split(key)
+        inp1, inp2 = inputs(k1, 4), inputs(k2, 4)
+        return grad_of("symmetric", inp1, inp2), grad_of("one_sided", inp1, inp2)
+
+    sym, one = (np.asarray(a, np.float64) for a in jax.jit(jax.vmap(draws))(jax.random.split(jax.random.key(1), 20000)))
+
+    # The reference: grad_eta ||E G||^2_Lambda, G by plain double backprop on one huge batch.
+    big = inputs(jax.random.key(0), 200_000)
+
+    def sqnorm_of_mean_gradient(p):
+        x_gen = eqx.combine(p, gen_static)(big.z_t, big.lam_t, big.labels)
+        z_s = mmd.draw_zs(big, x_gen, mode="conditional")
+        g = _reference_teacher_grad(teacher, x_gen, z_s, big.lam_s, big.labels, forms["symmetric"])
+        return sum(jnp.vdot(a, lam * a) for a, lam in zip(jax.tree.leaves(g), jax.tree.leaves(precond)))
+
+    target = np.asarray(flat(jax.grad(sqnorm_of_mean_gradient)(gen_params)), np.float64)
+    se_sym, se_one = (a.std(axis=0) / math.sqrt(a.shape[0]) for a in (sym, one))
+    assert np.all(np.abs(target) > 10 * se_sym)  # the expected gradient is well resolved
+    assert np.all(np.abs(sym.mean(axis=0) - target) < 4 * se_sym + 1e-3 * np.abs(target))
+    assert np.all(np.abs(one.mean(axis=0) - 0.5 * target) < 4 * se_one + 1e-3 * np.abs(target))
+    # Per draw, the one-sided gradient is the first of the symmetric surrogate's two terms, not half.
+    assert not np.allclose(one, 0.5 * sym, rtol=1e-2)
+
+
 # ---------------------------------------------------------------------------------------- preconditioner
 
 
@@ -406,6 +461,40 @@ def test_preconditioner_equals_optax_adam_state():
         np.testing.assert_allclose(fresh[name], ref, rtol=1e-5)
     with pytest.raises(ValueError, match="found 0"):
         mmd.preconditioner_from_adam(optax.sgd(0.1).init(params), b2=0.99)
+
+
+def test_median_relative_eps_against_numpy():
+    """eps_mode="median": Lambda = 1 / (sqrt(nu_hat) + eps * median(sqrt(nu_hat))), the median over
+    every entry of every array; the fixed form is unchanged. Reference in numpy, float64."""
+    rng = np.random.default_rng(1)
+    # "c": parameters that never received a gradient.
+    nu = {"a": rng.uniform(0, 1e-2, (5, 3)), "b": rng.uniform(0, 1e-6, 4), "c": np.zeros(2)}
+    count, b2 = 37, 0.99
+    root = {k: np.sqrt(v / (1 - b2**count)) for k, v in nu.items()}
+    median = np.median(np.concatenate([r.ravel() for r in root.values()]))
+    nu32 = {k: jnp.asarray(v, F32) for k, v in nu.items()}
+    relative = mmd.preconditioner(nu32, count=count, b2=b2, eps=0.1, eps_mode="median")
+    fixed = mmd.preconditioner(nu32, count=count, b2=b2, eps=1e-8)
+    for k in nu:
+        np.testing.assert_allclose(relative[k], 1 / (root[k] + 0.1 * median), rtol=1e-5)
+        np.testing.assert_allclose(fixed[k], 1 / (root[k] + 1e-8), rtol=1e-5)
+    # The paper's form is 1 / eps where nu = 0; the relative one is capped at 1 / (eps * median).
+    assert float(jnp.max(fixed["c"])) == pytest.approx(1e8)
+    assert float(jnp.max(relative["c"])) == pytest.approx(1 / (0.1 * median), rel=1e-5)
+    adam = optax.adam(1e-3, b2=b2).init(nu32)
+    adam = (adam[0]._replace(nu=nu32, count=jnp.asarray(count, jnp.int32)), *adam[1:])
+    from_adam = mmd.preconditioner_from_adam(adam, b2=b2, eps=0.1, eps_mode="median")
+    np.testing.assert_allclose(from_adam["a"], relative["a"], rtol=1e-6)
+    with pytest.raises(ValueError, match="fixed, median"):
+        mmd.preconditioner(nu32, count=count, b2=b2, eps_mode="mean")
+
+
+def test_preconditioned_shares_sum_to_one_and_rank_groups():
+    precond = {"big": jnp.full(3, 10.0, F32), "small": jnp.ones(4, F32)}
+    grads = {"big": jnp.ones(3, F32), "small": jnp.ones(4, F32)}
+    shares = mmd.preconditioned_shares(precond, grads)
+    assert list(shares) == ["['big']", "['small']"]
+    assert shares["['big']"] == pytest.approx(300 / 304) and shares["['small']"] == pytest.approx(4 / 304)
 
 
 # ---------------------------------------------------------------------------------------- straight-through
@@ -438,50 +527,62 @@ def test_straight_through_value_is_guided_and_gradient_is_unguided():
 # ---------------------------------------------------------------------------------------- data parallel
 
 
-def _run_steps(variant, devices, cfg, num_steps=2):
+STEPS = {"teacher": mmd.teacher_step, "auxiliary": mmd.auxiliary_step, "generator": mmd.generator_step,
+         "instant": mmd.instant_step}
+
+
+def _run_steps(name, devices, cfg, num_steps=2):
+    """`num_steps` updates with one named per-device step in `mmd.data_parallel`, or
+    (`alternating`) with the programs of `mmd.train_steps`, picked by update number."""
     teacher, _, x, labels, precond, key = _setup(seed=2, b=16)
     x, labels = x.reshape(32, 2), labels.reshape(32)
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     mesh = mmd.data_mesh(devices)
-    if variant == "teacher":
+    if name == "teacher":
         opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
         state = mmd.init_train_state(params=params, optimizer=opt, ema=True)
-        step = mmd.make_train_step(variant, static=static, mesh=mesh, optimizer=opt,
-                                   teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.5))
+        step_cfg = mmd.TeacherConfig(null_label=3, ema_decay=0.5)
         frozen = mmd.Frozen()
     else:
         opt = mmd.distill_optimizer(peak_lr=1e-2, total_steps=10, warmup_steps=1)
-        aux_opt = opt if variant == "alternating" else None
-        state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=aux_opt)
-        # Perturb the generator so that distillation has a non-zero gradient at step 0.
+        state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=opt)
+        # Perturb generator and auxiliary so that distillation has a non-zero gradient at step 0.
         state = state._replace(params=jax.tree.map(lambda p: p * 1.1, state.params))
-        step = mmd.make_train_step(
-            variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt, distill_cfg=cfg
-        )
+        if name == "generator":
+            state = state._replace(aux_params=jax.tree.map(lambda p: p * 0.9, state.aux_params))
+        step_cfg = cfg
         frozen = mmd.Frozen(teacher=params, precond=precond)
+    if name == "alternating":
+        programs = mmd.train_steps(name, static=static, mesh=mesh, optimizer=opt, aux_optimizer=opt, distill_cfg=cfg)
+    else:
+        local = functools.partial(STEPS[name], static=static, optimizer=opt, cfg=step_cfg)
+        programs = (mmd.data_parallel(local, mesh=mesh, minibatches=2 if name == "instant" else 1),)
     history = []
     for i in range(num_steps):
-        state, metrics = step(state, frozen, x, labels, jax.random.fold_in(key, i))
+        state, metrics = programs[i % len(programs)](state, frozen, x, labels, jax.random.fold_in(key, i))
         history.append(jax.tree.map(np.asarray, metrics))
     return jax.tree.map(np.asarray, state), history
 
 
-@pytest.mark.parametrize("variant", ["teacher", "alternating", "instant"])
-def test_sharded_step_matches_single_device(variant):
+@pytest.mark.parametrize("name", ["teacher", "auxiliary", "generator", "instant", "alternating"])
+def test_sharded_step_matches_single_device(name):
     cfg = mmd.DistillConfig(num_steps=4, weighting="edm", guidance=0.5, null_label=3, center="batch")
     assert len(jax.devices()) == 8
-    state8, hist8 = _run_steps(variant, jax.devices(), cfg)
-    state1, hist1 = _run_steps(variant, jax.devices()[:1], cfg)
+    state8, hist8 = _run_steps(name, jax.devices(), cfg)
+    state1, hist1 = _run_steps(name, jax.devices()[:1], cfg)
     for m8, m1 in zip(hist8, hist1):
         assert m8.keys() == m1.keys()
-        for name in m8:
-            np.testing.assert_allclose(m8[name], m1[name], rtol=2e-4, atol=1e-6, err_msg=name)
+        for metric in m8:
+            np.testing.assert_allclose(m8[metric], m1[metric], rtol=2e-4, atol=1e-6, err_msg=metric)
     for a, b in zip(jax.tree.leaves(state8), jax.tree.leaves(state1)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
     assert int(state8.step) == 2
+    if name == "alternating":  # auxiliary update first, then the generator's
+        assert [float(m["generator_step"]) for m in hist8] == [0.0, 1.0]
     # grad_norm is compared above: a pmean of per-device gradients would make it 8x too large.
     before = jax.tree.leaves(eqx.filter(_setup(seed=2, b=16)[0], eqx.is_inexact_array))
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state8.params), before))
+    trained = state8.aux_params if name == "auxiliary" else state8.params
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained), before))
 
 
 def test_teacher_ema_is_the_weighted_sum_of_the_parameter_trajectory():
@@ -492,8 +593,8 @@ def test_teacher_ema_is_the_weighted_sum_of_the_parameter_trajectory():
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
     state = mmd.init_train_state(params=params, optimizer=opt, ema=True)
-    step = mmd.make_train_step("teacher", static=static, mesh=mmd.data_mesh(), optimizer=opt, donate=False,
-                               teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.3))
+    (step,) = mmd.train_steps("teacher", static=static, mesh=mmd.data_mesh(), optimizer=opt, donate=False,
+                              teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.3))
     trajectory = [jax.tree.map(np.asarray, state.params)]
     for i in range(5):
         state, _ = step(state, mmd.Frozen(), x, labels, jax.random.fold_in(key, i))
@@ -511,7 +612,7 @@ def test_non_divisible_batch_raises_before_compiling():
     teacher, *_ = _setup()
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     opt = mmd.teacher_optimizer(peak_lr=1e-3)
-    step = mmd.make_train_step(
+    (step,) = mmd.train_steps(
         "teacher", static=static, mesh=mmd.data_mesh(), optimizer=opt, teacher_cfg=mmd.TeacherConfig(null_label=3)
     )
     state = mmd.init_train_state(params=params, optimizer=opt)
@@ -528,7 +629,7 @@ def test_bad_names_and_shapes_raise():
     with pytest.raises(ValueError, match="none, batch, fixed"):
         mmd.DistillConfig(center="mean")
     with pytest.raises(ValueError, match="teacher, alternating, instant"):
-        mmd.make_train_step("progressive", static=None, mesh=mmd.data_mesh(), optimizer=optax.sgd(0.1))
+        mmd.train_steps("progressive", static=None, mesh=mmd.data_mesh(), optimizer=optax.sgd(0.1))
     with pytest.raises(jaxtyping.TypeCheckError):
         mmd.posterior(z_t=jnp.zeros((3, 2)), x=jnp.zeros((3, 2)), lam_t=jnp.zeros(4), lam_s=jnp.zeros(4))
     with pytest.raises(jaxtyping.TypeCheckError):
@@ -549,19 +650,20 @@ def test_distillation_end_to_end_on_2d_mixture():
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     draw = jax.jit(lambda key: mix.draw(key, batch))
 
-    def train(step, state, frozen, num_steps, seed):
+    def train(programs, state, frozen, num_steps, seed):
         for i in range(num_steps):
             key = jax.random.fold_in(jax.random.key(seed), i)
+            step = programs[i % len(programs)]
             state, metrics = step(state, frozen, draw(jax.random.fold_in(key, 1)), labels, key)
         assert all(np.isfinite(v) for v in jax.tree.leaves(metrics))
         return state
 
     opt = mmd.teacher_optimizer(peak_lr=1e-3, warmup_steps=100)
-    step = mmd.make_train_step(
+    programs = mmd.train_steps(
         "teacher", static=static, mesh=mesh, optimizer=opt,
         teacher_cfg=mmd.TeacherConfig(null_label=0, label_dropout=0.0),
     )
-    t_state = train(step, mmd.init_train_state(params=params, optimizer=opt), mmd.Frozen(), 3000, 1)
+    t_state = train(programs, mmd.init_train_state(params=params, optimizer=opt), mmd.Frozen(), 3000, 1)
 
     reference = mix.draw(jax.random.key(99), 2000)
 
@@ -579,8 +681,9 @@ def test_distillation_end_to_end_on_2d_mixture():
     for variant, num_steps, lr in [("alternating", 2000, 2e-4), ("instant", 1000, 1e-4)]:
         opt = mmd.distill_optimizer(peak_lr=lr, total_steps=num_steps, warmup_steps=num_steps // 10)
         aux_opt = opt if variant == "alternating" else None
-        step = mmd.make_train_step(variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt, distill_cfg=cfg)
+        programs = mmd.train_steps(variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt,
+                                   distill_cfg=cfg)
         state = mmd.init_train_state(params=t_state.params, optimizer=opt, aux_optimizer=aux_opt)
-        distilled = distance(train(step, state, frozen, num_steps, 2).params)
+        distilled = distance(train(programs, state, frozen, num_steps, 2).params)
         print(f"4-step energy distance: undistilled {undistilled:.4f}, {variant} {distilled:.4f}")
         assert distilled <= 0.5 * undistilled, (variant, distilled, undistilled)

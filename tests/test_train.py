@@ -222,7 +222,7 @@ def test_indivisible_batch_fails_before_compiling(npz, tmp_path, monkeypatch, va
     def never(*a, **k):
         raise AssertionError("compiled a step")
 
-    monkeypatch.setattr(mmd, "make_train_step", never)
+    monkeypatch.setattr(mmd, "train_steps", never)
     divisor = 8 if variant == "instant" else 4
     with pytest.raises(ValueError, match=f"batch size {batch} is not divisible by {divisor}"):
         train.main(args(npz, tmp_path, variant, "--batch-size", str(batch), "--num-devices", "4", "--teacher", "x"))
@@ -406,7 +406,7 @@ def never_compile(monkeypatch):
     def never(*a, **k):
         raise AssertionError("compiled a step")
 
-    monkeypatch.setattr(mmd, "make_train_step", never)
+    monkeypatch.setattr(mmd, "train_steps", never)
 
 
 def test_inputs_later_stages_cannot_take_are_refused_before_anything_is_written(

@@ -207,3 +207,36 @@ def test_bad_inputs_raise_actionable_errors():
         uvit.make_model("cifar", key=jax.random.key(0))
     with pytest.raises(ValueError, match="divisible"):
         dataclasses.replace(TINY, resolution=18)
+
+
+def test_attention_heads_against_a_loop_over_heads():
+    """The block's multi-head attention equals a numpy loop: head i reads columns [i*dh, (i+1)*dh)
+    of each of q, k, v (the qkv projection's three d-wide thirds) and writes the same columns of
+    the merged output."""
+    cfg = dataclasses.replace(TINY, transformer_width=12, heads=3, mlp_ratio=2)
+    block = uvit.TransformerBlock(cfg, key=jax.random.key(0))
+    block = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), block)
+    x = jax.random.normal(jax.random.key(2), (2, 5, 12))
+    emb = jax.random.normal(jax.random.key(3), (2, cfg.emb_width))
+    out = np.asarray(block(x, emb), np.float64)
+
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    d, dh = 12, 4
+    cond = f64(emb) @ f64(block.cond.weight) + f64(block.cond.bias)
+    scale1, shift1, scale2, shift2 = (cond[:, None, i * d:(i + 1) * d] for i in range(4))
+
+    def norm(a):
+        return (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-6)
+
+    qkv = (norm(f64(x)) * (1 + scale1) + shift1) @ f64(block.qkv.weight) + f64(block.qkv.bias)
+    merged = np.zeros((2, 5, d))
+    for i in range(3):
+        q, k, v = (qkv[..., j * d + i * dh: j * d + (i + 1) * dh] for j in range(3))
+        logits = q @ k.transpose(0, 2, 1) / np.sqrt(dh)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        merged[..., i * dh:(i + 1) * dh] = (weights / weights.sum(-1, keepdims=True)) @ v
+    h = f64(x) + merged @ f64(block.attn_out.weight) + f64(block.attn_out.bias)
+    hidden = (norm(h) * (1 + scale2) + shift2) @ f64(block.mlp_in.weight) + f64(block.mlp_in.bias)
+    gelu = np.asarray(jax.nn.gelu(jnp.asarray(hidden, jnp.float32)), np.float64)
+    expected = h + gelu @ f64(block.mlp_out.weight) + f64(block.mlp_out.bias)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
