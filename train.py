@@ -1040,7 +1040,8 @@ def train(config: Config) -> pathlib.Path:
     if config.variant == "teacher" and jax.process_index() == 0:
         export_teacher(final, run.workdir / "teacher.eqx")
     result = run.workdir / "teacher.eqx" if config.variant == "teacher" else final
-    _print(summary(run, result, steps=step - start, seconds=time.perf_counter() - t_start))
+    if jax.process_index() == 0:  # it lists process 0's files
+        _print(summary(run, result, steps=step - start, seconds=time.perf_counter() - t_start))
     return result
 
 
