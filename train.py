@@ -565,7 +565,8 @@ def mmd_configs(config: Config) -> tuple[mmd.TeacherConfig, mmd.DistillConfig]:
     distill_cfg = mmd.DistillConfig(
         num_steps=config.k, shift=config.shift, weighting=config.weighting, zs_mode=config.zs,
         guidance=config.guidance, clip=config.clip, null_label=null_label,
-        regularize_aux=config.regularize_aux, center=config.center, instant_form=config.instant_form,
+        regularize_aux=config.regularize_aux, center=config.center,
+        instant_form=config.instant_form,
     )
     return teacher_cfg, distill_cfg
 
