@@ -1494,6 +1494,8 @@ if __name__ == "__main__":
     except Interrupted:
         sys.exit(130)
     except KeyboardInterrupt:
-        sys.exit("train.py: aborted; the last checkpoint written is intact (--resume continues)")
+        print("train.py: aborted; the last checkpoint written is intact (--resume continues)",
+              file=sys.stderr)
+        sys.exit(130)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         sys.exit(f"train.py: error: {error}")
