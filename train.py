@@ -976,7 +976,10 @@ class Progress:
         _print(f"{self.config.variant} step {step}/{self.config.steps}: {values}, "
                f"{record['images_per_s']:.1f} images/s{eta}")
 
-    def close(self) -> None:
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -1009,8 +1012,8 @@ def train(config: Config) -> pathlib.Path:
            f"{config.batch_size}, in {run.workdir} (the first step compiles).")
     if start == 0 and config.variant != "teacher":  # the start: the teacher with the student's k
         write_samples(run, run.frozen.teacher, step=0, network="teacher")
-    progress, stopping = Progress(config, start), False
-    with StopSignals() as stop:
+    stopping = False
+    with StopSignals() as stop, Progress(config, start) as progress:
         for i in range(start, config.steps):
             x, labels = _global_batch(next(run.batches), run.batch_sharding)
             key = jax.random.fold_in(run.train_key, i)
@@ -1030,7 +1033,6 @@ def train(config: Config) -> pathlib.Path:
                               network="teacher" if config.variant == "teacher" else "student")
             if stopping:
                 break
-    progress.close()
     if config.variant != "teacher" and step > start:
         write_comparison(run, state.params, step=step)
     if stopping:
