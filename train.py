@@ -355,8 +355,11 @@ def _global_batch(
 def check_batch(config: Config, n_devices: int) -> None:
     """Refuse, before compiling, a batch size the devices (and the instant variant's halves) cannot split."""
     minibatches = 2 if config.variant == "instant" else 1
-    mmd.check_batch_size(config.batch_size, num_devices=n_devices, minibatches=minibatches,
-                         num_processes=jax.process_count())
+    try:
+        mmd.check_batch_size(config.batch_size, num_devices=n_devices, minibatches=minibatches,
+                             num_processes=jax.process_count())
+    except ValueError as error:
+        raise ValueError(f"--batch-size {config.batch_size}: {error}") from error
 
 
 def check_inputs(config: Config) -> data.Dataset:
@@ -518,7 +521,10 @@ def check_run(config: Config) -> tuple[jax.sharding.Mesh, list[pathlib.Path]]:
     """`(mesh, existing checkpoints)` after every check that needs no data: devices and batch
     size, the work directory's state, the teacher file. Nothing is written before these (and the
     data) pass."""
-    mesh = mmd.data_mesh(num_devices=config.num_devices)
+    try:
+        mesh = mmd.data_mesh(num_devices=config.num_devices)
+    except ValueError as error:
+        raise ValueError(f"--num-devices {config.num_devices}: {error}") from error
     check_batch(config, mesh.devices.size)
     workdir = pathlib.Path(config.workdir)
     existing = _checkpoints(workdir)
