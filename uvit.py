@@ -18,9 +18,12 @@ The U-ViT is a convolutional U-Net whose lowest resolution is a transformer stac
   GroupNorm/SiLU/3x3-conv head (zero-initialised). It predicts `v = alpha eps - sigma x`.
 - `Denoiser`: wraps a `UViT` and returns the x-prediction `alpha z - sigma v` (MATH.md §1), the callable
   `g(z, lam, label)` that mmd.py expects.
+- `MLPDenoiser` (`MLPConfig`): the second, tiny model family, the same callable for 2-D points: an MLP
+  v-network on `(z, Fourier features of lam, label embedding)`; train.py's `ring2d` walkthrough.
 
 Dropout is omitted: the distillation paper (Salimans et al. 2024, App. B) uses none. `PRESETS` holds the
-configurations (`mnist`, `imagenet64`, `imagenet128`); `make_model` builds a `Denoiser` from one.
+configurations (`mnist`, `imagenet64`, `imagenet128`); `make_model` builds a `Denoiser` from one (or an
+`MLPDenoiser` from an `MLPConfig`).
 """
 
 import dataclasses
@@ -405,8 +408,50 @@ class Denoiser(eqx.Module):
         return alpha[:, None, None, None] * z - sigma[:, None, None, None] * v
 
 
-def make_model(config: UViTConfig | str, *, key: PRNGKeyArray) -> Denoiser:
-    """Build a `Denoiser` around a fresh `UViT` from a config or a preset name in `PRESETS`."""
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """Architecture of an `MLPDenoiser` for points of `dim` coordinates: `depth` hidden layers of
+    `width` units; labels run over [0, num_classes], `num_classes` being the null label."""
+
+    dim: int = 2
+    num_classes: int = 3
+    width: int = 128
+    depth: int = 3
+
+
+class MLPDenoiser(eqx.Module):
+    """`x_hat = alpha z - sigma v(z, lam, label)` with an MLP v-network (SiLU): a denoiser for points.
+    Inputs: `z`, 4 sine and 4 cosine features of `lam` (frequencies 0.05..0.4, for lam in about
+    [-20, 20]), an 8-wide label embedding with a null row."""
+
+    mlp: eqx.nn.MLP
+    embed: eqx.nn.Embedding
+
+    def __init__(self, *, dim: int, width: int, depth: int, num_classes: int, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.embed = eqx.nn.Embedding(num_classes + 1, 8, key=k1)
+        self.mlp = eqx.nn.MLP(dim + 8 + 8, dim, width, depth, activation=jax.nn.silu, key=k2)
+
+    def __call__(
+        self, z: Float[Array, "b d"], lam: Float[Array, " b"], label: Int[Array, " b"]
+    ) -> Float[Array, "b d"]:
+        freqs = jnp.asarray([0.05, 0.1, 0.2, 0.4], jnp.float32)
+        f = lam[:, None] * freqs[None]
+        feats = jnp.concatenate([z, jnp.sin(f), jnp.cos(f), jax.vmap(self.embed)(label)], axis=1)
+        v = jax.vmap(self.mlp)(feats)
+        alpha = jnp.sqrt(jax.nn.sigmoid(lam))[:, None]
+        sigma = jnp.sqrt(jax.nn.sigmoid(-lam))[:, None]
+        return alpha * z - sigma * v
+
+
+def make_model(
+    config: UViTConfig | MLPConfig | str, *, key: PRNGKeyArray
+) -> Denoiser | MLPDenoiser:
+    """Build a `Denoiser` around a fresh `UViT` from a config or a preset name in `PRESETS`, or an
+    `MLPDenoiser` from an `MLPConfig`."""
+    if isinstance(config, MLPConfig):
+        return MLPDenoiser(dim=config.dim, width=config.width, depth=config.depth,
+                           num_classes=config.num_classes, key=key)
     if isinstance(config, str):
         if config not in PRESETS:
             raise ValueError(f"unknown preset {config!r}; choose one of {sorted(PRESETS)} or pass a UViTConfig.")

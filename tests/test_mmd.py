@@ -13,7 +13,8 @@ import optax
 import pytest
 
 import mmd
-from toy import MLPDenoiser, energy_distance, ring
+from toy import energy_distance, ring
+from uvit import MLPDenoiser
 
 F32 = jnp.float32
 
