@@ -146,7 +146,8 @@ class Config:
     preset: str = _field("mnist", "the starting configuration, a name in PRESETS (listed below)")
     data: str = _field("mnist", f"data source, one of {', '.join(data.SOURCES)}")
     data_resolution: int | None = _field(None, "downsample the data to this side length (none: native)")
-    model: uvit.UViTConfig = _field(uvit.MNIST, "U-ViT architecture")
+    model: uvit.UViTConfig | uvit.MLPConfig = _field(uvit.MNIST, "the network: a U-ViT (images) or "
+                                                     "an MLP (2-D points, preset ring2d)")
     workdir: str | None = _field(None, "output directory (none: runs/<preset>-<variant>)")
     resume: bool = _field(False, "continue from the workdir's latest checkpoint (starts fresh if it has none)")
     seed: int = _field(0, "seed of initialisation, data order and every random draw")
@@ -228,6 +229,12 @@ PRESETS = {
         teacher_batch_size=32, distill_batch_size=32, warmup=10, sample_every=50, checkpoint_every=50,
         teacher_k=16,
     ),
+    "ring2d": Config(
+        preset="ring2d", data="rings", model=uvit.MLPConfig(), shift=0.0, teacher_steps=3000,
+        teacher_batch_size=256, teacher_ema=0.99, teacher_k=64, k=4, distill_steps=2000,
+        distill_batch_size=256, lr=2e-4, aux_lr=2e-4, weighting="flat", log_every=100,
+        sample_every=1000, checkpoint_every=1000,
+    ),
     "imagenet64": Config(
         preset="imagenet64", data="imagenet64:data/imagenet64", model=uvit.IMAGENET64, teacher_steps=1_000_000,
         teacher_batch_size=2048, teacher_lr=1e-4, teacher_warmup=10_000, distill_steps=200_000,
@@ -292,10 +299,20 @@ def _from_dict(cls: type, values: dict) -> Any:
     for name, value in values.items():
         if dataclasses.is_dataclass(hints[name]):
             value = _from_dict(hints[name], value)
+        elif isinstance(value, dict):  # a union of dataclasses: the one with these fields
+            value = _from_dict(_dataclass_of(hints[name], set(value)), value)
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _dataclass_of(hint: Any, names: set[str]) -> type:
+    """The dataclass in a union annotation (`UViTConfig | MLPConfig`) that has all these fields."""
+    for cls in typing.get_args(hint):
+        if names <= {f.name for f in dataclasses.fields(cls)}:
+            return cls
+    raise ValueError(f"no {hint} has the fields {sorted(names)}: written by another version?")
 
 
 def config_from_dict(values: dict) -> Config:
@@ -309,7 +326,7 @@ def _config_differences(a: Config, b: Config, *, ignore: Sequence[str] = ()) -> 
         if name in ignore:
             continue
         if isinstance(da[name], dict):
-            out += [f"{name}.{k}" for k in da[name] if da[name][k] != db[name][k]]
+            out += [f"{name}.{k}" for k in da[name] if da[name][k] != db[name].get(k)]
         elif da[name] != db[name]:
             out.append(name)
     return out
@@ -362,19 +379,25 @@ def check_batch(config: Config, n_devices: int) -> None:
         raise ValueError(f"--batch-size {config.batch_size}: {error}") from error
 
 
+def is_points(config: Config) -> bool:
+    """The one branch between image models (sample grids, FID) and the 2-D MLP of the `ring2d`
+    walkthrough (a scatter figure with energy distances): the model family."""
+    return isinstance(config.model, uvit.MLPConfig)
+
+
 def check_inputs(config: Config) -> data.Dataset:
     """Refuse, before anything is written or compiled, any input a later stage cannot handle, and
     return the training data. Sample grids and eval.py's Inception take 1 or 3 channels; the data
-    must fit the model (`check_data`), a distillation teacher the model and guidance
+    must fit the model (`check_data`, `check_points`), a distillation teacher the model and guidance
     (`check_teacher`)."""
-    if config.model.channels not in (1, 3):
+    if not is_points(config) and config.model.channels not in (1, 3):
         raise ValueError(f"--model-channels {config.model.channels}: sample grids and FID "
                          "(Inception, eval.py) take 1 or 3 channels; use 1- or 3-channel data and "
                          "set --model-channels to match")
     if config.variant != "teacher":
         check_teacher(config)
     dataset = load_data(config)
-    check_data(dataset, config.model)
+    (check_points if is_points(config) else check_data)(dataset, config.model)
     return dataset
 
 
@@ -422,6 +445,17 @@ def check_data(dataset: data.Dataset, model: uvit.UViTConfig) -> None:
     if dataset.num_classes != model.num_classes:
         raise ValueError(f"{dataset.name} has {dataset.num_classes} classes, the model {model.num_classes}: "
                          f"pass --model-num-classes {dataset.num_classes}")
+
+
+def check_points(dataset: data.Dataset, model: uvit.MLPConfig) -> None:
+    """The data must be points with the MLP's number of coordinates and classes."""
+    if dataset.images.ndim != 2 or dataset.images.shape[1] != model.dim:
+        raise ValueError(f"{dataset.name} holds data of shape {dataset.images.shape[1:]}, the MLP "
+                         f"takes points of {model.dim} coordinates: use --data rings or gmm, or "
+                         "an image preset")
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(f"{dataset.name} has {dataset.num_classes} classes, the model "
+                         f"{model.num_classes}: pass --model-num-classes {dataset.num_classes}")
 
 
 def optimizers(config: Config) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None, Callable]:
@@ -810,6 +844,75 @@ def _columns(config: Config) -> int | None:
     return config.model.num_classes if 1 < config.model.num_classes <= 16 else None
 
 
+POINTS_FIGURE = "points.png"  # the 2-D walkthrough's figure, in the workdir
+NUM_POINTS = 2000  # points per scatter plot and energy distance
+
+
+def energy_distance(
+    a: Float[np.ndarray, "n d"], b: Float[np.ndarray, "m d"]
+) -> float:
+    """Energy distance `2 E|a-b| - E|a-a'| - E|b-b'|` (Szekely & Rizzo; the V-statistic, pairs with
+    themselves included), in float64: 0 for equal samples, > 0 in expectation when the laws differ;
+    in the units of the points."""
+
+    def mean_distance(x: np.ndarray, y: np.ndarray) -> float:
+        squared = (x * x).sum(1)[:, None] + (y * y).sum(1)[None] - 2 * x @ y.T
+        return float(np.sqrt(np.maximum(squared, 0.0)).mean())
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return 2 * mean_distance(a, b) - mean_distance(a, a) - mean_distance(b, b)
+
+
+def sample_points(run: Run, params: PyTree, *, num_steps: int) -> Float[np.ndarray, "n d"]:
+    """`NUM_POINTS` points of the run's fixed sample key, labels `i % num_classes` (the rings
+    data's classes are equally likely), unguided."""
+    model = run.config.model
+    params = jax.tree.map(lambda a: a.addressable_data(0), params)  # as in `sample_images`
+    labels = jnp.arange(NUM_POINTS, dtype=jnp.int32) % max(model.num_classes, 1)
+    keys = jax.random.split(run.sample_key, NUM_POINTS)
+    settings = dict(shape=(NUM_POINTS, model.dim), num_steps=num_steps, shift=run.config.shift,
+                    guidance=0.0, clip=False, gamma=0.0, null_label=model.num_classes)
+    points = np.asarray(_sample_batch(eqx.combine(params, run.static), keys, labels, settings))
+    if not np.all(np.isfinite(points)):
+        raise FloatingPointError("non-finite samples: the model or sampler diverged")
+    return points
+
+
+def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
+    """`points.png`: scatter plots of fresh data (the test split), the teacher with the student's k
+    and with `teacher_k` steps, and the student with k steps, each titled with its energy distance
+    to the data (printed too); a Gaussian of the data's mean and covariance is the yardstick."""
+    config, k = run.config, run.config.k
+    test = data.load(config.data, split="test").images  # fresh: not the training split
+    fresh, reference = test[:NUM_POINTS], test[NUM_POINTS:2 * NUM_POINTS]
+    rng = np.random.default_rng(config.seed)
+    gaussian = rng.multivariate_normal(fresh.mean(0), np.cov(fresh.T), size=NUM_POINTS)
+    panels = {
+        "data (fresh)": fresh,
+        f"teacher, {k} steps": sample_points(run, run.frozen.teacher, num_steps=k),
+        f"teacher, {config.teacher_k} steps": sample_points(run, run.frozen.teacher,
+                                                            num_steps=config.teacher_k),
+        f"{config.variant} student, {k} steps": sample_points(run, params, num_steps=k),
+    }
+    distances = {name: energy_distance(x, reference) for name, x in panels.items()}
+    scale = energy_distance(gaussian, reference)
+    _print(f"Energy distance to {NUM_POINTS} fresh points ({NUM_POINTS} samples each; a Gaussian "
+           f"with the data's mean and covariance: {scale:.4f}):")
+    for name, value in distances.items():
+        _print(f"  {name:32s} {value:.4f}")
+    path = run.workdir / POINTS_FIGURE
+    if jax.process_index() == 0:
+        fig = Figure(figsize=(16, 4.6))
+        for ax, (name, x) in zip(fig.subplots(1, len(panels)), panels.items()):
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
+            ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal")
+            ax.set_title(f"{name}\nenergy distance {distances[name]:.4f}", fontsize=10)
+        fig.suptitle(f"{run.workdir}: {config.variant} distillation, {step} steps (a Gaussian with "
+                     f"the data's mean and covariance: {scale:.4f})", fontsize=11)
+        save_figure(fig, path, dpi=80)
+    return path
+
+
 PANELS = {
     "loss": "teacher loss (v-prediction, weighted MSE)",
     "aux_loss": "auxiliary loss L(phi) (even steps)",
@@ -1016,7 +1119,8 @@ def train(config: Config) -> pathlib.Path:
         _remove_temporary_files(run.workdir)
     _print(f"{config.variant}: steps {start}..{config.steps} on {len(run.devices)} devices, batch "
            f"{config.batch_size}, in {run.workdir} (the first step compiles).")
-    if start == 0 and config.variant != "teacher":  # the start: the teacher with the student's k
+    grids = not is_points(config)  # points get one scatter figure at the end instead
+    if grids and start == 0 and config.variant != "teacher":  # the teacher with the student's k
         write_samples(run, run.frozen.teacher, step=0, network="teacher")
     stopping = False
     with StopSignals() as stop, Progress(config, start) as progress:
@@ -1034,13 +1138,13 @@ def train(config: Config) -> pathlib.Path:
                 progress.show(step, log.flush(last_good))
             if checkpoint:
                 last_good = _save(run, state, step)
-            if step % config.sample_every == 0 or end:
+            if grids and (step % config.sample_every == 0 or end):
                 write_samples(run, _network(state), step=step,
                               network="teacher" if config.variant == "teacher" else "student")
             if stopping:
                 break
     if config.variant != "teacher" and step > start:
-        write_comparison(run, state.params, step=step)
+        (write_comparison if grids else write_points_figure)(run, state.params, step=step)
     if stopping:
         raise Interrupted(step, last_good)
     if start == config.steps:
@@ -1063,7 +1167,8 @@ def summary(run: Run, result: pathlib.Path, *, steps: int, seconds: float) -> st
     final = {k: f"{last[k]:.4g}" for k in SHOWN if k in last}
     samples = workdir / "samples"
     files = [result, workdir / "loss.png", workdir / "metrics.jsonl",
-             samples / "teacher_vs_student.png", samples / f"step_{config.steps:08d}.png"]
+             samples / "teacher_vs_student.png", samples / f"step_{config.steps:08d}.png",
+             workdir / POINTS_FIGURE]
     if config.variant == "teacher":
         same = config.data == PRESETS[config.preset].data
         data_option = "" if same else f" --data {shlex.quote(config.data)}"
@@ -1376,8 +1481,8 @@ def _add_options(parser: argparse.ArgumentParser, cls: type, defaults: Any, pref
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         dest, default = prefix + f.name, getattr(defaults, f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            _add_options(parser, hints[f.name], default, prefix=dest + ".")
+        if dataclasses.is_dataclass(default):  # the preset's model family gives the options
+            _add_options(parser, type(default), default, prefix=dest + ".")
             continue
         flag = _flag(dest)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
