@@ -230,7 +230,7 @@ PRESETS = {
         teacher_k=16,
     ),
     "ring2d": Config(
-        preset="ring2d", data="rings", model=uvit.MLPConfig(), shift=0.0, teacher_steps=3000,
+        preset="ring2d", data="rings", model=uvit.MLPConfig(width=256), shift=0.0, teacher_steps=6000,
         teacher_batch_size=256, teacher_ema=0.99, teacher_k=64, k=4, distill_steps=2000,
         distill_batch_size=256, lr=2e-4, aux_lr=2e-4, weighting="flat", log_every=100,
         sample_every=1000, checkpoint_every=1000,
@@ -1304,13 +1304,15 @@ def _is_param(x: Any) -> bool:
     return eqx.is_inexact_array(x) or (isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact))
 
 
-def model_skeleton(model_config: uvit.UViTConfig) -> tuple[PyTree, PyTree]:
-    """`(params as ShapeDtypeStructs, static)` of a U-ViT, without allocating it."""
+def model_skeleton(model_config: uvit.UViTConfig | uvit.MLPConfig) -> tuple[PyTree, PyTree]:
+    """`(params as ShapeDtypeStructs, static)` of a model (U-ViT or MLP), without allocating it."""
     shapes = eqx.filter_eval_shape(uvit.make_model, model_config, key=jax.random.key(0))
     return eqx.partition(shapes, _is_param)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[uvit.Denoiser, Config, dict]:
+def load_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[uvit.Denoiser | uvit.MLPDenoiser, Config, dict]:
     """`(model, config, meta)` from any checkpoint of train.py: the trained network (teacher or student)
     as a `uvit.Denoiser` (a teacher's parameter average when it has one), the run's configuration, and the
     metadata (step, ...)."""
