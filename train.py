@@ -6,11 +6,13 @@ data-parallel over every local device (and every host).
     python train.py --variant alternating --teacher runs/my-teacher/teacher.eqx --k 4
     python train.py --variant instant --resume      # continue from the last checkpoint
     python train.py --preset imagenet64 --data imagenet64:/data/imagenet64 --teacher T.eqx --variant instant
+    python train.py --preset ring2d --variant alternating   # 2-D walkthrough: about a minute on a CPU
     python train.py --help                          # every option and its default (add --preset to see its)
 
 Configuration. `Config` (a frozen dataclass) holds every setting; `PRESETS` holds named starting points
 (`mnist`, the default; `tiny`, an 8x8 smoke test; `imagenet64`, `imagenet128`, whose U-ViTs are uvit's
-presets). Every field is a command-line option generated from the dataclass (`--batch-size`,
+presets; `ring2d`, an MLP on 2-D rings whose run writes `points.png` instead of sample grids, see
+`is_points`). Every field is a command-line option generated from the dataclass (`--batch-size`,
 `--model-widths 96 192 --model-blocks 1 1`, `--clip/--no-clip`, ...); the resolved configuration is written to
 `WORKDIR/config.json` and into every checkpoint. `--steps`/`--batch-size` default to the preset's
 `teacher_*` or `distill_*` values for the chosen variant.
@@ -36,6 +38,8 @@ Work directory (`--workdir`, default `runs/<preset>-<variant>`):
                               from the same noise and labels
     loss.png                  the curves of metrics.jsonl (titled panels, running means), redrawn
                               at every checkpoint
+    points.png                (ring2d: 2-D points) scatter plots of data, teacher and student with their
+                              energy distances to fresh data, instead of sample grids
     teacher.eqx               (teacher runs) what distillation needs: parameters, Adam's nu (bfloat16), count
 
 Checkpoints are single zip files, written to a temporary name and renamed: `meta.json` (format, step,
@@ -1174,6 +1178,10 @@ def summary(run: Run, result: pathlib.Path, *, steps: int, seconds: float) -> st
         data_option = "" if same else f" --data {shlex.quote(config.data)}"
         command = (f"python train.py --preset {config.preset}{data_option} --variant instant "
                    f"--teacher {result}")
+    elif is_points(config):  # eval.py's FID is for images; the figure is the evaluation
+        other = "instant" if config.variant == "alternating" else "alternating"
+        command = f"look at {workdir / POINTS_FIGURE}; python train.py --preset {config.preset} " \
+                  f"--variant {other}"
     else:
         command = f"python eval.py --checkpoint {result} --num-samples 1000"
     return "\n".join([
