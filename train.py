@@ -6,7 +6,7 @@ data-parallel over every local device (and every host).
     python train.py --variant alternating --teacher runs/my-teacher/teacher.eqx --k 4
     python train.py --variant instant --resume      # continue from the last checkpoint
     python train.py --preset imagenet64 --data imagenet64:/data/imagenet64 --teacher T.eqx --variant instant
-    python train.py --preset ring2d --variant alternating   # 2-D walkthrough: about a minute on a CPU
+    python train.py --preset ring2d --variant alternating   # 2-D walkthrough: a minute on a CPU
     python train.py --help                          # every option and its default (add --preset to see its)
 
 Configuration. `Config` (a frozen dataclass) holds every setting; `PRESETS` holds named starting points
@@ -38,8 +38,8 @@ Work directory (`--workdir`, default `runs/<preset>-<variant>`):
                               from the same noise and labels
     loss.png                  the curves of metrics.jsonl (titled panels, running means), redrawn
                               at every checkpoint
-    points.png                (ring2d: 2-D points) scatter plots of data, teacher and student with their
-                              energy distances to fresh data, instead of sample grids
+    points.png                (ring2d: 2-D points) scatter plots of data, teacher and student
+                              with their energy distances to fresh data, instead of sample grids
     teacher.eqx               (teacher runs) what distillation needs: parameters, Adam's nu (bfloat16), count
 
 Checkpoints are single zip files, written to a temporary name and renamed: `meta.json` (format, step,
@@ -234,10 +234,10 @@ PRESETS = {
         teacher_k=16,
     ),
     "ring2d": Config(
-        preset="ring2d", data="rings", model=uvit.MLPConfig(width=256), shift=0.0, teacher_steps=6000,
-        teacher_batch_size=256, teacher_ema=0.99, teacher_k=64, k=4, distill_steps=2000,
-        distill_batch_size=256, lr=2e-4, aux_lr=2e-4, weighting="flat", log_every=100,
-        sample_every=1000, checkpoint_every=1000,
+        preset="ring2d", data="rings", model=uvit.MLPConfig(width=256), shift=0.0,
+        teacher_steps=6000, teacher_batch_size=256, teacher_ema=0.99, teacher_k=64, k=4,
+        distill_steps=2000, distill_batch_size=256, lr=2e-4, aux_lr=2e-4, weighting="flat",
+        log_every=100, sample_every=1000, checkpoint_every=1000,
     ),
     "imagenet64": Config(
         preset="imagenet64", data="imagenet64:data/imagenet64", model=uvit.IMAGENET64, teacher_steps=1_000_000,

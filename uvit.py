@@ -18,12 +18,12 @@ The U-ViT is a convolutional U-Net whose lowest resolution is a transformer stac
   GroupNorm/SiLU/3x3-conv head (zero-initialised). It predicts `v = alpha eps - sigma x`.
 - `Denoiser`: wraps a `UViT` and returns the x-prediction `alpha z - sigma v` (MATH.md §1), the callable
   `g(z, lam, label)` that mmd.py expects.
-- `MLPDenoiser` (`MLPConfig`): the second, tiny model family, the same callable for 2-D points: an MLP
-  v-network on `(z, Fourier features of lam, label embedding)`; train.py's `ring2d` walkthrough.
+- `MLPDenoiser` (`MLPConfig`): the second, tiny model family, the same callable for 2-D points:
+  an MLP v-network on `(z, Fourier features of lam, label embedding)`; train.py's `ring2d` preset.
 
 Dropout is omitted: the distillation paper (Salimans et al. 2024, App. B) uses none. `PRESETS` holds the
-configurations (`mnist`, `imagenet64`, `imagenet128`); `make_model` builds a `Denoiser` from one (or an
-`MLPDenoiser` from an `MLPConfig`).
+configurations (`mnist`, `imagenet64`, `imagenet128`); `make_model` builds a `Denoiser` from one
+(or an `MLPDenoiser` from an `MLPConfig`).
 """
 
 import dataclasses
@@ -420,7 +420,7 @@ class MLPConfig:
 
 
 class MLPDenoiser(eqx.Module):
-    """`x_hat = alpha z - sigma v(z, lam, label)` with an MLP v-network (SiLU): a denoiser for points.
+    """`x_hat = alpha z - sigma v(z, lam, label)`, v an MLP (SiLU): a denoiser for points.
     Inputs: `z`, 4 sine and 4 cosine features of `lam` (frequencies 0.05..0.4, for lam in about
     [-20, 20]), an 8-wide label embedding with a null row."""
 

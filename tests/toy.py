@@ -1,5 +1,5 @@
-"""Small independent references for the tests: a 2-D Gaussian mixture with its exact denoiser and the
-energy distance (brute force). `MLPDenoiser`, the toy model, lives in uvit.py."""
+"""Small independent references for the tests: a 2-D Gaussian mixture with its exact denoiser and
+the energy distance (brute force). `MLPDenoiser`, the toy model, lives in uvit.py."""
 
 import equinox as eqx
 import jax
