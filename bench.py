@@ -17,7 +17,7 @@
         digits.
 
     python bench.py sampling [--k 8] [--num-samples 1000] [--batch-sizes 50 200 500] [--out S.json]
-        Images/s of eval.py's sampler (the shipped MNIST teacher at k steps, the cost of a k-step
+        Images/s of train.generate (the shipped MNIST teacher at k steps, the cost of a k-step
         student) at several batch sizes, and one batch's GFLOP/s against the float32 matmul rate.
 
     python bench.py proxy [--k 2 4 8 16 64] [--num-samples 500] [--out runs/eval-proxy]
@@ -36,7 +36,7 @@
         verdicts), quality.json (the rows, schema QUALITY_SCHEMA; for docs/results/quality.json),
         fid_vs_steps.png and instant_loss.png. On a 2-core CPU the cost is dominated by sampling
         the 512-step teacher (about 40 minutes per 1,000 images, twice that with guidance) and by Inception
-        (~3 images/s); on one H200 the full budget's rows take about a minute each.
+        (8-20 images/s, `python bench.py inception`); on one H200 the full budget's rows take about a minute each.
 
 Timings are medians over repeats after a warm-up call (compilation excluded). The 1-minute load average is
 reported with every result: on a shared machine, rerun when it is low.
@@ -885,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     fid.add_argument("--batch-size", type=positive_int, default=32)
     fid.add_argument("--repeats", type=positive_int, default=3)
     fid.set_defaults(run=run_inception)
-    sampling = commands.add_parser("sampling", help="images/s of eval.py's sampler by batch size")
+    sampling = commands.add_parser("sampling", help="images/s of the sampler (train.generate) by batch size")
     sampling.add_argument("--teacher", default="checkpoints/mnist_teacher.eqx")
     sampling.add_argument("--k", type=positive_int, default=8, help="sampling steps")
     sampling.add_argument("--num-samples", type=positive_int, default=1000)
