@@ -36,7 +36,8 @@
         verdicts), quality.json (the rows, schema QUALITY_SCHEMA; for docs/results/quality.json),
         fid_vs_steps.png and instant_loss.png. On a 2-core CPU the cost is dominated by sampling
         the 512-step teacher (about 40 minutes per 1,000 images, twice that with guidance) and by Inception
-        (8-20 images/s, `python bench.py inception`); on one H200 the full budget's rows take about a minute each.
+        (8-20 images/s, `python bench.py inception`); on one H200 the full budget's rows take about a
+        minute each.
 
 Timings are medians over repeats after a warm-up call (compilation excluded). The 1-minute load average is
 reported with every result: on a shared machine, rerun when it is low.
