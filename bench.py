@@ -10,6 +10,21 @@
         mmd.py at the same global batch, their ratios to the teacher step, XLA's FLOP count and GFLOP/s of
         each step, and the sampling wall time of a 512-step teacher against an 8-step student.
 
+    python bench.py inception [--batch-size 32] [--repeats 3] [--out inception.json]
+        Inception-v3 (FID's features) on a batch of 299x299 images: images/s, XLA's FLOP count,
+        achieved GFLOP/s and its ratio to the float32 matmul rate measured in the same run (last line:
+        `inception: X images/s, R of the matmul rate`), and eval.py's whole feature path on 32x32 grey
+        digits.
+
+    python bench.py sampling [--k 8] [--num-samples 1000] [--batch-sizes 50 200 500] [--out S.json]
+        Images/s of train.generate (the shipped MNIST teacher at k steps, the cost of a k-step
+        student) at several batch sizes, and one batch's GFLOP/s against the float32 matmul rate.
+
+    python bench.py proxy [--k 2 4 8 16 64] [--num-samples 500] [--out runs/eval-proxy]
+        FID, fd_mnist and label accuracy of the shipped MNIST teacher at k sampling steps (one row
+        each, cached, resumable), the real-vs-real floor (training vs test digits) and the rank
+        correlation of the proxies with FID; writes eval-proxy.md into --out.
+
     python bench.py quality [--budget small|full] [--out runs/quality-small] [--time-limit MIN] [--rows NAME ...]
         The paper's claims on MNIST: distils students from the shipped teacher (checkpoints/mnist_teacher.eqx)
         and scores teacher and students with eval.py's FID protocol. Rows: the teacher at 8 (undistilled), 32, 128
@@ -18,9 +33,11 @@
         samples per row, `full` 10,000. Each finished row (a trained student, a result JSON) is cached in
         --out and a rerun skips it, so the table can be completed over several runs; `--rows` picks rows, so
         that several processes (e.g. sharing one GPU) can fill one --out. Writes quality.md (table and
-        verdicts), fid_vs_steps.png and instant_loss.png. On a 2-core CPU the cost is dominated by sampling
+        verdicts), quality.json (the rows, schema QUALITY_SCHEMA; for docs/results/quality.json),
+        fid_vs_steps.png and instant_loss.png. On a 2-core CPU the cost is dominated by sampling
         the 512-step teacher (about 40 minutes per 1,000 images, twice that with guidance) and by Inception
-        (~3 images/s); on one H200 the full budget's rows take about a minute each.
+        (8-20 images/s, `python bench.py inception`); on one H200 the full budget's rows take about a
+        minute each.
 
 Timings are medians over repeats after a warm-up call (compilation excluded). The 1-minute load average is
 reported with every result: on a shared machine, rerun when it is low.
@@ -29,6 +46,7 @@ reported with every result: on a shared machine, rerun when it is low.
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -40,11 +58,13 @@ from collections.abc import Callable, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from matplotlib.figure import Figure
 
 import data
 import eval as evaluation
+import inception
 import mmd
 import train
 import uvit
@@ -226,6 +246,228 @@ def bench_speed(*, preset: str, batch_size: int, repeats: int, sample_batch: int
     return result
 
 
+def bench_inception(*, batch_size: int, repeats: int) -> dict:
+    """Inception-v3 (inception.py) on one batch of 299x299 RGB uint8 images: images/s, XLA's FLOP
+    count, GFLOP/s and its ratio to the float32 matmul rate measured around each call
+    (`against_matmul`); then eval.py's whole feature path (resize, transfer, network) on
+    `batch_size` 32x32 grey digits."""
+    load_before = os.getloadavg()[0]
+    params = inception.inception_params(inception.load_inception_weights())
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (batch_size, 299, 299, 3), dtype=np.uint8))
+    flops = compiled_flops(inception.inception_batch, params, images)
+    network = against_matmul(
+        inception.inception_batch, params, images, flops=flops, repeats=repeats
+    )
+    digits = rng.integers(0, 256, (batch_size, 32, 32, 1), dtype=np.uint8)
+    evaluation.inception_features(digits, batch_size=batch_size, params=params)  # compiles
+    start = time.perf_counter()
+    evaluation.inception_features(digits, batch_size=batch_size, params=params)
+    end_to_end = batch_size / (time.perf_counter() - start)
+    return {
+        "batch_size": batch_size,
+        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "load_average_1min_before": load_before,
+        "gflop_per_image": flops / batch_size / 1e9,
+        "images_per_s": batch_size / network["s"],
+        **network,
+        "features_images_per_s_32px_grey": end_to_end,
+        "load_average_1min_after": os.getloadavg()[0],
+    }
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The MNIST proxy metrics against FID, and sampling throughput
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of two equally long sequences without ties."""
+    ra, rb = (np.argsort(np.argsort(np.asarray(v))).astype(np.float64) for v in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float(ra @ rb / np.sqrt((ra @ ra) * (rb @ rb)))
+
+
+def _scores(images: np.ndarray, labels: np.ndarray | None, real: dict, *, batch_size: int) -> dict:
+    """FID (Inception), fd_mnist against `real`'s statistics; label accuracy against `labels`."""
+    inception_features = evaluation.inception_features(
+        images, batch_size=batch_size, params=real["params"]
+    )
+    return {
+        "fid": evaluation.frechet_distance(
+            *evaluation.feature_stats(inception_features), *real["inception"]
+        ),
+        "fd_mnist": evaluation.frechet_distance(
+            *evaluation.feature_stats(evaluation.mnist_features(images)), *real["mnist"]
+        ),
+        "label_accuracy": None if labels is None else evaluation.label_accuracy(images, labels),
+    }
+
+
+def bench_proxy(
+    *,
+    teacher: pathlib.Path,
+    steps: Sequence[int],
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    out: pathlib.Path,
+) -> str:
+    """FID, fd_mnist and label accuracy of the teacher at each number of sampling `steps` (guidance
+    0), `num_samples` each against as many MNIST test digits (a fixed random subset); the
+    real-vs-real floor (as many training digits) and Spearman's rank correlation of the proxies with
+    FID. Rows are cached as JSON in `out` (a rerun skips them); writes `out/eval-proxy.md`."""
+    model, run, _ = evaluation.load_model(teacher)
+    test, train_set = data.load("mnist", split="test"), data.load("mnist", split="train")
+    pick = np.sort(np.random.default_rng(seed).permutation(len(test))[:num_samples])
+    real_images = test.images[pick]
+    params = inception.inception_params(inception.load_inception_weights())
+    real = {
+        "params": params,
+        "inception": evaluation.feature_stats(
+            evaluation.inception_features(real_images, batch_size=batch_size, params=params)
+        ),
+        "mnist": evaluation.feature_stats(evaluation.mnist_features(real_images)),
+    }
+    rows = {}
+    floor_path = out / f"floor_n{num_samples}.json"
+    if not floor_path.exists():
+        train_pick = np.sort(
+            np.random.default_rng(seed + 1).permutation(len(train_set))[:num_samples]
+        )
+        floor = _scores(train_set.images[train_pick], None, real, batch_size=batch_size)
+        floor["label_accuracy"] = evaluation.label_accuracy(real_images, test.labels[pick])
+        write_json(str(floor_path), floor, make_folder=True)
+    for k in steps:
+        path = out / f"teacher_k{k}_n{num_samples}.json"
+        if not path.exists():
+            start = time.perf_counter()
+            images = train.generate(
+                model,
+                jax.random.key(seed),
+                num_samples=num_samples,
+                batch_size=batch_size,
+                num_classes=run.model.num_classes,
+                num_steps=k,
+                shift=mmd.resolution_shift(run.model.resolution),
+                guidance=0.0,
+                clip=False,
+                gamma=0.0,
+                null_label=run.model.num_classes,
+                image_shape=(run.model.resolution, run.model.resolution, run.model.channels),
+            )
+            sampling = time.perf_counter() - start
+            labels = np.arange(num_samples) % run.model.num_classes
+            start = time.perf_counter()
+            row = _scores(images, labels, real, batch_size=batch_size)
+            row.update(
+                sampling_s=sampling,
+                scoring_s=time.perf_counter() - start,
+                load_1min=os.getloadavg()[0],
+            )
+            write_json(str(path), row, make_folder=True)
+        rows[k] = json.loads(path.read_text())
+    return proxy_report(rows, json.loads(floor_path.read_text()), num_samples=num_samples, out=out)
+
+
+def proxy_report(rows: dict[int, dict], floor: dict, *, num_samples: int, out: pathlib.Path) -> str:
+    """The Markdown table of `bench_proxy`, with rank correlations; written to `out/eval-proxy.md`.
+    """
+    lines = [
+        "| sampler | FID | fd_mnist | label accuracy | sampling (s) | scoring (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for k, r in rows.items():
+        lines.append(
+            f"| teacher, {k} steps | {r['fid']:.2f} | {r['fd_mnist']:.3f} | "
+            f"{r['label_accuracy']:.4f} | "
+            f"{r['sampling_s']:.0f} | {r['scoring_s']:.0f} |"
+        )
+    lines.append(
+        f"| real: train vs test digits | {floor['fid']:.2f} | {floor['fd_mnist']:.3f} | "
+        f"{floor['label_accuracy']:.4f} (test digits) | — | — |"
+    )
+    fid = [r["fid"] for r in rows.values()]
+    lines += [
+        "",
+        f"{num_samples} samples per row against {num_samples} MNIST test digits. Spearman rank "
+        f"correlation with FID over {len(rows)} samplers: fd_mnist "
+        f"{spearman(fid, [r['fd_mnist'] for r in rows.values()]):.2f}, label accuracy "
+        f"{spearman(fid, [-r['label_accuracy'] for r in rows.values()]):.2f} (of its negative).",
+    ]
+    report = "\n".join(lines)
+    with data.atomic_path(out / "eval-proxy.md") as tmp:
+        tmp.write_text(report + "\n")
+    return report
+
+
+def bench_sampling(
+    *,
+    teacher: pathlib.Path,
+    num_steps: int,
+    num_samples: int,
+    batch_sizes: Sequence[int],
+    repeats: int,
+) -> dict:
+    """Images/s of train.generate (`num_samples` samples, `num_steps` steps, guidance 0) at each
+    batch size, and one batch's GFLOP/s against the float32 matmul rate (`against_matmul`)."""
+    load_before = os.getloadavg()[0]
+    model, run, _ = evaluation.load_model(teacher)
+    shape = (run.model.resolution, run.model.resolution, run.model.channels)
+    shift = mmd.resolution_shift(run.model.resolution)
+    result = {
+        "num_steps": num_steps,
+        "num_samples": num_samples,
+        "cpu_count": os.cpu_count(),
+        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+        "load_average_1min_before": load_before,
+    }
+    for batch in batch_sizes:
+        labels = jnp.arange(batch, dtype=jnp.int32) % run.model.num_classes
+        sampler = jax.jit(
+            lambda key: mmd.sample(
+                model,
+                key,
+                shape=(batch, *shape),
+                labels=labels,
+                num_steps=num_steps,
+                shift=shift,
+                null_label=run.model.num_classes,
+            )
+        )
+        keys = jax.random.split(jax.random.key(0), batch)
+        flops = compiled_flops(sampler, keys)
+        timed = against_matmul(sampler, keys, flops=flops, repeats=repeats)
+        generate = functools.partial(
+            train.generate,
+            model,
+            jax.random.key(0),
+            num_samples=num_samples,
+            batch_size=batch,
+            num_classes=run.model.num_classes,
+            num_steps=num_steps,
+            shift=shift,
+            guidance=0.0,
+            clip=False,
+            gamma=0.0,
+            null_label=run.model.num_classes,
+            image_shape=shape,
+        )
+        generate(num_samples=batch)  # compiles
+        start = time.perf_counter()
+        generate()
+        result.update(
+            {
+                f"batch{batch}_images_per_s": num_samples / (time.perf_counter() - start),
+                f"batch{batch}_gflop_per_s": timed["gflops_per_s"],
+                f"batch{batch}_fraction_of_matmul": timed["fraction_of_matmul"],
+            }
+        )
+    result["load_average_1min_after"] = os.getloadavg()[0]
+    return result
+
 
 # ----------------------------------------------------------------------------------------------
 # Quality: the paper's claims on MNIST (FID of teacher and students)
@@ -289,14 +531,29 @@ def train_student(row: Row, *, teacher: pathlib.Path, out: pathlib.Path, steps: 
     return final, float(json.loads(last)["time"])
 
 
-def evaluate_row(row: Row, checkpoint: pathlib.Path, *, out: pathlib.Path, num_samples: int, batch_size: int,
-                 seed: int) -> dict:
-    """eval.py's record for `row` (FID, precision, recall against MNIST's test split), from `checkpoint`."""
-    argv = ["--checkpoint", str(checkpoint), "--num-samples", str(num_samples), "--batch-size", str(batch_size),
-            "--seed", str(seed), "--out", str(out / "eval" / row.name)]
-    if row.variant == "teacher":
-        argv += ["--steps", str(row.steps), "--guidance", f"{row.guidance:g}"]
-    return evaluation.main(argv)
+def evaluate_row(
+    row: Row,
+    checkpoint: pathlib.Path,
+    *,
+    out: pathlib.Path,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+) -> dict:
+    """eval.py's record for `row` (FID, precision, recall, fd_mnist, label accuracy against MNIST's
+    test split), from `checkpoint`."""
+    teacher = row.variant == "teacher"
+    return evaluation.evaluate(
+        evaluation.EvalConfig(
+            checkpoint=str(checkpoint),
+            num_samples=num_samples,
+            batch_size=batch_size,
+            seed=seed,
+            out=str(out / "eval" / row.name),
+            num_steps=row.steps if teacher else None,
+            guidance=row.guidance if teacher else 0.0,
+        )
+    )
 
 
 def row_path(out: pathlib.Path, row: Row, num_samples: int) -> pathlib.Path:
@@ -326,6 +583,73 @@ def quality_table(results: dict[Row, dict]) -> str:
             f"{r['recall']:.3f}", str(r["num_samples"]), distill, train_s, f"{r['timings_s']['sampling']:.1f}",
         ])
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+QUALITY_SCHEMA = {
+    "sampler": str, "k": int, "weighting": (str, type(None)), "guidance": float, "gamma": float,
+    "lr": (float, type(None)), "distill_steps": (int, type(None)), "batch_size": (int, type(None)),
+    "fid": float, "precision": float, "recall": float, "fd_mnist": (float, type(None)),
+    "label_accuracy": (float, type(None)), "num_samples": int, "device": str,
+    "inception_protocol": str,
+}
+"""The fields of a docs/results/quality.json row and their types (None: not measured or not
+applicable)."""
+
+
+def quality_json_rows(results: dict[Row, dict]) -> list[dict]:
+    """One QUALITY_SCHEMA row per finished result, in `quality_table`'s order."""
+    order = sorted(
+        results,
+        key=lambda r: (r.variant != "teacher", r.variant, r.steps, r.guidance, r.weighting or ""),
+    )
+    rows = []
+    for row in order:
+        r = results[row]
+        student = row.variant != "teacher"
+        rows.append(
+            validate_quality_row(
+                {
+                    "sampler": row.variant,
+                    "k": row.steps,
+                    "weighting": row.weighting,
+                    "guidance": float(row.guidance),
+                    "gamma": float(r.get("gamma", 0.0)),
+                    "lr": float(r["config"]["lr"]) if student else None,
+                    "distill_steps": r["distill_steps"] if student else None,
+                    "batch_size": r["distill_batch_size"] if student else None,
+                    "fid": r["fid"],
+                    "precision": r["precision"],
+                    "recall": r["recall"],
+                    "fd_mnist": r.get("fd_mnist"),
+                    "label_accuracy": r.get("label_accuracy"),
+                    "num_samples": r["num_samples"],
+                    "device": r["machine"]["devices"],
+                    "inception_protocol": r["feature_protocol"],
+                }
+            )
+        )
+    return rows
+
+
+def validate_quality_row(row: dict) -> dict:
+    """`row` itself if it has exactly QUALITY_SCHEMA's fields with their types and a known sampler.
+    """
+    if set(row) != set(QUALITY_SCHEMA):
+        raise ValueError(
+            "quality row fields differ from the schema: missing "
+            f"{sorted(set(QUALITY_SCHEMA) - set(row))}"
+            f", unknown {sorted(set(row) - set(QUALITY_SCHEMA))}"
+        )
+    wrong = [
+        name
+        for name, kind in QUALITY_SCHEMA.items()
+        if not isinstance(row[name], kind) or isinstance(row[name], bool)
+    ]
+    if wrong or row["sampler"] not in ("teacher", "alternating", "instant") or row["k"] < 1:
+        raise ValueError(
+            f"quality row has wrong types or values in {wrong or ['sampler/k']}: {row}"
+        )
+    return row
 
 
 def verdicts(results: dict[Row, dict]) -> list[str]:
@@ -406,6 +730,8 @@ def write_report(out: pathlib.Path, rows: Sequence[Row], num_samples: int, heade
     report = "\n".join(lines)
     with data.atomic_path(out / "quality.md") as tmp:
         tmp.write_text(report)
+    with data.atomic_path(out / "quality.json") as tmp:
+        tmp.write_text(json.dumps(quality_json_rows(results), indent=1) + "\n")
     if results:
         plot_quality(results, out / "fid_vs_steps.png")
     metrics = out / "students" / Row("instant", 8, weighting="edm").name / "metrics.jsonl"
@@ -484,6 +810,34 @@ def run_speed(args: argparse.Namespace) -> dict:
     )
 
 
+def run_inception(args: argparse.Namespace) -> dict:
+    """The `inception` subcommand."""
+    return bench_inception(batch_size=args.batch_size, repeats=args.repeats)
+
+
+def run_proxy(args: argparse.Namespace) -> str:
+    """The `proxy` subcommand: the report's Markdown."""
+    return bench_proxy(
+        teacher=pathlib.Path(args.teacher),
+        steps=args.k,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        out=pathlib.Path(args.out),
+    )
+
+
+def run_sampling(args: argparse.Namespace) -> dict:
+    """The `sampling` subcommand."""
+    return bench_sampling(
+        teacher=pathlib.Path(args.teacher),
+        num_steps=args.k,
+        num_samples=args.num_samples,
+        batch_sizes=args.batch_sizes,
+        repeats=args.repeats,
+    )
+
+
 def run_quality(args: argparse.Namespace) -> str:
     """The `quality` subcommand: the report's Markdown."""
     return bench_quality(
@@ -528,8 +882,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     speed.add_argument("--seed", type=int, default=0,
                        help="seed of the parameters, data and sampling")
     speed.set_defaults(run=run_speed)
-    for command in (model, speed):
+    fid = commands.add_parser("inception", help="Inception-v3 images/s and FLOP efficiency")
+    fid.add_argument("--batch-size", type=positive_int, default=32)
+    fid.add_argument("--repeats", type=positive_int, default=3)
+    fid.set_defaults(run=run_inception)
+    sampling = commands.add_parser("sampling", help="images/s of the sampler (train.generate) by batch size")
+    sampling.add_argument("--teacher", default="checkpoints/mnist_teacher.eqx")
+    sampling.add_argument("--k", type=positive_int, default=8, help="sampling steps")
+    sampling.add_argument("--num-samples", type=positive_int, default=1000)
+    sampling.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[50, 200, 500])
+    sampling.add_argument("--repeats", type=positive_int, default=2)
+    sampling.set_defaults(run=run_sampling)
+    for command in (model, speed, fid, sampling):
         command.add_argument("--out", help="also write the results as JSON to this path")
+    proxy = commands.add_parser("proxy", help="fd_mnist and label accuracy against FID (teacher)")
+    proxy.add_argument("--teacher", default="checkpoints/mnist_teacher.eqx")
+    proxy.add_argument("--k", type=positive_int, nargs="+", default=[2, 4, 8, 16, 64],
+                       help="the teacher's sampling steps, one row each")
+    proxy.add_argument("--num-samples", type=positive_int, default=500)
+    proxy.add_argument("--batch-size", type=positive_int, default=100)
+    proxy.add_argument("--seed", type=int, default=0)
+    proxy.add_argument("--out", default="runs/eval-proxy", help="rows cache and report directory")
+    proxy.set_defaults(run=run_proxy)
     mnist = train.PRESETS["mnist"]
     quality = commands.add_parser(
         "quality", help="FID of the MNIST teacher and distilled students (paper's claims)", **sub
@@ -568,6 +942,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_table(result)
     if args.out:
         write_json(args.out, result)
+    if args.command == "inception":
+        print(f"inception: {result['images_per_s']:.2f} images/s, "
+              f"{result['fraction_of_matmul']:.2f} of the matmul rate")
 
 
 if __name__ == "__main__":

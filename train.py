@@ -323,6 +323,7 @@ def config_from_dict(values: dict) -> Config:
     """Inverse of `config_to_dict`; reads the names of earlier versions too (`RENAMED`)."""
     return _from_dict(Config, {RENAMED.get(name, name): value for name, value in values.items()})
 
+
 def _config_differences(a: Config, b: Config, *, ignore: Sequence[str] = ()) -> list[str]:
     da, db = config_to_dict(a), config_to_dict(b)
     out = []
@@ -1494,7 +1495,7 @@ def _add_options(parser: argparse.ArgumentParser, cls: type, defaults: Any, pref
         if dataclasses.is_dataclass(default):  # the preset's model family gives the options
             _add_options(parser, type(default), default, prefix=dest + ".")
             continue
-        flag = _flag(dest)
+        flag = f.metadata.get("flag") or _flag(dest)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f"{f.metadata.get('help', f'{cls.__name__}.{f.name}')} (default: {shown})"
         kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)

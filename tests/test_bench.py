@@ -36,7 +36,9 @@ def test_full_budget_weighting_flat_up_to_two_steps_and_flat_k8_comparison():
 def record(fid, n=100):
     return {"fid": fid, "precision": 0.5, "recall": 0.5, "num_samples": n, "timings_s": {"sampling": 1.0},
             "train_seconds": None, "distill_steps": 10, "distill_batch_size": 8,
-            "machine": {"devices": "cpu x1", "cpu_count": 2, "jax_version": "0"}, "feature_protocol": "p"}
+            "machine": {"devices": "cpu x1", "cpu_count": 2, "jax_version": "0"},
+            "feature_protocol": "p",
+            "gamma": 0.0, "config": {"lr": 1e-4}, "fd_mnist": 2.5, "label_accuracy": 0.9}
 
 
 def test_verdicts_compare_with_the_best_guided_512_step_teacher():
@@ -112,3 +114,69 @@ def test_quality_rejects_unknown_rows(fakes):
     _, run, _ = fakes
     with pytest.raises(ValueError, match="unknown --rows instant-k3-edm"):
         run(only=["instant-k3-edm"])
+
+
+def test_spearman_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    a, b = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6], [2.0, 7.0, 1.0, 8.0, 0.5, 3.0]
+    assert bench.spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert bench.spearman(a, a) == pytest.approx(1.0)
+
+
+def test_proxy_report_ranks_and_floor(tmp_path):
+    rows = {
+        k: {
+            "fid": 100.0 / k,
+            "fd_mnist": 10.0 / k,
+            "label_accuracy": 1 - 1 / k,
+            "sampling_s": 1.0,
+            "scoring_s": 2.0,
+        }
+        for k in (2, 4, 8)
+    }
+    floor = {"fid": 1.0, "fd_mnist": 0.1, "label_accuracy": 0.99}
+    report = bench.proxy_report(rows, floor, num_samples=50, out=tmp_path)
+    assert "| teacher, 2 steps | 50.00 | 5.000 | 0.5000 | 1 | 2 |" in report
+    assert (
+        "fd_mnist 1.00, label accuracy 1.00" in report
+        and "| real: train vs test digits | 1.00 |" in report
+    )
+    assert (tmp_path / "eval-proxy.md").read_text() == report + "\n"
+
+
+def test_quality_json_rows_follow_the_schema(fakes):
+    _, run, out = fakes
+    run(only=["instant-k8-edm", "teacher-512-w0"])
+    rows = json.loads((out / "quality.json").read_text())
+    assert [(r["sampler"], r["k"]) for r in rows] == [("teacher", 512), ("instant", 8)]
+    teacher, student = rows
+    assert (
+        teacher["lr"] is None and teacher["distill_steps"] is None and teacher["weighting"] is None
+    )
+    assert student == {
+        "sampler": "instant",
+        "k": 8,
+        "weighting": "edm",
+        "guidance": 0.0,
+        "gamma": 0.0,
+        "lr": 1e-4,
+        "distill_steps": 10,
+        "batch_size": 8,
+        "fid": 8.0,
+        "precision": 0.5,
+        "recall": 0.5,
+        "fd_mnist": 2.5,
+        "label_accuracy": 0.9,
+        "num_samples": 1000,
+        "device": student["device"],
+        "inception_protocol": "p",
+    }
+    for broken in (
+        {**student, "fid": "8"},
+        {**student, "sampler": "student"},
+        {**student, "k": True},
+        {k: v for k, v in student.items() if k != "fd_mnist"},
+        {**student, "extra": 1},
+    ):
+        with pytest.raises(ValueError, match="quality row"):
+            bench.validate_quality_row(broken)

