@@ -68,7 +68,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -587,16 +587,20 @@ def _mnist_metrics(
     }
 
 
-def evaluate(config: EvalConfig) -> dict[str, Any]:
-    """Sample a checkpoint, score it (FID, precision/recall; fd_mnist and label_accuracy for MNIST
-    models) against a reference split, write the sample grid PNG and the JSON result; return the
-    record."""
-    t_start = time.perf_counter()
-    if not config.checkpoint:
-        raise ValueError(
-            "--checkpoint is required: a ckpt_*.eqx or teacher.eqx written by train.py"
-        )
-    model, run, meta = load_model(config.checkpoint)
+class _Plan(NamedTuple):
+    """What `evaluate` resolved from its configuration and the checkpoint before sampling."""
+
+    num_steps: int
+    shape: tuple[int, int, int]
+    shift: float
+    reference: str
+    mnist: bool
+    out: Path
+    stem: str
+
+
+def _plan(config: EvalConfig, run: Any) -> _Plan:
+    """Resolve steps, shape, shift, reference and output names; refuse what scoring cannot do."""
     student = run.variant != "teacher"
     mmd.check_guidance(
         guidance=config.guidance,
@@ -606,17 +610,69 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     )
     num_steps = config.num_steps or (run.k if student else run.teacher_k)
     shape = (run.model.resolution, run.model.resolution, run.model.channels)
-    shift = mmd.resolution_shift(run.model.resolution) if run.shift is None else run.shift
-    reference = config.reference or run.data
-    mnist = config.mnist_metrics and _is_mnist(shape, run.model.num_classes)
     if student and num_steps != run.k:
         tqdm.write(
             f"Note: this {run.variant} student was trained for k={run.k} steps; sampling it "
             f"with {num_steps} queries noise levels it never saw."
         )
-    if config.fid or mnist:
+    mnist = config.mnist_metrics and _is_mnist(shape, run.model.num_classes)
+    if mnist:
+        mnist_protocol()  # fail before sampling if the classifier's weights are missing
+    return _Plan(
+        num_steps=num_steps,
+        shape=shape,
+        shift=mmd.resolution_shift(run.model.resolution) if run.shift is None else run.shift,
+        reference=config.reference or run.data,
+        mnist=mnist,
+        out=Path(config.out) if config.out else Path(config.checkpoint).parent / "eval",
+        stem=_stem(config, num_steps),
+    )
+
+
+def _sample(
+    config: EvalConfig, model: Callable, run: Any, plan: _Plan
+) -> tuple[UInt8[np.ndarray, "n h w c"], Int[np.ndarray, " n"] | None]:
+    """Draw `config.num_samples` images (sample i has label i % num_classes); write their grid PNG
+    and, with `save_samples`, an npz."""
+    num_classes = run.model.num_classes
+    images = train.generate(
+        model,
+        jax.random.key(config.seed),
+        num_samples=config.num_samples,
+        batch_size=config.batch_size,
+        num_classes=num_classes,
+        num_steps=plan.num_steps,
+        shift=plan.shift,
+        guidance=config.guidance,
+        clip=config.clip,
+        gamma=config.gamma,
+        null_label=num_classes,
+        image_shape=plan.shape,
+        devices=jax.local_devices(),
+        progress="sampling",
+    )
+    labels = np.arange(config.num_samples) % num_classes if num_classes else None
+    columns = num_classes if 1 < num_classes <= 16 else None
+    train.save_image_grid(images[:GRID_SAMPLES], plan.out / f"{plan.stem}.png", columns=columns)
+    if config.save_samples:
+        no_labels = np.zeros(len(images), int)
+        with data.atomic_path(plan.out / f"{plan.stem}_samples.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=images, labels=no_labels if labels is None else labels)
+    return images, labels
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Sample a checkpoint, score it (FID, precision/recall; fd_mnist and label_accuracy for MNIST
+    models) against a reference split, write the sample grid PNG and the JSON result; return the
+    record."""
+    t_start = time.perf_counter()
+    if not config.checkpoint:
+        raise ValueError("--checkpoint is required: a ckpt_*.eqx or teacher.eqx written by train.py")
+    model, run, meta = load_model(config.checkpoint)
+    plan = _plan(config, run)
+    if config.fid or plan.mnist:
         real_images, images_name = reference_images(
-            reference, split=config.reference_split, model_shape=shape
+            plan.reference, split=config.reference_split, model_shape=plan.shape
         )
     if config.fid and min(config.num_samples, real_images.shape[0]) <= config.precision_recall_k:
         raise ValueError(
@@ -624,94 +680,33 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             f"and reference images; got --num-samples {config.num_samples} and "
             f"{real_images.shape[0]} reference images"
         )
-    if mnist:
-        mnist_protocol()  # fail before sampling if the classifier's weights are missing
-    out = Path(config.out) if config.out else Path(config.checkpoint).parent / "eval"
-    stem = _stem(config, num_steps)
-    plan = (
+    estimate = f"; then {_feature_estimate(config.num_samples)} (and once the reference's)"
+    tqdm.write(
         f"{run.variant} {config.checkpoint} (step {meta['step']}): {config.num_samples} samples, "
-        f"{num_steps} steps, guidance {config.guidance:g}, gamma {config.gamma:g}, seed "
+        f"{plan.num_steps} steps, guidance {config.guidance:g}, gamma {config.gamma:g}, seed "
         f"{config.seed}, batch {config.batch_size} on {jax.local_device_count()} "
-        f"{jax.local_devices()[0].platform} devices"
+        f"{jax.local_devices()[0].platform} devices{estimate if config.fid else ''}."
     )
-    if config.fid:
-        plan += f"; then {_feature_estimate(config.num_samples)} (and once the reference's)"
-    tqdm.write(plan + ".")
-
     t0 = time.perf_counter()
-    images = train.generate(
-        model,
-        jax.random.key(config.seed),
-        num_samples=config.num_samples,
-        batch_size=config.batch_size,
-        num_classes=run.model.num_classes,
-        num_steps=num_steps,
-        shift=shift,
-        guidance=config.guidance,
-        clip=config.clip,
-        gamma=config.gamma,
-        null_label=run.model.num_classes,
-        image_shape=shape,
-        devices=jax.local_devices(),
-        progress="sampling",
-    )
+    images, labels = _sample(config, model, run, plan)
     timings = {"sampling": time.perf_counter() - t0}
-    labels = (
-        np.arange(config.num_samples) % run.model.num_classes if run.model.num_classes else None
+    metrics: dict[str, Any] = dict.fromkeys(
+        ("fid", "precision", "recall", "reference", "fd_mnist", "label_accuracy")
     )
-    columns = run.model.num_classes if 1 < run.model.num_classes <= 16 else None
-    train.save_image_grid(images[:GRID_SAMPLES], out / f"{stem}.png", columns=columns)
-    if config.save_samples:
-        with data.atomic_path(out / f"{stem}_samples.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(
-                f,
-                images=images,
-                labels=labels if labels is not None else np.zeros(len(images), int),
-            )
-
-    metrics: dict[str, Any] = {
-        "fid": None,
-        "precision": None,
-        "recall": None,
-        "reference": None,
-        "fd_mnist": None,
-        "label_accuracy": None,
-    }
     if config.fid:
-        found, more = _inception_metrics(config, images, real_images, images_name, reference)
+        found, more = _inception_metrics(config, images, real_images, images_name, plan.reference)
         metrics.update(found)
         timings.update(more)
-    if mnist:
+    if plan.mnist:
         t0 = time.perf_counter()
         metrics.update(_mnist_metrics(images, labels, real_images, images_name))
         timings["mnist_metrics"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    return _report(
-        config,
-        run,
-        meta,
-        metrics,
-        timings,
-        num_steps=num_steps,
-        shift=shift,
-        shape=shape,
-        out=out,
-        stem=stem,
-    )
+    return _report(config, run, meta, metrics, timings, plan=plan)
 
 
 def _report(
-    config: EvalConfig,
-    run: Any,
-    meta: dict,
-    metrics: dict,
-    timings: dict,
-    *,
-    num_steps: int,
-    shift: float,
-    shape: tuple[int, int, int],
-    out: Path,
-    stem: str,
+    config: EvalConfig, run: Any, meta: dict, metrics: dict, timings: dict, *, plan: _Plan
 ) -> dict[str, Any]:
     """Write the JSON result of `evaluate` and print its one-line summary; return the record."""
     results = {
@@ -724,23 +719,23 @@ def _report(
         "num_samples": config.num_samples,
         "precision_recall_k": config.precision_recall_k,
         "feature_protocol": inception.FEATURE_PROTOCOL,
-        "steps": num_steps,
+        "steps": plan.num_steps,
         "trained_k": run.k if run.variant != "teacher" else None,
         "guidance": config.guidance,
         "clip": config.clip,
         "gamma": config.gamma,
-        "shift": shift,
+        "shift": plan.shift,
         "seed": config.seed,
         "batch_size": config.batch_size,
         "num_classes": run.model.num_classes,
-        "image_shape": list(shape),
+        "image_shape": list(plan.shape),
         "samples_per_s": config.num_samples / timings["sampling"],
-        "sample_grid": str(out / f"{stem}.png"),
+        "sample_grid": str(plan.out / f"{plan.stem}.png"),
         "config": json.loads(
             json.dumps(dataclasses.asdict(run))
         ),  # tuples as lists, as in the file
     }
-    record = write_results(out / f"{stem}.json", results, timings=timings)
+    record = write_results(plan.out / f"{plan.stem}.json", results, timings=timings)
     parts = [
         "FID not computed (--no-fid)"
         if metrics["fid"] is None
@@ -755,7 +750,7 @@ def _report(
         parts.append(f"label accuracy {metrics['label_accuracy']:.4f}")
     tqdm.write(
         f"{', '.join(parts)}; sampling {timings['sampling']:.1f} s, total {timings['total']:.1f} s "
-        f"-> {out / stem}.json"
+        f"-> {plan.out / plan.stem}.json"
     )
     return record
 
