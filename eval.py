@@ -147,15 +147,19 @@ def feature_stats(
 ) -> tuple[Float64[np.ndarray, " d"], Float64[np.ndarray, "d d"]]:
     """Mean and covariance (`ddof=1`) of features, in float64."""
     if features.shape[0] < 2 or not np.all(np.isfinite(features)):
-        raise ValueError(f"need at least 2 finite feature rows, got shape {features.shape} "
-                         f"with {np.size(features) - np.isfinite(features).sum()} non-finite values")
+        raise ValueError(
+            f"need at least 2 finite feature rows, got shape {features.shape} "
+            f"with {np.size(features) - np.isfinite(features).sum()} non-finite values"
+        )
     x = features.astype(np.float64)
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
 def frechet_distance(
-    mu1: Float[np.ndarray, " d"], cov1: Float[np.ndarray, "d d"],
-    mu2: Float[np.ndarray, " d"], cov2: Float[np.ndarray, "d d"],
+    mu1: Float[np.ndarray, " d"],
+    cov1: Float[np.ndarray, "d d"],
+    mu2: Float[np.ndarray, " d"],
+    cov2: Float[np.ndarray, "d d"],
 ) -> float:
     """Fréchet distance between Gaussians, float64, with symmetric matrix square roots.
 
@@ -166,17 +170,20 @@ def frechet_distance(
     mu1, cov1, mu2, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, cov1, mu2, cov2))
     d = mu1.shape[0]
     if mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
-        raise ValueError(f"statistics disagree in dimension: mu1 {mu1.shape}, cov1 {cov1.shape}, "
-                         f"mu2 {mu2.shape}, cov2 {cov2.shape} (were both computed from the same features?)")
+        raise ValueError(
+            f"statistics disagree in dimension: mu1 {mu1.shape}, cov1 {cov1.shape}, "
+            f"mu2 {mu2.shape}, cov2 {cov2.shape} (were both computed from the same features?)"
+        )
     if not all(np.all(np.isfinite(a)) for a in (mu1, cov1, mu2, cov2)):
-        raise ValueError("frechet_distance got non-finite statistics: check the features they came from")
+        raise ValueError(
+            "frechet_distance got non-finite statistics: check the features they came from"
+        )
     eigenvalues, eigenvectors = np.linalg.eigh((cov1 + cov1.T) / 2)
     sqrt1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
     product = sqrt1 @ cov2 @ sqrt1
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0.0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
-
 
 
 Statistics = tuple[
@@ -253,16 +260,16 @@ def reference_statistics(
 def fd_mnist(
     images: UInt8[np.ndarray, "n h w c"], reference: UInt8[np.ndarray, "m h w c"]
 ) -> float:
-    """Fréchet distance between the classifier's 64-d features of two uint8 digit sets (>= 2 each).
-    """
+    """Fréchet distance between the classifier's 64-d features of two uint8 digit sets (>= 2
+    each)."""
     return frechet_distance(
         *feature_stats(mnist_features(images)), *feature_stats(mnist_features(reference))
     )
 
 
 def label_accuracy(images: UInt8[np.ndarray, "n h w c"], labels: Int[np.ndarray, " n"]) -> float:
-    """Fraction of `images` that the classifier labels as `labels` (the digits they were asked for).
-    """
+    """Fraction of `images` that the classifier labels as `labels` (the digits they were asked
+    for)."""
     labels = np.asarray(labels)
     if labels.shape != images.shape[:1]:
         raise ValueError(
@@ -282,12 +289,17 @@ def mnist_protocol() -> str:
 @jax.jit
 def _squared_distances(a: Float[Array, "m d"], b: Float[Array, "n d"]) -> Float[Array, "m n"]:
     cross = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
-    return jnp.maximum(jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * cross, 0.0)
+    return jnp.maximum(
+        jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * cross, 0.0
+    )
 
 
 @functools.partial(jax.jit, static_argnames="k")
-def _kth_neighbour(a: Float[Array, "m d"], points: Float[Array, "n d"], *, k: int) -> Float[Array, " m"]:
-    """Squared distance from each row of `a` (a member of `points`) to its k-th nearest other point."""
+def _kth_neighbour(
+    a: Float[Array, "m d"], points: Float[Array, "n d"], *, k: int
+) -> Float[Array, " m"]:
+    """Squared distance from each row of `a` (a member of `points`) to its k-th nearest other
+    point."""
     return -jax.lax.top_k(-_squared_distances(a, points), k + 1)[0][:, k]
 
 
@@ -298,18 +310,29 @@ def _inside_any_ball(
     return jnp.any(_squared_distances(a, centres) <= radii[None, :], axis=1)
 
 
-def _by_rows(fn: Callable[[Array], Array], rows: Float32[np.ndarray, "m d"], columns: int) -> np.ndarray:
-    """`fn` over fixed-size row blocks (padded), each block against `columns` points: ~128 MiB at a time."""
+def _by_rows(
+    fn: Callable[[Array], Array], rows: Float32[np.ndarray, "m d"], columns: int
+) -> np.ndarray:
+    """`fn` over fixed-size row blocks (padded), each block against `columns` points: ~128 MiB at a
+    time."""
     block = max(1, min(rows.shape[0], (1 << 25) // columns))
     padded = np.concatenate([rows, np.zeros((-rows.shape[0] % block, rows.shape[1]), rows.dtype)])
-    return np.concatenate([np.asarray(fn(jnp.asarray(padded[i : i + block])))
-                           for i in range(0, padded.shape[0], block)])[: rows.shape[0]]
+    return np.concatenate(
+        [
+            np.asarray(fn(jnp.asarray(padded[i : i + block])))
+            for i in range(0, padded.shape[0], block)
+        ]
+    )[: rows.shape[0]]
 
 
-def _manifold_coverage(queries: Float32[np.ndarray, "m d"], points: Float32[np.ndarray, "n d"], k: int) -> float:
+def _manifold_coverage(
+    queries: Float32[np.ndarray, "m d"], points: Float32[np.ndarray, "n d"], k: int
+) -> float:
     """Fraction of `queries` inside the union of k-NN balls around `points`."""
     on_device = jnp.asarray(points)
-    radii = jnp.asarray(_by_rows(lambda a: _kth_neighbour(a, on_device, k=k), points, points.shape[0]))
+    radii = jnp.asarray(
+        _by_rows(lambda a: _kth_neighbour(a, on_device, k=k), points, points.shape[0])
+    )
     inside = _by_rows(lambda a: _inside_any_ball(a, on_device, radii), queries, points.shape[0])
     return float(inside.mean())
 
@@ -324,12 +347,18 @@ def precision_recall(
     manifold; recall: fraction of real points inside the fake manifold.
     """
     if min(features_real.shape[0], features_fake.shape[0]) <= k:
-        raise ValueError(f"need more than k={k} points per set, got {features_real.shape[0]} real "
-                         f"and {features_fake.shape[0]} fake")
+        raise ValueError(
+            f"need more than k={k} points per set, got {features_real.shape[0]} real "
+            f"and {features_fake.shape[0]} fake"
+        )
     if features_real.shape[1] != features_fake.shape[1]:
-        raise ValueError(f"feature dimensions differ: {features_real.shape} vs {features_fake.shape}")
+        raise ValueError(
+            f"feature dimensions differ: {features_real.shape} vs {features_fake.shape}"
+        )
     if not (np.all(np.isfinite(features_real)) and np.all(np.isfinite(features_fake))):
-        raise ValueError("precision_recall got non-finite features: check the images they came from")
+        raise ValueError(
+            "precision_recall got non-finite features: check the images they came from"
+        )
     # Distances are translation invariant; centring reduces cancellation in |a|^2 + |b|^2 - 2ab.
     centre = features_real.astype(np.float64).mean(axis=0)
     real = (features_real - centre).astype(np.float32)
@@ -357,12 +386,17 @@ def software_versions() -> dict[str, str]:
 def write_results(
     path: str | os.PathLike, results: dict[str, Any], *, timings: dict[str, float]
 ) -> dict[str, Any]:
-    """Write `results` plus timings (seconds), software versions and a UTC time stamp as JSON, atomically.
+    """Write `results` plus timings (seconds), software versions and a UTC time stamp as JSON,
+    atomically.
 
     Non-finite numbers raise (JSON has no NaN) rather than writing an unreadable file.
     """
-    record = {**results, "timings_s": timings, "software": software_versions(),
-              "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = {
+        **results,
+        "timings_s": timings,
+        "software": software_versions(),
+        "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     text = json.dumps(record, indent=2, allow_nan=False) + "\n"
     with data.atomic_path(path) as tmp:
         Path(tmp).write_text(text)
@@ -390,8 +424,7 @@ class EvalConfig:
     )
     num_steps: int | None = _field(
         None,
-        "sampling steps (none: a student's trained k; a teacher's "
-        "teacher_k, 64 for mnist)",
+        "sampling steps (none: a student's trained k; a teacher's teacher_k, 64 for mnist)",
         flag="--k",
     )
     guidance: float = _field(0.0, "classifier-free guidance weight w")
@@ -449,16 +482,21 @@ class EvalConfig:
 
 
 def load_model(path: str | os.PathLike) -> tuple[Callable, Any, dict[str, Any]]:
-    """`(denoiser, train.Config, meta)` of a train.py checkpoint, with messages that say what to pass instead."""
+    """`(denoiser, train.Config, meta)` of a train.py checkpoint, with messages that say what to
+    pass instead."""
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob("**/*.eqx"))
         hint = f" (it holds {found[-1]})" if found else ""
-        raise FileNotFoundError(f"--checkpoint {path} is a directory{hint}: pass one checkpoint file, a "
-                                "ckpt_*.eqx or teacher.eqx written by train.py")
+        raise FileNotFoundError(
+            f"--checkpoint {path} is a directory{hint}: pass one checkpoint file, a "
+            "ckpt_*.eqx or teacher.eqx written by train.py"
+        )
     if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {path} does not exist: pass a ckpt_*.eqx or teacher.eqx "
-                                "written by train.py (runs/<preset>-<variant>/checkpoints/, checkpoints/)")
+        raise FileNotFoundError(
+            f"--checkpoint {path} does not exist: pass a ckpt_*.eqx or teacher.eqx "
+            "written by train.py (runs/<preset>-<variant>/checkpoints/, checkpoints/)"
+        )
     return train.load_checkpoint(path)
 
 
@@ -573,8 +611,8 @@ def _mnist_metrics(
     real_images: UInt8[np.ndarray, "m h w c"],
     images_name: str,
 ) -> dict[str, Any]:
-    """fd_mnist against the (cached) reference and, for class-conditional samples, label_accuracy.
-    """
+    """fd_mnist against the (cached) reference and, for class-conditional samples,
+    label_accuracy."""
     protocol = mnist_protocol()
     name = _cache_name("mnist", protocol, images_name)
     _, mu_real, cov_real = reference_statistics(
@@ -667,7 +705,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     record."""
     t_start = time.perf_counter()
     if not config.checkpoint:
-        raise ValueError("--checkpoint is required: a ckpt_*.eqx or teacher.eqx written by train.py")
+        raise ValueError(
+            "--checkpoint is required: a ckpt_*.eqx or teacher.eqx written by train.py"
+        )
     model, run, meta = load_model(config.checkpoint)
     plan = _plan(config, run)
     if config.fid or plan.mnist:
@@ -760,9 +800,20 @@ def _cell(value: Any, spec: str) -> str:
 
 
 def results_table(results: list[dict]) -> str:
-    """A Markdown table of result records (as `write_results` writes them), one row per record, in order."""
-    header = ["checkpoint", "variant", "steps", "guidance", "gamma", "num samples", "FID", "precision", "recall",
-              "sampling (s)"]
+    """A Markdown table of result records (as `write_results` writes them), one row per record, in
+    order."""
+    header = [
+        "checkpoint",
+        "variant",
+        "steps",
+        "guidance",
+        "gamma",
+        "num samples",
+        "FID",
+        "precision",
+        "recall",
+        "sampling (s)",
+    ]
     rows = [
         [
             f"{r['checkpoint']} @ {r['step']}".replace("|", "\\|"),
@@ -786,15 +837,21 @@ def _read_result(path: str) -> dict:
     try:
         record = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"no result file {path}: pass JSON files written by `python eval.py --checkpoint ...`")
+        raise FileNotFoundError(
+            f"no result file {path}: pass JSON files written by `python eval.py --checkpoint ...`"
+        ) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON ({e}): pass result files written by eval.py") from e
-    missing = [k for k in ("checkpoint", "step", "variant", "steps", "num_samples", "fid", "timings_s")
-               if k not in record]
+    missing = [
+        k
+        for k in ("checkpoint", "step", "variant", "steps", "num_samples", "fid", "timings_s")
+        if k not in record
+    ]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a result file written by eval.py")
+        raise ValueError(
+            f"{path} lacks {', '.join(missing)}: it is not a result file written by eval.py"
+        )
     return record
-
 
 
 def parser() -> argparse.ArgumentParser:
@@ -802,7 +859,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eval.py",
         description="Sample a train.py checkpoint and compute FID, precision and recall (and, for "
-        "MNIST, fd_mnist and label accuracy) against a reference split; writes a sample grid PNG and "
+        "MNIST, fd_mnist and label accuracy) against a reference split; writes a sample grid PNG "
+        "and "
         "a JSON result. `python eval.py table R.json ...` prints result files as a Markdown table; "
         "`python eval.py train-classifier [--seed S] [--epochs E]` retrains the MNIST classifier.",
         epilog="Cost: sampling takes num_samples x steps network calls; FID then needs Inception "

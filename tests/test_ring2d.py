@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from toy import energy_distance
 
 import train
 import uvit
+from toy import energy_distance
 
 
 @pytest.mark.parametrize("n,m,d", [(1, 1, 2), (7, 5, 2), (50, 80, 3)])
@@ -37,10 +37,26 @@ def test_ring2d_walkthrough_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "CHECKPOINT_DIR", tmp_path / "checkpoints")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        train.main(["--preset", "ring2d", "--variant", "alternating",
-                    "--workdir", str(tmp_path / "run"), "--num-devices", "1",
-                    "--model-width", "64", "--teacher-steps", "1500", "--steps", "600",
-                    "--teacher-k", "32"])
+        train.main(
+            [
+                "--preset",
+                "ring2d",
+                "--variant",
+                "alternating",
+                "--workdir",
+                str(tmp_path / "run"),
+                "--num-devices",
+                "1",
+                "--model-width",
+                "64",
+                "--teacher-steps",
+                "1500",
+                "--steps",
+                "600",
+                "--teacher-k",
+                "32",
+            ]
+        )
     out = printed.getvalue()
     assert (tmp_path / "checkpoints" / "ring2d_teacher.eqx").is_file()
     assert Image.open(tmp_path / "run" / train.POINTS_FIGURE).format == "PNG"

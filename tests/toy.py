@@ -8,14 +8,16 @@ import numpy as np
 
 
 class Mixture(eqx.Module):
-    """Isotropic Gaussian mixture `sum_k pi_k N(m_k, std^2 I)` with its exact denoiser `E[x | z]`."""
+    """Isotropic Gaussian mixture `sum_k pi_k N(m_k, std^2 I)` with its exact denoiser `E[x |
+    z]`."""
 
     means: jax.Array
     weights: jax.Array
     std: float
 
     def __call__(self, z, lam, label):
-        """Closed form: `p(z|k) = N(alpha m_k, (alpha^2 std^2 + sigma^2) I)`, `E[x|z,k] = m_k + alpha std^2 (z - alpha m_k) / var`."""
+        """Closed form: `p(z|k) = N(alpha m_k, (alpha^2 std^2 + sigma^2) I)`, `E[x|z,k] = m_k +
+        alpha std^2 (z - alpha m_k) / var`."""
         alpha = jnp.sqrt(jax.nn.sigmoid(lam))[:, None, None]
         sigma2 = jax.nn.sigmoid(-lam)[:, None, None]
         var = alpha**2 * self.std**2 + sigma2
