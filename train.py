@@ -292,6 +292,25 @@ TINY = uvit.UViTConfig(
 )
 """A U-ViT small enough to compile and run in seconds: for smoke tests."""
 
+_IMAGENET64 = Config(
+    preset="imagenet64",
+    data="imagenet64:data/imagenet64",
+    model=uvit.IMAGENET64,
+    teacher_steps=1_000_000,
+    teacher_batch_size=2048,
+    teacher_lr=1e-4,
+    teacher_warmup=10_000,
+    distill_steps=200_000,
+    distill_batch_size=2048,
+    lr=1e-5,
+    aux_lr=1e-5,
+    log_every=100,
+    sample_every=5000,
+    checkpoint_every=5000,
+    teacher_k=256,
+    num_samples=100,
+)
+
 PRESETS = {
     "mnist": Config(),
     "tiny": Config(
@@ -326,42 +345,13 @@ PRESETS = {
         sample_every=1000,
         checkpoint_every=1000,
     ),
-    "imagenet64": Config(
-        preset="imagenet64",
-        data="imagenet64:data/imagenet64",
-        model=uvit.IMAGENET64,
-        teacher_steps=1_000_000,
-        teacher_batch_size=2048,
-        teacher_lr=1e-4,
-        teacher_warmup=10_000,
-        distill_steps=200_000,
-        distill_batch_size=2048,
-        lr=1e-5,
-        aux_lr=1e-5,
-        log_every=100,
-        sample_every=5000,
-        checkpoint_every=5000,
-        teacher_k=256,
-        num_samples=100,
-    ),
-    "imagenet128": Config(
+    "imagenet64": _IMAGENET64,
+    "imagenet128": dataclasses.replace(
+        _IMAGENET64,
         preset="imagenet128",
         data="folder:data/imagenet128",
         data_resolution=128,
         model=uvit.IMAGENET128,
-        teacher_steps=1_000_000,
-        teacher_batch_size=2048,
-        teacher_lr=1e-4,
-        teacher_warmup=10_000,
-        distill_steps=200_000,
-        distill_batch_size=2048,
-        lr=1e-5,
-        aux_lr=1e-5,
-        log_every=100,
-        sample_every=5000,
-        checkpoint_every=5000,
-        teacher_k=256,
-        num_samples=100,
     ),
 }
 """Named configurations. ImageNet values follow the paper (batch 2048, 200k distillation steps);
