@@ -59,6 +59,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -976,214 +977,235 @@ def print_table(result: dict) -> None:
         print(f"{name:40s} {value:.4g}" if isinstance(value, float) else f"{name:40s} {value}")
 
 
-def run_model(args: argparse.Namespace) -> dict:
+# ----------------------------------------------------------------------------------------------
+# Command line: one frozen dataclass per subcommand; train._add_options makes its options.
+
+_field = train._field  # one field helper for every CLI dataclass
+_PRESETS = tuple(sorted(uvit.PRESETS))
+_TEACHER = "checkpoints/mnist_teacher.eqx"
+_OUT = "also write the results as JSON to this path"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Counts:
+    """Base of the subcommand settings: every integer but the seed is a count, at least 1."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if f.name != "seed" and any(type(v) is int and v < 1 for v in values):
+                flag = f.metadata.get("flag") or train._flag(f.name)
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBench(_Counts):
+    """Settings of `python bench.py model`."""
+
+    preset: str = _field("mnist", "U-ViT architecture", choices=_PRESETS)
+    batch_size: int = _field(128, "images per timed call")
+    repeats: int = _field(10, "timed calls after a warm-up (median)")
+    seed: int = _field(0, "seed of the parameters and inputs")
+    out: str | None = _field(None, _OUT)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedBench(_Counts):
+    """Settings of `python bench.py speed`."""
+
+    preset: str = _field("mnist", "U-ViT architecture", choices=_PRESETS)
+    batch_size: int = _field(64, "global batch of every step")
+    repeats: int = _field(5, "timed steps after a warm-up (median)")
+    sample_batch: int = _field(16, "images per sampling call")
+    seed: int = _field(0, "seed of the parameters, data and sampling")
+    out: str | None = _field(None, _OUT)
+
+
+@dataclasses.dataclass(frozen=True)
+class InceptionBench(_Counts):
+    """Settings of `python bench.py inception`."""
+
+    batch_size: int = _field(32, "299x299 images per timed call")
+    repeats: int = _field(3, "timed calls after a warm-up (median)")
+    out: str | None = _field(None, _OUT)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingBench(_Counts):
+    """Settings of `python bench.py sampling`."""
+
+    teacher: str = _field(_TEACHER, "teacher checkpoint to sample")
+    num_steps: int = _field(8, "sampling steps", flag="--k")
+    num_samples: int = _field(1000, "samples per batch size")
+    batch_sizes: tuple[int, ...] = _field((50, 200, 500), "global batch sizes, one row each")
+    repeats: int = _field(2, "timed runs after a warm-up (median)")
+    out: str | None = _field(None, _OUT)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyBench(_Counts):
+    """Settings of `python bench.py proxy`."""
+
+    teacher: str = _field(_TEACHER, "teacher checkpoint to sample")
+    num_steps: tuple[int, ...] = _field(
+        (2, 4, 8, 16, 64), "the teacher's sampling steps, one row each", flag="--k"
+    )
+    num_samples: int = _field(500, "samples per row")
+    batch_size: int = _field(100, "global batch of sampling and Inception")
+    seed: int = _field(0, "seed of sampling and the sample labels")
+    out: str = _field("runs/eval-proxy", "rows cache and report directory")
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityBench(_Counts):
+    """Settings of `python bench.py quality`."""
+
+    budget: str = _field(
+        "small",
+        "small: 1,000 samples per FID, k in {1, 8}; full: 10,000 samples, k in {1, 2, 4, 8}",
+        choices=tuple(sorted(BUDGETS)),
+    )
+    out: str | None = _field(None, "results and cache directory (none: runs/quality-<budget>)")
+    teacher: str = _field("auto", f"teacher checkpoint (auto: {_TEACHER}, trained first if absent)")
+    distill_steps: int = _field(
+        train.PRESETS["mnist"].distill_steps, "training steps of each student"
+    )
+    distill_batch_size: int = _field(
+        train.PRESETS["mnist"].distill_batch_size,
+        "global batch of each student's training (instant: both minibatches)",
+    )
+    eval_batch_size: int = _field(
+        200, "global batch of sampling and Inception (results do not depend on it)"
+    )
+    time_limit: float | None = _field(
+        None, "start no new row after this many minutes (a rerun continues)"
+    )
+    num_samples: int | None = _field(
+        None, "samples per FID (none: the budget's); rows are cached per sample count"
+    )
+    rows: tuple[str, ...] = _field(
+        (),
+        "run only these rows, in this order; separate processes may run disjoint rows into the "
+        f"same --out. Names (small: the first {len(quality_rows('small'))}): "
+        + " ".join(row.name for row in quality_rows("full")),
+    )
+    seed: int = _field(0, "seed of training, sampling and the sample labels")
+
+
+def run_model(config: ModelBench) -> dict:
     """The `model` subcommand."""
     return bench_model(
-        preset=args.preset,
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-        key=jax.random.key(args.seed),
+        preset=config.preset,
+        batch_size=config.batch_size,
+        repeats=config.repeats,
+        key=jax.random.key(config.seed),
     )
 
 
-def run_speed(args: argparse.Namespace) -> dict:
+def run_speed(config: SpeedBench) -> dict:
     """The `speed` subcommand."""
     return bench_speed(
-        preset=args.preset,
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-        sample_batch=args.sample_batch,
-        key=jax.random.key(args.seed),
+        preset=config.preset,
+        batch_size=config.batch_size,
+        repeats=config.repeats,
+        sample_batch=config.sample_batch,
+        key=jax.random.key(config.seed),
     )
 
 
-def run_inception(args: argparse.Namespace) -> dict:
+def run_inception(config: InceptionBench) -> dict:
     """The `inception` subcommand."""
-    return bench_inception(batch_size=args.batch_size, repeats=args.repeats)
+    return bench_inception(batch_size=config.batch_size, repeats=config.repeats)
 
 
-def run_proxy(args: argparse.Namespace) -> str:
+def run_proxy(config: ProxyBench) -> str:
     """The `proxy` subcommand: the report's Markdown."""
     return bench_proxy(
-        teacher=pathlib.Path(args.teacher),
-        steps=args.k,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        out=pathlib.Path(args.out),
+        teacher=pathlib.Path(config.teacher),
+        steps=config.num_steps,
+        num_samples=config.num_samples,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        out=pathlib.Path(config.out),
     )
 
 
-def run_sampling(args: argparse.Namespace) -> dict:
+def run_sampling(config: SamplingBench) -> dict:
     """The `sampling` subcommand."""
     return bench_sampling(
-        teacher=pathlib.Path(args.teacher),
-        num_steps=args.k,
-        num_samples=args.num_samples,
-        batch_sizes=args.batch_sizes,
-        repeats=args.repeats,
+        teacher=pathlib.Path(config.teacher),
+        num_steps=config.num_steps,
+        num_samples=config.num_samples,
+        batch_sizes=config.batch_sizes,
+        repeats=config.repeats,
     )
 
 
-def run_quality(args: argparse.Namespace) -> str:
+def run_quality(config: QualityBench) -> str:
     """The `quality` subcommand: the report's Markdown."""
     return bench_quality(
-        budget=args.budget,
-        out=pathlib.Path(args.out or f"runs/quality-{args.budget}"),
-        teacher=args.teacher,
-        distill_steps=args.distill_steps,
-        distill_batch_size=args.distill_batch_size,
-        eval_batch_size=args.eval_batch_size,
-        time_limit=args.time_limit,
-        seed=args.seed,
-        num_samples=args.num_samples,
-        only=args.rows,
+        budget=config.budget,
+        out=pathlib.Path(config.out or f"runs/quality-{config.budget}"),
+        teacher=config.teacher,
+        distill_steps=config.distill_steps,
+        distill_batch_size=config.distill_batch_size,
+        eval_batch_size=config.eval_batch_size,
+        time_limit=config.time_limit,
+        seed=config.seed,
+        num_samples=config.num_samples,
+        only=config.rows,
     )
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+# name: (settings, runner, one-line help)
+COMMANDS: dict[str, tuple[type, Callable[[Any], dict | str], str]] = {
+    "model": (ModelBench, run_model, "U-ViT forward / forward+backward speed and FLOP efficiency"),
+    "speed": (
+        SpeedBench,
+        run_speed,
+        "teacher / alternating / instant step time and sampling speed-up",
+    ),
+    "inception": (InceptionBench, run_inception, "Inception-v3 images/s and FLOP efficiency"),
+    "sampling": (
+        SamplingBench,
+        run_sampling,
+        "images/s of the sampler (train.generate) by batch size",
+    ),
+    "proxy": (ProxyBench, run_proxy, "fd_mnist and label accuracy against FID (teacher)"),
+    "quality": (
+        QualityBench,
+        run_quality,
+        "FID of the MNIST teacher and distilled students (paper's claims)",
+    ),
+}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Parse the command line and run one benchmark."""
+def parse_args(argv: Sequence[str] | None = None) -> tuple[str, Any]:
+    """(subcommand, its settings dataclass: defaults plus the options given) of `argv`; a count
+    below 1 raises ValueError."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    sub = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # help shows every default
-    model = commands.add_parser(
-        "model", help="U-ViT forward / forward+backward speed and FLOP efficiency", **sub
-    )
-    presets = sorted(uvit.PRESETS)
-    model.add_argument("--preset", default="mnist", choices=presets, help="U-ViT architecture")
-    model.add_argument("--batch-size", type=positive_int, default=128, help="images per timed call")
-    model.add_argument(
-        "--repeats", type=positive_int, default=10, help="timed calls after a warm-up (median)"
-    )
-    model.add_argument("--seed", type=int, default=0, help="seed of the parameters and inputs")
-    model.set_defaults(run=run_model)
-    speed = commands.add_parser(
-        "speed", help="teacher / alternating / instant step time and sampling speed-up", **sub
-    )
-    speed.add_argument("--preset", default="mnist", choices=presets, help="U-ViT architecture")
-    speed.add_argument(
-        "--batch-size", type=positive_int, default=64, help="global batch of every step"
-    )
-    speed.add_argument(
-        "--repeats", type=positive_int, default=5, help="timed steps after a warm-up (median)"
-    )
-    speed.add_argument(
-        "--sample-batch", type=positive_int, default=16, help="images per sampling call"
-    )
-    speed.add_argument(
-        "--seed", type=int, default=0, help="seed of the parameters, data and sampling"
-    )
-    speed.set_defaults(run=run_speed)
-    fid = commands.add_parser("inception", help="Inception-v3 images/s and FLOP efficiency")
-    fid.add_argument("--batch-size", type=positive_int, default=32)
-    fid.add_argument("--repeats", type=positive_int, default=3)
-    fid.set_defaults(run=run_inception)
-    sampling = commands.add_parser(
-        "sampling", help="images/s of the sampler (train.generate) by batch size"
-    )
-    sampling.add_argument("--teacher", default="checkpoints/mnist_teacher.eqx")
-    sampling.add_argument("--k", type=positive_int, default=8, help="sampling steps")
-    sampling.add_argument("--num-samples", type=positive_int, default=1000)
-    sampling.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[50, 200, 500])
-    sampling.add_argument("--repeats", type=positive_int, default=2)
-    sampling.set_defaults(run=run_sampling)
-    for command in (model, speed, fid, sampling):
-        command.add_argument("--out", help="also write the results as JSON to this path")
-    proxy = commands.add_parser("proxy", help="fd_mnist and label accuracy against FID (teacher)")
-    proxy.add_argument("--teacher", default="checkpoints/mnist_teacher.eqx")
-    proxy.add_argument(
-        "--k",
-        type=positive_int,
-        nargs="+",
-        default=[2, 4, 8, 16, 64],
-        help="the teacher's sampling steps, one row each",
-    )
-    proxy.add_argument("--num-samples", type=positive_int, default=500)
-    proxy.add_argument("--batch-size", type=positive_int, default=100)
-    proxy.add_argument("--seed", type=int, default=0)
-    proxy.add_argument("--out", default="runs/eval-proxy", help="rows cache and report directory")
-    proxy.set_defaults(run=run_proxy)
-    mnist = train.PRESETS["mnist"]
-    quality = commands.add_parser(
-        "quality", help="FID of the MNIST teacher and distilled students (paper's claims)", **sub
-    )
-    quality.add_argument(
-        "--budget",
-        default="small",
-        choices=sorted(BUDGETS),
-        help="small: 1,000 samples per FID, k in {1, 8}; full: 10,000 samples, k in {1, 2, 4, 8}",
-    )
-    quality.add_argument(
-        "--out", default=None, help="results and cache directory (none: runs/quality-<budget>)"
-    )
-    quality.add_argument(
-        "--teacher",
-        default="auto",
-        help="teacher checkpoint (auto: checkpoints/mnist_teacher.eqx, trained first if absent)",
-    )
-    quality.add_argument(
-        "--distill-steps",
-        type=positive_int,
-        default=mnist.distill_steps,
-        help="training steps of each student",
-    )
-    quality.add_argument(
-        "--distill-batch-size",
-        type=positive_int,
-        default=mnist.distill_batch_size,
-        help="global batch of each student's training (instant: both minibatches)",
-    )
-    quality.add_argument(
-        "--eval-batch-size",
-        type=positive_int,
-        default=200,
-        help="global batch of sampling and Inception (results do not depend on it)",
-    )
-    quality.add_argument(
-        "--time-limit",
-        type=float,
-        default=None,
-        help="start no new row after this many minutes (a rerun continues)",
-    )
-    quality.add_argument(
-        "--num-samples",
-        type=positive_int,
-        default=None,
-        help="samples per FID (none: the budget's); rows are cached per sample count",
-    )
-    names = [row.name for row in quality_rows("full")]
-    quality.add_argument(
-        "--rows",
-        nargs="+",
-        default=(),
-        metavar="NAME",
-        help="run only these rows, in this order; separate processes may run "
-        "disjoint rows into the same --out. Names (small: the first "
-        f"{len(quality_rows('small'))}): " + " ".join(names),
-    )
-    quality.add_argument(
-        "--seed", type=int, default=0, help="seed of training, sampling and the sample labels"
-    )
-    quality.set_defaults(run=run_quality)
-    args = parser.parse_args(argv)
-    result = args.run(args)
+    for name, (cls, _, help_text) in COMMANDS.items():
+        train._add_options(commands.add_parser(name, help=help_text), cls, cls())
+    overrides = vars(parser.parse_args(argv))
+    name = overrides.pop("command")
+    return name, train._apply(COMMANDS[name][0](), overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line and run one benchmark."""
+    name, config = parse_args(argv)
+    result = COMMANDS[name][1](config)
     if isinstance(result, str):
         print(result)
         return
     print_table(result)
-    if args.out:
-        write_json(args.out, result)
-    if args.command == "inception":
+    if config.out:
+        write_json(config.out, result)
+    if name == "inception":
         print(
             f"inception: {result['images_per_s']:.2f} images/s, "
             f"{result['fraction_of_matmul']:.2f} of the matmul rate"

@@ -232,3 +232,33 @@ def test_quality_json_rows_follow_the_schema(fakes):
     ):
         with pytest.raises(ValueError, match="quality row"):
             bench.validate_quality_row(broken)
+
+
+def test_each_subcommand_parses_into_its_dataclass():
+    """Defaults and one override per subcommand land in the settings dataclass; counts < 1 fail."""
+    defaults = {
+        "model": (bench.ModelBench(preset="mnist", batch_size=128, repeats=10, seed=0), []),
+        "speed": (bench.SpeedBench(batch_size=64, repeats=5, sample_batch=16), []),
+        "inception": (bench.InceptionBench(batch_size=32, repeats=3, out=None), []),
+        "sampling": (bench.SamplingBench(num_steps=8, batch_sizes=(50, 200, 500)), []),
+        "proxy": (bench.ProxyBench(num_steps=(2, 4, 8, 16, 64), out="runs/eval-proxy"), []),
+        "quality": (bench.QualityBench(budget="small", out=None, time_limit=None), []),
+    }
+    for name, (expected, argv) in defaults.items():
+        assert bench.parse_args([name, *argv]) == (name, expected)
+    overrides = {
+        "model": (["--preset", "imagenet64"], {"preset": "imagenet64"}),
+        "speed": (["--sample-batch", "4"], {"sample_batch": 4}),
+        "inception": (["--batch-size", "16"], {"batch_size": 16}),
+        "sampling": (["--batch-sizes", "8", "16"], {"batch_sizes": (8, 16)}),
+        "proxy": (["--k", "1", "2"], {"num_steps": (1, 2)}),
+        "quality": (
+            ["--budget", "full", "--rows", "teacher-8-w0", "--time-limit", "1.5"],
+            {"budget": "full", "rows": ("teacher-8-w0",), "time_limit": 1.5},
+        ),
+    }
+    for name, (argv, fields) in overrides.items():
+        cls = bench.COMMANDS[name][0]
+        assert bench.parse_args([name, *argv]) == (name, cls(**fields))
+    with pytest.raises(ValueError, match="--k must be >= 1"):
+        bench.parse_args(["sampling", "--k", "0"])
