@@ -822,6 +822,36 @@ class Run(typing.NamedTuple):
     last_checkpoint: pathlib.Path | None
 
 
+def _frozen(
+    config: Config,
+    teacher: PyTree,
+    precond: PyTree,
+    *,
+    static: PyTree,
+    mesh: jax.sharding.Mesh,
+    dataset: data.Dataset,
+    key: PRNGKeyArray,
+) -> mmd.Frozen:
+    """What distillation reads but never updates, replicated: the teacher, Lambda (the teacher's
+    Adam state's, or fresh with `precond_steps`) and, for `center="fixed"`, the real-data G."""
+    fresh_precond, real_grad = None, None
+    if config.variant == "instant":
+        teacher_cfg, distill_cfg = mmd_configs(config)
+        fresh_precond, real_grad = fresh_statistics(
+            config,
+            teacher=teacher,
+            static=static,
+            mesh=mesh,
+            dataset=dataset,
+            key=key,
+            teacher_cfg=teacher_cfg,
+            distill_cfg=distill_cfg,
+        )
+    precond = precond if fresh_precond is None else fresh_precond
+    frozen = mmd.Frozen(teacher=teacher, precond=precond, real_grad=real_grad)
+    return jax.device_put(frozen, NamedSharding(mesh, P()))
+
+
 def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
     """Check the configuration, work directory, teacher and data; only then write config.json,
     build the step function (compiled on its first call) and the initial or restored state."""
@@ -845,23 +875,9 @@ def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
     frozen = mmd.Frozen()
     if config.variant != "teacher":
         params = jax.device_put(params, replicated)
-        fresh_precond, real_grad = (
-            fresh_statistics(
-                config,
-                teacher=params,
-                static=static,
-                mesh=mesh,
-                dataset=dataset,
-                key=k_stats,
-                teacher_cfg=teacher_cfg,
-                distill_cfg=distill_cfg,
-            )
-            if config.variant == "instant"
-            else (None, None)
+        frozen = _frozen(
+            config, params, precond, static=static, mesh=mesh, dataset=dataset, key=k_stats
         )
-        precond = precond if fresh_precond is None else fresh_precond
-        frozen = mmd.Frozen(teacher=params, precond=precond, real_grad=real_grad)
-        frozen = jax.device_put(frozen, replicated)
     optimizer, aux_optimizer, learning_rate = optimizers(config)
     state = mmd.init_train_state(
         params=params,
