@@ -712,13 +712,13 @@ PATH_SOURCES = ("mnist", "imagenet64", "folder", "npz")  # data.SOURCES whose ar
 def load_data(config: Config) -> data.Dataset:
     """The training split of `--data`; errors name the options to change."""
     kind, _, path = config.data.partition(":")
+    if kind in PATH_SOURCES and path and not pathlib.Path(path).exists():
+        raise FileNotFoundError(f"--data {config.data}: {path} does not exist")
     if kind == "folder" and config.data_resolution is None:
         raise ValueError(
             f"--data {config.data} resizes its images: pass --data-resolution N "
             f"(the model's --model-resolution is {config.model.resolution})"
         )
-    if kind in PATH_SOURCES and path and not pathlib.Path(path).exists():
-        raise FileNotFoundError(f"--data {config.data}: {path} does not exist")
     try:
         dataset = data.load(config.data, resolution=config.data_resolution)
     except data.DataError as error:
@@ -1197,8 +1197,8 @@ def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
             ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal")
             ax.set_title(f"{name}\nenergy distance {distances[name]:.4f}", fontsize=10)
         fig.suptitle(
-            f"{run.workdir}: {config.variant} distillation, {step} steps (a Gaussian with "
-            f"the data's mean and covariance: {scale:.4f})",
+            f"{run.workdir}: {config.variant} distillation, {step} steps\n(energy distance of a "
+            f"Gaussian with the data's mean and covariance: {scale:.4f})",
             fontsize=11,
         )
         save_figure(fig, path, dpi=80)
@@ -1207,8 +1207,8 @@ def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
 
 PANELS = {
     "loss": "teacher loss (v-prediction, weighted MSE)",
-    "aux_loss": "auxiliary loss L(phi) (even steps)",
-    "moment_gap": "moment gap |E x_aux - E x_gen|^2 (odd steps)",
+    "aux_loss": "auxiliary loss L(phi) (auxiliary updates, every other step)",
+    "moment_gap": "moment gap: mean w ||x_aux - x_teacher||^2",
     "grad_norm": "gradient norm (before clipping to 1)",
     "lr": "learning rate",
 }
@@ -1505,17 +1505,18 @@ def summary(run: Run, result: pathlib.Path, *, steps: int, seconds: float) -> st
         same = config.data == PRESETS[config.preset].data
         data_option = "" if same else f" --data {shlex.quote(config.data)}"
         command = (
-            f"python train.py --preset {config.preset}{data_option} --variant instant "
+            f"{python_command()} train.py --preset {config.preset}{data_option} --variant instant "
             f"--teacher {result}"
         )
     elif is_points(config):  # eval.py's FID is for images; the figure is the evaluation
         other = "instant" if config.variant == "alternating" else "alternating"
         command = (
-            f"look at {workdir / POINTS_FIGURE}; python train.py --preset {config.preset} "
+            f"look at {workdir / POINTS_FIGURE}; {python_command()} train.py --preset "
+            f"{config.preset} "
             f"--variant {other}"
         )
     else:
-        command = f"python eval.py --checkpoint {result} --num-samples 1000"
+        command = f"{python_command()} eval.py --checkpoint {result} --num-samples 1000"
     return "\n".join(
         [
             f"Finished {config.variant} in {workdir}: {steps} steps in {_duration(seconds)} "
@@ -2001,9 +2002,20 @@ def ensure_teacher(config: Config) -> pathlib.Path:
     return path
 
 
+def python_command() -> str:
+    """The interpreter as a user would type it: its path relative to the working directory when it
+    lives there (e.g. `.venv/bin/python`), else `python`."""
+    try:
+        return str(pathlib.Path(sys.executable).relative_to(pathlib.Path.cwd()))
+    except ValueError:
+        return "python"
+
+
 def resume_command(argv: Sequence[str]) -> str:
     """The command line that continues the run `argv` started (the same options plus --resume)."""
-    return shlex.join(["python", "train.py", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return shlex.join(
+        [python_command(), "train.py", *argv, *([] if "--resume" in argv else ["--resume"])]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:

@@ -246,7 +246,8 @@ def test_summary_names_files_that_exist(instant_run):
         workdir / "loss.png",
         workdir / "samples" / "teacher_vs_student.png",
     } <= set(listed)
-    assert lines[-1] == f"Next: python eval.py --checkpoint {listed[0]} --num-samples 1000"
+    python = train.python_command()
+    assert lines[-1] == f"Next: {python} eval.py --checkpoint {listed[0]} --num-samples 1000"
     assert "\r" not in printed
 
 
@@ -452,7 +453,7 @@ def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(
     checkpoint = workdir / "checkpoints" / "ckpt_00000002.eqx"
     assert f"at step 2; checkpoint {checkpoint}. Resume: " in line
     command = shlex.split(line.split("Resume: ")[1])
-    assert command[:2] == ["python", "train.py"] and command[-1] == "--resume"
+    assert command[:2] == [train.python_command(), "train.py"] and command[-1] == "--resume"
     monkeypatch.setattr(train, "_global_batch", real_global_batch)
     train.main(command[2:])
     final = f"checkpoints/ckpt_{STEPS:08d}.eqx"
@@ -502,8 +503,8 @@ def test_sigint_in_a_subprocess_exits_130_with_a_checkpoint_and_no_carriage_retu
 @pytest.mark.parametrize(
     "data, resolution, message",
     [
-        ("folder:{tmp}/absent", "none", "--data folder:.*pass --data-resolution N"),
-        ("folder:{tmp}/absent", "8", "--data folder:.*absent does not exist"),
+        ("folder:{tmp}", "none", "--data folder:.*pass --data-resolution N"),
+        ("folder:{tmp}/absent", "none", "--data folder:.*absent does not exist"),
         ("{tmp}/absent", "none", "--data .*unknown data source"),
         ("npz:{tmp}/absent.npz", "none", "--data npz:.*absent.npz does not exist"),
     ],
