@@ -945,13 +945,15 @@ def map_batches(
     Every call sees the same global batch (a multiple of the device count; the last batch is padded
     by repeating the last index and the padding is dropped), so `fn` compiles once. A batch's result
     is fetched only after the next batch is dispatched, so host-side input preparation overlaps it.
-    `progress` labels a progress bar (None: no bar).
+    `progress` labels a progress bar (None, or output not to a terminal: no bar, so that a log file
+    gets no carriage returns).
     """
     devices = mesh.devices.size
     batch = -(-min(batch_size, num) // devices) * devices
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     outputs, pending = [], []
-    for start in tqdm(range(0, num, batch), desc=progress, disable=progress is None, unit="batch"):
+    bar = progress is not None and sys.stderr.isatty()
+    for start in tqdm(range(0, num, batch), desc=progress, disable=not bar, unit="batch"):
         indices = np.minimum(np.arange(start, start + batch), num - 1)
         pending.append(fn(*jax.device_put(make_inputs(indices), sharding)))
         if len(pending) == 2:
