@@ -1439,20 +1439,24 @@ def train(config: Config) -> pathlib.Path:
         _truncate_metrics(log.path, start)
         _remove_temporary_files(run.workdir)
     _print(
-        f"{config.variant}: steps {start}..{config.steps} on {len(run.devices)} devices, batch "
+        f"{config.variant}: steps {start}..{config.steps} on {len(run.devices)} "
+        f"device{'s' if len(run.devices) > 1 else ''}, batch "
         f"{config.batch_size}, in {run.workdir} (the first step compiles)."
     )
     grids = not is_points(config)  # points get one scatter figure at the end instead
     if grids and start == 0 and config.variant != "teacher":  # the teacher with the student's k
         write_samples(run, run.frozen.teacher, step=0, network="teacher")
-    stopping = False
+    stopping, in_flight = False, None
     with StopSignals() as stop, Progress(config, start) as progress:
         for i in range(start, config.steps):
             x, labels = _global_batch(next(run.batches), run.batch_sharding)
             key = jax.random.fold_in(run.train_key, i)
             step_fn = run.programs[i % len(run.programs)]  # alternating: auxiliary, then generator
             state, metrics = step_fn(state, run.frozen, x, labels, key)
-            step = i + 1
+            # At most one step in flight: without this wait the host would dispatch up to
+            # `log_every` steps ahead, and a Ctrl-C would be seen only at the next flush.
+            jax.block_until_ready(in_flight)
+            in_flight, step = metrics, i + 1
             log.append(step, metrics)
             stopping = stop.requested  # read once: a later signal stops after the next step
             end = step == config.steps or stopping
