@@ -49,7 +49,7 @@ batch
 size), the checkpoint path, step, variant and training configuration, timings in seconds and
 software
 versions. A student samples with its trained k unless `--k` says otherwise; a teacher with its run's
-`teacher_sample_steps` (64 for MNIST).
+`teacher_k` (64 for MNIST).
 """
 
 import argparse
@@ -58,7 +58,6 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
-import io
 import json
 import math
 import os
@@ -69,17 +68,14 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from jaxtyping import (
-    Array, Bool, Float, Float32, Float64, Int, Key, PRNGKeyArray, Shaped, UInt8, UInt32,
-)
-from PIL import Image
+from jaxtyping import Array, Bool, Float, Float32, Float64, Int, Shaped, UInt8
 from tqdm import tqdm
 
 import data
@@ -89,55 +85,8 @@ import mnist_classifier
 import train
 from mnist_classifier import mnist_classify, mnist_features
 
-Keys = Key[Array, " b"] | UInt32[Array, "b 2"]  # one PRNG key per example, typed or raw
-
-
-def _atomic_write(path: Path, write: Callable[[io.BufferedIOBase], Any]) -> None:
-    """Call `write` on a temporary file beside `path`, then rename it over `path` (`data.atomic_path`)."""
-    with data.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-
-
 # ----------------------------------------------------------------------------------------------
-# Batches sharded over devices; Inception features.
-
-
-def _replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Put every array leaf on all devices of `mesh` once, so batches do not re-send it."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda a: jax.device_put(a, replicated) if eqx.is_array(a) else a, tree)
-
-
-def _map_batches(
-    fn: Callable[..., Array],
-    make_inputs: Callable[[Int[np.ndarray, " b"]], tuple],
-    *,
-    num: int,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
-    progress: str | None,
-) -> np.ndarray:
-    """`fn(*make_inputs(indices))` over `range(num)` in batches split across `mesh`'s devices.
-
-    Every call sees the same global batch (a multiple of the device count; the last batch is padded
-    by repeating the last index and the padding is dropped), so `fn` compiles once. A batch's result
-    is fetched only after the next batch is dispatched, so host-side input preparation overlaps it.
-    """
-    devices = mesh.devices.size
-    batch = -(-min(batch_size, num) // devices) * devices
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    outputs, pending = [], []
-    for start in tqdm(range(0, num, batch), desc=progress, disable=progress is None, unit="batch"):
-        indices = np.minimum(np.arange(start, start + batch), num - 1)
-        pending.append(fn(*jax.device_put(make_inputs(indices), sharding)))
-        if len(pending) == 2:
-            outputs.append(np.asarray(pending.pop(0)))
-    outputs.extend(np.asarray(out) for out in pending)
-    return np.concatenate(outputs)[:num]
-
-
-def _mesh(devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
-    return jax.sharding.Mesh(np.asarray(devices or jax.local_devices()), ("data",))
+# Inception features, batches sharded over devices.
 
 
 def inception_features(
@@ -158,11 +107,11 @@ def inception_features(
     _check_images(images, "inception_features")
     if images.shape[0] == 0:
         return np.zeros((0, inception.FEATURE_DIM), np.float32)
-    mesh = _mesh(devices)
+    mesh = mmd.data_mesh(list(devices or jax.local_devices()))
     if params is None:
         params = inception.inception_params(inception.load_inception_weights())
-    params = _replicate(params, mesh)
-    features = _map_batches(
+    params = data.replicate(params, mesh)
+    features = data.map_batches(
         lambda x: inception.inception_batch(params, x),
         lambda indices: (inception.resize_for_inception(images[indices]),),
         num=images.shape[0],
@@ -198,15 +147,19 @@ def feature_stats(
 ) -> tuple[Float64[np.ndarray, " d"], Float64[np.ndarray, "d d"]]:
     """Mean and covariance (`ddof=1`) of features, in float64."""
     if features.shape[0] < 2 or not np.all(np.isfinite(features)):
-        raise ValueError(f"need at least 2 finite feature rows, got shape {features.shape} "
-                         f"with {np.size(features) - np.isfinite(features).sum()} non-finite values")
+        raise ValueError(
+            f"need at least 2 finite feature rows, got shape {features.shape} "
+            f"with {np.size(features) - np.isfinite(features).sum()} non-finite values"
+        )
     x = features.astype(np.float64)
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
 def frechet_distance(
-    mu1: Float[np.ndarray, " d"], cov1: Float[np.ndarray, "d d"],
-    mu2: Float[np.ndarray, " d"], cov2: Float[np.ndarray, "d d"],
+    mu1: Float[np.ndarray, " d"],
+    cov1: Float[np.ndarray, "d d"],
+    mu2: Float[np.ndarray, " d"],
+    cov2: Float[np.ndarray, "d d"],
 ) -> float:
     """Fréchet distance between Gaussians, float64, with symmetric matrix square roots.
 
@@ -217,17 +170,20 @@ def frechet_distance(
     mu1, cov1, mu2, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, cov1, mu2, cov2))
     d = mu1.shape[0]
     if mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
-        raise ValueError(f"statistics disagree in dimension: mu1 {mu1.shape}, cov1 {cov1.shape}, "
-                         f"mu2 {mu2.shape}, cov2 {cov2.shape} (were both computed from the same features?)")
+        raise ValueError(
+            f"statistics disagree in dimension: mu1 {mu1.shape}, cov1 {cov1.shape}, "
+            f"mu2 {mu2.shape}, cov2 {cov2.shape} (were both computed from the same features?)"
+        )
     if not all(np.all(np.isfinite(a)) for a in (mu1, cov1, mu2, cov2)):
-        raise ValueError("frechet_distance got non-finite statistics: check the features they came from")
+        raise ValueError(
+            "frechet_distance got non-finite statistics: check the features they came from"
+        )
     eigenvalues, eigenvectors = np.linalg.eigh((cov1 + cov1.T) / 2)
     sqrt1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
     product = sqrt1 @ cov2 @ sqrt1
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0.0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
-
 
 
 Statistics = tuple[
@@ -304,16 +260,16 @@ def reference_statistics(
 def fd_mnist(
     images: UInt8[np.ndarray, "n h w c"], reference: UInt8[np.ndarray, "m h w c"]
 ) -> float:
-    """Fréchet distance between the classifier's 64-d features of two uint8 digit sets (>= 2 each).
-    """
+    """Fréchet distance between the classifier's 64-d features of two uint8 digit sets (>= 2
+    each)."""
     return frechet_distance(
         *feature_stats(mnist_features(images)), *feature_stats(mnist_features(reference))
     )
 
 
 def label_accuracy(images: UInt8[np.ndarray, "n h w c"], labels: Int[np.ndarray, " n"]) -> float:
-    """Fraction of `images` that the classifier labels as `labels` (the digits they were asked for).
-    """
+    """Fraction of `images` that the classifier labels as `labels` (the digits they were asked
+    for)."""
     labels = np.asarray(labels)
     if labels.shape != images.shape[:1]:
         raise ValueError(
@@ -333,12 +289,17 @@ def mnist_protocol() -> str:
 @jax.jit
 def _squared_distances(a: Float[Array, "m d"], b: Float[Array, "n d"]) -> Float[Array, "m n"]:
     cross = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
-    return jnp.maximum(jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * cross, 0.0)
+    return jnp.maximum(
+        jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * cross, 0.0
+    )
 
 
 @functools.partial(jax.jit, static_argnames="k")
-def _kth_neighbour(a: Float[Array, "m d"], points: Float[Array, "n d"], *, k: int) -> Float[Array, " m"]:
-    """Squared distance from each row of `a` (a member of `points`) to its k-th nearest other point."""
+def _kth_neighbour(
+    a: Float[Array, "m d"], points: Float[Array, "n d"], *, k: int
+) -> Float[Array, " m"]:
+    """Squared distance from each row of `a` (a member of `points`) to its k-th nearest other
+    point."""
     return -jax.lax.top_k(-_squared_distances(a, points), k + 1)[0][:, k]
 
 
@@ -349,18 +310,29 @@ def _inside_any_ball(
     return jnp.any(_squared_distances(a, centres) <= radii[None, :], axis=1)
 
 
-def _by_rows(fn: Callable[[Array], Array], rows: Float32[np.ndarray, "m d"], columns: int) -> np.ndarray:
-    """`fn` over fixed-size row blocks (padded), each block against `columns` points: ~128 MiB at a time."""
+def _by_rows(
+    fn: Callable[[Array], Array], rows: Float32[np.ndarray, "m d"], columns: int
+) -> np.ndarray:
+    """`fn` over fixed-size row blocks (padded), each block against `columns` points: ~128 MiB at a
+    time."""
     block = max(1, min(rows.shape[0], (1 << 25) // columns))
     padded = np.concatenate([rows, np.zeros((-rows.shape[0] % block, rows.shape[1]), rows.dtype)])
-    return np.concatenate([np.asarray(fn(jnp.asarray(padded[i : i + block])))
-                           for i in range(0, padded.shape[0], block)])[: rows.shape[0]]
+    return np.concatenate(
+        [
+            np.asarray(fn(jnp.asarray(padded[i : i + block])))
+            for i in range(0, padded.shape[0], block)
+        ]
+    )[: rows.shape[0]]
 
 
-def _manifold_coverage(queries: Float32[np.ndarray, "m d"], points: Float32[np.ndarray, "n d"], k: int) -> float:
+def _manifold_coverage(
+    queries: Float32[np.ndarray, "m d"], points: Float32[np.ndarray, "n d"], k: int
+) -> float:
     """Fraction of `queries` inside the union of k-NN balls around `points`."""
     on_device = jnp.asarray(points)
-    radii = jnp.asarray(_by_rows(lambda a: _kth_neighbour(a, on_device, k=k), points, points.shape[0]))
+    radii = jnp.asarray(
+        _by_rows(lambda a: _kth_neighbour(a, on_device, k=k), points, points.shape[0])
+    )
     inside = _by_rows(lambda a: _inside_any_ball(a, on_device, radii), queries, points.shape[0])
     return float(inside.mean())
 
@@ -375,12 +347,18 @@ def precision_recall(
     manifold; recall: fraction of real points inside the fake manifold.
     """
     if min(features_real.shape[0], features_fake.shape[0]) <= k:
-        raise ValueError(f"need more than k={k} points per set, got {features_real.shape[0]} real "
-                         f"and {features_fake.shape[0]} fake")
+        raise ValueError(
+            f"need more than k={k} points per set, got {features_real.shape[0]} real "
+            f"and {features_fake.shape[0]} fake"
+        )
     if features_real.shape[1] != features_fake.shape[1]:
-        raise ValueError(f"feature dimensions differ: {features_real.shape} vs {features_fake.shape}")
+        raise ValueError(
+            f"feature dimensions differ: {features_real.shape} vs {features_fake.shape}"
+        )
     if not (np.all(np.isfinite(features_real)) and np.all(np.isfinite(features_fake))):
-        raise ValueError("precision_recall got non-finite features: check the images they came from")
+        raise ValueError(
+            "precision_recall got non-finite features: check the images they came from"
+        )
     # Distances are translation invariant; centring reduces cancellation in |a|^2 + |b|^2 - 2ab.
     centre = features_real.astype(np.float64).mean(axis=0)
     real = (features_real - centre).astype(np.float32)
@@ -389,94 +367,7 @@ def precision_recall(
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling, images and result files.
-
-
-def to_uint8(x: Float[np.ndarray, "*s"]) -> UInt8[np.ndarray, "*s"]:
-    """[-1, 1] -> {0..255} as `clip(floor(127.5 x + 128), 0, 255)` in float64 (EDM's rounding)."""
-    if not np.all(np.isfinite(x)):
-        raise FloatingPointError(f"{np.size(x) - np.isfinite(x).sum()} non-finite sample values: the model "
-                                 "or sampler diverged (check the checkpoint, guidance and clipping)")
-    return np.clip(np.floor(127.5 * x.astype(np.float64) + 128.0), 0, 255).astype(np.uint8)
-
-
-@eqx.filter_jit
-def _sample_batch(
-    denoiser: Any, keys: Keys, labels: Int[Array, " b"], settings: dict[str, Any]
-) -> Float[Array, "b *dims"]:
-    """`mmd.sample` on one sharded batch; `settings` (Python scalars and the shape) are static."""
-    return mmd.sample(denoiser, keys, labels=labels, **settings)
-
-
-def generate(
-    denoiser: Callable,
-    key: PRNGKeyArray,
-    *,
-    num_samples: int,
-    batch_size: int,
-    num_classes: int,
-    num_steps: int,
-    shift: float,
-    guidance: float,
-    clip: bool,
-    gamma: float,
-    null_label: int | None = None,
-    image_shape: tuple[int, int, int],
-    devices: Sequence[jax.Device] | None = None,
-    progress: str | None = None,
-) -> UInt8[np.ndarray, "n h w c"]:
-    """`num_samples` uint8 images from `mmd.sample`, identical for any batch size and device count.
-
-    Sample `i` uses the key `fold_in(key, i)` and the label `i % num_classes` (class-balanced;
-    `num_classes=0` means an unconditional model and every label is 0). The sampler settings go to
-    `mmd.sample` unchanged. Batches are split over `devices` (default: all local devices). With a
-    network denoiser, bit-identity across per-device batch sizes also needs kernels whose per-example
-    results do not depend on the batch size; XLA's usually do, and a change is a last-bit float effect.
-    """
-    if num_samples < 1 or batch_size < 1 or num_classes < 0:
-        raise ValueError(f"need num_samples >= 1, batch_size >= 1, num_classes >= 0; got "
-                         f"{num_samples}, {batch_size}, {num_classes}")
-    mesh = _mesh(devices)
-    denoiser = _replicate(denoiser, mesh)
-    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
-
-    def make_inputs(indices: Int[np.ndarray, " b"]) -> tuple[Keys, Int[Array, " b"]]:
-        labels = indices % num_classes if num_classes else np.zeros_like(indices)
-        return fold(key, jnp.asarray(indices, jnp.uint32)), jnp.asarray(labels, jnp.int32)
-
-    def run(keys: Keys, labels: Int[Array, " b"]) -> Float[Array, "b h w c"]:
-        settings = dict(shape=(labels.shape[0], *image_shape), num_steps=num_steps, shift=shift,
-                        guidance=guidance, clip=clip, gamma=gamma, null_label=null_label)
-        return _sample_batch(denoiser, keys, labels, settings)
-
-    samples = _map_batches(run, make_inputs, num=num_samples, batch_size=batch_size, mesh=mesh,
-                           progress=progress)
-    return to_uint8(samples)
-
-
-def save_image_grid(
-    images: UInt8[np.ndarray, "n h w c"], path: str | os.PathLike, *, columns: int | None = None
-) -> None:
-    """Tile images row-major into one PNG (`columns` default: ceil(sqrt(n))), written atomically."""
-    if images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
-    n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = -(-n // columns)
-    grid = np.zeros((rows * columns, h, w, c), np.uint8)
-    grid[:n] = images
-    grid = grid.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
-    picture = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
-    _atomic_write(Path(path), lambda f: picture.save(f, format="PNG"))
-
-
-def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int) -> None:
-    """Lay out a matplotlib figure, write it as PNG atomically, and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=dpi))
-    plt.close(fig)
+# Result files.
 
 
 def software_versions() -> dict[str, str]:
@@ -495,12 +386,17 @@ def software_versions() -> dict[str, str]:
 def write_results(
     path: str | os.PathLike, results: dict[str, Any], *, timings: dict[str, float]
 ) -> dict[str, Any]:
-    """Write `results` plus timings (seconds), software versions and a UTC time stamp as JSON, atomically.
+    """Write `results` plus timings (seconds), software versions and a UTC time stamp as JSON,
+    atomically.
 
     Non-finite numbers raise (JSON has no NaN) rather than writing an unreadable file.
     """
-    record = {**results, "timings_s": timings, "software": software_versions(),
-              "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = {
+        **results,
+        "timings_s": timings,
+        "software": software_versions(),
+        "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     text = json.dumps(record, indent=2, allow_nan=False) + "\n"
     with data.atomic_path(path) as tmp:
         Path(tmp).write_text(text)
@@ -515,10 +411,7 @@ GRID_SAMPLES = 100
 CPU_FEATURE_RATE = 4.0
 
 
-def _field(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with its command-line help (as train.Config's; `flag` renames the option).
-    """
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
+_field = train._field  # one field helper for every CLI dataclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -531,8 +424,7 @@ class EvalConfig:
     )
     num_steps: int | None = _field(
         None,
-        "sampling steps (none: a student's trained k; a teacher's "
-        "teacher_sample_steps, 64 for mnist)",
+        "sampling steps (none: a student's trained k; a teacher's teacher_k, 64 for mnist)",
         flag="--k",
     )
     guidance: float = _field(0.0, "classifier-free guidance weight w")
@@ -590,16 +482,21 @@ class EvalConfig:
 
 
 def load_model(path: str | os.PathLike) -> tuple[Callable, Any, dict[str, Any]]:
-    """`(denoiser, train.Config, meta)` of a train.py checkpoint, with messages that say what to pass instead."""
+    """`(denoiser, train.Config, meta)` of a train.py checkpoint, with messages that say what to
+    pass instead."""
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob("**/*.eqx"))
         hint = f" (it holds {found[-1]})" if found else ""
-        raise FileNotFoundError(f"--checkpoint {path} is a directory{hint}: pass one checkpoint file, a "
-                                "ckpt_*.eqx or teacher.eqx written by train.py")
+        raise FileNotFoundError(
+            f"--checkpoint {path} is a directory{hint}: pass one checkpoint file, a "
+            "ckpt_*.eqx or teacher.eqx written by train.py"
+        )
     if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {path} does not exist: pass a ckpt_*.eqx or teacher.eqx "
-                                "written by train.py (runs/<preset>-<variant>/checkpoints/, checkpoints/)")
+        raise FileNotFoundError(
+            f"--checkpoint {path} does not exist: pass a ckpt_*.eqx or teacher.eqx "
+            "written by train.py (runs/<preset>-<variant>/checkpoints/, checkpoints/)"
+        )
     return train.load_checkpoint(path)
 
 
@@ -620,7 +517,7 @@ def reference_images(
             f"makes {model_shape}: pass --reference with a data source of the model's image shape"
         )
     if images.dtype != np.uint8:
-        images = to_uint8(images)  # float [-1, 1] sources, quantised like the samples
+        images = train.to_uint8(images)  # float [-1, 1] sources, quantised like the samples
     digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.rsplit("/", 1)[-1]).strip("_.-") or "data"
     return images, f"{slug}-{split}-{images.shape[1]}px-{images.shape[0]}-{digest}"
@@ -714,8 +611,8 @@ def _mnist_metrics(
     real_images: UInt8[np.ndarray, "m h w c"],
     images_name: str,
 ) -> dict[str, Any]:
-    """fd_mnist against the (cached) reference and, for class-conditional samples, label_accuracy.
-    """
+    """fd_mnist against the (cached) reference and, for class-conditional samples,
+    label_accuracy."""
     protocol = mnist_protocol()
     name = _cache_name("mnist", protocol, images_name)
     _, mu_real, cov_real = reference_statistics(
@@ -728,6 +625,80 @@ def _mnist_metrics(
     }
 
 
+class _Plan(NamedTuple):
+    """What `evaluate` resolved from its configuration and the checkpoint before sampling."""
+
+    num_steps: int
+    shape: tuple[int, int, int]
+    shift: float
+    reference: str
+    mnist: bool
+    out: Path
+    stem: str
+
+
+def _plan(config: EvalConfig, run: Any) -> _Plan:
+    """Resolve steps, shape, shift, reference and output names; refuse what scoring cannot do."""
+    student = run.variant != "teacher"
+    mmd.check_guidance(
+        guidance=config.guidance,
+        num_classes=run.model.num_classes,
+        label_dropout=None if student else run.label_dropout,
+        where=str(config.checkpoint),
+    )
+    num_steps = config.num_steps or (run.k if student else run.teacher_k)
+    shape = (run.model.resolution, run.model.resolution, run.model.channels)
+    if student and num_steps != run.k:
+        tqdm.write(
+            f"Note: this {run.variant} student was trained for k={run.k} steps; sampling it "
+            f"with {num_steps} queries noise levels it never saw."
+        )
+    mnist = config.mnist_metrics and _is_mnist(shape, run.model.num_classes)
+    if mnist:
+        mnist_protocol()  # fail before sampling if the classifier's weights are missing
+    return _Plan(
+        num_steps=num_steps,
+        shape=shape,
+        shift=mmd.resolution_shift(run.model.resolution) if run.shift is None else run.shift,
+        reference=config.reference or run.data,
+        mnist=mnist,
+        out=Path(config.out) if config.out else Path(config.checkpoint).parent / "eval",
+        stem=_stem(config, num_steps),
+    )
+
+
+def _sample(
+    config: EvalConfig, model: Callable, run: Any, plan: _Plan
+) -> tuple[UInt8[np.ndarray, "n h w c"], Int[np.ndarray, " n"] | None]:
+    """Draw `config.num_samples` images (sample i has label i % num_classes); write their grid PNG
+    and, with `save_samples`, an npz."""
+    num_classes = run.model.num_classes
+    images = train.generate(
+        model,
+        jax.random.key(config.seed),
+        num_samples=config.num_samples,
+        batch_size=config.batch_size,
+        num_classes=num_classes,
+        num_steps=plan.num_steps,
+        shift=plan.shift,
+        guidance=config.guidance,
+        clip=config.clip,
+        gamma=config.gamma,
+        null_label=num_classes,
+        image_shape=plan.shape,
+        devices=jax.local_devices(),
+        progress="sampling",
+    )
+    labels = np.arange(config.num_samples) % num_classes if num_classes else None
+    columns = num_classes if 1 < num_classes <= 16 else None
+    train.save_image_grid(images[:GRID_SAMPLES], plan.out / f"{plan.stem}.png", columns=columns)
+    if config.save_samples:
+        no_labels = np.zeros(len(images), int)
+        with data.atomic_path(plan.out / f"{plan.stem}_samples.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=images, labels=no_labels if labels is None else labels)
+    return images, labels
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Sample a checkpoint, score it (FID, precision/recall; fd_mnist and label_accuracy for MNIST
     models) against a reference split, write the sample grid PNG and the JSON result; return the
@@ -738,26 +709,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             "--checkpoint is required: a ckpt_*.eqx or teacher.eqx written by train.py"
         )
     model, run, meta = load_model(config.checkpoint)
-    student = run.variant != "teacher"
-    mmd.check_guidance(
-        guidance=config.guidance,
-        num_classes=run.model.num_classes,
-        label_dropout=None if student else run.label_dropout,
-        where=str(config.checkpoint),
-    )
-    num_steps = config.num_steps or (run.k if student else run.teacher_sample_steps)
-    shape = (run.model.resolution, run.model.resolution, run.model.channels)
-    shift = mmd.resolution_shift(run.model.resolution) if run.shift is None else run.shift
-    reference = config.reference or run.data
-    mnist = config.mnist_metrics and _is_mnist(shape, run.model.num_classes)
-    if student and num_steps != run.k:
-        tqdm.write(
-            f"Note: this {run.variant} student was trained for k={run.k} steps; sampling it "
-            f"with {num_steps} queries noise levels it never saw."
-        )
-    if config.fid or mnist:
+    plan = _plan(config, run)
+    if config.fid or plan.mnist:
         real_images, images_name = reference_images(
-            reference, split=config.reference_split, model_shape=shape
+            plan.reference, split=config.reference_split, model_shape=plan.shape
         )
     if config.fid and min(config.num_samples, real_images.shape[0]) <= config.precision_recall_k:
         raise ValueError(
@@ -765,94 +720,33 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             f"and reference images; got --num-samples {config.num_samples} and "
             f"{real_images.shape[0]} reference images"
         )
-    if mnist:
-        mnist_protocol()  # fail before sampling if the classifier's weights are missing
-    out = Path(config.out) if config.out else Path(config.checkpoint).parent / "eval"
-    stem = _stem(config, num_steps)
-    plan = (
+    estimate = f"; then {_feature_estimate(config.num_samples)} (and once the reference's)"
+    tqdm.write(
         f"{run.variant} {config.checkpoint} (step {meta['step']}): {config.num_samples} samples, "
-        f"{num_steps} steps, guidance {config.guidance:g}, gamma {config.gamma:g}, seed "
+        f"{plan.num_steps} steps, guidance {config.guidance:g}, gamma {config.gamma:g}, seed "
         f"{config.seed}, batch {config.batch_size} on {jax.local_device_count()} "
-        f"{jax.local_devices()[0].platform} devices"
+        f"{jax.local_devices()[0].platform} devices{estimate if config.fid else ''}."
     )
-    if config.fid:
-        plan += f"; then {_feature_estimate(config.num_samples)} (and once the reference's)"
-    tqdm.write(plan + ".")
-
     t0 = time.perf_counter()
-    images = generate(
-        model,
-        jax.random.key(config.seed),
-        num_samples=config.num_samples,
-        batch_size=config.batch_size,
-        num_classes=run.model.num_classes,
-        num_steps=num_steps,
-        shift=shift,
-        guidance=config.guidance,
-        clip=config.clip,
-        gamma=config.gamma,
-        null_label=run.model.num_classes,
-        image_shape=shape,
-        devices=jax.local_devices(),
-        progress="sampling",
-    )
+    images, labels = _sample(config, model, run, plan)
     timings = {"sampling": time.perf_counter() - t0}
-    labels = (
-        np.arange(config.num_samples) % run.model.num_classes if run.model.num_classes else None
+    metrics: dict[str, Any] = dict.fromkeys(
+        ("fid", "precision", "recall", "reference", "fd_mnist", "label_accuracy")
     )
-    columns = run.model.num_classes if 1 < run.model.num_classes <= 16 else None
-    save_image_grid(images[:GRID_SAMPLES], out / f"{stem}.png", columns=columns)
-    if config.save_samples:
-        with data.atomic_path(out / f"{stem}_samples.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(
-                f,
-                images=images,
-                labels=labels if labels is not None else np.zeros(len(images), int),
-            )
-
-    metrics: dict[str, Any] = {
-        "fid": None,
-        "precision": None,
-        "recall": None,
-        "reference": None,
-        "fd_mnist": None,
-        "label_accuracy": None,
-    }
     if config.fid:
-        found, more = _inception_metrics(config, images, real_images, images_name, reference)
+        found, more = _inception_metrics(config, images, real_images, images_name, plan.reference)
         metrics.update(found)
         timings.update(more)
-    if mnist:
+    if plan.mnist:
         t0 = time.perf_counter()
         metrics.update(_mnist_metrics(images, labels, real_images, images_name))
         timings["mnist_metrics"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    return _report(
-        config,
-        run,
-        meta,
-        metrics,
-        timings,
-        num_steps=num_steps,
-        shift=shift,
-        shape=shape,
-        out=out,
-        stem=stem,
-    )
+    return _report(config, run, meta, metrics, timings, plan=plan)
 
 
 def _report(
-    config: EvalConfig,
-    run: Any,
-    meta: dict,
-    metrics: dict,
-    timings: dict,
-    *,
-    num_steps: int,
-    shift: float,
-    shape: tuple[int, int, int],
-    out: Path,
-    stem: str,
+    config: EvalConfig, run: Any, meta: dict, metrics: dict, timings: dict, *, plan: _Plan
 ) -> dict[str, Any]:
     """Write the JSON result of `evaluate` and print its one-line summary; return the record."""
     results = {
@@ -865,23 +759,23 @@ def _report(
         "num_samples": config.num_samples,
         "precision_recall_k": config.precision_recall_k,
         "feature_protocol": inception.FEATURE_PROTOCOL,
-        "steps": num_steps,
+        "steps": plan.num_steps,
         "trained_k": run.k if run.variant != "teacher" else None,
         "guidance": config.guidance,
         "clip": config.clip,
         "gamma": config.gamma,
-        "shift": shift,
+        "shift": plan.shift,
         "seed": config.seed,
         "batch_size": config.batch_size,
         "num_classes": run.model.num_classes,
-        "image_shape": list(shape),
+        "image_shape": list(plan.shape),
         "samples_per_s": config.num_samples / timings["sampling"],
-        "sample_grid": str(out / f"{stem}.png"),
+        "sample_grid": str(plan.out / f"{plan.stem}.png"),
         "config": json.loads(
             json.dumps(dataclasses.asdict(run))
         ),  # tuples as lists, as in the file
     }
-    record = write_results(out / f"{stem}.json", results, timings=timings)
+    record = write_results(plan.out / f"{plan.stem}.json", results, timings=timings)
     parts = [
         "FID not computed (--no-fid)"
         if metrics["fid"] is None
@@ -896,7 +790,7 @@ def _report(
         parts.append(f"label accuracy {metrics['label_accuracy']:.4f}")
     tqdm.write(
         f"{', '.join(parts)}; sampling {timings['sampling']:.1f} s, total {timings['total']:.1f} s "
-        f"-> {out / stem}.json"
+        f"-> {plan.out / plan.stem}.json"
     )
     return record
 
@@ -906,9 +800,20 @@ def _cell(value: Any, spec: str) -> str:
 
 
 def results_table(results: list[dict]) -> str:
-    """A Markdown table of result records (as `write_results` writes them), one row per record, in order."""
-    header = ["checkpoint", "variant", "steps", "guidance", "gamma", "num samples", "FID", "precision", "recall",
-              "sampling (s)"]
+    """A Markdown table of result records (as `write_results` writes them), one row per record, in
+    order."""
+    header = [
+        "checkpoint",
+        "variant",
+        "steps",
+        "guidance",
+        "gamma",
+        "num samples",
+        "FID",
+        "precision",
+        "recall",
+        "sampling (s)",
+    ]
     rows = [
         [
             f"{r['checkpoint']} @ {r['step']}".replace("|", "\\|"),
@@ -932,15 +837,21 @@ def _read_result(path: str) -> dict:
     try:
         record = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"no result file {path}: pass JSON files written by `python eval.py --checkpoint ...`")
+        raise FileNotFoundError(
+            f"no result file {path}: pass JSON files written by `python eval.py --checkpoint ...`"
+        ) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON ({e}): pass result files written by eval.py") from e
-    missing = [k for k in ("checkpoint", "step", "variant", "steps", "num_samples", "fid", "timings_s")
-               if k not in record]
+    missing = [
+        k
+        for k in ("checkpoint", "step", "variant", "steps", "num_samples", "fid", "timings_s")
+        if k not in record
+    ]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a result file written by eval.py")
+        raise ValueError(
+            f"{path} lacks {', '.join(missing)}: it is not a result file written by eval.py"
+        )
     return record
-
 
 
 def parser() -> argparse.ArgumentParser:
@@ -948,7 +859,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eval.py",
         description="Sample a train.py checkpoint and compute FID, precision and recall (and, for "
-        "MNIST, fd_mnist and label accuracy) against a reference split; writes a sample grid PNG and "
+        "MNIST, fd_mnist and label accuracy) against a reference split; writes a sample grid PNG "
+        "and "
         "a JSON result. `python eval.py table R.json ...` prints result files as a Markdown table; "
         "`python eval.py train-classifier [--seed S] [--epochs E]` retrains the MNIST classifier.",
         epilog="Cost: sampling takes num_samples x steps network calls; FID then needs Inception "

@@ -13,11 +13,11 @@ it whole, imports included, into your own experiment (it needs jax, equinox, opt
 numpy). The training-steps section builds on it and can be copied together with it.
 
 Conventions
-- Everything is shape-agnostic over data dimensions: arrays are `(b, *dims)`, so the same code serves
-  2-D toy points `(b, 2)` and images `(b, h, w, c)`.
+- Everything is shape-agnostic over data dimensions: arrays are `(b, *dims)`, so the same code
+  serves 2-D toy points `(b, 2)` and images `(b, h, w, c)`.
 - A *denoiser* is any callable `(z, lam, label) -> x_pred` on a batch, conditioned on log-SNR `lam`
-  (never a time index). Where gradients w.r.t. its parameters are needed it must be a pytree (e.g. an
-  equinox Module) whose inexact arrays are those parameters.
+  (never a time index). Where gradients w.r.t. its parameters are needed it must be a pytree (e.g.
+  an equinox Module) whose inexact arrays are those parameters.
 - Labels are integers; `null_label` is the extra class used for classifier-free guidance.
 - Losses sum over data dimensions and average over the batch. With `axis_name` set (inside
   `jax.shard_map`) the batch mean is the global mean over that mesh axis.
@@ -58,7 +58,8 @@ def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 def _expand(v: Float[Array, " b"], like: Array) -> Array:
-    """Reshape a per-example scalar to broadcast against `(b, *dims)` (rank promotion is explicit)."""
+    """Reshape a per-example scalar to broadcast against `(b, *dims)` (rank promotion is
+    explicit)."""
     return v.reshape(v.shape + (1,) * (like.ndim - 1))
 
 
@@ -96,7 +97,8 @@ def resolution_shift(resolution: int, *, base: float = 64.0) -> float:
 def logsnr_cosine(
     t: Float[Array, "*s"], *, shift: float, lam_min: float = -15.0, lam_max: float = 15.0
 ) -> Float[Array, "*s"]:
-    """Shifted cosine `lam(t) = -2 log tan(pi t / 2) + shift`, clipped to [lam_min, lam_max] (MATH.md §1.1; clip [C])."""
+    """Shifted cosine `lam(t) = -2 log tan(pi t / 2) + shift`, clipped to [lam_min, lam_max]
+    (MATH.md §1.1; clip [C])."""
     # Clip t rather than lam: in float32, tan(pi t / 2) is not positive at t = 1.
     t_lo = 2.0 / math.pi * math.atan(math.exp((shift - lam_max) / 2.0))
     t_hi = 2.0 / math.pi * math.atan(math.exp((shift - lam_min) / 2.0))
@@ -112,7 +114,8 @@ def logsnr_edm(
     sigma_max: float = 80.0,
     rho: float = 7.0,
 ) -> Float[Array, "*s"]:
-    """EDM's test-time schedule `lam(u) = -2 log sbar(u) + shift`, u = 1 the noisiest (MATH.md §1.2)."""
+    """EDM's test-time schedule `lam(u) = -2 log sbar(u) + shift`, u = 1 the noisiest (MATH.md
+    §1.2)."""
     a, b = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     return -2.0 * rho * jnp.log(a + u * (b - a)) + shift
 
@@ -125,9 +128,11 @@ def loss_weight(
     x_teacher: Float[Array, "b *dims"] | None = None,
     sigma_data: float = 0.5,
 ) -> Float[Array, " b"]:
-    """Loss weighting w(lam) (MATH.md §1): `edm` = SNR + 1/sigma_data^2, `flat` = 1, `dmd` = sg(1 / mean|x_gen - x_teacher|).
+    """Loss weighting w(lam) (MATH.md §1): `edm` = SNR + 1/sigma_data^2, `flat` = 1, `dmd` = sg(1 /
+    mean|x_gen - x_teacher|).
 
-    `dmd` needs `x_gen` and `x_teacher` (DMD's adaptive normaliser; its form is [D], the 1e-5 floor [C]).
+    `dmd` needs `x_gen` and `x_teacher` (DMD's adaptive normaliser; its form is [D], the 1e-5 floor
+    [C]).
     """
     _check_choice("weighting", kind, WEIGHTINGS)
     if kind == "edm":
@@ -146,8 +151,8 @@ def loss_weight(
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """Teacher training settings: log-SNR shift, label dropout to `null_label` for guidance, and the decay
-    of the parameters' exponential moving average (0: none; [C], see `ema_decay`)."""
+    """Teacher training settings: log-SNR shift, label dropout to `null_label` for guidance, and the
+    decay of the parameters' exponential moving average (0: none; [C], see `ema_decay`)."""
 
     shift: float = 0.0
     null_label: int = 0
@@ -166,8 +171,9 @@ def teacher_loss(
 ) -> Float[Array, ""]:
     """Simple Diffusion's v-prediction loss with t ~ U[0, 1] on the shifted cosine (MATH.md §1, §7).
 
-    Written in x-space: `||v - v_hat||^2 = ||x - x_hat||^2 / sigma^2 = (1 + SNR) ||x - x_hat||^2` [D],
-    since `x_hat = alpha z - sigma v_hat`. Labels are replaced by `null_label` with prob. `label_dropout`.
+    Written in x-space: `||v - v_hat||^2 = ||x - x_hat||^2 / sigma^2 = (1 + SNR) ||x - x_hat||^2`
+    [D], since `x_hat = alpha z - sigma v_hat`. Labels are replaced by `null_label` with prob.
+    `label_dropout`.
     """
     keys = example_keys(key, x.shape[0])
 
@@ -206,8 +212,9 @@ def posterior(
 ) -> tuple[Float[Array, "b *dims"], Float[Array, " b"]]:
     """Mean and per-example variance of `q(z_s | z_t, x)` for lam_s > lam_t (eq. 1, MATH.md §2).
 
-    `var = sigma_s^2 (1 - e^(lam_t - lam_s))`, `mu = alpha_s [e^(lam_t - lam_s) z_t / alpha_t + (1 - e^(lam_t - lam_s)) x]`,
-    with `1 - e^d` as `-expm1(d)` and `alpha_s / alpha_t` in log space, so |lam_t - lam_s| from 1e-4 to 30 is exact.
+    `var = sigma_s^2 (1 - e^(lam_t - lam_s))`, `mu = alpha_s [e^(lam_t - lam_s) z_t / alpha_t + (1 -
+    e^(lam_t - lam_s)) x]`, with `1 - e^d` as `-expm1(d)` and `alpha_s / alpha_t` in log space, so
+    |lam_t - lam_s| from 1e-4 to 30 is exact.
     """
     d = lam_t - lam_s
     revealed = -jnp.expm1(d)
@@ -227,7 +234,8 @@ def ancestral_step(
     gamma: float = 0.0,
 ) -> Float[Array, "b *dims"]:
     """One draw `z_s ~ q(z_s | z_t, x_hat)` (eq. 2), its variance interpolated in log space towards
-    `sigma_{t|s}^2` by `gamma` (Salimans & Ho 2022's larger sampling noise; the log-space form is [C])."""
+    `sigma_{t|s}^2` by `gamma` (Salimans & Ho 2022's larger sampling noise; the log-space form is
+    [C])."""
     mean, _ = posterior(z_t=z_t, x=x, lam_t=lam_t, lam_s=lam_s)
     log_revealed = jnp.log(-jnp.expm1(lam_t - lam_s))
     log_var = (
@@ -243,17 +251,22 @@ def ancestral_step(
 
 
 def example_keys(key: Keys, batch: int) -> Key[Array, " b"]:
-    """One typed key per example: `key` itself if it is already a batch of `batch` keys, else `split(key, batch)`."""
+    """One typed key per example: `key` itself if it is already a batch of `batch` keys, else
+    `split(key, batch)`."""
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
     if key.shape == ():
         return jax.random.split(key, batch)
     if key.shape != (batch,):
-        raise ValueError(f"expected one key or {batch} keys (one per example), got key shape {key.shape}")
+        raise ValueError(
+            f"expected one key or {batch} keys (one per example), got key shape {key.shape}"
+        )
     return key
 
 
-def _per_example_normal(keys: Key[Array, " b"], salt: int | Int[Array, ""], dims: tuple[int, ...]) -> Array:
+def _per_example_normal(
+    keys: Key[Array, " b"], salt: int | Int[Array, ""], dims: tuple[int, ...]
+) -> Array:
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt), dims))(keys)
 
 
@@ -272,9 +285,10 @@ def sample(
 ) -> Float[Array, "b *dims"]:
     """k-step ancestral sampler of MATH.md §2 on the EDM schedule; returns the last prediction.
 
-    `z ~ N(0, I)` at u = 1; for i = k..1: `x_hat = g^w(z, lam(i/k))`, then (i > 1) `z ~ q(z_{(i-1)/k} | z, x_hat)`.
-    `key` is one key or `shape[0]` keys; with one key per example, each example's draws depend only on
-    its own key (so a sample is the same whatever the batch it is generated in).
+    `z ~ N(0, I)` at u = 1; for i = k..1: `x_hat = g^w(z, lam(i/k))`, then (i > 1) `z ~
+    q(z_{(i-1)/k} | z, x_hat)`. `key` is one key or `shape[0]` keys; with one key per example, each
+    example's draws depend only on its own key (so a sample is the same whatever the batch it is
+    generated in).
     """
     b, dims = shape[0], tuple(shape[1:])
     keys = example_keys(key, b)
@@ -358,8 +372,8 @@ def distill_inputs(
     num_steps: int,
     shift: float,
 ) -> DistillInputs:
-    """Time sampling of MATH.md §4: `s ~ U[0,1]`, `delta ~ U[0, 1/k]`, `t = min(s + delta, 1)` on the EDM
-    schedule, and `z_t = alpha_t x + sigma_t eps`."""
+    """Time sampling of MATH.md §4: `s ~ U[0,1]`, `delta ~ U[0, 1/k]`, `t = min(s + delta, 1)` on
+    the EDM schedule, and `z_t = alpha_t x + sigma_t eps`."""
     keys = example_keys(key, x.shape[0])
 
     def draws(k: PRNGKeyArray) -> tuple[Array, ...]:
@@ -382,9 +396,11 @@ def distill_inputs(
     )
 
 
-def draw_zs(inputs: DistillInputs, x_gen: Float[Array, "b *dims"], *, mode: str) -> Float[Array, "b *dims"]:
-    """`z_s ~ q(z_s | z_t, sg(x_gen))` (`conditional`, Algorithm 2) or `q(z_s | sg(x_gen))` (`marginal`, the
-    ablation of §8). z_s never carries gradient."""
+def draw_zs(
+    inputs: DistillInputs, x_gen: Float[Array, "b *dims"], *, mode: str
+) -> Float[Array, "b *dims"]:
+    """`z_s ~ q(z_s | z_t, sg(x_gen))` (`conditional`, Algorithm 2) or `q(z_s | sg(x_gen))`
+    (`marginal`, the ablation of §8). z_s never carries gradient."""
     _check_choice("z_s mode", mode, ZS_MODES)
     x_gen = lax.stop_gradient(x_gen)
     if mode == "marginal":
@@ -406,10 +422,11 @@ def auxiliary_loss(
     cfg: DistillConfig,
     axis_name: str | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
-    """`L(phi) = w(s) [||sg(x_gen) - g_phi(z_s)||^2 + ||sg(g_theta(z_s)) - g_phi(z_s)||^2]` (Algorithm 2).
+    """`L(phi) = w(s) [||sg(x_gen) - g_phi(z_s)||^2 + ||sg(g_theta(z_s)) - g_phi(z_s)||^2]`
+    (Algorithm 2).
 
-    The second (teacher-regulariser) term is switched by `cfg.regularize_aux`. Also returns the moment
-    gap `mean w ||g_phi - g_theta||^2` (to the unguided teacher) as a metric.
+    The second (teacher-regulariser) term is switched by `cfg.regularize_aux`. Also returns the
+    moment gap `mean w ||g_phi - g_theta||^2` (to the unguided teacher) as a metric.
     """
     x_gen = lax.stop_gradient(generator(inputs.z_t, inputs.lam_t, inputs.labels))
     z_s = draw_zs(inputs, x_gen, mode=cfg.zs_mode)
@@ -432,14 +449,20 @@ def generator_loss(
     cfg: DistillConfig,
     axis_name: str | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
-    """`L(eta) = w(s) x_gen^T sg(g_phi(z_s) - g_theta^w(z_s))` (Algorithm 2); guidance and clipping on the
-    teacher only. Its value is meaningless (only its gradient matters): the metric is the moment gap."""
+    """`L(eta) = w(s) x_gen^T sg(g_phi(z_s) - g_theta^w(z_s))` (Algorithm 2); guidance and clipping
+    on the teacher only. Its value is meaningless (only its gradient matters): the metric is the
+    moment gap."""
     x_gen = generator(inputs.z_t, inputs.lam_t, inputs.labels)
     z_s = draw_zs(inputs, x_gen, mode=cfg.zs_mode)
     x_aux = auxiliary(z_s, inputs.lam_s, inputs.labels)
     x_hat, x_cond = guided_denoise(
-        teacher, z_s, inputs.lam_s, inputs.labels,
-        guidance=cfg.guidance, clip=cfg.clip, null_label=cfg.null_label,
+        teacher,
+        z_s,
+        inputs.lam_s,
+        inputs.labels,
+        guidance=cfg.guidance,
+        clip=cfg.clip,
+        null_label=cfg.null_label,
     )
     direction = lax.stop_gradient(x_aux - x_hat)
     w = loss_weight(inputs.lam_s, kind=cfg.weighting, x_gen=x_gen, x_teacher=x_hat)
@@ -461,8 +484,9 @@ def teacher_gradient(
     cfg: DistillConfig,
     axis_name: str | None = None,
 ) -> tuple[PyTree, Float[Array, " b"]]:
-    """`G = grad_theta (1/B) sum w ||x - g_theta^ST(z_s)||^2` on pairs `(x, z_s)` held constant (MATH.md §6),
-    with the straight-through guided/clipped teacher; the global-batch mean under `axis_name`.
+    """`G = grad_theta (1/B) sum w ||x - g_theta^ST(z_s)||^2` on pairs `(x, z_s)` held constant
+    (MATH.md §6), with the straight-through guided/clipped teacher; the global-batch mean under
+    `axis_name`.
 
     On generated pairs this is the G of eq. 8-9; on real pairs `(x, z_s ~ q(z_s|x))` it is the
     data-centring gradient. Returns `(G, w)`.
@@ -472,8 +496,13 @@ def teacher_gradient(
 
     def loss(p: PyTree) -> tuple[Array, Array]:
         x_hat, x_cond = guided_denoise(
-            eqx.combine(p, static), z_s, lam_s, labels,
-            guidance=cfg.guidance, clip=cfg.clip, null_label=cfg.null_label,
+            eqx.combine(p, static),
+            z_s,
+            lam_s,
+            labels,
+            guidance=cfg.guidance,
+            clip=cfg.clip,
+            null_label=cfg.null_label,
         )
         w = loss_weight(lam_s, kind=cfg.weighting, x_gen=x, x_teacher=x_hat)
         return _batch_mean(w * _sum_dims((x - straight_through(x_hat, x_cond)) ** 2), axis_name), w
@@ -483,7 +512,8 @@ def teacher_gradient(
 
 
 def _teacher_jvp(teacher: Denoiser, z: Array, lam: Array, labels: Array, tangent: PyTree) -> Array:
-    """`J_theta(z) v`: the unmodified conditional teacher's derivative along a parameter direction."""
+    """`J_theta(z) v`: the unmodified conditional teacher's derivative along a parameter
+    direction."""
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     _, out = jax.jvp(lambda p: eqx.combine(p, static)(z, lam, labels), (params,), (tangent,))
     return out
@@ -503,13 +533,23 @@ def _centred_gradient(
     `cfg.center` = `batch` (the same gradient on real pairs of this minibatch) or `fixed`
     (`real_grad`) [C]."""
     grads, w = teacher_gradient(
-        teacher, x=x_gen, z_s=z_s, lam_s=inputs.lam_s, labels=inputs.labels, cfg=cfg,
+        teacher,
+        x=x_gen,
+        z_s=z_s,
+        lam_s=inputs.lam_s,
+        labels=inputs.labels,
+        cfg=cfg,
         axis_name=axis_name,
     )
     if cfg.center == "batch":
         z_real = diffuse(inputs.x, inputs.lam_s, inputs.noise_real)
         real, _ = teacher_gradient(
-            teacher, x=inputs.x, z_s=z_real, lam_s=inputs.lam_s, labels=inputs.labels, cfg=cfg,
+            teacher,
+            x=inputs.x,
+            z_s=z_real,
+            lam_s=inputs.lam_s,
+            labels=inputs.labels,
+            cfg=cfg,
             axis_name=axis_name,
         )
         grads = jax.tree.map(jnp.subtract, grads, real)
@@ -552,11 +592,21 @@ def instant_loss(
     z_s1 = draw_zs(inputs1, x_gen1, mode=cfg.zs_mode)
     z_s2 = draw_zs(inputs2, x_gen2, mode=cfg.zs_mode)
     G_1, w1 = _centred_gradient(  # noqa: N806 (the paper's names)
-        teacher, inputs=inputs1, x_gen=x_gen1, z_s=z_s1, cfg=cfg, real_grad=real_grad,
+        teacher,
+        inputs=inputs1,
+        x_gen=x_gen1,
+        z_s=z_s1,
+        cfg=cfg,
+        real_grad=real_grad,
         axis_name=axis_name,
     )
     G_2, w2 = _centred_gradient(  # noqa: N806
-        teacher, inputs=inputs2, x_gen=x_gen2, z_s=z_s2, cfg=cfg, real_grad=real_grad,
+        teacher,
+        inputs=inputs2,
+        x_gen=x_gen2,
+        z_s=z_s2,
+        cfg=cfg,
+        real_grad=real_grad,
         axis_name=axis_name,
     )
     u_1 = _teacher_jvp(teacher, z_s1, inputs1.lam_s, inputs1.labels, _tree_mul(precond, G_2))
@@ -607,7 +657,9 @@ def adam_state(opt_state: PyTree) -> optax.ScaleByAdamState:
         if isinstance(s, optax.ScaleByAdamState)
     ]
     if len(states) != 1:
-        raise ValueError(f"expected one optax Adam state in the optimiser state, found {len(states)}")
+        raise ValueError(
+            f"expected one optax Adam state in the optimiser state, found {len(states)}"
+        )
     return states[0]
 
 
@@ -662,12 +714,16 @@ def check_guidance(
     if guidance == 0.0:
         return
     if num_classes == 0:
-        raise ValueError(f"{where}: guidance {guidance:g} needs a class-conditional model, this "
-                         "one is unconditional (num_classes 0); use guidance 0")
+        raise ValueError(
+            f"{where}: guidance {guidance:g} needs a class-conditional model, this "
+            "one is unconditional (num_classes 0); use guidance 0"
+        )
     if label_dropout == 0.0:
-        raise ValueError(f"{where} was trained with label dropout 0, so its null label never "
-                         f"learned the unconditional model that guidance {guidance:g} uses; use "
-                         "guidance 0, or a teacher trained with --label-dropout > 0 (default 0.1)")
+        raise ValueError(
+            f"{where} was trained with label dropout 0, so its null label never "
+            f"learned the unconditional model that guidance {guidance:g} uses; use "
+            "guidance 0, or a teacher trained with --label-dropout > 0 (default 0.1)"
+        )
 
 
 def guided_denoise(
@@ -680,14 +736,16 @@ def guided_denoise(
     clip: bool,
     null_label: int | None,
 ) -> tuple[Float[Array, "b *dims"], Float[Array, "b *dims"]]:
-    """`(clip((1 + w) g(z, c) - w g(z, null)), g(z, c))`: the guided, clipped prediction and the plain
-    conditional one (MATH.md §7). The conditional and null passes share one batched call."""
+    """`(clip((1 + w) g(z, c) - w g(z, null)), g(z, c))`: the guided, clipped prediction and the
+    plain conditional one (MATH.md §7). The conditional and null passes share one batched call."""
     if guidance == 0.0:
         x_cond = denoiser(z, lam, labels)
         x_hat = x_cond
     else:
         if null_label is None:
-            raise ValueError("guidance != 0 needs null_label (the extra class the teacher was trained with)")
+            raise ValueError(
+                "guidance != 0 needs null_label (the extra class the teacher was trained with)"
+            )
         b = z.shape[0]
         both = denoiser(
             jnp.concatenate([z, z]),
@@ -704,7 +762,8 @@ def guided_denoise(
 def straight_through(
     x_hat: Float[Array, "b *dims"], x_cond: Float[Array, "b *dims"]
 ) -> Float[Array, "b *dims"]:
-    """`g_ST = g(z, c) + sg(g_hat - g(z, c))`: value of the guided/clipped teacher, derivative of the plain one (MATH.md §6)."""
+    """`g_ST = g(z, c) + sg(g_hat - g(z, c))`: value of the guided/clipped teacher, derivative of
+    the plain one (MATH.md §6)."""
     return x_cond + lax.stop_gradient(x_hat - x_cond)
 
 
@@ -715,8 +774,9 @@ def straight_through(
 def warmup_linear_schedule(
     *, peak_lr: float, warmup_steps: int, total_steps: int | None
 ) -> Callable[[Int[Array, ""]], Float[Array, ""]]:
-    """Linear warm-up to `peak_lr` over `warmup_steps` updates, then linear decay to 0 at `total_steps`
-    (Appendix B, MATH.md §10); `total_steps=None` keeps the peak after warm-up (the teacher's choice, [C])."""
+    """Linear warm-up to `peak_lr` over `warmup_steps` updates, then linear decay to 0 at
+    `total_steps` (Appendix B, MATH.md §10); `total_steps=None` keeps the peak after warm-up (the
+    teacher's choice, [C])."""
 
     def schedule(count: Int[Array, ""]) -> Float[Array, ""]:
         n = jnp.asarray(count, jnp.float32)
@@ -731,14 +791,23 @@ def warmup_linear_schedule(
 def distill_optimizer(
     *, peak_lr: float, total_steps: int, warmup_steps: int = 1000
 ) -> optax.GradientTransformation:
-    """Generator/auxiliary optimiser of Appendix B: global-norm clip 1, Adam(b1=0, b2=0.99, eps=1e-12),
-    warm-up then linear decay (MATH.md §10; the peak learning rate is [C])."""
-    schedule = warmup_linear_schedule(peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule, b1=0.0, b2=0.99, eps=1e-12))
+    """Generator/auxiliary optimiser of Appendix B: global-norm clip 1, Adam(b1=0, b2=0.99,
+    eps=1e-12), warm-up then linear decay (MATH.md §10; the peak learning rate is [C])."""
+    schedule = warmup_linear_schedule(
+        peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adam(schedule, b1=0.0, b2=0.99, eps=1e-12)
+    )
 
 
 def teacher_optimizer(
-    *, peak_lr: float, warmup_steps: int = 1000, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8
+    *,
+    peak_lr: float,
+    warmup_steps: int = 1000,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-8,
 ) -> optax.GradientTransformation:
     """Teacher optimiser [C]: global-norm clip 1, Adam with warm-up then a constant rate. Its `nu`
     (with this `b2`) later gives the preconditioner Lambda."""
@@ -752,8 +821,9 @@ def teacher_optimizer(
 
 
 class TrainState(NamedTuple):
-    """What a step updates: the trained model (teacher or generator), for `alternating` the auxiliary, and
-    for a teacher with `ema_decay > 0` the moving average of its parameters (what it is sampled with)."""
+    """What a step updates: the trained model (teacher or generator), for `alternating` the
+    auxiliary, and for a teacher with `ema_decay > 0` the moving average of its parameters (what it
+    is sampled with)."""
 
     step: Int[Array, ""]
     params: PyTree
@@ -764,7 +834,8 @@ class TrainState(NamedTuple):
 
 
 class Frozen(NamedTuple):
-    """What distillation reads but never updates: teacher parameters, Lambda, the fixed centring gradient."""
+    """What distillation reads but never updates: teacher parameters, Lambda, the fixed centring
+    gradient."""
 
     teacher: PyTree = None
     precond: PyTree = None
@@ -778,11 +849,14 @@ def init_train_state(
     aux_optimizer: optax.GradientTransformation | None = None,
     ema: bool = False,
 ) -> TrainState:
-    """Step 0. For distillation pass the teacher's parameters: generator and auxiliary start as copies of it (§5).
-    With `ema` (teacher training) the moving average starts as a copy of the initial parameters.
+    """Step 0. For distillation pass the teacher's parameters: generator and auxiliary start as
+    copies of it (§5). With `ema` (teacher training) the moving average starts as a copy of the
+    initial parameters.
 
-    Copies, so that a step that donates its state never frees the caller's (e.g. the frozen teacher's) buffers.
+    Copies, so that a step that donates its state never frees the caller's (e.g. the frozen
+    teacher's) buffers.
     """
+
     def copy() -> PyTree:
         return jax.tree.map(jnp.copy, params)
 
@@ -799,9 +873,9 @@ def init_train_state(
 
 
 def ema_decay(step: Int[Array, ""], *, decay: float) -> Float[Array, ""]:
-    """Decay of the teacher's parameter average at update `step` (0-based): `min(decay, (1 + t) / (10 + t))`,
-    so a short run averages over its recent past rather than its initialisation ([C], TensorFlow's
-    `ExponentialMovingAverage(num_updates=t)`)."""
+    """Decay of the teacher's parameter average at update `step` (0-based): `min(decay, (1 + t) /
+    (10 + t))`, so a short run averages over its recent past rather than its initialisation ([C],
+    TensorFlow's `ExponentialMovingAverage(num_updates=t)`)."""
     t = step.astype(jnp.float32)
     return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
 
@@ -809,7 +883,8 @@ def ema_decay(step: Int[Array, ""], *, decay: float) -> Float[Array, ""]:
 def _global_keys(
     key: PRNGKeyArray, n_local: int, offset: int | Int[Array, ""] = 0
 ) -> Key[Array, " n"]:
-    """Per-example keys `fold_in(key, global index)`, so results do not depend on the device count."""
+    """Per-example keys `fold_in(key, global index)`, so results do not depend on the device
+    count."""
     start = offset + lax.axis_index("data") * n_local
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n_local))
 
@@ -820,10 +895,11 @@ def _descend(
     params: PyTree,
     opt_state: PyTree,
 ) -> tuple[PyTree, PyTree, dict[str, Array]]:
-    """One optimiser step on `loss_fn(params) -> (loss, metrics)`; metrics gain `loss` and `grad_norm`."""
+    """One optimiser step on `loss_fn(params) -> (loss, metrics)`; metrics gain `loss` and
+    `grad_norm`."""
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    # optax's Adam bias correction computes `decay ** count` with an int32 count: implicit int->float
-    # promotion that strict promotion mode (used to check this file) rejects.
+    # optax's Adam bias correction computes `decay ** count` with an int32 count: implicit
+    # int->float promotion that strict promotion mode (used to check this file) rejects.
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, opt_state, params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
@@ -879,7 +955,11 @@ def auxiliary_step(
     def loss(aux_params: PyTree) -> tuple[Array, dict[str, Array]]:
         auxiliary = eqx.combine(aux_params, static)
         return auxiliary_loss(
-            auxiliary, generator=generator, teacher=teacher, inputs=inputs, cfg=cfg,
+            auxiliary,
+            generator=generator,
+            teacher=teacher,
+            inputs=inputs,
+            cfg=cfg,
             axis_name="data",
         )
 
@@ -909,7 +989,11 @@ def generator_step(
     def loss(params: PyTree) -> tuple[Array, dict[str, Array]]:
         generator = eqx.combine(params, static)
         return generator_loss(
-            generator, auxiliary=auxiliary, teacher=teacher, inputs=inputs, cfg=cfg,
+            generator,
+            auxiliary=auxiliary,
+            teacher=teacher,
+            inputs=inputs,
+            cfg=cfg,
             axis_name="data",
         )
 
@@ -938,14 +1022,23 @@ def instant_step(
     # Minibatch 2's examples are numbered after all of minibatch 1's (n per device).
     inputs2 = distill_inputs(
         _global_keys(key, n, offset=n * lax.axis_size("data")),
-        x=x[1], labels=labels[1], num_steps=cfg.num_steps, shift=cfg.shift,
+        x=x[1],
+        labels=labels[1],
+        num_steps=cfg.num_steps,
+        shift=cfg.shift,
     )
     teacher = eqx.combine(frozen.teacher, static)
 
     def loss(params: PyTree) -> tuple[Array, dict[str, Array]]:
         return instant_loss(
-            eqx.combine(params, static), teacher=teacher, precond=frozen.precond, inputs1=inputs1,
-            inputs2=inputs2, cfg=cfg, real_grad=frozen.real_grad, axis_name="data",
+            eqx.combine(params, static),
+            teacher=teacher,
+            precond=frozen.precond,
+            inputs1=inputs1,
+            inputs2=inputs2,
+            cfg=cfg,
+            real_grad=frozen.real_grad,
+            axis_name="data",
         )
 
     params, opt_state, metrics = _descend(loss, optimizer, state.params, state.opt_state)
@@ -975,7 +1068,12 @@ def real_data_gradients(
     )
     z_real = diffuse(x, inputs.lam_s, inputs.noise_real)
     g_real, _ = teacher_gradient(
-        teacher, x=x, z_s=z_real, lam_s=inputs.lam_s, labels=labels, cfg=distill_cfg,
+        teacher,
+        x=x,
+        z_s=z_real,
+        lam_s=inputs.lam_s,
+        labels=labels,
+        cfg=distill_cfg,
         axis_name="data",
     )
     return eqx.filter(g_teacher, eqx.is_inexact_array), g_real
@@ -989,11 +1087,15 @@ def data_mesh(devices: Sequence[Any] | None = None, *, num_devices: int = 0) -> 
         devices = jax.devices()
     elif devices is None:
         if jax.process_count() > 1:
-            raise ValueError("num_devices selects local devices of a single process; leave it 0 in "
-                             "multi-process runs")
+            raise ValueError(
+                "num_devices selects local devices of a single process; leave it 0 in "
+                "multi-process runs"
+            )
         if num_devices > jax.local_device_count():
-            raise ValueError(f"num_devices={num_devices} but only {jax.local_device_count()} "
-                             "local devices exist; choose fewer")
+            raise ValueError(
+                f"num_devices={num_devices} but only {jax.local_device_count()} "
+                "local devices exist; choose fewer"
+            )
         devices = jax.local_devices()[:num_devices]
     return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
 
@@ -1008,8 +1110,10 @@ def check_batch_size(
         what = f"{num_devices} devices"
         if minibatches > 1:
             what += f" x {minibatches} minibatches"
-        raise ValueError(f"batch size {batch_size} is not divisible by {divisor} ({what}); use a "
-                         f"multiple of {math.lcm(divisor, num_processes)}")
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by {divisor} ({what}); use a "
+            f"multiple of {math.lcm(divisor, num_processes)}"
+        )
 
 
 def data_parallel(
@@ -1070,5 +1174,7 @@ def train_steps(
         return (data_parallel(step, mesh=mesh, minibatches=2, donate=donate),)
     aux = functools.partial(auxiliary_step, static=static, optimizer=aux_optimizer, cfg=distill_cfg)
     gen = functools.partial(generator_step, static=static, optimizer=optimizer, cfg=distill_cfg)
-    return (data_parallel(aux, mesh=mesh, donate=donate),
-            data_parallel(gen, mesh=mesh, donate=donate))
+    return (
+        data_parallel(aux, mesh=mesh, donate=donate),
+        data_parallel(gen, mesh=mesh, donate=donate),
+    )

@@ -1,45 +1,60 @@
-"""Training: the teacher and both distillation variants (alternating, instant), one command, resumable,
-data-parallel over every local device (and every host).
+"""Training: the teacher and both distillation variants (alternating, instant), one command,
+resumable, data-parallel over every local device (and every host).
 
     python train.py --variant instant               # the whole job on MNIST (see "The default run")
     python train.py --variant teacher --workdir runs/my-teacher --steps 3000
     python train.py --variant alternating --teacher runs/my-teacher/teacher.eqx --k 4
-    python train.py --variant instant --resume      # continue a killed run exactly where it stopped
-    python train.py --preset imagenet64 --data imagenet64:/data/imagenet64 --teacher T.eqx --variant instant
-    python train.py --help                          # every option and its default (add --preset to see its)
+    python train.py --variant instant --resume      # continue from the last checkpoint
+    python train.py --preset imagenet64 --data imagenet64:/data/imagenet64 --teacher T.eqx \
+        --variant instant
+    python train.py --preset ring2d --variant alternating   # 2-D walkthrough: a minute on a CPU
+    python train.py --help                          # every option and its default (with --preset:
+                                                    # that preset's)
 
-Configuration. `Config` (a frozen dataclass) holds every setting; `PRESETS` holds named starting points
-(`mnist`, the default; `tiny`, an 8x8 smoke test; `imagenet64`, `imagenet128`, whose U-ViTs are uvit's
-presets). Every field is a command-line option generated from the dataclass (`--batch-size`,
-`--model-widths 96 192 --model-blocks 1 1`, `--clip/--no-clip`, ...); the resolved configuration is written to
-`WORKDIR/config.json` and into every checkpoint. `--steps`/`--batch-size` default to the preset's
-`teacher_*` or `distill_*` values for the chosen variant.
+Configuration. `Config` (a frozen dataclass) holds every setting; `PRESETS` holds named starting
+points (`mnist`, the default; `tiny`, an 8x8 smoke test; `imagenet64`, `imagenet128`, whose U-ViTs
+are uvit's presets; `ring2d`, an MLP on 2-D rings whose run writes `points.png` instead of sample
+grids, see `is_points`). Every field is a command-line option generated from the dataclass
+(`--batch-size`, `--model-widths 96 192 --model-blocks 1 1`, `--clip/--no-clip`, ...); the resolved
+configuration is written to `WORKDIR/config.json` and into every checkpoint.
+`--steps`/`--batch-size` default to the preset's `teacher_*` or `distill_*` values for the chosen
+variant.
 
-The default run. `python train.py --variant instant` distils the preset's teacher `checkpoints/mnist_teacher.eqx`
-(next to this file; the project ships it, trained by `python train.py --variant teacher`: 18,000 steps at batch
-128, about 3 minutes on one H200 GPU). It takes the preconditioner Lambda from the teacher's Adam state and
-distils an 8-step student: on an unloaded 2-core CPU (2.4M-parameter U-ViT) an instant step at batch 32 takes
-~1.2 s, so 1000 steps take ~20 minutes plus compilation and sample grids. If the teacher file is absent the run
-says so, trains the teacher first (in `WORKDIR/teacher/`, `teacher_steps` steps; a teacher step at batch 128 takes
-~2 s on that CPU, so about 10 hours: use a GPU, or `--teacher-steps`) and caches it there.
+The default run. `python train.py --variant instant` distils the preset's teacher
+`checkpoints/mnist_teacher.eqx` (next to this file; the project ships it, trained by `python
+train.py --variant teacher`: 18,000 steps at batch 128, about 3 minutes on one H200 GPU). It takes
+the preconditioner Lambda from the teacher's Adam state and distils an 8-step student: on an
+unloaded 2-core CPU (2.4M-parameter U-ViT) an instant step at batch 32 takes ~1.2 s, so 1000 steps
+take ~20 minutes plus compilation and sample grids. If the teacher file is absent the run says so,
+trains the teacher first (in `WORKDIR/teacher/`, `teacher_steps` steps; a teacher step at batch 128
+takes ~2 s on that CPU, so about 10 hours: use a GPU, or `--teacher-steps`) and caches it there.
 
 Work directory (`--workdir`, default `runs/<preset>-<variant>`):
     config.json               the resolved configuration
-    metrics.jsonl             one JSON object per step: loss (instant: the value G1^T Lambda G2; alternating:
-                              `aux_loss` on auxiliary steps, `generator_loss` on generator steps, plus the
-                              moment gap), grad_norm, lr, images_per_s (over the logging window), time
+    metrics.jsonl             one JSON object per step: loss (instant: the value G1^T Lambda G2;
+                              alternating: `aux_loss` on auxiliary steps, `generator_loss` on
+                              generator steps, plus the moment gap), grad_norm, lr, images_per_s
+                              (over the logging window), time
     checkpoints/ckpt_<step>.eqx   the last `keep_checkpoints` checkpoints
-    samples/step_<step>.png   samples with a fixed key, one class per column (students: k steps; step 0 is
-                              the teacher sampled with the student's k steps, the starting point)
-    loss.png                  the curves of metrics.jsonl, redrawn at every checkpoint
-    teacher.eqx               (teacher runs) what distillation needs: parameters, Adam's nu (bfloat16), count
+    samples/step_<step>.png   titled sample grids with a fixed key, one class per column (students:
+                              k steps; step 0 is the teacher sampled with the student's k steps)
+    samples/teacher_vs_student.png
+                              (distillation) the teacher and the final student, both with k steps,
+                              from the same noise and labels
+    loss.png                  the curves of metrics.jsonl (titled panels, running means), redrawn
+                              at every checkpoint
+    points.png                (ring2d: 2-D points) scatter plots of data, teacher and student
+                              with their energy distances to fresh data, instead of sample grids
+    teacher.eqx               (teacher runs) what distillation needs: parameters, Adam's nu
+                              (bfloat16), count
 
-Checkpoints are single zip files, written to a temporary name and renamed: `meta.json` (format, step,
-configuration, PRNG key, data-iterator state, a manifest of every leaf's path, shape and dtype) and one
-`<group>.eqx` member per pytree (`params`, `opt_state`, `aux_params`, `aux_opt_state`; teacher exports:
-`params`, `nu`) written with `eqx.tree_serialise_leaves`. `load_checkpoint(path)` rebuilds the model.
-Every member is read whole, so zip's CRC-32 catches a damaged byte: a damaged or incompatible file
-is one error line naming it. `--teacher` takes a checkpoint or a teacher run's directory.
+Checkpoints are single zip files, written to a temporary name and renamed: `meta.json` (format,
+step, configuration, PRNG key, data-iterator state, a manifest of every leaf's path, shape and
+dtype) and one `<group>.eqx` member per pytree (`params`, `opt_state`, `aux_params`,
+`aux_opt_state`; teacher exports: `params`, `nu`) written with `eqx.tree_serialise_leaves`.
+`load_checkpoint(path)` rebuilds the model. Every member is read whole, so zip's CRC-32 catches a
+damaged byte: a damaged or incompatible file is one error line naming it. `--teacher` takes a
+checkpoint or a teacher run's directory.
 
 Restarts. Inputs a later stage cannot take (channels other than 1 or 3, data that does not fit the
 model, a teacher of another model, guidance on a teacher trained with label dropout 0) are refused
@@ -48,25 +63,36 @@ reads back intact (naming the ones it skipped) and tolerates what a kill leaves:
 that checkpoint or cut short are dropped, missing ones are reported, temporary files are removed.
 
 Reproducibility. Update i (0-based) uses the key `fold_in(train_key, i)` and the data stream's i-th
-global batch, and checkpoints hold the optimiser states and the iterator position, so `--resume` gives
-the same parameters as an uninterrupted run; results do not depend on the device count (up to float
-summation order). Metrics are fetched every `log_every` steps and before every checkpoint; a non-finite
-loss or gradient norm stops the run naming its step, and since no checkpoint is written unchecked, the
-last one is good.
+global batch, and checkpoints hold the optimiser states and the iterator position, so `--resume`
+gives the same parameters as an uninterrupted run; results do not depend on the device count (up to
+float summation order). Metrics are fetched every `log_every` steps and before every checkpoint; a
+non-finite loss or gradient norm stops the run naming its step, and since no checkpoint is written
+unchecked, the last one is good.
 
-Multi-host. When the environment shows a multi-process job (`JAX_COORDINATOR_ADDRESS`, `SLURM_NTASKS` > 1,
-`OMPI_COMM_WORLD_SIZE` > 1, or a multi-host TPU slice's `TPU_WORKER_HOSTNAMES`), `jax.distributed.initialize()`
-runs first (it reads the rest of that environment). Each process reads its own slice of every global
-batch; process 0 alone writes files. `--batch-size` is the global batch.
+Stopping and resuming. Ctrl-C (SIGINT) or SIGTERM lets the current step finish, writes a checkpoint
+(and sample grids) at that step and prints where it is and the command that resumes (exit status
+130); a second Ctrl-C aborts at once, leaving the previous checkpoint. `--resume` restores
+everything from the work directory's last checkpoint (parameters, optimiser states, the parameter
+average, PRNG key, data position) and the saved configuration; the steps after that checkpoint are
+recomputed, with the same result. A finished run prints a summary: steps, wall time, final loss, the
+files written and the next command. Progress is a bar on a terminal, otherwise (a log file) a plain
+line about 50 times a run.
 
-Optimisers. Teacher: clip 1, Adam(b1=0.9, b2=0.99, eps=1e-8), linear warm-up then constant (mmd.teacher_optimizer),
-and a moving average of the parameters (`teacher_ema`, decay min(0.999, (1+t)/(10+t))) that the export, the
-sample grids and distillation use; Lambda comes from Adam's `nu` of the raw parameters' gradients.
-Distillation (paper Appendix B): clip 1, Adam(b1=0, b2=0.99, eps=1e-12), warm-up then linear decay to 0.
-The paper warms up over 1000 steps of runs up to 200k; here the warm-up is min(`warmup`, 10% of the
-optimiser's updates), so that a short run is not mostly warm-up. With `alternating` the auxiliary updates
-on even steps and the generator on odd ones, so each schedule spans half the steps. The peak rates (not
-given in the paper) are our choice: 1e-4 for generator and auxiliary on MNIST.
+Multi-host. When the environment shows a multi-process job (`JAX_COORDINATOR_ADDRESS`,
+`SLURM_NTASKS` > 1, `OMPI_COMM_WORLD_SIZE` > 1, or a multi-host TPU slice's `TPU_WORKER_HOSTNAMES`),
+`jax.distributed.initialize()` runs first (it reads the rest of that environment). Each process
+reads its own slice of every global batch; process 0 alone writes files. `--batch-size` is the
+global batch.
+
+Optimisers. Teacher: clip 1, Adam(b1=0.9, b2=0.99, eps=1e-8), linear warm-up then constant
+(mmd.teacher_optimizer), and a moving average of the parameters (`teacher_ema`, decay min(0.999,
+(1+t)/(10+t))) that the export, the sample grids and distillation use; Lambda comes from Adam's `nu`
+of the raw parameters' gradients. Distillation (paper Appendix B): clip 1, Adam(b1=0, b2=0.99,
+eps=1e-12), warm-up then linear decay to 0. The paper warms up over 1000 steps of runs up to 200k;
+here the warm-up is min(`warmup`, 10% of the generator's updates), so that a short run is not mostly
+warm-up; config.json records the value used. With `alternating` the auxiliary updates on even steps
+and the generator on odd ones, so each schedule spans half the steps. The peak rates (not given in
+the paper) are our choice: 1e-4 for generator and auxiliary on MNIST.
 """
 
 import argparse
@@ -77,8 +103,11 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 import types
 import typing
@@ -94,11 +123,13 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, UInt8
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+from PIL import Image
 from tqdm import tqdm
 
 import data
-import eval as evaluation
 import mmd
 import uvit
 
@@ -121,116 +152,252 @@ def _field(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of a run; `PRESETS` holds named instances, the command line overrides any field."""
+    """Every setting of a run; `PRESETS` holds named instances, the command line overrides any
+    field."""
 
     variant: str = _field("instant", "what to train", choices=mmd.VARIANTS)
     preset: str = _field("mnist", "the starting configuration, a name in PRESETS (listed below)")
     data: str = _field("mnist", f"data source, one of {', '.join(data.SOURCES)}")
-    data_resolution: int | None = _field(None, "downsample the data to this side length (none: native)")
-    model: uvit.UViTConfig = _field(uvit.MNIST, "U-ViT architecture")
+    data_resolution: int | None = _field(
+        None, "downsample the data to this side length (none: native)"
+    )
+    model: uvit.UViTConfig | uvit.MLPConfig = _field(
+        uvit.MNIST, "the network: a U-ViT (images) or an MLP (2-D points, preset ring2d)"
+    )
     workdir: str | None = _field(None, "output directory (none: runs/<preset>-<variant>)")
-    resume: bool = _field(False, "continue from the workdir's latest checkpoint (starts fresh if it has none)")
+    resume: bool = _field(
+        False, "continue from the workdir's latest checkpoint (starts fresh if it has none)"
+    )
     seed: int = _field(0, "seed of initialisation, data order and every random draw")
     num_devices: int = _field(0, "use the first N local devices (0: all devices of all processes)")
     steps: int | None = _field(None, "training steps (none: teacher_steps or distill_steps)")
-    batch_size: int | None = _field(None, "global batch size (none: teacher_batch_size or distill_batch_size)")
+    batch_size: int | None = _field(
+        None, "global batch size (none: teacher_batch_size or distill_batch_size)"
+    )
     # Teacher training.
-    teacher_steps: int = _field(18_000, "steps of teacher training (also used for the auto-trained teacher)")
+    teacher_steps: int = _field(
+        18_000, "steps of teacher training (also used for the auto-trained teacher)"
+    )
     teacher_batch_size: int = _field(128, "batch size of teacher training")
     teacher_lr: float = _field(1e-3, "teacher's peak learning rate")
     teacher_warmup: int = _field(100, "teacher's linear warm-up steps")
     teacher_b1: float = _field(0.9, "teacher's Adam beta1")
     teacher_b2: float = _field(0.99, "teacher's Adam beta2 (its nu gives Lambda)")
-    teacher_ema: float = _field(0.999, "decay of the teacher's parameter average, warmed up as min(decay, "
-                                "(1+t)/(10+t)); exports and sample grids use it (0: none)")
-    label_dropout: float = _field(0.1, "probability of replacing a label by the null label (guidance)")
-    shift: float | None = _field(None, "log-SNR shift (none: 2 log(64 / resolution), Simple Diffusion's)")
-    teacher_sample_steps: int = _field(64, "sampler steps of the teacher's sample grids")
+    teacher_ema: float = _field(
+        0.999,
+        "decay of the teacher's parameter average, warmed up as min(decay, "
+        "(1+t)/(10+t)); exports and sample grids use it (0: none)",
+    )
+    label_dropout: float = _field(
+        0.1, "probability of replacing a label by the null label (guidance)"
+    )
+    shift: float | None = _field(
+        None, "log-SNR shift (none: 2 log(64 / resolution), Simple Diffusion's)"
+    )
+    teacher_k: int = _field(64, "sampling steps of the teacher's sample grids")
     # Distillation.
-    teacher: str = _field("auto", "teacher checkpoint (auto: checkpoints/<preset>_teacher.eqx, trained if absent)")
+    teacher: str = _field(
+        "auto",
+        "teacher checkpoint (auto: checkpoints/<preset>_teacher.eqx, "
+        "trained first if absent); config.json records the file used",
+    )
     k: int = _field(8, "the student's sampling steps")
     distill_steps: int = _field(1000, "steps of distillation")
-    distill_batch_size: int = _field(32, "batch size of distillation (instant: both minibatches together)")
+    distill_batch_size: int = _field(
+        32, "batch size of distillation (instant: both minibatches together)"
+    )
     lr: float = _field(1e-4, "generator's peak learning rate")
     aux_lr: float = _field(1e-4, "auxiliary's peak learning rate (alternating)")
-    warmup: int = _field(1000, "distillation warm-up steps, capped at 10%% of each optimiser's updates")
+    warmup: int = _field(
+        1000,
+        "distillation warm-up steps, capped at 10%% of the (generator's) "
+        "updates; config.json records the value used",
+    )
     weighting: str = _field("edm", "loss weighting w(lambda)", choices=mmd.WEIGHTINGS)
     guidance: float = _field(0.0, "classifier-free guidance weight w of the teacher")
     clip: bool = _field(False, "clip the guided teacher's prediction to [-1, 1]")
     zs: str = _field("conditional", "how z_s is drawn", choices=mmd.ZS_MODES)
     regularize_aux: bool = _field(True, "the auxiliary's teacher regulariser (alternating)")
-    center: str = _field("none", "data centring of the instant variant's gradients", choices=mmd.CENTERINGS)
-    instant_form: str = _field("symmetric", "instant objective: symmetric G1^T Lambda G2, or "
-                               "one_sided (Algorithm 3 as printed, eq. 8)",
-                               choices=mmd.INSTANT_FORMS)
-    precond_steps: int = _field(0, "estimate Lambda from N fresh teacher gradients (0: teacher's Adam state)")
+    center: str = _field(
+        "none", "data centring of the instant variant's gradients", choices=mmd.CENTERINGS
+    )
+    instant_form: str = _field(
+        "symmetric",
+        "instant objective: symmetric G1^T Lambda G2, or one_sided (Algorithm 3 as printed, eq. 8)",
+        choices=mmd.INSTANT_FORMS,
+    )
+    precond_steps: int = _field(
+        0, "estimate Lambda from N fresh teacher gradients (0: teacher's Adam state)"
+    )
     precond_eps: float = _field(1e-8, "eps of Lambda = 1 / (sqrt(nu_hat) + eps)")
-    precond_eps_mode: str = _field("fixed", "fixed: eps as given (the paper's); median: eps times "
-                                   "the median sqrt(nu_hat)", choices=mmd.EPS_MODES)
-    center_steps: int = _field(16, "real-data batches averaged for center=fixed (when precond_steps is 0)")
+    precond_eps_mode: str = _field(
+        "fixed",
+        "fixed: eps as given (the paper's); median: eps times the median sqrt(nu_hat)",
+        choices=mmd.EPS_MODES,
+    )
+    center_steps: int = _field(
+        16, "real-data batches averaged for center=fixed (when precond_steps is 0)"
+    )
     # Output.
-    log_every: int = _field(10, "fetch metrics, check them and update the progress bar every N steps")
+    log_every: int = _field(
+        10, "fetch metrics, check them and update the progress bar every N steps"
+    )
     sample_every: int = _field(200, "write a sample grid every N steps (and at the end)")
     checkpoint_every: int = _field(200, "write a checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _field(3, "how many recent checkpoints to keep")
-    num_samples: int = _field(50, "images per sample grid (labels i %% num_classes: one class per column)")
+    num_samples: int = _field(
+        50, "images per sample grid (labels i %% num_classes: one class per column)"
+    )
 
     def __post_init__(self):
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "k", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.precond_steps < 0 or self.num_devices < 0:
-            raise ValueError("precond_steps and num_devices must be >= 0")
+        for name in (
+            "steps",
+            "batch_size",
+            "log_every",
+            "sample_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "k",
+            "teacher_k",
+            "num_samples",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
+        for name in ("precond_steps", "num_devices"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.variant not in mmd.VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; valid: {', '.join(mmd.VARIANTS)}")
+            valid = ", ".join(mmd.VARIANTS)
+            raise ValueError(f"unknown --variant {self.variant!r}; valid: {valid}")
+
+
+def _flag(name: str) -> str:
+    """The command-line option of a Config field (`data_resolution` -> `--data-resolution`)."""
+    return "--" + name.replace(".", "-").replace("_", "-")
 
 
 TINY = uvit.UViTConfig(
-    resolution=8, channels=1, num_classes=10, widths=(8,), blocks=(1,), transformer_width=16,
-    transformer_depth=1, heads=2, emb_width=16, fourier_features=8, groups=4,
+    resolution=8,
+    channels=1,
+    num_classes=10,
+    widths=(8,),
+    blocks=(1,),
+    transformer_width=16,
+    transformer_depth=1,
+    heads=2,
+    emb_width=16,
+    fourier_features=8,
+    groups=4,
 )
 """A U-ViT small enough to compile and run in seconds: for smoke tests."""
+
+_IMAGENET64 = Config(
+    preset="imagenet64",
+    data="imagenet64:data/imagenet64",
+    model=uvit.IMAGENET64,
+    teacher_steps=1_000_000,
+    teacher_batch_size=2048,
+    teacher_lr=1e-4,
+    teacher_warmup=10_000,
+    distill_steps=200_000,
+    distill_batch_size=2048,
+    lr=1e-5,
+    aux_lr=1e-5,
+    log_every=100,
+    sample_every=5000,
+    checkpoint_every=5000,
+    teacher_k=256,
+    num_samples=100,
+)
 
 PRESETS = {
     "mnist": Config(),
     "tiny": Config(
-        preset="tiny", data_resolution=8, model=TINY, teacher_steps=200, distill_steps=100,
-        teacher_batch_size=32, distill_batch_size=32, warmup=10, sample_every=50, checkpoint_every=50,
-        teacher_sample_steps=16,
+        preset="tiny",
+        data_resolution=8,
+        model=TINY,
+        teacher_steps=200,
+        distill_steps=100,
+        teacher_batch_size=32,
+        distill_batch_size=32,
+        warmup=10,
+        sample_every=50,
+        checkpoint_every=50,
+        teacher_k=16,
     ),
-    "imagenet64": Config(
-        preset="imagenet64", data="imagenet64:data/imagenet64", model=uvit.IMAGENET64, teacher_steps=1_000_000,
-        teacher_batch_size=2048, teacher_lr=1e-4, teacher_warmup=10_000, distill_steps=200_000,
-        distill_batch_size=2048, lr=1e-5, aux_lr=1e-5, log_every=100, sample_every=5000,
-        checkpoint_every=5000, teacher_sample_steps=256, num_samples=100,
+    "ring2d": Config(
+        preset="ring2d",
+        data="rings",
+        model=uvit.MLPConfig(width=256),
+        shift=0.0,
+        teacher_steps=6000,
+        teacher_batch_size=256,
+        teacher_ema=0.99,
+        teacher_k=64,
+        k=4,
+        distill_steps=2000,
+        distill_batch_size=256,
+        lr=2e-4,
+        aux_lr=2e-4,
+        weighting="flat",
+        log_every=100,
+        sample_every=1000,
+        checkpoint_every=1000,
     ),
-    "imagenet128": Config(
-        preset="imagenet128", data="folder:data/imagenet128", data_resolution=128, model=uvit.IMAGENET128,
-        teacher_steps=1_000_000, teacher_batch_size=2048, teacher_lr=1e-4, teacher_warmup=10_000,
-        distill_steps=200_000, distill_batch_size=2048, lr=1e-5, aux_lr=1e-5, log_every=100,
-        sample_every=5000, checkpoint_every=5000, teacher_sample_steps=256, num_samples=100,
+    "imagenet64": _IMAGENET64,
+    "imagenet128": dataclasses.replace(
+        _IMAGENET64,
+        preset="imagenet128",
+        data="folder:data/imagenet128",
+        data_resolution=128,
+        model=uvit.IMAGENET128,
     ),
 }
-"""Named configurations. ImageNet values follow the paper (batch 2048, 200k distillation steps); their
-learning rates are our choice and untested at that scale."""
+"""Named configurations. ImageNet values follow the paper (batch 2048, 200k distillation steps);
+their learning rates are our choice and untested at that scale."""
+
+# Fields renamed since checkpoints were first written (the shipped teacher's config has old names).
+RENAMED = {"teacher_sample_steps": "teacher_k"}
 
 # Settings that may change when a run is resumed: they do not affect the numbers it computes.
-RUN_FIELDS = ("resume", "workdir", "num_devices", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints")
+RUN_FIELDS = (
+    "resume",
+    "workdir",
+    "num_devices",
+    "log_every",
+    "sample_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+)
 
 
 def resolve(config: Config) -> Config:
-    """Fill the fields whose default depends on others: steps, batch size, shift, workdir."""
+    """Fill the fields whose value depends on others with the values the run uses: steps, batch
+    size, shift, workdir, the teacher file (`auto`: the preset's) and the warm-up applied."""
     teacher = config.variant == "teacher"
+    steps = config.steps or (config.teacher_steps if teacher else config.distill_steps)
+    # The generator's updates: every step (instant), every second step (alternating).
+    updates = steps // 2 if config.variant == "alternating" else steps
+    warmup = min(config.warmup, max(1, int(DISTILL_WARMUP_FRACTION * updates)))
+    auto = config.teacher == "auto"
     return dataclasses.replace(
         config,
-        steps=config.steps or (config.teacher_steps if teacher else config.distill_steps),
-        batch_size=config.batch_size or (config.teacher_batch_size if teacher else config.distill_batch_size),
-        shift=mmd.resolution_shift(config.model.resolution) if config.shift is None else config.shift,
+        steps=steps,
+        batch_size=config.batch_size
+        or (config.teacher_batch_size if teacher else config.distill_batch_size),
+        shift=mmd.resolution_shift(config.model.resolution)
+        if config.shift is None
+        else config.shift,
         workdir=config.workdir or str(pathlib.Path("runs") / f"{config.preset}-{config.variant}"),
+        teacher=str(default_teacher_path(config.preset)) if auto else config.teacher,
+        warmup=config.warmup if teacher else warmup,
     )
+
+
+def default_teacher_path(preset: str) -> pathlib.Path:
+    """Where `--teacher auto` looks for (and caches) a preset's teacher."""
+    return CHECKPOINT_DIR / f"{preset}_teacher.eqx"
 
 
 def config_to_dict(config: Config) -> dict:
@@ -242,73 +409,46 @@ def _from_dict(cls: type, values: dict) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}: written by another version of this code?")
+        raise ValueError(
+            f"unknown {cls.__name__} fields {unknown}: written by another version of this code?"
+        )
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         if dataclasses.is_dataclass(hints[name]):
             value = _from_dict(hints[name], value)
+        elif isinstance(value, dict):  # a union of dataclasses: the one with these fields
+            value = _from_dict(_dataclass_of(hints[name], set(value)), value)
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
 
 
+def _dataclass_of(hint: Any, names: set[str]) -> type:
+    """The dataclass in a union annotation (`UViTConfig | MLPConfig`) that has all these fields."""
+    for cls in typing.get_args(hint):
+        if names <= {f.name for f in dataclasses.fields(cls)}:
+            return cls
+    raise ValueError(f"no {hint} has the fields {sorted(names)}: written by another version?")
+
+
 def config_from_dict(values: dict) -> Config:
-    """Inverse of `config_to_dict`."""
-    return _from_dict(Config, values)
+    """Inverse of `config_to_dict`; reads the names of earlier versions too (`RENAMED`)."""
+    return _from_dict(Config, {RENAMED.get(name, name): value for name, value in values.items()})
 
 
-def _option_type(hint: Any) -> tuple[Callable[[str], Any], bool, bool]:
-    """(parse one token, optional, is a tuple) for a field's annotation."""
-    args = typing.get_args(hint)
-    optional = isinstance(hint, types.UnionType) and type(None) in args
-    if optional:
-        (hint,) = [a for a in args if a is not type(None)]
-    if typing.get_origin(hint) is tuple:
-        return typing.get_args(hint)[0], optional, True
-    return hint, optional, False
-
-
-def _add_options(parser: argparse.ArgumentParser, cls: type, defaults: Any, prefix: str = "") -> None:
-    """One option per dataclass field (nested dataclasses as `--model-<field>`), defaults shown but
-    suppressed, so that only the options actually given come back as overrides."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        dest, default = prefix + f.name, getattr(defaults, f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            _add_options(parser, hints[f.name], default, prefix=dest + ".")
+def _config_differences(a: Config, b: Config, *, ignore: Sequence[str] = ()) -> list[str]:
+    da, db = config_to_dict(a), config_to_dict(b)
+    out = []
+    for name in da:
+        if name in ignore:
             continue
-        flag = f.metadata.get("flag") or "--" + dest.replace(".", "-").replace("_", "-")
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata.get('help', f'{cls.__name__}.{f.name}')} (default: {shown})"
-        kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
-        parse, optional, is_tuple = _option_type(hints[f.name])
-        if parse is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        kwargs["type"] = (lambda s, parse=parse: None if s.lower() == "none" else parse(s)) if optional else parse
-        kwargs["metavar"] = f.name.upper() + ("|none" if optional else "")
-        if is_tuple:
-            kwargs["nargs"] = "+"
-        if "choices" in f.metadata:
-            kwargs.update(choices=f.metadata["choices"], metavar=None)
-        parser.add_argument(flag, **kwargs)
-
-
-def _apply(base: Any, overrides: dict[str, Any]) -> Any:
-    """`dataclasses.replace` with dotted names (`model.widths`) for nested dataclasses."""
-    nested: dict[str, dict[str, Any]] = {}
-    flat = {}
-    for name, value in overrides.items():
-        head, dot, rest = name.partition(".")
-        if dot:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            flat[name] = tuple(value) if isinstance(value, list) else value
-    for head, sub in nested.items():
-        flat[head] = _apply(getattr(base, head), sub)
-    return dataclasses.replace(base, **flat)
+        if isinstance(da[name], dict):
+            out += [f"{name}.{k}" for k in da[name] if da[name][k] != db[name].get(k)]
+        elif da[name] != db[name]:
+            out.append(name)
+    return out
 
 
 def _workdir_config(workdir: pathlib.Path) -> Config | None:
@@ -321,45 +461,1076 @@ def _workdir_config(workdir: pathlib.Path) -> Config | None:
         raise ValueError(f"{path} is unreadable ({e}); restore it, or use another --workdir") from e
 
 
-def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """The resolved configuration from the command line: preset, then (with --resume) the workdir's saved
-    configuration, then the options given. A resumed run may change only `RUN_FIELDS`."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="mnist", choices=sorted(PRESETS))
-    known, _ = pre.parse_known_args(argv)
-    base = PRESETS[known.preset]
-    parser = argparse.ArgumentParser(
-        description="Train a diffusion teacher or distil it with Moment Matching (alternating or instant).",
-        epilog=f"Presets: {', '.join(PRESETS)}. Defaults shown are those of --preset (here {known.preset}).",
+# ----------------------------------------------------------------------------------------------
+# Set-up: devices, data, teacher, optimisers; everything checked before a file is written
+
+
+def maybe_initialize_distributed() -> bool:
+    """`jax.distributed.initialize()` when the environment shows a multi-process job; True if it
+    ran."""
+    env = os.environ
+    multi = (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
     )
-    _add_options(parser, Config, base)
-    overrides = vars(parser.parse_args(argv))
-    config = resolve(_apply(base, overrides))
-    saved = _workdir_config(pathlib.Path(config.workdir)) if config.resume else None
-    if saved is None:
-        return config
-    resumed = resolve(_apply(saved, {k: v for k, v in overrides.items() if k.split(".")[0] in RUN_FIELDS}))
-    changed = _config_differences(saved, config, ignore=RUN_FIELDS)
-    explicitly = [name for name in changed if name in overrides]
-    if explicitly:
-        raise ValueError(
-            f"--resume continues the run in {config.workdir} with its saved configuration, but these options "
-            f"differ from it: {', '.join(explicitly)}. Drop them, or start a new run in another --workdir."
+    if not multi or jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def _global_batch(
+    batch: tuple[np.ndarray, np.ndarray], sharding: NamedSharding
+) -> tuple[Float[Array, "b *dims"], Int[Array, " b"]]:
+    """This process's slice of a global batch -> one global array sharded over "data"."""
+    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in batch)
+
+
+def check_batch(config: Config, n_devices: int) -> None:
+    """Refuse, before compiling, a batch size the devices (and the instant variant's halves) cannot
+    split."""
+    minibatches = 2 if config.variant == "instant" else 1
+    try:
+        mmd.check_batch_size(
+            config.batch_size,
+            num_devices=n_devices,
+            minibatches=minibatches,
+            num_processes=jax.process_count(),
         )
-    return resumed
+    except ValueError as error:
+        raise ValueError(f"--batch-size {config.batch_size}: {error}") from error
 
 
-def _config_differences(a: Config, b: Config, *, ignore: Sequence[str] = ()) -> list[str]:
-    da, db = config_to_dict(a), config_to_dict(b)
-    out = []
-    for name in da:
-        if name in ignore:
-            continue
-        if isinstance(da[name], dict):
-            out += [f"{name}.{k}" for k in da[name] if da[name][k] != db[name][k]]
-        elif da[name] != db[name]:
-            out.append(name)
-    return out
+def is_points(config: Config) -> bool:
+    """The one branch between image models (sample grids, FID) and the 2-D MLP of the `ring2d`
+    walkthrough (a scatter figure with energy distances): the model family."""
+    return isinstance(config.model, uvit.MLPConfig)
+
+
+def check_inputs(config: Config) -> data.Dataset:
+    """Refuse, before anything is written or compiled, any input a later stage cannot handle, and
+    return the training data. Sample grids and eval.py's Inception take 1 or 3 channels; the data
+    must fit the model (`check_data`, `check_points`), a distillation teacher the model and guidance
+    (`check_teacher`)."""
+    if not is_points(config) and config.model.channels not in (1, 3):
+        raise ValueError(
+            f"--model-channels {config.model.channels}: sample grids and FID "
+            "(Inception, eval.py) take 1 or 3 channels; use 1- or 3-channel data and "
+            "set --model-channels to match"
+        )
+    if config.variant != "teacher":
+        check_teacher(config)
+    dataset = load_data(config)
+    (check_points if is_points(config) else check_data)(dataset, config.model)
+    return dataset
+
+
+def check_teacher(config: Config) -> None:
+    """Refuse a teacher that cannot serve this distillation: unreadable, not a teacher, another
+    model, or guidance on a teacher whose null label never trained (`mmd.check_guidance`). A
+    teacher still to be trained (`--teacher auto`) is checked against this configuration."""
+    path = _teacher_file(config)
+    if not path.is_file():
+        mmd.check_guidance(
+            guidance=config.guidance,
+            num_classes=config.model.num_classes,
+            label_dropout=config.label_dropout,
+            where=f"the teacher to be trained for {path}",
+        )
+        return
+    meta = read_meta(path)
+    saved = _saved_config(path, meta)
+    if saved.variant != "teacher":
+        raise CheckpointError(
+            f"{path} is a checkpoint of a {saved.variant} run, not of a teacher; "
+            "pass --teacher a teacher.eqx or a ckpt_*.eqx of a --variant teacher "
+            "run"
+        )
+    _check_manifest(path, meta, _network_group(meta), model_skeleton(config.model)[0])
+    differ = [
+        f.name
+        for f in dataclasses.fields(config.model)
+        if f.name not in ("dtype", "remat")
+        and getattr(saved.model, f.name) != getattr(config.model, f.name)
+    ]
+    if differ:
+        options = " ".join(
+            f"--model-{n.replace('_', '-')} {getattr(saved.model, n)}" for n in differ
+        )
+        raise CheckpointError(
+            f"{path} was trained with another model ({', '.join(differ)}): pass {options}"
+        )
+    mmd.check_guidance(
+        guidance=config.guidance,
+        num_classes=saved.model.num_classes,
+        label_dropout=saved.label_dropout,
+        where=f"teacher {path}",
+    )
+
+
+def check_data(dataset: data.Dataset, model: uvit.UViTConfig) -> None:
+    """The data must be images of 1 or 3 channels with the model's shape and classes."""
+    expected = (model.resolution, model.resolution, model.channels)
+    channels = dataset.images.shape[-1]
+    if dataset.images.ndim != 4:
+        raise ValueError(
+            f"{dataset.name} holds {channels}-D points, not images: train.py trains "
+            "image models (NHWC data)"
+        )
+    if channels not in (1, 3):
+        raise ValueError(
+            f"{dataset.name} has {channels}-channel images; sample grids and FID "
+            "(Inception, eval.py) take 1 or 3 channels: convert the data (drop alpha)"
+        )
+    if dataset.images.shape[1:] != expected:
+        raise ValueError(
+            f"{dataset.name} has images {dataset.images.shape[1:]}, the model expects {expected}: "
+            "set --data-resolution or the --model-* options"
+        )
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(
+            f"{dataset.name} has {dataset.num_classes} classes, the model {model.num_classes}: "
+            f"pass --model-num-classes {dataset.num_classes}"
+        )
+
+
+def check_points(dataset: data.Dataset, model: uvit.MLPConfig) -> None:
+    """The data must be points with the MLP's number of coordinates and classes."""
+    if dataset.images.ndim != 2 or dataset.images.shape[1] != model.dim:
+        raise ValueError(
+            f"{dataset.name} holds data of shape {dataset.images.shape[1:]}, the MLP "
+            f"takes points of {model.dim} coordinates: use --data rings or gmm, or "
+            "an image preset"
+        )
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(
+            f"{dataset.name} has {dataset.num_classes} classes, the model "
+            f"{model.num_classes}: pass --model-num-classes {dataset.num_classes}"
+        )
+
+
+def optimizers(
+    config: Config,
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None, Callable]:
+    """`(optimizer, aux optimizer, lr(i))` of a resolved configuration; `lr(i)` is the rate of
+    update i (0-based). Both distillation optimisers warm up over `config.warmup` updates
+    (see `resolve`)."""
+    if config.variant == "teacher":
+        opt = mmd.teacher_optimizer(
+            peak_lr=config.teacher_lr,
+            warmup_steps=config.teacher_warmup,
+            b1=config.teacher_b1,
+            b2=config.teacher_b2,
+        )
+        schedule = mmd.warmup_linear_schedule(
+            peak_lr=config.teacher_lr, warmup_steps=config.teacher_warmup, total_steps=None
+        )
+        return opt, None, lambda i: float(schedule(jnp.asarray(i)))
+
+    def distill(peak_lr: float, updates: int) -> tuple[optax.GradientTransformation, Callable]:
+        kwargs = dict(peak_lr=peak_lr, warmup_steps=config.warmup, total_steps=updates)
+        return mmd.distill_optimizer(**kwargs), mmd.warmup_linear_schedule(**kwargs)
+
+    if config.variant == "instant":
+        opt, schedule = distill(config.lr, config.steps)
+        return opt, None, lambda i: float(schedule(jnp.asarray(i)))
+    opt, gen_schedule = distill(config.lr, config.steps // 2)
+    aux_opt, aux_schedule = distill(config.aux_lr, (config.steps + 1) // 2)
+    return (
+        opt,
+        aux_opt,
+        lambda i: float((aux_schedule if i % 2 == 0 else gen_schedule)(jnp.asarray(i // 2))),
+    )
+
+
+def fresh_statistics(
+    config: Config,
+    *,
+    teacher: PyTree,
+    static: PyTree,
+    mesh: jax.sharding.Mesh,
+    dataset: data.Dataset,
+    key: PRNGKeyArray,
+    teacher_cfg: mmd.TeacherConfig,
+    distill_cfg: mmd.DistillConfig,
+) -> tuple[PyTree | None, PyTree | None]:
+    """`(Lambda, real_grad)` from passes over real data (a stream separate from training's): Lambda
+    from `precond_steps` teacher-loss gradients, `real_grad` (center=fixed) the mean real-data
+    gradient."""
+    n = config.precond_steps or (config.center_steps if config.center == "fixed" else 0)
+    if n == 0:
+        return None, None
+    local = functools.partial(
+        mmd.real_data_gradients, static=static, teacher_cfg=teacher_cfg, distill_cfg=distill_cfg
+    )
+    grad_fn = mmd.data_parallel(local, mesh=mesh, donate=False)
+    batches = data.batches(dataset, batch_size=config.batch_size, seed=(config.seed + 1) % 2**32)
+    sharding = NamedSharding(mesh, P("data"))
+    real_sum: list[PyTree] = []
+
+    def teacher_grads() -> Iterator[PyTree]:
+        for i in tqdm(range(n), desc="teacher gradients", disable=not _show_bars()):
+            x, labels = _global_batch(next(batches), sharding)
+            g_teacher, g_real = grad_fn(teacher, x, labels, jax.random.fold_in(key, i))
+            real_sum[:] = [g_real if not real_sum else jax.tree.map(jnp.add, real_sum[0], g_real)]
+            yield g_teacher
+
+    if config.precond_steps:
+        precond = mmd.estimate_preconditioner(
+            teacher_grads(),
+            b2=config.teacher_b2,
+            eps=config.precond_eps,
+            eps_mode=config.precond_eps_mode,
+        )
+    else:
+        precond = None
+        for _ in teacher_grads():
+            pass
+    real_grad = jax.tree.map(lambda g: g / n, real_sum[0]) if config.center == "fixed" else None
+    return precond, real_grad
+
+
+def _show_bars() -> bool:
+    """Progress bars only on process 0 and only on a terminal (a log file gets plain lines)."""
+    return jax.process_index() == 0 and sys.stderr.isatty()
+
+
+def _print(message: str) -> None:
+    """One line from process 0, above the progress bar when there is one."""
+    if jax.process_index() == 0:
+        if _show_bars():
+            tqdm.write(message)
+        else:
+            print(message, flush=True)
+
+
+PATH_SOURCES = ("mnist", "imagenet64", "folder", "npz")  # data.SOURCES whose argument is a path
+
+
+def load_data(config: Config) -> data.Dataset:
+    """The training split of `--data`; errors name the options to change."""
+    kind, _, path = config.data.partition(":")
+    if kind in PATH_SOURCES and path and not pathlib.Path(path).exists():
+        raise FileNotFoundError(f"--data {config.data}: {path} does not exist")
+    if kind == "folder" and config.data_resolution is None:
+        raise ValueError(
+            f"--data {config.data} resizes its images: pass --data-resolution N "
+            f"(the model's --model-resolution is {config.model.resolution})"
+        )
+    try:
+        dataset = data.load(config.data, resolution=config.data_resolution)
+    except data.DataError as error:
+        raise data.DataError(f"--data {config.data}: {error}") from error
+    return dataset
+
+
+def check_run(config: Config) -> tuple[jax.sharding.Mesh, list[pathlib.Path]]:
+    """`(mesh, existing checkpoints)` after every check that needs no data: devices and batch
+    size, the work directory's state, the teacher file. Nothing is written before these (and the
+    data) pass."""
+    try:
+        mesh = mmd.data_mesh(num_devices=config.num_devices)
+    except ValueError as error:
+        raise ValueError(f"--num-devices {config.num_devices}: {error}") from error
+    check_batch(config, mesh.devices.size)
+    workdir = pathlib.Path(config.workdir)
+    existing = _checkpoints(workdir)
+    if existing and not config.resume:
+        raise ValueError(
+            f"{workdir} already holds checkpoints; pass --resume to continue that run, or choose "
+            "another --workdir"
+        )
+    saved = _workdir_config(workdir)
+    changed = _config_differences(saved, config, ignore=RUN_FIELDS) if saved is not None else []
+    if changed and existing:
+        raise ValueError(
+            f"{workdir}/config.json differs from this configuration in {changed}; "
+            "use another --workdir"
+        )
+    if config.variant != "teacher" and not _teacher_file(config).is_file():
+        raise FileNotFoundError(
+            f"teacher checkpoint {config.teacher} not found; train it first "
+            "(`python train.py --teacher auto` does) or pass --teacher PATH"
+        )
+    return mesh, existing
+
+
+def _teacher_file(config: Config) -> pathlib.Path:
+    """The file `--teacher` names: a checkpoint, a teacher run's directory (its teacher.eqx), or for
+    `auto` the preset's cached teacher (which may not exist yet)."""
+    default = default_teacher_path(config.preset)
+    if config.teacher == "auto" or pathlib.Path(config.teacher) == default:
+        return default
+    path = pathlib.Path(config.teacher)
+    usage = (
+        "pass --teacher a teacher.eqx, a ckpt_*.eqx of a --variant teacher run, its "
+        "directory, or auto"
+    )
+    if path.is_dir():
+        if (path / "teacher.eqx").is_file():
+            return path / "teacher.eqx"
+        found = _checkpoints(path)
+        unfinished = f" (the run is unfinished: resume it, or pass {found[-1]})" if found else ""
+        raise FileNotFoundError(
+            f"teacher directory {path} holds no teacher.eqx{unfinished}; {usage}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher checkpoint {path} not found; {usage}")
+    return path
+
+
+def mmd_configs(config: Config) -> tuple[mmd.TeacherConfig, mmd.DistillConfig]:
+    """The settings of mmd.py's losses, from the run's configuration."""
+    null_label = config.model.num_classes
+    teacher_cfg = mmd.TeacherConfig(
+        shift=config.shift,
+        null_label=null_label,
+        label_dropout=config.label_dropout,
+        ema_decay=config.teacher_ema,
+    )
+    distill_cfg = mmd.DistillConfig(
+        num_steps=config.k,
+        shift=config.shift,
+        weighting=config.weighting,
+        zs_mode=config.zs,
+        guidance=config.guidance,
+        clip=config.clip,
+        null_label=null_label,
+        regularize_aux=config.regularize_aux,
+        center=config.center,
+        instant_form=config.instant_form,
+    )
+    return teacher_cfg, distill_cfg
+
+
+class Run(typing.NamedTuple):
+    """What the training loop reads, built by `set_up` before the first step."""
+
+    config: Config
+    workdir: pathlib.Path
+    devices: list[Any]
+    static: PyTree
+    frozen: mmd.Frozen
+    programs: tuple[Callable, ...]  # the step functions, used in turn (alternating: aux, generator)
+    batches: data.Batches
+    batch_sharding: NamedSharding
+    learning_rate: Callable[[int], float]
+    train_key: PRNGKeyArray
+    sample_key: PRNGKeyArray
+    last_checkpoint: pathlib.Path | None
+
+
+def _frozen(
+    config: Config,
+    teacher: PyTree,
+    precond: PyTree,
+    *,
+    static: PyTree,
+    mesh: jax.sharding.Mesh,
+    dataset: data.Dataset,
+    key: PRNGKeyArray,
+) -> mmd.Frozen:
+    """What distillation reads but never updates, replicated: the teacher, Lambda (the teacher's
+    Adam state's, or fresh with `precond_steps`) and, for `center="fixed"`, the real-data G."""
+    fresh_precond, real_grad = None, None
+    if config.variant == "instant":
+        teacher_cfg, distill_cfg = mmd_configs(config)
+        fresh_precond, real_grad = fresh_statistics(
+            config,
+            teacher=teacher,
+            static=static,
+            mesh=mesh,
+            dataset=dataset,
+            key=key,
+            teacher_cfg=teacher_cfg,
+            distill_cfg=distill_cfg,
+        )
+    precond = precond if fresh_precond is None else fresh_precond
+    frozen = mmd.Frozen(teacher=teacher, precond=precond, real_grad=real_grad)
+    return jax.device_put(frozen, NamedSharding(mesh, P()))
+
+
+def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
+    """Check the configuration, work directory, teacher and data; only then write config.json,
+    build the step function (compiled on its first call) and the initial or restored state."""
+    mesh, existing = check_run(config)
+    dataset = check_inputs(config)
+    k_init, k_train, k_sample, k_stats = jax.random.split(jax.random.key(config.seed), 4)
+    if config.variant == "teacher":
+        params, static = eqx.partition(
+            uvit.make_model(config.model, key=k_init), eqx.is_inexact_array
+        )
+        precond = None
+    else:
+        params, precond = load_teacher(_teacher_file(config), config)
+        _, static = model_skeleton(config.model)
+    workdir = pathlib.Path(config.workdir)
+    if jax.process_index() == 0:
+        with data.atomic_path(workdir / "config.json") as tmp:
+            tmp.write_text(json.dumps(config_to_dict(config), indent=1) + "\n")
+    replicated = NamedSharding(mesh, P())
+    teacher_cfg, distill_cfg = mmd_configs(config)
+    frozen = mmd.Frozen()
+    if config.variant != "teacher":
+        params = jax.device_put(params, replicated)
+        frozen = _frozen(
+            config, params, precond, static=static, mesh=mesh, dataset=dataset, key=k_stats
+        )
+    optimizer, aux_optimizer, learning_rate = optimizers(config)
+    state = mmd.init_train_state(
+        params=params,
+        optimizer=optimizer,
+        aux_optimizer=aux_optimizer,
+        ema=config.variant == "teacher" and config.teacher_ema > 0,
+    )
+    batches = data.batches(dataset, batch_size=config.batch_size, seed=config.seed)
+    resumed = None
+    if existing:
+        resumed, state, k_train = _restore_newest(existing, state, batches)
+        _print(f"Resuming {workdir} from {resumed.name} (step {int(state.step)}).")
+    programs = mmd.train_steps(
+        config.variant,
+        static=static,
+        mesh=mesh,
+        optimizer=optimizer,
+        aux_optimizer=aux_optimizer,
+        teacher_cfg=teacher_cfg,
+        distill_cfg=distill_cfg,
+    )
+    run = Run(
+        config,
+        workdir,
+        list(mesh.devices.flat),
+        static,
+        frozen,
+        tuple(programs),
+        batches,
+        NamedSharding(mesh, P("data")),
+        learning_rate,
+        k_train,
+        k_sample,
+        resumed,
+    )
+    return run, jax.device_put(state, replicated)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, images and figures
+
+
+def to_uint8(x: Float[np.ndarray, "*s"]) -> UInt8[np.ndarray, "*s"]:
+    """[-1, 1] -> {0..255} as `clip(floor(127.5 x + 128), 0, 255)` in float64 (EDM's rounding)."""
+    if not np.all(np.isfinite(x)):
+        raise FloatingPointError(
+            f"{np.size(x) - np.isfinite(x).sum()} non-finite sample values: the model "
+            "or sampler diverged (check the checkpoint, guidance and clipping)"
+        )
+    return np.clip(np.floor(127.5 * x.astype(np.float64) + 128.0), 0, 255).astype(np.uint8)
+
+
+@eqx.filter_jit
+def _sample_batch(
+    denoiser: Any, keys: mmd.Keys, labels: Int[Array, " b"], settings: dict[str, Any]
+) -> Float[Array, "b *dims"]:
+    """`mmd.sample` on one sharded batch; `settings` (Python scalars and the shape) are static."""
+    return mmd.sample(denoiser, keys, labels=labels, **settings)
+
+
+def generate(
+    denoiser: Callable,
+    key: PRNGKeyArray,
+    *,
+    num_samples: int,
+    batch_size: int,
+    num_classes: int,
+    num_steps: int,
+    shift: float,
+    guidance: float,
+    clip: bool,
+    gamma: float,
+    null_label: int | None = None,
+    image_shape: tuple[int, int, int],
+    devices: Sequence[jax.Device] | None = None,
+    progress: str | None = None,
+) -> UInt8[np.ndarray, "n h w c"]:
+    """`num_samples` uint8 images from `mmd.sample`, identical for any batch size and device count.
+
+    Sample `i` uses the key `fold_in(key, i)` and the label `i % num_classes` (class-balanced;
+    `num_classes=0` means an unconditional model and every label is 0). The sampler settings go to
+    `mmd.sample` unchanged. Batches are split over `devices` (default: all local devices). With a
+    network denoiser, bit-identity across per-device batch sizes also needs kernels whose
+    per-example results do not depend on the batch size; XLA's usually do, and a change is a
+    last-bit float effect.
+    """
+    if num_samples < 1 or batch_size < 1 or num_classes < 0:
+        raise ValueError(
+            f"need num_samples >= 1, batch_size >= 1, num_classes >= 0; got "
+            f"{num_samples}, {batch_size}, {num_classes}"
+        )
+    mesh = mmd.data_mesh(list(devices or jax.local_devices()))
+    denoiser = data.replicate(denoiser, mesh)
+    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+
+    def make_inputs(indices: Int[np.ndarray, " b"]) -> tuple[mmd.Keys, Int[Array, " b"]]:
+        labels = indices % num_classes if num_classes else np.zeros_like(indices)
+        return fold(key, jnp.asarray(indices, jnp.uint32)), jnp.asarray(labels, jnp.int32)
+
+    def run(keys: mmd.Keys, labels: Int[Array, " b"]) -> Float[Array, "b h w c"]:
+        settings = dict(
+            shape=(labels.shape[0], *image_shape),
+            num_steps=num_steps,
+            shift=shift,
+            guidance=guidance,
+            clip=clip,
+            gamma=gamma,
+            null_label=null_label,
+        )
+        return _sample_batch(denoiser, keys, labels, settings)
+
+    samples = data.map_batches(
+        run, make_inputs, num=num_samples, batch_size=batch_size, mesh=mesh, progress=progress
+    )
+    return to_uint8(samples)
+
+
+def tile(
+    images: UInt8[np.ndarray, "n h w c"], *, columns: int | None = None
+) -> UInt8[np.ndarray, "H W c"]:
+    """Images row-major in one array (`columns` default: ceil(sqrt(n))), empty cells black."""
+    if images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = -(-n // columns)
+    grid = np.zeros((rows * columns, h, w, c), np.uint8)
+    grid[:n] = images
+    grid = grid.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4)
+    return grid.reshape(rows * h, columns * w, c)
+
+
+def save_image_grid(
+    images: UInt8[np.ndarray, "n h w c"], path: str | os.PathLike, *, columns: int | None = None
+) -> None:
+    """Tile images row-major into one PNG, pixel for pixel (`tile`), written atomically."""
+    grid = tile(images, columns=columns)
+    picture = Image.fromarray(grid[:, :, 0] if grid.shape[-1] == 1 else grid)
+    with data.atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int) -> None:
+    """Lay out a matplotlib figure and write it as PNG, atomically."""
+    fig.tight_layout()
+    with data.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def save_titled_grids(
+    panels: Sequence[tuple[str, UInt8[np.ndarray, "n h w c"]]],
+    path: pathlib.Path,
+    *,
+    title: str,
+    columns: int | None,
+) -> None:
+    """Image grids side by side, each under its own title, and an overall title; PNG, atomically."""
+    height, width = tile(panels[0][1], columns=columns).shape[:2]
+    fig = Figure(figsize=(5.0 * len(panels), 5.0 * height / width + 0.9))
+    for ax, (name, images) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        grid = tile(images, columns=columns)
+        ax.imshow(
+            grid[:, :, 0] if grid.shape[-1] == 1 else grid,
+            cmap="gray",
+            vmin=0,
+            vmax=255,
+            interpolation="nearest",
+        )
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path, dpi=100)
+
+
+def _sampler_name(config: Config, network: str) -> tuple[str, int]:
+    """(what samples, how many steps) for a grid's title; `network` is "teacher" or "student"."""
+    if network == "teacher":
+        k = config.teacher_k if config.variant == "teacher" else config.k
+        return f"teacher ({'parameter average' if config.teacher_ema > 0 else 'parameters'})", k
+    return f"{config.variant} student", config.k
+
+
+def sample_images(run: Run, params: PyTree, *, network: str) -> UInt8[np.ndarray, "n h w c"]:
+    """`num_samples` images of the run's fixed sample key (same noise and labels every time)."""
+    config = run.config
+    # Each process samples on its own devices from its own copy of the (replicated) parameters: a
+    # transfer from another process's devices is not supported on CPU.
+    params = jax.tree.map(lambda a: a.addressable_data(0), params)
+    return generate(
+        eqx.combine(params, run.static),
+        run.sample_key,
+        num_samples=config.num_samples,
+        batch_size=config.num_samples,
+        num_classes=config.model.num_classes,
+        num_steps=_sampler_name(config, network)[1],
+        shift=config.shift,
+        guidance=0.0,
+        clip=False,
+        gamma=0.0,
+        null_label=config.model.num_classes,
+        image_shape=(config.model.resolution, config.model.resolution, config.model.channels),
+        devices=[d for d in run.devices if d.process_index == jax.process_index()],
+    )
+
+
+def write_samples(run: Run, params: PyTree, *, step: int, network: str) -> pathlib.Path:
+    """`samples/step_<step>.png`: a titled grid (sampler, steps, training step)."""
+    images = sample_images(run, params, network=network)
+    path = run.workdir / "samples" / f"step_{step:08d}.png"
+    if jax.process_index() == 0:
+        name, k = _sampler_name(run.config, network)
+        start = step == 0 and network == "teacher"
+        when = "step 0, before distillation" if start else f"after {step} training steps"
+        save_titled_grids(
+            [(f"{name}, {k} sampling steps", images)],
+            path,
+            columns=_columns(run.config),
+            title=f"{run.workdir}: {when}",
+        )
+    return path
+
+
+def write_comparison(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
+    """`samples/teacher_vs_student.png`: the teacher and the student, both with k sampling steps,
+    from the same noise and labels, so that what distillation changed is visible."""
+    teacher, student = (
+        sample_images(run, p, network=n)
+        for p, n in ((run.frozen.teacher, "teacher"), (params, "student"))
+    )
+    path = run.workdir / "samples" / "teacher_vs_student.png"
+    if jax.process_index() == 0:
+        k = run.config.k
+        after = f"{run.config.variant} student, {k} steps, after {step} training steps"
+        panels = [(f"teacher, {k} steps (before distillation)", teacher), (after, student)]
+        save_titled_grids(
+            panels,
+            path,
+            columns=_columns(run.config),
+            title=f"{run.workdir}: same noise and labels (label = column)",
+        )
+    return path
+
+
+def _columns(config: Config) -> int | None:
+    return config.model.num_classes if 1 < config.model.num_classes <= 16 else None
+
+
+POINTS_FIGURE = "points.png"  # the 2-D walkthrough's figure, in the workdir
+NUM_POINTS = 2000  # points per scatter plot and energy distance
+
+
+def energy_distance(a: Float[np.ndarray, "n d"], b: Float[np.ndarray, "m d"]) -> float:
+    """Energy distance `2 E|a-b| - E|a-a'| - E|b-b'|` (Szekely & Rizzo; the V-statistic, pairs with
+    themselves included), in float64: 0 for equal samples, > 0 in expectation when the laws differ;
+    in the units of the points."""
+
+    def mean_distance(x: np.ndarray, y: np.ndarray) -> float:
+        squared = (x * x).sum(1)[:, None] + (y * y).sum(1)[None] - 2 * x @ y.T
+        return float(np.sqrt(np.maximum(squared, 0.0)).mean())
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return 2 * mean_distance(a, b) - mean_distance(a, a) - mean_distance(b, b)
+
+
+def sample_points(run: Run, params: PyTree, *, num_steps: int) -> Float[np.ndarray, "n d"]:
+    """`NUM_POINTS` points of the run's fixed sample key, labels `i % num_classes` (the rings
+    data's classes are equally likely), unguided."""
+    model = run.config.model
+    params = jax.tree.map(lambda a: a.addressable_data(0), params)  # as in `sample_images`
+    labels = jnp.arange(NUM_POINTS, dtype=jnp.int32) % max(model.num_classes, 1)
+    keys = jax.random.split(run.sample_key, NUM_POINTS)
+    settings = dict(
+        shape=(NUM_POINTS, model.dim),
+        num_steps=num_steps,
+        shift=run.config.shift,
+        guidance=0.0,
+        clip=False,
+        gamma=0.0,
+        null_label=model.num_classes,
+    )
+    points = np.asarray(_sample_batch(eqx.combine(params, run.static), keys, labels, settings))
+    if not np.all(np.isfinite(points)):
+        raise FloatingPointError("non-finite samples: the model or sampler diverged")
+    return points
+
+
+def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
+    """`points.png`: scatter plots of fresh data (the test split), the teacher with the student's k
+    and with `teacher_k` steps, and the student with k steps, each titled with its energy distance
+    to the data (printed too); a Gaussian of the data's mean and covariance is the yardstick."""
+    config, k = run.config, run.config.k
+    test = data.load(config.data, split="test").images  # fresh: not the training split
+    fresh, reference = test[:NUM_POINTS], test[NUM_POINTS : 2 * NUM_POINTS]
+    rng = np.random.default_rng(config.seed)
+    gaussian = rng.multivariate_normal(fresh.mean(0), np.cov(fresh.T), size=NUM_POINTS)
+    panels = {
+        "data (fresh)": fresh,
+        f"teacher, {k} steps": sample_points(run, run.frozen.teacher, num_steps=k),
+        f"teacher, {config.teacher_k} steps": sample_points(
+            run, run.frozen.teacher, num_steps=config.teacher_k
+        ),
+        f"{config.variant} student, {k} steps": sample_points(run, params, num_steps=k),
+    }
+    distances = {name: energy_distance(x, reference) for name, x in panels.items()}
+    scale = energy_distance(gaussian, reference)
+    _print(
+        f"Energy distance to {NUM_POINTS} fresh points ({NUM_POINTS} samples each; a Gaussian "
+        f"with the data's mean and covariance: {scale:.4f}):"
+    )
+    for name, value in distances.items():
+        _print(f"  {name:32s} {value:.4f}")
+    path = run.workdir / POINTS_FIGURE
+    if jax.process_index() == 0:
+        fig = Figure(figsize=(16, 4.6))
+        for ax, (name, x) in zip(fig.subplots(1, len(panels)), panels.items()):
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
+            ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal")
+            ax.set_title(f"{name}\nenergy distance {distances[name]:.4f}", fontsize=10)
+        fig.suptitle(
+            f"{run.workdir}: {config.variant} distillation, {step} steps\n(energy distance of a "
+            f"Gaussian with the data's mean and covariance: {scale:.4f})",
+            fontsize=11,
+        )
+        save_figure(fig, path, dpi=80)
+    return path
+
+
+PANELS = {
+    "loss": "teacher loss (v-prediction, weighted MSE)",
+    "aux_loss": "auxiliary loss L(phi) (auxiliary updates, every other step)",
+    "moment_gap": "moment gap: mean w ||x_aux - x_teacher||^2",
+    "grad_norm": "gradient norm (before clipping to 1)",
+    "lr": "learning rate",
+}
+
+
+def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path, *, variant: str) -> None:
+    """loss.png from metrics.jsonl: one titled panel per quantity a reader of the paper knows
+    (instant: the monitor G1^T Lambda G2; alternating: the moment gap and auxiliary loss; teacher:
+    its loss), each as single-step values (faint) and their running mean, on a scale where the
+    mean's trend shows; the gradient norm and learning rate last. The instant variant's surrogate
+    (a number whose gradient is L_2b's) is not shown: its value means nothing."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    monitor = {"loss": "instant monitor G1ᵀ Λ G2 (Algorithm 3)"}
+    labels = PANELS | (monitor if variant == "instant" else {})
+    names = [n for n in labels if any(n in r for r in records)]
+    if not names:
+        return
+    fig = Figure(figsize=(7.5, 2.3 * len(names)))
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, name in zip(axes, names):
+        _plot_panel(
+            ax,
+            np.array([r["step"] for r in records if name in r]),
+            np.array([r[name] for r in records if name in r], dtype=np.float64),
+            name=name,
+            linear=variant == "instant" and name == "loss",
+        )
+        ax.set_title(labels[name], fontsize=9, loc="left")
+    axes[-1].set_xlabel("training step")
+    fig.suptitle(f"{variant} run {metrics_path.parent}", fontsize=10)
+    save_figure(fig, out, dpi=100)
+
+
+def _plot_panel(ax: Any, steps: np.ndarray, values: np.ndarray, *, name: str, linear: bool) -> None:
+    """Faint single-step values and their running mean; a log scale for positive values unless
+    `linear` (the instant monitor, whose one-step values turn negative), with y limits that fit
+    the running mean, not the noise."""
+    if name == "lr":
+        ax.plot(steps, values, ".", ms=2)
+        return
+    width = max(1, len(values) // 20)
+    mean = np.convolve(values, np.ones(width) / width, mode="valid")
+    ax.plot(steps, values, ".", ms=2, alpha=0.3, label="single step")
+    ax.plot(steps[width - 1 :], mean, lw=1.5, label=f"running mean of {width} steps")
+    positive = np.all(values[np.isfinite(values)] > 0) and not linear
+    ax.set_yscale("log" if positive else "linear")
+    ax.yaxis.set_minor_formatter(NullFormatter())  # labels at powers of 10 only: no overlaps
+    finite = mean[np.isfinite(mean)]
+    if finite.size and not positive:  # signed one-step estimates: zoom on the running mean
+        low, high = finite.min(), finite.max()
+        pad = 0.1 * (high - low) or abs(high) or 1.0
+        ax.set_ylim(low - pad, high + pad)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a step; `checkpoint` holds that step."""
+
+    def __init__(self, step: int, checkpoint: pathlib.Path):
+        super().__init__(f"stopped at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopSignals:
+    """Inside the block the first SIGINT or SIGTERM sets `requested`: the loop finishes its step,
+    writes a checkpoint and stops. A second one raises KeyboardInterrupt at once. Main thread only
+    (elsewhere the signals keep their handlers)."""
+
+    def __enter__(self) -> "StopSignals":
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            signals = (signal.SIGINT, signal.SIGTERM)
+            self.previous = {s: signal.signal(s, self._handle) for s in signals}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _print(
+            f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+            "(Ctrl-C again aborts at once)."
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class MetricsLog:
+    """The steps' metrics: kept on device until `flush`, then written to metrics.jsonl, checked."""
+
+    def __init__(self, run: Run):
+        self.run, self.pending = run, []
+        self.path = run.workdir / "metrics.jsonl"
+        self.t_start = self.t_window = time.perf_counter()
+
+    def append(self, step: int, metrics: dict[str, Array]) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self, last_good: pathlib.Path | None) -> dict[str, Any]:
+        """Fetch, write and return the last record; a non-finite value raises FloatingPointError."""
+        host, window = jax.device_get(self.pending), len(self.pending)
+        self.pending = []
+        now = time.perf_counter()
+        rate = window * self.run.config.batch_size / max(now - self.t_window, 1e-9)
+        self.t_window = now
+        records = [
+            _metric_record(
+                self.run.config,
+                step,
+                {k: float(v) for k, v in metrics.items()},
+                self.run.learning_rate(step - 1),
+            )
+            | {"images_per_s": rate, "time": now - self.t_start}
+            for step, metrics in host
+        ]
+        if jax.process_index() == 0:
+            with open(self.path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        for record in records:
+            bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                kept = (
+                    f"the last good checkpoint is {last_good}"
+                    if last_good
+                    else "no checkpoint was written"
+                )
+                raise FloatingPointError(
+                    f"non-finite {', '.join(bad)} at step {record['step']} of {self.run.workdir}; "
+                    f"{kept}. Lower the learning rate (or check the data and teacher), then rerun "
+                    "(--resume continues from that checkpoint)."
+                )
+        return records[-1]
+
+
+def _metric_record(
+    config: Config, step: int, metrics: dict[str, float], lr: float
+) -> dict[str, Any]:
+    record: dict[str, Any] = {"step": step}
+    if config.variant == "alternating":
+        record["generator_loss" if metrics.pop("generator_step") else "aux_loss"] = metrics.pop(
+            "loss"
+        )
+    record.update(metrics)
+    record["lr"] = lr
+    return record
+
+
+SHOWN = ("loss", "aux_loss", "moment_gap", "grad_norm")
+
+
+class Progress:
+    """On a terminal a tqdm bar; otherwise (a log file) a plain line about 50 times a run and at
+    the first and last step, with an ETA measured after the first step (which compiles); never a
+    carriage return."""
+
+    def __init__(self, config: Config, start: int):
+        self.config, self.start, self.first = config, start, None
+        self.every = config.log_every * max(1, round(config.steps / 50 / config.log_every))
+        self.bar = (
+            tqdm(
+                total=config.steps,
+                initial=start,
+                desc=config.variant,
+                dynamic_ncols=True,
+                unit="step",
+            )
+            if _show_bars()
+            else None
+        )
+
+    def show(self, step: int, record: dict[str, Any]) -> None:
+        shown = {k: f"{record[k]:.4g}" for k in SHOWN if k in record}
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(shown, refresh=False)
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        if step % self.every and step != self.config.steps and step != self.first[0]:
+            return
+        done, since = step - self.first[0], now - self.first[1]
+        left = self.config.steps - step
+        eta = f", eta {_duration(since / done * left)}" if done else " (compiled)"
+        values = " ".join(f"{k} {v}" for k, v in shown.items())
+        _print(
+            f"{self.config.variant} step {step}/{self.config.steps}: {values}, "
+            f"{record['images_per_s']:.1f} images/s{eta}"
+        )
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _network(state: mmd.TrainState) -> PyTree:
+    """The parameters to sample: the teacher's parameter average when it keeps one."""
+    return state.params if state.ema is None else state.ema
+
+
+def train(config: Config) -> pathlib.Path:
+    """Run (or resume) the configured training; returns the final checkpoint (teacher: teacher.eqx).
+
+    The teacher must exist (`main` trains a missing default teacher first). On SIGINT or SIGTERM the
+    current step finishes, a checkpoint and sample grids are written, and `Interrupted` is raised.
+    """
+    config = resolve(config)
+    run, state = set_up(config)
+    start = step = int(state.step)
+    t_start, log, last_good = time.perf_counter(), MetricsLog(run), run.last_checkpoint
+    if jax.process_index() == 0:
+        _truncate_metrics(log.path, start)
+        _remove_temporary_files(run.workdir)
+    _print(
+        f"{config.variant}: steps {start}..{config.steps} on {len(run.devices)} "
+        f"device{'s' if len(run.devices) > 1 else ''}, batch "
+        f"{config.batch_size}, in {run.workdir} (the first step compiles)."
+    )
+    grids = not is_points(config)  # points get one scatter figure at the end instead
+    if grids and start == 0 and config.variant != "teacher":  # the teacher with the student's k
+        write_samples(run, run.frozen.teacher, step=0, network="teacher")
+    stopping, in_flight = False, None
+    with StopSignals() as stop, Progress(config, start) as progress:
+        for i in range(start, config.steps):
+            x, labels = _global_batch(next(run.batches), run.batch_sharding)
+            key = jax.random.fold_in(run.train_key, i)
+            step_fn = run.programs[i % len(run.programs)]  # alternating: auxiliary, then generator
+            state, metrics = step_fn(state, run.frozen, x, labels, key)
+            # At most one step in flight: without this wait the host would dispatch up to
+            # `log_every` steps ahead, and a Ctrl-C would be seen only at the next flush.
+            jax.block_until_ready(in_flight)
+            in_flight, step = metrics, i + 1
+            log.append(step, metrics)
+            stopping = stop.requested  # read once: a later signal stops after the next step
+            end = step == config.steps or stopping
+            checkpoint = step % config.checkpoint_every == 0 or end
+            if i == start or step % config.log_every == 0 or checkpoint:
+                progress.show(step, log.flush(last_good))
+            if checkpoint:
+                last_good = _save(run, state, step)
+            if grids and (step % config.sample_every == 0 or end):
+                write_samples(
+                    run,
+                    _network(state),
+                    step=step,
+                    network="teacher" if config.variant == "teacher" else "student",
+                )
+            if stopping:
+                break
+    if config.variant != "teacher" and step > start:
+        (write_comparison if grids else write_points_figure)(run, state.params, step=step)
+    if stopping:
+        raise Interrupted(step, last_good)
+    if start == config.steps:
+        _print(f"{run.workdir} already finished all {config.steps} steps.")
+    final = last_good  # not a directory listing: only process 0 writes, maybe to its own disk
+    if config.variant == "teacher" and jax.process_index() == 0:
+        export_teacher(final, run.workdir / "teacher.eqx")
+    result = run.workdir / "teacher.eqx" if config.variant == "teacher" else final
+    if jax.process_index() == 0:  # it lists process 0's files
+        _print(summary(run, result, steps=step - start, seconds=time.perf_counter() - t_start))
+    return result
+
+
+def summary(run: Run, result: pathlib.Path, *, steps: int, seconds: float) -> str:
+    """The end-of-run report: steps, wall time, final loss, the files written (those that exist)
+    and the command to run next."""
+    config, workdir = run.config, run.workdir
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    final = {k: f"{last[k]:.4g}" for k in SHOWN if k in last}
+    samples = workdir / "samples"
+    files = [
+        result,
+        workdir / "loss.png",
+        workdir / "metrics.jsonl",
+        samples / "teacher_vs_student.png",
+        samples / f"step_{config.steps:08d}.png",
+        workdir / POINTS_FIGURE,
+    ]
+    if config.variant == "teacher":
+        same = config.data == PRESETS[config.preset].data
+        data_option = "" if same else f" --data {shlex.quote(config.data)}"
+        command = (
+            f"{python_command()} train.py --preset {config.preset}{data_option} --variant instant "
+            f"--teacher {result}"
+        )
+    elif is_points(config):  # eval.py's FID is for images; the figure is the evaluation
+        other = "instant" if config.variant == "alternating" else "alternating"
+        command = (
+            f"look at {workdir / POINTS_FIGURE}; {python_command()} train.py --preset "
+            f"{config.preset} "
+            f"--variant {other}"
+        )
+    else:
+        command = f"{python_command()} eval.py --checkpoint {result} --num-samples 1000"
+    return "\n".join(
+        [
+            f"Finished {config.variant} in {workdir}: {steps} steps in {_duration(seconds)} "
+            f"(step {config.steps} of {config.steps}); final "
+            + ", ".join(f"{k} {v}" for k, v in final.items())
+            + ".",
+            *(f"  {path}" for path in files if path.exists()),
+            f"Next: {command}",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,15 +1543,23 @@ def _manifest(tree: PyTree) -> list[list]:
 
 
 def _to_host(tree: PyTree) -> PyTree:
-    """numpy copies of (replicated) device arrays; reads this process's first shard, so works multi-host."""
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a), tree)
+    """numpy copies of (replicated) device arrays; reads this process's first shard, so works
+    multi-host."""
+    return jax.tree.map(
+        lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a),
+        tree,
+    )
 
 
 def save_checkpoint(path: str | os.PathLike, *, meta: dict, groups: dict[str, PyTree]) -> None:
     """Write `meta` and the pytrees `groups` into one zip file, atomically."""
     path = pathlib.Path(path)
     groups = {name: _to_host(tree) for name, tree in groups.items() if tree is not None}
-    meta = {**meta, "format": CHECKPOINT_FORMAT, "groups": {name: _manifest(t) for name, t in groups.items()}}
+    meta = {
+        **meta,
+        "format": CHECKPOINT_FORMAT,
+        "groups": {name: _manifest(t) for name, t in groups.items()},
+    }
     with data.atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             archive.writestr("meta.json", json.dumps(meta, indent=1))
@@ -391,8 +1570,17 @@ def save_checkpoint(path: str | os.PathLike, *, meta: dict, groups: dict[str, Py
 
 # What reading a damaged zip can raise: a bad CRC, header or size (BadZipFile, EOFError, OSError), a
 # flipped compression-method or flag bit (NotImplementedError, RuntimeError), garbage in a member.
-_DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, OSError, EOFError, ValueError,
-           NotImplementedError, RuntimeError, UnicodeDecodeError)
+_DAMAGE = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    KeyError,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    UnicodeDecodeError,
+)
 
 
 def _member_bytes(path: pathlib.Path, member: str) -> bytes:
@@ -418,8 +1606,10 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{path} has format {found!r}, expected {CHECKPOINT_FORMAT!r}: not a "
-                              "checkpoint of this version of train.py")
+        raise CheckpointError(
+            f"{path} has format {found!r}, expected {CHECKPOINT_FORMAT!r}: not a "
+            "checkpoint of this version of train.py"
+        )
     return meta
 
 
@@ -428,13 +1618,16 @@ def _saved_config(path: str | os.PathLike, meta: dict) -> Config:
     try:
         return config_from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its configuration does not fit this version of train.py "
-                              f"({e}); use the version that wrote it") from e
+        raise CheckpointError(
+            f"{path}: its configuration does not fit this version of train.py "
+            f"({e}); use the version that wrote it"
+        ) from e
 
 
 def load_group(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
-    """Read the pytree `name` of a checkpoint into the structure of `like` (arrays or ShapeDtypeStructs),
-    after checking every leaf's path, shape and dtype; a mismatch lists the differing leaves."""
+    """Read the pytree `name` of a checkpoint into the structure of `like` (arrays or
+    ShapeDtypeStructs), after checking every leaf's path, shape and dtype; a mismatch lists the
+    differing leaves."""
     _check_manifest(path, read_meta(path), name, like)
     return _read_member(path, name, like)
 
@@ -447,7 +1640,8 @@ def _check_manifest(path: str | os.PathLike, meta: dict, name: str, like: PyTree
     if saved != expected:
         saved_d, expected_d = ({p: f"{d}{s}" for p, s, d in m} for m in (saved, expected))
         lines = [
-            f"  {p}: checkpoint {saved_d.get(p, 'absent')}, configured {expected_d.get(p, 'absent')}"
+            f"  {p}: checkpoint {saved_d.get(p, 'absent')}, "
+            f"configured {expected_d.get(p, 'absent')}"
             for p in list(expected_d) + [p for p in saved_d if p not in expected_d]
             if saved_d.get(p) != expected_d.get(p)
         ]
@@ -455,7 +1649,8 @@ def _check_manifest(path: str | os.PathLike, meta: dict, name: str, like: PyTree
         raise CheckpointError(
             f"{path}: {name!r} does not match the configured model ({len(lines)} leaves differ):\n"
             + "\n".join(shown)
-            + "\nConfigure the architecture the checkpoint was trained with (see its meta.json 'config.model')."
+            + "\nConfigure the architecture the checkpoint was trained with (see its meta.json "
+            "'config.model')."
         )
 
 
@@ -466,31 +1661,38 @@ def _read_member(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
     try:
         return eqx.tree_deserialise_leaves(io.BytesIO(content), like)
     except _DAMAGE as e:
-        raise CheckpointError(f"{path}: {name}.eqx does not hold the leaves its manifest lists "
-                              f"({e}); the file is damaged: use another checkpoint") from e
+        raise CheckpointError(
+            f"{path}: {name}.eqx does not hold the leaves its manifest lists "
+            f"({e}); the file is damaged: use another checkpoint"
+        ) from e
 
 
 def read_leaves(path: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
-    """A checkpoint group's leaves by path (e.g. `[1][0].nu.net.stem.weight`), without building the model."""
+    """A checkpoint group's leaves by path (e.g. `[1][0].nu.net.stem.weight`), without building the
+    model."""
     manifest = read_meta(path)["groups"][name]
     like = [jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)) for _, shape, dtype in manifest]
     return {p: np.asarray(x) for (p, _, _), x in zip(manifest, _read_member(path, name, like))}
 
 
 def _is_param(x: Any) -> bool:
-    return eqx.is_inexact_array(x) or (isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact))
+    return eqx.is_inexact_array(x) or (
+        isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact)
+    )
 
 
-def model_skeleton(model_config: uvit.UViTConfig) -> tuple[PyTree, PyTree]:
-    """`(params as ShapeDtypeStructs, static)` of a U-ViT, without allocating it."""
+def model_skeleton(model_config: uvit.UViTConfig | uvit.MLPConfig) -> tuple[PyTree, PyTree]:
+    """`(params as ShapeDtypeStructs, static)` of a model (U-ViT or MLP), without allocating it."""
     shapes = eqx.filter_eval_shape(uvit.make_model, model_config, key=jax.random.key(0))
     return eqx.partition(shapes, _is_param)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[uvit.Denoiser, Config, dict]:
-    """`(model, config, meta)` from any checkpoint of train.py: the trained network (teacher or student)
-    as a `uvit.Denoiser` (a teacher's parameter average when it has one), the run's configuration, and the
-    metadata (step, ...)."""
+def load_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[uvit.Denoiser | uvit.MLPDenoiser, Config, dict]:
+    """`(model, config, meta)` from any checkpoint of train.py: the trained network (teacher or
+    student) as a `uvit.Denoiser` (a teacher's parameter average when it has one), the run's
+    configuration, and the metadata (step, ...)."""
     meta = read_meta(path)
     config = _saved_config(path, meta)
     params_like, static = model_skeleton(config.model)
@@ -498,14 +1700,16 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[uvit.Denoiser, Config, dic
 
 
 def _network_group(meta: dict) -> str:
-    """The checkpoint group holding the network to use: a teacher's parameter average when it kept one."""
+    """The checkpoint group holding the network to use: a teacher's parameter average when it kept
+    one."""
     return "ema" if "ema" in meta["groups"] else "params"
 
 
 def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Write what distillation needs from a teacher training checkpoint: its parameters (their moving average
-    when the run kept one), Adam's `nu` (in bfloat16: Lambda = 1/sqrt(nu) to 0.2%, far below the noise of an
-    EMA estimate) and update count, and the configuration: half a full checkpoint's size."""
+    """Write what distillation needs from a teacher training checkpoint: its parameters (their
+    moving average when the run kept one), Adam's `nu` (in bfloat16: Lambda = 1/sqrt(nu) to 0.2%,
+    far below the noise of an EMA estimate) and update count, and the configuration: half a full
+    checkpoint's size."""
     meta = read_meta(checkpoint)
     config = _saved_config(checkpoint, meta)
     params_like, _ = model_skeleton(config.model)
@@ -515,10 +1719,17 @@ def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Non
     group = _network_group(meta)
     save_checkpoint(
         out,
-        meta={"kind": "teacher", "step": meta["step"], "config": meta["config"], "ema": group == "ema",
-              "adam": {"count": int(adam.count), "b2": config.teacher_b2}},
-        groups={"params": load_group(checkpoint, group, params_like),
-                "nu": jax.tree.map(lambda v: v.astype(jnp.bfloat16), adam.nu)},
+        meta={
+            "kind": "teacher",
+            "step": meta["step"],
+            "config": meta["config"],
+            "ema": group == "ema",
+            "adam": {"count": int(adam.count), "b2": config.teacher_b2},
+        },
+        groups={
+            "params": load_group(checkpoint, group, params_like),
+            "nu": jax.tree.map(lambda v: v.astype(jnp.bfloat16), adam.nu),
+        },
     )
 
 
@@ -526,58 +1737,9 @@ def _checkpoints(workdir: pathlib.Path) -> list[pathlib.Path]:
     return sorted((workdir / "checkpoints").glob("ckpt_*.eqx"))
 
 
-# ----------------------------------------------------------------------------------------------
-# The distillation inputs: teacher and preconditioner
-
-
-def default_teacher_path(preset: str) -> pathlib.Path:
-    """Where `--teacher auto` looks for (and caches) a preset's teacher."""
-    return CHECKPOINT_DIR / f"{preset}_teacher.eqx"
-
-
-def _teacher_file(config: Config) -> pathlib.Path:
-    """The file `--teacher` names: a checkpoint, a teacher run's directory (its teacher.eqx), or for
-    `auto` the preset's cached teacher (which may not exist yet)."""
-    if config.teacher == "auto":
-        return default_teacher_path(config.preset)
-    path = pathlib.Path(config.teacher)
-    usage = ("pass --teacher a teacher.eqx, a ckpt_*.eqx of a --variant teacher run, its "
-             "directory, or auto")
-    if path.is_dir():
-        if (path / "teacher.eqx").is_file():
-            return path / "teacher.eqx"
-        found = _checkpoints(path)
-        unfinished = f" (the run is unfinished: resume it, or pass {found[-1]})" if found else ""
-        raise FileNotFoundError(f"teacher directory {path} holds no teacher.eqx{unfinished}; "
-                                f"{usage}")
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} not found; {usage}")
-    return path
-
-
-def ensure_teacher(config: Config) -> pathlib.Path:
-    """The teacher checkpoint to distil: `config.teacher` (a file or a teacher run's directory),
-    or for `auto` the preset's cached teacher, trained first (in WORKDIR/teacher) and cached."""
-    path = _teacher_file(config)
-    if path.is_file():
-        return path
-    teacher_config = resolve(dataclasses.replace(
-        config, variant="teacher", steps=None, batch_size=None, workdir=str(pathlib.Path(config.workdir) / "teacher"),
-    ))
-    _print(f"No teacher at {path}: training the {config.preset} teacher first ({teacher_config.steps} steps in "
-           f"{teacher_config.workdir}), then caching it there.")
-    exported = train(teacher_config)
-    if jax.process_index() == 0:
-        with data.atomic_path(path) as tmp:
-            shutil.copyfile(exported, tmp)
-        _print(f"Cached the teacher at {path}.")
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("teacher cached")  # the other processes read it next
-    return path
-
-
 def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | None]:
-    """`(teacher params, Lambda or None)`; Lambda from the checkpoint's Adam state when `precond_steps` is 0."""
+    """`(teacher params, Lambda or None)`; Lambda from the checkpoint's Adam state when
+    `precond_steps` is 0."""
     params_like, _ = model_skeleton(config.model)
     meta = read_meta(path)
     params = load_group(path, _network_group(meta), params_like)
@@ -590,364 +1752,17 @@ def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | N
     elif "opt_state" in meta["groups"] and meta["config"]["variant"] == "teacher":
         saved = _saved_config(path, meta)
         optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=saved.teacher_b1, b2=saved.teacher_b2)
-        adam = mmd.adam_state(load_group(path, "opt_state", jax.eval_shape(optimizer.init, params_like)))
+        adam = mmd.adam_state(
+            load_group(path, "opt_state", jax.eval_shape(optimizer.init, params_like))
+        )
         nu, count, b2 = adam.nu, adam.count, saved.teacher_b2
     else:
-        raise CheckpointError(f"{path} holds no teacher Adam state for Lambda; pass --precond-steps N to estimate it")
-    return params, mmd.preconditioner(nu, count=count, b2=b2, eps=config.precond_eps,
-                                      eps_mode=config.precond_eps_mode)
-
-
-def fresh_statistics(
-    config: Config, *, teacher: PyTree, static: PyTree, mesh: jax.sharding.Mesh, dataset: data.Dataset,
-    key: PRNGKeyArray, teacher_cfg: mmd.TeacherConfig, distill_cfg: mmd.DistillConfig,
-) -> tuple[PyTree | None, PyTree | None]:
-    """`(Lambda, real_grad)` from passes over real data (a stream separate from training's): Lambda from
-    `precond_steps` teacher-loss gradients, `real_grad` (center=fixed) the mean real-data gradient."""
-    n = config.precond_steps or (config.center_steps if config.center == "fixed" else 0)
-    if n == 0:
-        return None, None
-    local = functools.partial(mmd.real_data_gradients, static=static, teacher_cfg=teacher_cfg,
-                              distill_cfg=distill_cfg)
-    grad_fn = mmd.data_parallel(local, mesh=mesh, donate=False)
-    batches = data.batches(dataset, batch_size=config.batch_size, seed=(config.seed + 1) % 2**32)
-    sharding = NamedSharding(mesh, P("data"))
-    real_sum: list[PyTree] = []
-
-    def teacher_grads() -> Iterator[PyTree]:
-        for i in tqdm(range(n), desc="teacher gradients", disable=jax.process_index() != 0):
-            x, labels = _global_batch(next(batches), sharding)
-            g_teacher, g_real = grad_fn(teacher, x, labels, jax.random.fold_in(key, i))
-            real_sum[:] = [g_real if not real_sum else jax.tree.map(jnp.add, real_sum[0], g_real)]
-            yield g_teacher
-
-    if config.precond_steps:
-        precond = mmd.estimate_preconditioner(teacher_grads(), b2=config.teacher_b2,
-                                              eps=config.precond_eps,
-                                              eps_mode=config.precond_eps_mode)
-    else:
-        precond = None
-        for _ in teacher_grads():
-            pass
-    real_grad = jax.tree.map(lambda g: g / n, real_sum[0]) if config.center == "fixed" else None
-    return precond, real_grad
-
-
-# ----------------------------------------------------------------------------------------------
-# Training loop
-
-
-def maybe_initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` when the environment shows a multi-process job; True if it ran."""
-    env = os.environ
-    multi = (
-        "JAX_COORDINATOR_ADDRESS" in env
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        raise CheckpointError(
+            f"{path} holds no teacher Adam state for Lambda; pass --precond-steps N to estimate it"
+        )
+    return params, mmd.preconditioner(
+        nu, count=count, b2=b2, eps=config.precond_eps, eps_mode=config.precond_eps_mode
     )
-    if not multi or jax.distributed.is_initialized():
-        return False
-    jax.distributed.initialize()
-    return True
-
-
-def _print(message: str) -> None:
-    if jax.process_index() == 0:
-        tqdm.write(message)
-
-
-def _global_batch(
-    batch: tuple[np.ndarray, np.ndarray], sharding: NamedSharding
-) -> tuple[Float[Array, "b *dims"], Int[Array, " b"]]:
-    """This process's slice of a global batch -> one global array sharded over "data"."""
-    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in batch)
-
-
-def check_batch(config: Config, n_devices: int) -> None:
-    """Refuse, before compiling, a batch size the devices (and the instant variant's halves) cannot split."""
-    minibatches = 2 if config.variant == "instant" else 1
-    mmd.check_batch_size(config.batch_size, num_devices=n_devices, minibatches=minibatches,
-                         num_processes=jax.process_count())
-
-
-def check_inputs(config: Config) -> data.Dataset:
-    """Refuse, before anything is written or compiled, any input a later stage cannot handle, and
-    return the training data. Sample grids and eval.py's Inception take 1 or 3 channels; the data
-    must fit the model (`check_data`), a distillation teacher the model and guidance
-    (`check_teacher`)."""
-    if config.model.channels not in (1, 3):
-        raise ValueError(f"--model-channels {config.model.channels}: sample grids and FID "
-                         "(Inception, eval.py) take 1 or 3 channels; use 1- or 3-channel data and "
-                         "set --model-channels to match")
-    if config.variant != "teacher":
-        check_teacher(config)
-    dataset = data.load(config.data, resolution=config.data_resolution)
-    check_data(dataset, config.model)
-    return dataset
-
-
-def check_teacher(config: Config) -> None:
-    """Refuse a teacher that cannot serve this distillation: unreadable, not a teacher, another
-    model, or guidance on a teacher whose null label never trained (`mmd.check_guidance`). A
-    teacher still to be trained (`--teacher auto`) is checked against this configuration."""
-    path = _teacher_file(config)
-    if not path.is_file():
-        mmd.check_guidance(guidance=config.guidance, num_classes=config.model.num_classes,
-                           label_dropout=config.label_dropout,
-                           where=f"the teacher to be trained for {path}")
-        return
-    meta = read_meta(path)
-    saved = _saved_config(path, meta)
-    if saved.variant != "teacher":
-        raise CheckpointError(f"{path} is a checkpoint of a {saved.variant} run, not of a teacher; "
-                              "pass --teacher a teacher.eqx or a ckpt_*.eqx of a --variant teacher "
-                              "run")
-    _check_manifest(path, meta, _network_group(meta), model_skeleton(config.model)[0])
-    differ = [f.name for f in dataclasses.fields(config.model) if f.name not in ("dtype", "remat")
-              and getattr(saved.model, f.name) != getattr(config.model, f.name)]
-    if differ:
-        options = " ".join(f"--model-{n.replace('_', '-')} {getattr(saved.model, n)}"
-                           for n in differ)
-        raise CheckpointError(f"{path} was trained with another model ({', '.join(differ)}): "
-                              f"pass {options}")
-    mmd.check_guidance(guidance=config.guidance, num_classes=saved.model.num_classes,
-                       label_dropout=saved.label_dropout, where=f"teacher {path}")
-
-
-def check_data(dataset: data.Dataset, model: uvit.UViTConfig) -> None:
-    """The data must be images of 1 or 3 channels with the model's shape and classes."""
-    expected = (model.resolution, model.resolution, model.channels)
-    channels = dataset.images.shape[-1]
-    if dataset.images.ndim != 4:
-        raise ValueError(f"{dataset.name} holds {channels}-D points, not images: train.py trains "
-                         "image models (NHWC data)")
-    if channels not in (1, 3):
-        raise ValueError(f"{dataset.name} has {channels}-channel images; sample grids and FID "
-                         "(Inception, eval.py) take 1 or 3 channels: convert the data (drop alpha)")
-    if dataset.images.shape[1:] != expected:
-        raise ValueError(f"{dataset.name} has images {dataset.images.shape[1:]}, the model expects {expected}: "
-                         "set --data-resolution or the --model-* options")
-    if dataset.num_classes != model.num_classes:
-        raise ValueError(f"{dataset.name} has {dataset.num_classes} classes, the model {model.num_classes}: "
-                         f"pass --model-num-classes {dataset.num_classes}")
-
-
-def optimizers(config: Config) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None, Callable]:
-    """`(optimizer, aux optimizer, lr(step))` for the variant; `lr(i)` is the rate of update i (0-based)."""
-    if config.variant == "teacher":
-        opt = mmd.teacher_optimizer(peak_lr=config.teacher_lr, warmup_steps=config.teacher_warmup,
-                                    b1=config.teacher_b1, b2=config.teacher_b2)
-        schedule = mmd.warmup_linear_schedule(peak_lr=config.teacher_lr, warmup_steps=config.teacher_warmup,
-                                              total_steps=None)
-        return opt, None, lambda i: float(schedule(jnp.asarray(i)))
-
-    def distill(peak_lr: float, updates: int) -> tuple[optax.GradientTransformation, Callable]:
-        warmup = min(config.warmup, max(1, int(DISTILL_WARMUP_FRACTION * updates)))
-        schedule = mmd.warmup_linear_schedule(peak_lr=peak_lr, warmup_steps=warmup, total_steps=updates)
-        return mmd.distill_optimizer(peak_lr=peak_lr, total_steps=updates, warmup_steps=warmup), schedule
-
-    if config.variant == "instant":
-        opt, schedule = distill(config.lr, config.steps)
-        return opt, None, lambda i: float(schedule(jnp.asarray(i)))
-    opt, gen_schedule = distill(config.lr, config.steps // 2)
-    aux_opt, aux_schedule = distill(config.aux_lr, (config.steps + 1) // 2)
-    return opt, aux_opt, lambda i: float((aux_schedule if i % 2 == 0 else gen_schedule)(jnp.asarray(i // 2)))
-
-
-def _metric_record(config: Config, step: int, metrics: dict[str, float], lr: float) -> dict[str, Any]:
-    record: dict[str, Any] = {"step": step}
-    if config.variant == "alternating":
-        record["generator_loss" if metrics.pop("generator_step") else "aux_loss"] = metrics.pop("loss")
-    record.update(metrics)
-    record["lr"] = lr
-    return record
-
-
-def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path) -> None:
-    """One panel per metric of metrics.jsonl against the step (raw and moving average), PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    names = [n for n in ("loss", "aux_loss", "generator_loss", "moment_gap", "surrogate", "grad_norm", "lr")
-             if any(n in r for r in records)]
-    if not names:
-        return
-    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), sharex=True, squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        steps = np.array([r["step"] for r in records if name in r])
-        values = np.array([r[name] for r in records if name in r], dtype=np.float64)
-        ax.plot(steps, values, lw=0.5, alpha=0.4)
-        width = max(1, len(values) // 50)
-        if width > 1 and name != "lr":
-            smooth = np.convolve(values, np.ones(width) / width, mode="valid")
-            ax.plot(steps[width - 1:], smooth, lw=1.5)
-        positive = np.all(values[np.isfinite(values)] > 0)
-        ax.set_yscale("log" if positive else "symlog")
-        ax.set_ylabel(name)
-    axes[-1, 0].set_xlabel("step")
-    evaluation.save_figure(fig, out, dpi=100)
-
-
-def _write_samples(
-    config: Config, params: PyTree, static: PyTree, key: PRNGKeyArray, devices: list[Any], path: pathlib.Path
-) -> None:
-    teacher = config.variant == "teacher"
-    # Each process samples on its own devices from its own copy of the (replicated) parameters: a
-    # transfer from another process's devices is not supported on CPU.
-    params = jax.tree.map(lambda a: a.addressable_data(0), params)
-    images = evaluation.generate(
-        eqx.combine(params, static), key, num_samples=config.num_samples, batch_size=config.num_samples,
-        num_classes=config.model.num_classes, num_steps=config.teacher_sample_steps if teacher else config.k,
-        shift=config.shift, guidance=0.0, clip=False, gamma=0.0, null_label=config.model.num_classes,
-        image_shape=(config.model.resolution, config.model.resolution, config.model.channels),
-        devices=[d for d in devices if d.process_index == jax.process_index()],
-    )
-    if jax.process_index() == 0:
-        columns = config.model.num_classes if 1 < config.model.num_classes <= 16 else None
-        evaluation.save_image_grid(images, path, columns=columns)
-
-
-def train(config: Config) -> pathlib.Path:
-    """Run (or resume) the configured training; returns the final checkpoint (teacher runs: teacher.eqx)."""
-    config = resolve(config)
-    workdir = pathlib.Path(config.workdir)
-    mesh = mmd.data_mesh(num_devices=config.num_devices)
-    devices = list(mesh.devices.flat)
-    check_batch(config, len(devices))
-    dataset = check_inputs(config)
-    existing = _checkpoints(workdir)
-    if existing and not config.resume:
-        raise ValueError(f"{workdir} already holds checkpoints; pass --resume to continue that run, or choose "
-                         "another --workdir")
-    saved = _workdir_config(workdir)
-    if saved is not None and _config_differences(saved, config, ignore=RUN_FIELDS) and existing:
-        raise ValueError(f"{workdir}/config.json differs from this configuration in "
-                         f"{_config_differences(saved, config, ignore=RUN_FIELDS)}; use another --workdir")
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with data.atomic_path(workdir / "config.json") as tmp:
-            tmp.write_text(json.dumps(config_to_dict(config), indent=1) + "\n")
-
-    k_init, k_train, k_sample, k_stats = jax.random.split(jax.random.key(config.seed), 4)
-    null_label = config.model.num_classes
-    teacher_cfg = mmd.TeacherConfig(shift=config.shift, null_label=null_label, label_dropout=config.label_dropout,
-                                    ema_decay=config.teacher_ema)
-    distill_cfg = mmd.DistillConfig(
-        num_steps=config.k, shift=config.shift, weighting=config.weighting, zs_mode=config.zs,
-        guidance=config.guidance, clip=config.clip, null_label=null_label,
-        regularize_aux=config.regularize_aux, center=config.center,
-        instant_form=config.instant_form,
-    )
-    if config.variant == "teacher":
-        params, static = eqx.partition(uvit.make_model(config.model, key=k_init), eqx.is_inexact_array)
-        frozen = mmd.Frozen()
-    else:
-        teacher_path = ensure_teacher(config)
-        params, precond = load_teacher(teacher_path, config)
-        _, static = model_skeleton(config.model)
-    if config.variant != "teacher":
-        params = jax.device_put(params, replicated)
-        if config.variant == "instant":
-            fresh_precond, real_grad = fresh_statistics(
-                config, teacher=params, static=static, mesh=mesh, dataset=dataset, key=k_stats,
-                teacher_cfg=teacher_cfg, distill_cfg=distill_cfg,
-            )
-            frozen = mmd.Frozen(teacher=params, precond=precond if fresh_precond is None else fresh_precond,
-                                real_grad=real_grad)
-        else:
-            frozen = mmd.Frozen(teacher=params)
-        frozen = jax.device_put(frozen, replicated)
-
-    optimizer, aux_optimizer, learning_rate = optimizers(config)
-    state = mmd.init_train_state(params=params, optimizer=optimizer, aux_optimizer=aux_optimizer,
-                                 ema=config.variant == "teacher" and config.teacher_ema > 0)
-    batches = data.batches(dataset, batch_size=config.batch_size, seed=config.seed)
-    resumed = None
-    if existing:
-        resumed, state, k_train = _restore_newest(existing, state, batches)
-        _print(f"Resuming {workdir} from {resumed.name} (step {int(state.step)}).")
-    state = jax.device_put(state, replicated)
-    programs = mmd.train_steps(
-        config.variant, static=static, mesh=mesh, optimizer=optimizer, aux_optimizer=aux_optimizer,
-        teacher_cfg=teacher_cfg, distill_cfg=distill_cfg,
-    )
-
-    metrics_path = workdir / "metrics.jsonl"
-    start = int(state.step)
-    if is_main:
-        _truncate_metrics(metrics_path, start)
-        _remove_temporary_files(workdir)
-    pending: list[tuple[int, dict[str, Array]]] = []
-    last_good = resumed
-
-    def flush(elapsed: float, window: int) -> None:
-        """Fetch the pending metrics, write them, stop at the first non-finite value."""
-        host = jax.device_get(pending)
-        pending.clear()
-        rate = window * config.batch_size / max(elapsed, 1e-9)
-        records = []
-        for step, metrics in host:
-            values = {k: float(v) for k, v in metrics.items()}
-            record = _metric_record(config, step, values, learning_rate(step - 1))
-            record.update(images_per_s=rate, time=time.perf_counter() - t_start)
-            records.append(record)
-        if is_main:
-            with open(metrics_path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-        for record in records:
-            bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-            if bad:
-                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-                raise FloatingPointError(
-                    f"non-finite {', '.join(bad)} at step {record['step']} of {workdir}; {kept}. Lower the "
-                    "learning rate (or check the data and teacher), then rerun (--resume continues from that checkpoint)."
-                )
-        if records:
-            shown = {k: f"{v:.4g}" for k, v in records[-1].items() if k in ("loss", "aux_loss", "moment_gap", "grad_norm")}
-            progress.set_postfix(shown, refresh=False)
-
-    _print(f"{config.variant}: steps {start}..{config.steps} on {len(devices)} devices, batch {config.batch_size}, "
-           f"in {workdir} (the first step compiles).")
-    if start == 0 and config.variant != "teacher":
-        # The starting point for comparison: the teacher itself sampled with the student's k steps.
-        _write_samples(config, state.params, static, k_sample, devices, workdir / "samples" / "step_00000000.png")
-    progress = tqdm(total=config.steps, initial=start, desc=config.variant, disable=not is_main,
-                    dynamic_ncols=True, unit="step")
-    t_start = t_window = time.perf_counter()
-    window = 0
-    for i in range(start, config.steps):
-        x, labels = _global_batch(next(batches), batch_sharding)
-        step_fn = programs[i % len(programs)]  # alternating: auxiliary, then generator
-        state, metrics = step_fn(state, frozen, x, labels, jax.random.fold_in(k_train, i))
-        pending.append((i + 1, metrics))
-        window += 1
-        progress.update(1)
-        step = i + 1
-        done = step == config.steps
-        if i == start or step % config.log_every == 0 or step % config.checkpoint_every == 0 or done:
-            jax.block_until_ready(metrics)
-            flush(time.perf_counter() - t_window, window)
-            t_window, window = time.perf_counter(), 0
-        if step % config.checkpoint_every == 0 or done:
-            last_good = _save(workdir, config, state, k_train, batches, step, metrics_path)
-        if step % config.sample_every == 0 or done:
-            _write_samples(config, state.params if state.ema is None else state.ema, static, k_sample, devices,
-                           workdir / "samples" / f"step_{step:08d}.png")
-    progress.close()
-    if existing and start == config.steps:
-        _print(f"{workdir} already finished all {config.steps} steps.")
-    final = last_good  # not a directory listing: only process 0 writes, maybe to its own disk
-    if config.variant == "teacher":
-        if is_main:
-            export_teacher(final, workdir / "teacher.eqx")
-        return workdir / "teacher.eqx"
-    return final
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
@@ -981,38 +1796,53 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 def _remove_temporary_files(workdir: pathlib.Path) -> None:
     """Delete temporary files of writes a kill interrupted (`data.atomic_path`), saying which."""
-    leftovers = [p for folder in (workdir, workdir / "checkpoints", workdir / "samples")
-                 for p in data.temporary_files(folder)]
+    leftovers = [
+        p
+        for folder in (workdir, workdir / "checkpoints", workdir / "samples")
+        for p in data.temporary_files(folder)
+    ]
     for path in leftovers:
         path.unlink(missing_ok=True)
     if leftovers:
-        _print(f"Removed {len(leftovers)} temporary files of interrupted writes: "
-               f"{', '.join(str(p) for p in leftovers)}.")
+        _print(
+            f"Removed {len(leftovers)} temporary files of interrupted writes: "
+            f"{', '.join(str(p) for p in leftovers)}."
+        )
 
 
-def _save(
-    workdir: pathlib.Path, config: Config, state: mmd.TrainState, key: PRNGKeyArray, batches: data.Batches,
-    step: int, metrics_path: pathlib.Path,
-) -> pathlib.Path:
+def _save(run: Run, state: mmd.TrainState, step: int) -> pathlib.Path:
     """Write a checkpoint (process 0), keep the newest `keep_checkpoints`, redraw the loss plot."""
+    config, workdir = run.config, run.workdir
     path = workdir / "checkpoints" / f"ckpt_{step:08d}.eqx"
     if jax.process_index() != 0:
         return path
     meta = {
-        "kind": config.variant, "step": step, "config": config_to_dict(config),
-        "key": np.asarray(jax.random.key_data(key)).tolist(), "data_state": batches.get_state(),
+        "kind": config.variant,
+        "step": step,
+        "config": config_to_dict(config),
+        "key": np.asarray(jax.random.key_data(run.train_key)).tolist(),
+        "data_state": run.batches.get_state(),
     }
-    save_checkpoint(path, meta=meta, groups={
-        "params": state.params, "opt_state": state.opt_state,
-        "aux_params": state.aux_params, "aux_opt_state": state.aux_opt_state, "ema": state.ema,
-    })
+    save_checkpoint(
+        path,
+        meta=meta,
+        groups={
+            "params": state.params,
+            "opt_state": state.opt_state,
+            "aux_params": state.aux_params,
+            "aux_opt_state": state.aux_opt_state,
+            "ema": state.ema,
+        },
+    )
     for old in _checkpoints(workdir)[: -config.keep_checkpoints]:
         old.unlink()
-    plot_losses(metrics_path, workdir / "loss.png")
+    plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", variant=config.variant)
     return path
 
 
-def _restore(path: pathlib.Path, like: mmd.TrainState, batches: data.Batches) -> tuple[mmd.TrainState, PRNGKeyArray]:
+def _restore(
+    path: pathlib.Path, like: mmd.TrainState, batches: data.Batches
+) -> tuple[mmd.TrainState, PRNGKeyArray]:
     """Training state, PRNG key and data position from a checkpoint of this run."""
     meta = read_meta(path)
     state = like._replace(
@@ -1035,18 +1865,197 @@ def _restore_newest(
             return path, *_restore(path, like, batches)
         except CheckpointError as e:
             _print(f"Skipping damaged checkpoint {path.name} (kept for inspection): {e}")
-    raise CheckpointError(f"no intact checkpoint in {paths[0].parent} (messages above); move the "
-                          "damaged files away to start the run afresh, or use another --workdir")
+    raise CheckpointError(
+        f"no intact checkpoint in {paths[0].parent} (messages above); move the "
+        "damaged files away to start the run afresh, or use another --workdir"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _option_type(hint: Any) -> tuple[Callable[[str], Any], bool, bool]:
+    """(parse one token, optional, is a tuple) for a field's annotation."""
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if optional:
+        (hint,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], optional, True
+    return hint, optional, False
+
+
+def _add_options(
+    parser: argparse.ArgumentParser, cls: type, defaults: Any, prefix: str = ""
+) -> None:
+    """One option per dataclass field (nested dataclasses as `--model-<field>`), defaults shown but
+    suppressed, so that only the options actually given come back as overrides."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dest, default = prefix + f.name, getattr(defaults, f.name)
+        if dataclasses.is_dataclass(default):  # the preset's model family gives the options
+            _add_options(parser, type(default), default, prefix=dest + ".")
+            continue
+        flag = f.metadata.get("flag") or _flag(dest)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata.get('help', f'{cls.__name__}.{f.name}')} (default: {shown})"
+        kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
+        parse, optional, is_tuple = _option_type(hints[f.name])
+        if parse is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        kwargs["type"] = (
+            (lambda s, parse=parse: None if s.lower() == "none" else parse(s))
+            if optional
+            else parse
+        )
+        kwargs["metavar"] = f.name.upper() + ("|none" if optional else "")
+        if is_tuple:
+            kwargs["nargs"] = "+"
+        if "choices" in f.metadata:
+            kwargs.update(choices=f.metadata["choices"], metavar=None)
+        parser.add_argument(flag, **kwargs)
+
+
+def _apply(base: Any, overrides: dict[str, Any]) -> Any:
+    """`dataclasses.replace` with dotted names (`model.widths`) for nested dataclasses."""
+    nested: dict[str, dict[str, Any]] = {}
+    flat = {}
+    for name, value in overrides.items():
+        head, dot, rest = name.partition(".")
+        if dot:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[name] = tuple(value) if isinstance(value, list) else value
+    for head, sub in nested.items():
+        flat[head] = _apply(getattr(base, head), sub)
+    return dataclasses.replace(base, **flat)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake prints one line and a pointer to --help, not the whole usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"train.py: error: {message} (python train.py --help lists every option)\n")
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """The resolved configuration from the command line: preset, then (with --resume) the workdir's
+    saved configuration, then the options given. A resumed run may change only `RUN_FIELDS`."""
+    pre = _Parser(add_help=False)
+    pre.add_argument("--preset", default="mnist", choices=sorted(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    base = PRESETS[known.preset]
+    parser = _Parser(
+        description="Train a diffusion teacher or distil it with Moment Matching "
+        "(alternating or instant).",
+        epilog=f"Presets: {', '.join(PRESETS)}. "
+        f"Defaults shown are those of --preset (here {known.preset}).",
+    )
+    _add_options(parser, Config, base)
+    overrides = vars(parser.parse_args(argv))
+    config = resolve(_apply(base, overrides))
+    saved = _workdir_config(pathlib.Path(config.workdir)) if config.resume else None
+    if saved is None:
+        return config
+    resumed = resolve(
+        _apply(saved, {k: v for k, v in overrides.items() if k.split(".")[0] in RUN_FIELDS})
+    )
+    changed = _config_differences(saved, config, ignore=RUN_FIELDS)
+    explicitly = [name for name in changed if name in overrides]
+    if explicitly:
+        raise ValueError(
+            f"--resume continues the run in {config.workdir} with its saved configuration, but "
+            "these options "
+            f"differ from it: {', '.join(explicitly)}. Drop them, or start a new run in another "
+            "--workdir."
+        )
+    return resumed
+
+
+def ensure_teacher(config: Config) -> pathlib.Path:
+    """The teacher file of a distillation configuration: `config.teacher` when it exists; the
+    preset's default teacher (`--teacher auto`) is trained first (in WORKDIR/teacher) and cached
+    when absent."""
+    config = resolve(config)
+    path = _teacher_file(config)
+    if path.is_file():
+        return path
+    teacher_config = resolve(
+        dataclasses.replace(
+            config,
+            variant="teacher",
+            steps=None,
+            batch_size=None,
+            workdir=str(pathlib.Path(config.workdir) / "teacher"),
+        )
+    )
+    _print(
+        f"No teacher at {path}: training the {config.preset} teacher first "
+        f"({teacher_config.steps} steps in "
+        f"{teacher_config.workdir}), then caching it there."
+    )
+    exported = train(teacher_config)
+    if jax.process_index() == 0:
+        with data.atomic_path(path) as tmp:
+            shutil.copyfile(exported, tmp)
+        _print(f"Cached the teacher at {path}.")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("teacher cached")  # the other processes read it next
+    return path
+
+
+def python_command() -> str:
+    """The interpreter as a user would type it: its path relative to the working directory when it
+    lives there (e.g. `.venv/bin/python`), else `python`."""
+    try:
+        return str(pathlib.Path(sys.executable).relative_to(pathlib.Path.cwd()))
+    except ValueError:
+        return "python"
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues the run `argv` started (the same options plus --resume)."""
+    return shlex.join(
+        [python_command(), "train.py", *argv, *([] if "--resume" in argv else ["--resume"])]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
-    """Command-line entry point: parse, (multi-host) initialise, train. Returns the final checkpoint."""
+    """Command-line entry point: parse, (multi-host) initialise, train a missing default teacher,
+    then the configured run. Returns the final checkpoint. On SIGINT/SIGTERM prints where the
+    checkpoint is and the command that resumes, then raises `Interrupted`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     maybe_initialize_distributed()
-    return train(parse_config(argv))
+    config = parse_config(argv)
+    try:
+        default = default_teacher_path(config.preset)
+        if config.variant != "teacher" and config.teacher == str(default) and not default.is_file():
+            # --teacher auto without the preset's teacher: check the distillation's inputs, then
+            # train the teacher (hours on a CPU) before distilling.
+            check_batch(config, mmd.data_mesh(num_devices=config.num_devices).devices.size)
+            check_inputs(config)
+            ensure_teacher(config)
+        return train(config)
+    except Interrupted as stop:
+        _print(
+            f"Interrupted at step {stop.step}; checkpoint {stop.checkpoint}. "
+            f"Resume: {resume_command(argv)}"
+        )
+        raise
 
 
 if __name__ == "__main__":
     try:
         main()
+    except Interrupted:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print(
+            "train.py: aborted; the last checkpoint written is intact (--resume continues)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         sys.exit(f"train.py: error: {error}")

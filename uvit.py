@@ -1,26 +1,32 @@
-"""Simple Diffusion's U-ViT (Hoogeboom, Heek & Salimans, "simple diffusion: End-to-end diffusion for high
-resolution images", ICML 2023) as equinox modules, NHWC, batched.
+"""Simple Diffusion's U-ViT (Hoogeboom, Heek & Salimans, "simple diffusion: End-to-end diffusion for
+high resolution images", ICML 2023) as equinox modules, NHWC, batched.
 
 The U-ViT is a convolutional U-Net whose lowest resolution is a transformer stack (not the all-token
 "U-ViT" of Bao et al. 2023). Reading top to bottom:
 
-- `fourier_features`, `Embedding`: log-SNR `lam` -> Fourier features -> MLP, plus a learned class embedding
-  with one extra null row (index `num_classes`) for classifier-free guidance. Their sum conditions every block.
-- `ResBlock`: GroupNorm, SiLU, 3x3 conv, GroupNorm with embedding-predicted scale/shift, SiLU, 3x3 conv
-  (zero-initialised), residual. `Downsample` is space-to-depth + 1x1 conv (a matmul, fast on CPU);
-  `Upsample` is nearest-neighbour + 3x3 conv (never a transposed conv, ~20x slower on XLA:CPU).
+- `fourier_features`, `Embedding`: log-SNR `lam` -> Fourier features -> MLP, plus a learned class
+  embedding with one extra null row (index `num_classes`) for classifier-free guidance. Their sum
+  conditions every block.
+- `ResBlock`: GroupNorm, SiLU, 3x3 conv, GroupNorm with embedding-predicted scale/shift, SiLU, 3x3
+  conv (zero-initialised), residual. `Downsample` is space-to-depth + 1x1 conv (a matmul, fast on
+  CPU); `Upsample` is nearest-neighbour + 3x3 conv (never a transposed conv, ~20x slower on
+  XLA:CPU).
 - `TransformerBlock`: pre-norm multi-head self-attention + MLP on the lowest-resolution tokens, the
-  LayerNorms modulated by the embedding (scale/shift), the residual branches' last layers zero-initialised.
-  Each block optionally runs under `jax.checkpoint` (remat). The stack is a plain loop, not `lax.scan`, so
-  that XLA's cost analysis (which counts a loop body once) reports the true FLOPs.
-- `UViT`: stem conv, per-level ResBlocks (encoder), Downsample to the transformer width, learned position
-  embedding, transformer stack, Upsample, per-level ResBlocks fed with concatenated skips (decoder),
-  GroupNorm/SiLU/3x3-conv head (zero-initialised). It predicts `v = alpha eps - sigma x`.
-- `Denoiser`: wraps a `UViT` and returns the x-prediction `alpha z - sigma v` (MATH.md §1), the callable
-  `g(z, lam, label)` that mmd.py expects.
+  LayerNorms modulated by the embedding (scale/shift), the residual branches' last layers
+  zero-initialised. Each block optionally runs under `jax.checkpoint` (remat). The stack is a plain
+  loop, not `lax.scan`, so that XLA's cost analysis (which counts a loop body once) reports the true
+  FLOPs.
+- `UViT`: stem conv, per-level ResBlocks (encoder), Downsample to the transformer width, learned
+  position embedding, transformer stack, Upsample, per-level ResBlocks fed with concatenated skips
+  (decoder), GroupNorm/SiLU/3x3-conv head (zero-initialised). It predicts `v = alpha eps - sigma x`.
+- `Denoiser`: wraps a `UViT` and returns the x-prediction `alpha z - sigma v` (MATH.md §1), the
+  callable `g(z, lam, label)` that mmd.py expects.
+- `MLPDenoiser` (`MLPConfig`): the second, tiny model family, the same callable for 2-D points:
+  an MLP v-network on `(z, Fourier features of lam, label embedding)`; train.py's `ring2d` preset.
 
-Dropout is omitted: the distillation paper (Salimans et al. 2024, App. B) uses none. `PRESETS` holds the
-configurations (`mnist`, `imagenet64`, `imagenet128`); `make_model` builds a `Denoiser` from one.
+Dropout is omitted: the distillation paper (Salimans et al. 2024, App. B) uses none. `PRESETS` holds
+the configurations (`mnist`, `imagenet64`, `imagenet128`); `make_model` builds a `Denoiser` from one
+(or an `MLPDenoiser` from an `MLPConfig`).
 """
 
 import dataclasses
@@ -28,8 +34,8 @@ import math
 
 import equinox as eqx
 import jax
-from einops import rearrange
 import jax.numpy as jnp
+from einops import rearrange
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from mmd import alpha_sigma
@@ -39,11 +45,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class UViTConfig:
-    """Architecture of a U-ViT. `widths[i]`/`blocks[i]`: channels and ResBlocks of conv level `i` (level 0 at
-    the input resolution divided by `patch_size`, each next level halves it); the transformer runs at
-    `resolution / (patch_size * 2 ** len(widths))`. Labels run over [0, num_classes], `num_classes` being the
-    null label of classifier-free guidance (`num_classes=0`: unconditional). `dtype` is the compute dtype
-    (parameters stay float32); `remat` recomputes each transformer block in the backward pass."""
+    """Architecture of a U-ViT. `widths[i]`/`blocks[i]`: channels and ResBlocks of conv level `i`
+    (level 0 at the input resolution divided by `patch_size`, each next level halves it); the
+    transformer runs at `resolution / (patch_size * 2 ** len(widths))`. Labels run over [0,
+    num_classes], `num_classes` being the null label of classifier-free guidance (`num_classes=0`:
+    unconditional). `dtype` is the compute dtype (parameters stay float32); `remat` recomputes each
+    transformer block in the backward pass."""
 
     resolution: int
     channels: int
@@ -63,21 +70,28 @@ class UViTConfig:
 
     def __post_init__(self):
         if len(self.widths) != len(self.blocks) or not self.widths:
-            raise ValueError(f"widths {self.widths} and blocks {self.blocks} need one entry per level (>= 1).")
+            raise ValueError(
+                f"widths {self.widths} and blocks {self.blocks} need one entry per level (>= 1)."
+            )
         if self.resolution % (self.patch_size * 2 ** len(self.widths)):
             raise ValueError(
                 f"resolution {self.resolution} must be divisible by patch_size * 2**levels = "
-                f"{self.patch_size * 2 ** len(self.widths)}; change resolution, patch_size or widths."
+                f"{self.patch_size * 2 ** len(self.widths)}; change resolution, patch_size or "
+                "widths."
             )
         for w in self.widths:
             if w % min(self.groups, w):
                 raise ValueError(f"width {w} is not divisible by GroupNorm groups {self.groups}.")
         if self.transformer_width % self.heads:
-            raise ValueError(f"transformer_width {self.transformer_width} not divisible by heads {self.heads}.")
+            raise ValueError(
+                f"transformer_width {self.transformer_width} not divisible by heads {self.heads}."
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} must be one of {sorted(DTYPES)}.")
         if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}.")
+            raise ValueError(
+                f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}."
+            )
 
     @property
     def token_resolution(self) -> int:
@@ -97,10 +111,11 @@ MNIST = UViTConfig(
     emb_width=128,
     patch_size=2,
 )
-"""CPU-sized U-ViT for 32x32 MNIST (pad 28 -> 32), ~2.4M parameters, ~0.5 GFLOP per image forward. The input
-is folded 2x2 into channels (Simple Diffusion's remedy for high-resolution feature maps), so the one conv level
-runs at 16x16 with 96 channels and the transformer at 8x8 tokens of width 192: wide convs and matmuls keep
-XLA:CPU near its matmul rate, where 32x32 maps with few channels ran at a quarter of it."""
+"""CPU-sized U-ViT for 32x32 MNIST (pad 28 -> 32), ~2.4M parameters, ~0.5 GFLOP per image forward.
+The input is folded 2x2 into channels (Simple Diffusion's remedy for high-resolution feature maps),
+so the one conv level runs at 16x16 with 96 channels and the transformer at 8x8 tokens of width 192:
+wide convs and matmuls keep XLA:CPU near its matmul rate, where 32x32 maps with few channels ran at
+a quarter of it."""
 
 IMAGENET64 = UViTConfig(
     resolution=64,
@@ -115,17 +130,18 @@ IMAGENET64 = UViTConfig(
     dtype="bfloat16",
     remat=True,
 )
-"""The distillation paper's ~400M "small" U-ViT for ImageNet 64x64 (Salimans et al. 2024, App. B). Inferred
-from Simple Diffusion's U-ViT recipe, since neither paper prints this variant's table: base width 128 with
-channel multipliers (1, 2) at 64x64 and 32x32, two ResBlocks per level, and the extra capacity spent on a
-transformer at 16x16 (Simple Diffusion's finding: scale the 16x16 level), width 1024 (multiplier 8, half
-the 2B model's 2048), 16 heads of 64, MLP ratio 4, embedding width 1024; depth 23 brings the total near 400M."""
+"""The distillation paper's ~400M "small" U-ViT for ImageNet 64x64 (Salimans et al. 2024, App. B).
+Inferred from Simple Diffusion's U-ViT recipe, since neither paper prints this variant's table: base
+width 128 with channel multipliers (1, 2) at 64x64 and 32x32, two ResBlocks per level, and the extra
+capacity spent on a transformer at 16x16 (Simple Diffusion's finding: scale the 16x16 level), width
+1024 (multiplier 8, half the 2B model's 2048), 16 heads of 64, MLP ratio 4, embedding width 1024;
+depth 23 brings the total near 400M."""
 
 IMAGENET128 = dataclasses.replace(
     IMAGENET64, resolution=128, widths=(128, 256, 512), blocks=(2, 2, 2), transformer_depth=21
 )
-"""ImageNet 128x128 variant of `IMAGENET64`: one more conv level (128, 64, 32 -> width 128, 256, 512) so the
-transformer again sees 16x16 tokens; depth 21 keeps the total near 400M."""
+"""ImageNet 128x128 variant of `IMAGENET64`: one more conv level (128, 64, 32 -> width 128, 256,
+512) so the transformer again sees 16x16 tokens; depth 21 keeps the total near 400M."""
 
 PRESETS = {"mnist": MNIST, "imagenet64": IMAGENET64, "imagenet128": IMAGENET128}
 
@@ -135,7 +151,8 @@ def _normal(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int) -> Float[Arr
 
 
 def _last_axis(v: Float[Array, " n"], ndim: int) -> Float[Array, "..."]:
-    """Reshape a per-channel vector to broadcast against an `ndim`-rank array (rank promotion is explicit)."""
+    """Reshape a per-channel vector to broadcast against an `ndim`-rank array (rank promotion is
+    explicit)."""
     return v.reshape((1,) * (ndim - 1) + (-1,))
 
 
@@ -160,18 +177,25 @@ class Conv(eqx.Module):
     bias: Float[Array, " o"]
 
     def __init__(self, n_in: int, n_out: int, *, key: PRNGKeyArray, zero: bool = False):
-        self.weight = jnp.zeros((3, 3, n_in, n_out)) if zero else _normal(key, (3, 3, n_in, n_out), 9 * n_in)
+        self.weight = (
+            jnp.zeros((3, 3, n_in, n_out)) if zero else _normal(key, (3, 3, n_in, n_out), 9 * n_in)
+        )
         self.bias = jnp.zeros((n_out,))
 
     def __call__(self, x: Float[Array, "b h w i"]) -> Float[Array, "b h w o"]:
         y = jax.lax.conv_general_dilated(
-            x, self.weight.astype(x.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            x,
+            self.weight.astype(x.dtype),
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         return y + _last_axis(self.bias.astype(x.dtype), 4)
 
 
 class GroupNorm(eqx.Module):
-    """GroupNorm over (h, w, channels in group) of each example separately; statistics in float32."""
+    """GroupNorm over (h, w, channels in group) of each example separately; statistics in
+    float32."""
 
     scale: Float[Array, " c"]
     bias: Float[Array, " c"]
@@ -192,7 +216,8 @@ class GroupNorm(eqx.Module):
 
 
 def layer_norm(x: Float[Array, "*s d"]) -> Float[Array, "*s d"]:
-    """Parameter-free LayerNorm over the last axis, statistics in float32 (scale/shift come from conditioning)."""
+    """Parameter-free LayerNorm over the last axis, statistics in float32 (scale/shift come from
+    conditioning)."""
     y = x.astype(jnp.float32)
     mean = jnp.mean(y, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True)
@@ -202,17 +227,20 @@ def layer_norm(x: Float[Array, "*s d"]) -> Float[Array, "*s d"]:
 def fourier_features(
     lam: Float[Array, " b"], *, n: int, min_freq: float = 1 / 16, max_freq: float = 16.0
 ) -> Float[Array, "b n"]:
-    """sin/cos of `lam` at `n/2` geometrically spaced angular frequencies: the lowest keeps the whole log-SNR
-    range (about [-15, 15] after resolution shifts) within one monotone half-period, the highest resolves ~0.1."""
+    """sin/cos of `lam` at `n/2` geometrically spaced angular frequencies: the lowest keeps the
+    whole log-SNR range (about [-15, 15] after resolution shifts) within one monotone half-period,
+    the highest resolves ~0.1."""
     freqs = jnp.geomspace(min_freq, max_freq, n // 2)
     angles = lam.astype(jnp.float32)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
 class Embedding(eqx.Module):
-    """Conditioning vector: MLP of log-SNR Fourier features plus a class embedding (last row = null class).
+    """Conditioning vector: MLP of log-SNR Fourier features plus a class embedding (last row = null
+    class).
 
-    Labels must lie in [0, num_classes]; inside jit an out-of-range label cannot raise and JAX clamps it."""
+    Labels must lie in [0, num_classes]; inside jit an out-of-range label cannot raise and JAX
+    clamps it."""
 
     mlp_in: Dense
     mlp_out: Dense
@@ -250,7 +278,9 @@ class ResBlock(eqx.Module):
         self.conv2 = Conv(n_out, n_out, key=k3, zero=True)
         self.skip = Dense(n_in, n_out, key=k4) if n_in != n_out else None
 
-    def __call__(self, x: Float[Array, "b h w i"], emb: Float[Array, "b e"]) -> Float[Array, "b h w o"]:
+    def __call__(
+        self, x: Float[Array, "b h w i"], emb: Float[Array, "b e"]
+    ) -> Float[Array, "b h w o"]:
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         scale, shift = jnp.split(self.cond(emb)[:, None, None, :], 2, axis=-1)
         h = self.conv2(jax.nn.silu(self.norm2(h) * (1 + scale) + shift))
@@ -317,7 +347,9 @@ class TransformerBlock(eqx.Module):
         h = layer_norm(x) * (1 + scale1) + shift1
         # Heads before tokens: XLA:CPU runs the batched matmuls ~2x faster with (b, h) leading.
         q, k, v = rearrange(self.qkv(h), "b t (three h d) -> three b h t d", three=3, h=self.heads)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d // self.heads)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(
+            d // self.heads
+        )
         weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
         attended = rearrange(jnp.einsum("bhqk,bhkd->bhqd", weights, v), "b h t d -> b t (h d)")
         x = x + self.attn_out(attended)
@@ -347,16 +379,21 @@ class UViT(eqx.Module):
         self.config = config
         self.embedding = Embedding(config, key=next(keys))
         self.stem = Conv(p2c, widths[0], key=next(keys))
-        self.encoder = [[ResBlock(w, w, config, key=next(keys)) for _ in range(n)] for w, n in zip(widths, config.blocks)]
+        self.encoder = [
+            [ResBlock(w, w, config, key=next(keys)) for _ in range(n)]
+            for w, n in zip(widths, config.blocks)
+        ]
         nexts = widths[1:] + (d,)
         self.downs = [Downsample(w, w2, key=next(keys)) for w, w2 in zip(widths, nexts)]
         self.position = 0.02 * jax.random.normal(next(keys), (config.token_resolution**2, d))
         self.transformer = [
-            TransformerBlock(config, key=k) for k in jax.random.split(next(keys), config.transformer_depth)
+            TransformerBlock(config, key=k)
+            for k in jax.random.split(next(keys), config.transformer_depth)
         ]
         self.ups = [Upsample(w2, w, key=next(keys)) for w, w2 in zip(widths, nexts)]
         self.decoder = [
-            [ResBlock(2 * w, w, config, key=next(keys)) for _ in range(n)] for w, n in zip(widths, config.blocks)
+            [ResBlock(2 * w, w, config, key=next(keys)) for _ in range(n)]
+            for w, n in zip(widths, config.blocks)
         ]
         self.head_norm = GroupNorm(widths[0], config.groups)
         self.head = Conv(widths[0], p2c, key=next(keys), zero=True)
@@ -367,7 +404,8 @@ class UViT(eqx.Module):
         cfg = self.config
         if z.shape[1:] != (cfg.resolution, cfg.resolution, cfg.channels):
             raise ValueError(
-                f"U-ViT built for {cfg.resolution}x{cfg.resolution}x{cfg.channels} images (NHWC) got z of shape "
+                f"U-ViT built for {cfg.resolution}x{cfg.resolution}x{cfg.channels} images (NHWC) "
+                "got z of shape "
                 f"{z.shape}; resize/pad the data or build the model from a matching UViTConfig."
             )
         dtype = DTYPES[cfg.dtype]
@@ -393,7 +431,8 @@ class UViT(eqx.Module):
 
 
 class Denoiser(eqx.Module):
-    """The denoiser `g(z, lam, label) -> x_pred = alpha z - sigma v` that mmd.py trains and samples."""
+    """The denoiser `g(z, lam, label) -> x_pred = alpha z - sigma v` that mmd.py trains and
+    samples."""
 
     net: UViT
 
@@ -405,16 +444,68 @@ class Denoiser(eqx.Module):
         return alpha[:, None, None, None] * z - sigma[:, None, None, None] * v
 
 
-def make_model(config: UViTConfig | str, *, key: PRNGKeyArray) -> Denoiser:
-    """Build a `Denoiser` around a fresh `UViT` from a config or a preset name in `PRESETS`."""
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """Architecture of an `MLPDenoiser` for points of `dim` coordinates: `depth` hidden layers of
+    `width` units; labels run over [0, num_classes], `num_classes` being the null label."""
+
+    dim: int = 2
+    num_classes: int = 3
+    width: int = 128
+    depth: int = 3
+
+
+class MLPDenoiser(eqx.Module):
+    """`x_hat = alpha z - sigma v(z, lam, label)`, v an MLP (SiLU): a denoiser for points.
+    Inputs: `z`, 4 sine and 4 cosine features of `lam` (frequencies 0.05..0.4, for lam in about
+    [-20, 20]), an 8-wide label embedding with a null row."""
+
+    mlp: eqx.nn.MLP
+    embed: eqx.nn.Embedding
+
+    def __init__(self, *, dim: int, width: int, depth: int, num_classes: int, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.embed = eqx.nn.Embedding(num_classes + 1, 8, key=k1)
+        self.mlp = eqx.nn.MLP(dim + 8 + 8, dim, width, depth, activation=jax.nn.silu, key=k2)
+
+    def __call__(
+        self, z: Float[Array, "b d"], lam: Float[Array, " b"], label: Int[Array, " b"]
+    ) -> Float[Array, "b d"]:
+        freqs = jnp.asarray([0.05, 0.1, 0.2, 0.4], jnp.float32)
+        f = lam[:, None] * freqs[None]
+        feats = jnp.concatenate([z, jnp.sin(f), jnp.cos(f), jax.vmap(self.embed)(label)], axis=1)
+        v = jax.vmap(self.mlp)(feats)
+        alpha = jnp.sqrt(jax.nn.sigmoid(lam))[:, None]
+        sigma = jnp.sqrt(jax.nn.sigmoid(-lam))[:, None]
+        return alpha * z - sigma * v
+
+
+def make_model(
+    config: UViTConfig | MLPConfig | str, *, key: PRNGKeyArray
+) -> Denoiser | MLPDenoiser:
+    """Build a `Denoiser` around a fresh `UViT` from a config or a preset name in `PRESETS`, or an
+    `MLPDenoiser` from an `MLPConfig`."""
+    if isinstance(config, MLPConfig):
+        return MLPDenoiser(
+            dim=config.dim,
+            width=config.width,
+            depth=config.depth,
+            num_classes=config.num_classes,
+            key=key,
+        )
     if isinstance(config, str):
         if config not in PRESETS:
-            raise ValueError(f"unknown preset {config!r}; choose one of {sorted(PRESETS)} or pass a UViTConfig.")
+            raise ValueError(
+                f"unknown preset {config!r}; choose one of {sorted(PRESETS)} or pass a UViTConfig."
+            )
         config = PRESETS[config]
     return Denoiser(UViT(config, key=key))
 
 
 def param_count(model: eqx.Module) -> int:
-    """Number of parameters; works on real models and on `eqx.filter_eval_shape` outputs (no allocation)."""
+    """Number of parameters; works on real models and on `eqx.filter_eval_shape` outputs (no
+    allocation)."""
     leaves = jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    return sum(math.prod(x.shape) for x in leaves if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)))
+    return sum(
+        math.prod(x.shape) for x in leaves if isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
+    )

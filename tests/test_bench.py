@@ -1,6 +1,7 @@
-"""bench.py quality: the rows each budget runs, the verdicts against the paper's claims, and resumability
-(finished rows are cached and skipped, --time-limit stops between rows). Training and evaluation are
-replaced by recording fakes: their own tests live in test_train.py and test_eval.py."""
+"""bench.py quality: the rows each budget runs, the verdicts against the paper's claims, and
+resumability (finished rows are cached and skipped, --time-limit stops between rows). Training and
+evaluation are replaced by recording fakes: their own tests live in test_train.py and
+test_eval.py."""
 
 import json
 
@@ -19,9 +20,16 @@ def test_small_budget_is_the_issue_rows_headline_first():
     teachers = {(r.steps, r.guidance) for r in rows if r.variant == "teacher"}
     assert teachers == {(s, w) for s in (8, 32, 128, 512) for w in (0.0, 0.1)}
     assert sorted(names(r for r in rows if r.variant != "teacher")) == sorted(
-        ["instant-k1-flat", "alternating-k1-flat", "instant-k8-edm", "alternating-k8-edm"])
-    assert names(rows[:6]) == ["instant-k8-edm", "alternating-k8-edm", "teacher-512-w0", "teacher-512-w0.1",
-                               "teacher-8-w0", "teacher-8-w0.1"]
+        ["instant-k1-flat", "alternating-k1-flat", "instant-k8-edm", "alternating-k8-edm"]
+    )
+    assert names(rows[:6]) == [
+        "instant-k8-edm",
+        "alternating-k8-edm",
+        "teacher-512-w0",
+        "teacher-512-w0.1",
+        "teacher-8-w0",
+        "teacher-8-w0.1",
+    ]
     assert len(set(rows)) == len(rows) == 12
 
 
@@ -34,11 +42,22 @@ def test_full_budget_weighting_flat_up_to_two_steps_and_flat_k8_comparison():
 
 
 def record(fid, n=100):
-    return {"fid": fid, "precision": 0.5, "recall": 0.5, "num_samples": n, "timings_s": {"sampling": 1.0},
-            "train_seconds": None, "distill_steps": 10, "distill_batch_size": 8,
-            "machine": {"devices": "cpu x1", "cpu_count": 2, "jax_version": "0"},
-            "feature_protocol": "p",
-            "gamma": 0.0, "config": {"lr": 1e-4}, "fd_mnist": 2.5, "label_accuracy": 0.9}
+    return {
+        "fid": fid,
+        "precision": 0.5,
+        "recall": 0.5,
+        "num_samples": n,
+        "timings_s": {"sampling": 1.0},
+        "train_seconds": None,
+        "distill_steps": 10,
+        "distill_batch_size": 8,
+        "machine": {"devices": "cpu x1", "cpu_count": 2, "jax_version": "0"},
+        "feature_protocol": "p",
+        "gamma": 0.0,
+        "config": {"lr": 1e-4},
+        "fd_mnist": 2.5,
+        "label_accuracy": 0.9,
+    }
 
 
 def test_verdicts_compare_with_the_best_guided_512_step_teacher():
@@ -52,13 +71,24 @@ def test_verdicts_compare_with_the_best_guided_512_step_teacher():
         Row("teacher", 8, 0.0): record(4.0),
     }
     lines = bench.verdicts(results)
-    assert "instant, k = 8 (edm): FID 1.50 against the undistilled teacher's 4.00 with the same 8 steps." in lines
-    assert "instant, k = 8 (edm): FID 1.50 beats the 512-step teacher's best FID 2.00 (guidance 0.1)." in lines
-    assert "alternating, k = 8 (edm): FID 2.50 is 0.50 worse than the 512-step teacher's best FID 2.00 (guidance 0.1)." in lines
+    assert (
+        "instant, k = 8 (edm): FID 1.50 against the undistilled teacher's 4.00 with the same 8 "
+        "steps." in lines
+    )
+    assert (
+        "instant, k = 8 (edm): FID 1.50 beats the 512-step teacher's best FID 2.00 (guidance 0.1)."
+        in lines
+    )
+    assert (
+        "alternating, k = 8 (edm): FID 2.50 is 0.50 worse than the 512-step teacher's best FID "
+        "2.00 (guidance 0.1)." in lines
+    )
     assert "k = 1: alternating 7.00, instant 9.00 (alternating better)." in lines
     table = bench.quality_table(results).splitlines()
     assert len(table) == 2 + len(results) and table[2].startswith("| teacher | 8 |")
-    assert bench.verdicts({}) == ["The 512-step teacher rows are not finished: no comparison with them yet."]
+    assert bench.verdicts({}) == [
+        "The 512-step teacher rows are not finished: no comparison with them yet."
+    ]
 
 
 @pytest.fixture
@@ -75,14 +105,24 @@ def fakes(monkeypatch, tmp_path):
 
     def evaluate_row(row, checkpoint, *, out, num_samples, batch_size, seed):
         calls.append(("eval", row.name, checkpoint.name, num_samples))
-        return record(float(row.steps) if row.variant != "teacher" else 100.0 / row.steps, num_samples)
+        return record(
+            float(row.steps) if row.variant != "teacher" else 100.0 / row.steps, num_samples
+        )
 
     monkeypatch.setattr(bench, "train_student", train_student)
     monkeypatch.setattr(bench, "evaluate_row", evaluate_row)
 
     def run(**overrides):
-        options = dict(budget="small", out=tmp_path / "q", teacher="auto", distill_steps=10, distill_batch_size=8,
-                       eval_batch_size=4, time_limit=None, seed=0)
+        options = dict(
+            budget="small",
+            out=tmp_path / "q",
+            teacher="auto",
+            distill_steps=10,
+            distill_batch_size=8,
+            eval_batch_size=4,
+            time_limit=None,
+            seed=0,
+        )
         return bench.bench_quality(**{**options, **overrides})
 
     return calls, run, tmp_path / "q"
@@ -91,22 +131,34 @@ def fakes(monkeypatch, tmp_path):
 def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     calls, run, out = fakes
     report = run(only=["instant-k8-edm", "teacher-512-w0"])
-    assert calls == [("train", "instant-k8-edm", 10, 8), ("eval", "instant-k8-edm", "instant-k8-edm.eqx", 1000),
-                     ("eval", "teacher-512-w0", "teacher.eqx", 1000)]
+    assert calls == [
+        ("train", "instant-k8-edm", 10, 8),
+        ("eval", "instant-k8-edm", "instant-k8-edm.eqx", 1000),
+        ("eval", "teacher-512-w0", "teacher.eqx", 1000),
+    ]
     assert "instant, k = 8 (edm): FID 8.00 is 7.80 worse than" in report
     assert "alternating, k = 8: not finished." in report
     assert (out / "fid_vs_steps.png").stat().st_size > 0
     saved = json.loads((out / "rows" / "instant-k8-edm_n1000.json").read_text())
-    assert saved["train_seconds"] == 12.0 and saved["distill_steps"] == 10 and saved["machine"]["cpu_count"]
+    assert (
+        saved["train_seconds"] == 12.0
+        and saved["distill_steps"] == 10
+        and saved["machine"]["cpu_count"]
+    )
     calls.clear()
     report = run()
-    assert [c[1] for c in calls if c[0] == "eval"] == [n for n in names(bench.quality_rows("small"))
-                                                          if n not in ("instant-k8-edm", "teacher-512-w0")]
+    assert [c[1] for c in calls if c[0] == "eval"] == [
+        n
+        for n in names(bench.quality_rows("small"))
+        if n not in ("instant-k8-edm", "teacher-512-w0")
+    ]
     assert "All rows finished." in report and "(12 rows)" in report
     calls.clear()
     run()
     assert calls == []
-    run(num_samples=50, time_limit=0.0)  # another sample count is another cache; limit 0 starts nothing
+    run(
+        num_samples=50, time_limit=0.0
+    )  # another sample count is another cache; limit 0 starts nothing
     assert calls == []
 
 
@@ -180,3 +232,33 @@ def test_quality_json_rows_follow_the_schema(fakes):
     ):
         with pytest.raises(ValueError, match="quality row"):
             bench.validate_quality_row(broken)
+
+
+def test_each_subcommand_parses_into_its_dataclass():
+    """Defaults and one override per subcommand land in the settings dataclass; counts < 1 fail."""
+    defaults = {
+        "model": (bench.ModelBench(preset="mnist", batch_size=128, repeats=10, seed=0), []),
+        "speed": (bench.SpeedBench(batch_size=64, repeats=5, sample_batch=16), []),
+        "inception": (bench.InceptionBench(batch_size=32, repeats=3, out=None), []),
+        "sampling": (bench.SamplingBench(num_steps=8, batch_sizes=(50, 200, 500)), []),
+        "proxy": (bench.ProxyBench(num_steps=(2, 4, 8, 16, 64), out="runs/eval-proxy"), []),
+        "quality": (bench.QualityBench(budget="small", out=None, time_limit=None), []),
+    }
+    for name, (expected, argv) in defaults.items():
+        assert bench.parse_args([name, *argv]) == (name, expected)
+    overrides = {
+        "model": (["--preset", "imagenet64"], {"preset": "imagenet64"}),
+        "speed": (["--sample-batch", "4"], {"sample_batch": 4}),
+        "inception": (["--batch-size", "16"], {"batch_size": 16}),
+        "sampling": (["--batch-sizes", "8", "16"], {"batch_sizes": (8, 16)}),
+        "proxy": (["--k", "1", "2"], {"num_steps": (1, 2)}),
+        "quality": (
+            ["--budget", "full", "--rows", "teacher-8-w0", "--time-limit", "1.5"],
+            {"budget": "full", "rows": ("teacher-8-w0",), "time_limit": 1.5},
+        ),
+    }
+    for name, (argv, fields) in overrides.items():
+        cls = bench.COMMANDS[name][0]
+        assert bench.parse_args([name, *argv]) == (name, cls(**fields))
+    with pytest.raises(ValueError, match="--k must be >= 1"):
+        bench.parse_args(["sampling", "--k", "0"])

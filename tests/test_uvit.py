@@ -1,5 +1,6 @@
-"""Tests for uvit.py: shapes per preset, parameter counts, gradients, per-example independence, conditioning,
-the v -> x wrapper, bf16 compute and remat. Most run a tiny config; the imagenet presets only via eval_shape."""
+"""Tests for uvit.py: shapes per preset, parameter counts, gradients, per-example independence,
+conditioning, the v -> x wrapper, bf16 compute and remat. Most run a tiny config; the imagenet
+presets only via eval_shape."""
 
 import dataclasses
 
@@ -34,14 +35,19 @@ def inputs(config, batch, key):
 
 
 def perturbed_model(config, key):
-    """A fresh model with noise added to every parameter, so zero-initialised layers stop hiding dependencies.
+    """A fresh model with noise added to every parameter, so zero-initialised layers stop hiding
+    dependencies.
 
-    Built eagerly: XLA compiles the random initialisers of a whole model far slower than it runs them op by op,
-    and the eager op cache makes a second build (e.g. the remat variant) nearly free."""
+    Built eagerly: XLA compiles the random initialisers of a whole model far slower than it runs
+    them op by op, and the eager op cache makes a second build (e.g. the remat variant) nearly
+    free."""
     k_model, k_noise = jax.random.split(key)
     params, static = eqx.partition(uvit.make_model(config, key=k_model), eqx.is_array)
     leaves, treedef = jax.tree.flatten(params)
-    noisy = [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, jax.random.split(k_noise, len(leaves)))]
+    noisy = [
+        p + 0.1 * jax.random.normal(k, p.shape)
+        for p, k in zip(leaves, jax.random.split(k_noise, len(leaves)))
+    ]
     return eqx.combine(jax.tree.unflatten(treedef, noisy), static)
 
 
@@ -65,7 +71,9 @@ def np_alpha_sigma(lam):
 def test_preset_output_shape_and_dtype(name):
     config = uvit.PRESETS[name]
     model = eqx.filter_eval_shape(uvit.make_model, name, key=jax.random.key(0))
-    z = jax.ShapeDtypeStruct((2, config.resolution, config.resolution, config.channels), jnp.float32)
+    z = jax.ShapeDtypeStruct(
+        (2, config.resolution, config.resolution, config.channels), jnp.float32
+    )
     lam, label = jax.ShapeDtypeStruct((2,), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)
     out = eqx.filter_eval_shape(lambda m, *a: m(*a), model, z, lam, label)
     assert out.shape == z.shape and out.dtype == jnp.float32
@@ -99,7 +107,9 @@ def test_param_count_matches_closed_form_and_real_arrays():
     assert uvit.param_count(block) == 4 * d * e + 4 * d + 12 * d * d + 9 * d
     model = uvit.make_model(TINY, key=jax.random.key(0))
     shapes = eqx.filter_eval_shape(uvit.make_model, TINY, key=jax.random.key(0))
-    assert uvit.param_count(shapes) == sum(np.size(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    assert uvit.param_count(shapes) == sum(
+        np.size(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))
+    )
 
 
 def test_gradient_finite_and_matches_finite_differences():
@@ -111,7 +121,9 @@ def test_gradient_finite_and_matches_finite_differences():
     squared_norm = sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads))
 
     def loss_along_gradient(h):
-        moved = eqx.apply_updates(model, jax.tree.map(lambda g: h * g / np.sqrt(squared_norm), grads))
+        moved = eqx.apply_updates(
+            model, jax.tree.map(lambda g: h * g / np.sqrt(squared_norm), grads)
+        )
         return float(jnp.mean(jnp.square(apply(moved, z, lam, label) - target)))
 
     # Along the unit gradient direction the directional derivative is the gradient's norm.
@@ -124,6 +136,7 @@ def test_examples_do_not_interact():
     model = perturbed_model(TINY, jax.random.key(0))
     z, lam, label = inputs(TINY, 4, jax.random.key(2))
     z2, lam2, label2 = inputs(TINY, 4, jax.random.key(3))
+
     def f(*args):
         return apply(model, *args)
 
@@ -157,7 +170,9 @@ def test_v_to_x_wrapper_is_exact():
     z, lam, label = inputs(TINY, 2, jax.random.key(2))
     v = np.asarray(apply(model.net, z, lam, label), np.float64)
     alpha, sigma = np_alpha_sigma(lam)
-    expected = alpha[:, None, None, None] * np.asarray(z, np.float64) - sigma[:, None, None, None] * v
+    expected = (
+        alpha[:, None, None, None] * np.asarray(z, np.float64) - sigma[:, None, None, None] * v
+    )
     assert np.max(np.abs(v)) > 0.1
     np.testing.assert_allclose(apply(model, z, lam, label), expected, rtol=1e-5, atol=1e-5)
 
@@ -176,9 +191,14 @@ def test_remat_gives_same_output_and_gradients():
     remat = perturbed_model(dataclasses.replace(TINY, remat=True), jax.random.key(0))
     z, lam, label = inputs(TINY, 2, jax.random.key(2))
     target = jax.random.normal(jax.random.key(3), z.shape)
-    (loss_plain, g_plain), (loss_remat, g_remat) = (loss_and_grad(m, z, lam, label, target) for m in (plain, remat))
+    (loss_plain, g_plain), (loss_remat, g_remat) = (
+        loss_and_grad(m, z, lam, label, target) for m in (plain, remat)
+    )
     np.testing.assert_allclose(loss_remat, loss_plain, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(eqx.filter(g_plain, eqx.is_array)), jax.tree.leaves(eqx.filter(g_remat, eqx.is_array))):
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(g_plain, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(g_remat, eqx.is_array)),
+    ):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
@@ -188,7 +208,9 @@ def test_space_to_depth_layout_and_inverse():
     assert y.shape == (2, 2, 3, 12)
     for i in range(2):
         for j in range(2):
-            np.testing.assert_array_equal(y[..., (2 * i + j) * 3 : (2 * i + j + 1) * 3], x[:, i::2, j::2, :])
+            np.testing.assert_array_equal(
+                y[..., (2 * i + j) * 3 : (2 * i + j + 1) * 3], x[:, i::2, j::2, :]
+            )
     np.testing.assert_array_equal(uvit.depth_to_space(y, 2), x)
 
 
@@ -202,7 +224,13 @@ def test_group_norm_normalises_each_example_and_group():
 def test_bad_inputs_raise_actionable_errors():
     model = eqx.filter_eval_shape(uvit.make_model, TINY, key=jax.random.key(0))
     with pytest.raises(ValueError, match="resize/pad"):
-        eqx.filter_eval_shape(lambda m, *a: m(*a), model, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+        eqx.filter_eval_shape(
+            lambda m, *a: m(*a),
+            model,
+            jnp.zeros((1, 8, 8, 3)),
+            jnp.zeros((1,)),
+            jnp.zeros((1,), jnp.int32),
+        )
     with pytest.raises(ValueError, match="unknown preset"):
         uvit.make_model("cifar", key=jax.random.key(0))
     with pytest.raises(ValueError, match="divisible"):
@@ -223,7 +251,7 @@ def test_attention_heads_against_a_loop_over_heads():
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     d, dh = 12, 4
     cond = f64(emb) @ f64(block.cond.weight) + f64(block.cond.bias)
-    scale1, shift1, scale2, shift2 = (cond[:, None, i * d:(i + 1) * d] for i in range(4))
+    scale1, shift1, scale2, shift2 = (cond[:, None, i * d : (i + 1) * d] for i in range(4))
 
     def norm(a):
         return (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-6)
@@ -231,10 +259,10 @@ def test_attention_heads_against_a_loop_over_heads():
     qkv = (norm(f64(x)) * (1 + scale1) + shift1) @ f64(block.qkv.weight) + f64(block.qkv.bias)
     merged = np.zeros((2, 5, d))
     for i in range(3):
-        q, k, v = (qkv[..., j * d + i * dh: j * d + (i + 1) * dh] for j in range(3))
+        q, k, v = (qkv[..., j * d + i * dh : j * d + (i + 1) * dh] for j in range(3))
         logits = q @ k.transpose(0, 2, 1) / np.sqrt(dh)
         weights = np.exp(logits - logits.max(-1, keepdims=True))
-        merged[..., i * dh:(i + 1) * dh] = (weights / weights.sum(-1, keepdims=True)) @ v
+        merged[..., i * dh : (i + 1) * dh] = (weights / weights.sum(-1, keepdims=True)) @ v
     h = f64(x) + merged @ f64(block.attn_out.weight) + f64(block.attn_out.bias)
     hidden = (norm(h) * (1 + scale2) + shift2) @ f64(block.mlp_in.weight) + f64(block.mlp_in.bias)
     gelu = np.asarray(jax.nn.gelu(jnp.asarray(hidden, jnp.float32)), np.float64)
