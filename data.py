@@ -830,6 +830,26 @@ def _load_synthetic(kind: str, options: str, split: str) -> Dataset:
 # ----------------------------------------------------------------------------------------
 
 
+def check_uint8_images(images: Any, *, where: str, sides: tuple[int, ...] | None = None) -> None:
+    """Raise a ValueError naming the expected layout unless `images` is a uint8 NHWC numpy array
+    `(n, h, w, 1|3)` (with h = w in `sides`, when given)."""
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[-1] not in (1, 3)
+        or (sides is not None and images.shape[1:3] not in [(s, s) for s in sides])
+    ):
+        got = (
+            f"{images.dtype} {images.shape}" if hasattr(images, "shape") else type(images).__name__
+        )
+        size = "" if sides is None else f" with h = w = {' or '.join(map(str, sides))}"
+        raise ValueError(
+            f"{where} needs uint8 images laid out (n, h, w, 1|3){size}, got {got} "
+            "(convert samples in [-1, 1] with `to_uint8`)"
+        )
+
+
 def to_float(
     images: UInt8[np.ndarray, "*b"] | Float32[np.ndarray, "*b"],
 ) -> Float32[np.ndarray, "*b"]:

@@ -104,7 +104,7 @@ def inception_features(
     are split over `devices` (default: all local devices); `progress` is a progress-bar label (None:
     no bar).
     """
-    _check_images(images, "inception_features")
+    data.check_uint8_images(images, where="inception_features")
     if images.shape[0] == 0:
         return np.zeros((0, inception.FEATURE_DIM), np.float32)
     mesh = mmd.data_mesh(list(devices or jax.local_devices()))
@@ -120,22 +120,6 @@ def inception_features(
         progress=progress,
     )
     return features.astype(np.float32)
-
-
-def _check_images(images: Any, where: str) -> None:
-    if (
-        not isinstance(images, np.ndarray)
-        or images.dtype != np.uint8
-        or images.ndim != 4
-        or images.shape[-1] not in (1, 3)
-    ):
-        got = (
-            f"{images.dtype} {images.shape}" if hasattr(images, "shape") else type(images).__name__
-        )
-        raise ValueError(
-            f"{where} needs uint8 images laid out (n, h, w, 1|3), got {got} "
-            "(convert samples in [-1, 1] with `to_uint8`)"
-        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,20 +75,7 @@ class LeNet(eqx.Module):
 def to_input(images: Shaped[np.ndarray, "*shape"]) -> Float32[np.ndarray, "n 32 32 1"]:
     """Validate uint8 NHWC digits `(n, h, w, 1|3)` and map them to the network's input (grey, 32x32,
     [-1, 1]); anything else raises a ValueError naming that layout."""
-    if (
-        not isinstance(images, np.ndarray)
-        or images.dtype != np.uint8
-        or images.ndim != 4
-        or images.shape[-1] not in (1, 3)
-        or images.shape[1:3] not in ((32, 32), (28, 28))
-    ):
-        got = (
-            f"{images.dtype} {images.shape}" if hasattr(images, "shape") else type(images).__name__
-        )
-        raise ValueError(
-            f"the MNIST classifier needs uint8 images laid out (n, h, w, 1|3) with h = w = 32 "
-            f"or 28, got {got} (convert samples in [-1, 1] with `to_uint8`)"
-        )
+    data.check_uint8_images(images, where="the MNIST classifier", sides=(SIDE, 28))
     x = images.astype(np.float32).mean(axis=-1, keepdims=True) / 127.5 - 1.0
     if x.shape[1] == 28:
         x = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0)
