@@ -570,6 +570,14 @@ def check_teacher(config: Config) -> None:
     )
 
 
+def _check_classes(dataset: data.Dataset, num_classes: int) -> None:
+    if dataset.num_classes != num_classes:
+        raise ValueError(
+            f"{dataset.name} has {dataset.num_classes} classes, the model {num_classes}: "
+            f"pass --model-num-classes {dataset.num_classes}"
+        )
+
+
 def check_data(dataset: data.Dataset, model: uvit.UViTConfig) -> None:
     """The data must be images of 1 or 3 channels with the model's shape and classes."""
     expected = (model.resolution, model.resolution, model.channels)
@@ -589,11 +597,7 @@ def check_data(dataset: data.Dataset, model: uvit.UViTConfig) -> None:
             f"{dataset.name} has images {dataset.images.shape[1:]}, the model expects {expected}: "
             "set --data-resolution or the --model-* options"
         )
-    if dataset.num_classes != model.num_classes:
-        raise ValueError(
-            f"{dataset.name} has {dataset.num_classes} classes, the model {model.num_classes}: "
-            f"pass --model-num-classes {dataset.num_classes}"
-        )
+    _check_classes(dataset, model.num_classes)
 
 
 def check_points(dataset: data.Dataset, model: uvit.MLPConfig) -> None:
@@ -604,11 +608,7 @@ def check_points(dataset: data.Dataset, model: uvit.MLPConfig) -> None:
             f"takes points of {model.dim} coordinates: use --data rings or gmm, or "
             "an image preset"
         )
-    if dataset.num_classes != model.num_classes:
-        raise ValueError(
-            f"{dataset.name} has {dataset.num_classes} classes, the model "
-            f"{model.num_classes}: pass --model-num-classes {dataset.num_classes}"
-        )
+    _check_classes(dataset, model.num_classes)
 
 
 def optimizers(
