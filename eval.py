@@ -431,6 +431,11 @@ class EvalConfig:
         "split of the reference source (MNIST's test split: 10k digits)",
         choices=("train", "test"),
     )
+    reference_count: int | None = _field(
+        None,
+        "score against the first N images of the reference split (none: all); cheaper, but "
+        "numbers are comparable only at equal N",
+    )
     out: str | None = _field(None, "output directory (none: eval/ next to the checkpoint)")
     precision_recall_k: int = _field(3, "k of the k-NN manifolds of precision and recall")
     fid: bool = _field(
@@ -459,6 +464,8 @@ class EvalConfig:
             raise ValueError(
                 f"--guidance and --gamma must be finite, got {self.guidance}, {self.gamma}"
             )
+        if self.reference_count is not None and self.reference_count < 2:
+            raise ValueError(f"--reference-count must be at least 2, got {self.reference_count}")
         if self.reference_split not in ("train", "test"):
             raise ValueError(
                 f"--reference-split must be train or test, got {self.reference_split!r}"
@@ -485,16 +492,17 @@ def load_model(path: str | os.PathLike) -> tuple[Callable, Any, dict[str, Any]]:
 
 
 def reference_images(
-    source: str, *, split: str, model_shape: tuple[int, int, int]
+    source: str, *, split: str, model_shape: tuple[int, int, int], count: int | None = None
 ) -> tuple[UInt8[np.ndarray, "n h w c"], str]:
-    """uint8 images of a data split at the model's resolution, and a name identifying them exactly.
+    """uint8 images of a data split at the model's resolution (the first `count`, or all), and a
+    name identifying them exactly.
 
     Sources are data.py's; sizes other than the model's are box-downsampled by data.py (as in
     training). The name holds the source, split, resolution, count and a sha256 of the pixels (16
     hex digits).
     """
     dataset = data.load(source, split=split, resolution=model_shape[0])
-    images = dataset.images
+    images = dataset.images[:count]
     if images.ndim != 4 or images.shape[1:] != model_shape:
         raise ValueError(
             f"reference {source} ({split}) holds images of shape {images.shape[1:]}, the model "
@@ -527,9 +535,10 @@ def _feature_estimate(num_images: int) -> str:
 
 def _stem(config: EvalConfig, num_steps: int) -> str:
     clip = "_clip" if config.clip else ""
+    count = "" if config.reference_count is None else f"_ref{config.reference_count}"
     return (
         f"{Path(config.checkpoint).stem}_steps{num_steps}_w{config.guidance:g}"
-        f"_gamma{config.gamma:g}{clip}_n{config.num_samples}_seed{config.seed}"
+        f"_gamma{config.gamma:g}{clip}_n{config.num_samples}_seed{config.seed}{count}"
     )
 
 
@@ -696,7 +705,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     plan = _plan(config, run)
     if config.fid or plan.mnist:
         real_images, images_name = reference_images(
-            plan.reference, split=config.reference_split, model_shape=plan.shape
+            plan.reference,
+            split=config.reference_split,
+            model_shape=plan.shape,
+            count=config.reference_count,
         )
     if config.fid and min(config.num_samples, real_images.shape[0]) <= config.precision_recall_k:
         raise ValueError(

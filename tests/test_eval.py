@@ -443,6 +443,14 @@ def test_cli_fid_and_precision_recall_against_cached_reference(
     # A second evaluation reads the reference from the cache: Inception runs on the samples only.
     assert _eval(teacher, tmp_path / "again")["fid"] == pytest.approx(record["fid"], rel=1e-12)
     assert calls == [REFERENCE_SIZE] * 3
+    # --reference-count scores against the split's first N images: a reference of its own.
+    fewer = _eval(teacher, tmp_path / "fewer", "--reference-count", "5")
+    assert calls == [REFERENCE_SIZE] * 3 + [5, REFERENCE_SIZE]
+    assert fewer["reference"]["num_images"] == 5 and "_ref5" in fewer["sample_grid"]
+    with np.load(
+        next(Path(os.environ["MMD_CACHE_DIR"]).glob("reference_inception-*-5-*.npz"))
+    ) as f:
+        np.testing.assert_array_equal(f["features"], real[:5].astype(np.float32))
 
 
 def test_cli_errors(tiny_run, tmp_path):
