@@ -9,18 +9,18 @@
 # two weightings each) are shared among JOBS worker processes (`bench.py quality --jobs`, claim
 # files); the reference statistics are computed once, first. Every finished row is cached, so a
 # killed or time-limited run continues where it stopped. No row starts after TIME_LIMIT minutes;
-# the report then lists the missing rows. With OUT set (the device machine's output folder), the
-# report, quality.json, the figures and the row records are copied there.
+# the report then lists the missing rows. DEST sets the results folder; with OUT set (the device
+# machine's output folder) the report, quality.json, figures, row records and logs are copied there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax-cache}
 if [[ -n "${DRY_RUN:-}" ]]; then
-  dest=runs/quality-dry
+  dest=${DEST:-runs/quality-dry}
   set -- --preset tiny --num-samples 24 --reference-count 200 --distill-steps 10 \
     --jobs "${JOBS:-2}" --out "$dest" "$@"
 else
-  dest=runs/quality-full
+  dest=${DEST:-runs/quality-full}
   set -- --jobs "${JOBS:-8}" --eval-batch-size 500 --time-limit "${TIME_LIMIT:-7}" \
     --out "$dest" "$@"
 fi
