@@ -1110,14 +1110,25 @@ def bench_quality(config: "QualityBench") -> str:
 
 
 def checkpoint_scores(
-    workdir: pathlib.Path, *, num_samples: int, seed: int, fid: bool, batch_size: int
+    workdir: pathlib.Path,
+    *,
+    num_samples: int,
+    seed: int,
+    fid: bool,
+    batch_size: int,
+    steps: Sequence[int] = (),
 ) -> list[dict]:
-    """eval.py's record of every checkpoint of a distillation run, by step: read from
-    `workdir/eval` when that evaluation exists, else computed (fixed sampling seed, so the curve
-    compares checkpoints on the same noise and labels)."""
+    """eval.py's record of every checkpoint (or those at `steps`) of a distillation run, by step:
+    read from `workdir/eval` when that evaluation exists, else computed (fixed sampling seed, so
+    the curve compares checkpoints on the same noise and labels)."""
     checkpoints = sorted((workdir / "checkpoints").glob("ckpt_*.eqx"))
+    if steps:
+        checkpoints = [c for c in checkpoints if int(c.stem.split("_")[1]) in set(steps)]
     if not checkpoints:
-        raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints: pass a train.py workdir")
+        raise FileNotFoundError(
+            f"no checkpoints in {workdir}/checkpoints (steps {list(steps) or 'any'}): pass a "
+            "train.py workdir"
+        )
     records = []
     for checkpoint in checkpoints:
         pattern = f"{checkpoint.stem}_steps*_w0_gamma0_n{num_samples}_seed{seed}.json"
@@ -1332,6 +1343,7 @@ class LengthBench(_Counts):
     fid: bool = _field(False, "also Inception FID (--fid; slow on a CPU); fd_mnist always")
     batch_size: int = _field(200, "global batch of sampling and Inception")
     seed: int = _field(0, "sampling seed, the same for every checkpoint")
+    steps: tuple[int, ...] = _field((), "evaluate only the checkpoints of these steps (none: all)")
     out: str = _field("runs/length", "report and figure directory")
 
 
@@ -1395,6 +1407,7 @@ def run_length(config: LengthBench) -> str:
             seed=config.seed,
             fid=config.fid,
             batch_size=config.batch_size,
+            steps=config.steps,
         )
         for w in config.workdirs
     }

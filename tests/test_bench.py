@@ -358,5 +358,9 @@ def test_length_scores_every_checkpoint_once_and_reports_best_and_last(monkeypat
     assert "- instant-flat: best fd_mnist 5.00 at step 400, last 6.00 at step 600." in report
     assert "| instant-flat | 400 | 5.00 | 0.980 | 50 |" in report
     assert (tmp_path / "fd_mnist_vs_distill_steps.png").stat().st_size > 0
+    only = bench.checkpoint_scores(
+        run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[400]
+    )
+    assert [r["step"] for r in only] == [400] and len(computed) == 2  # read from its eval file
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         bench.checkpoint_scores(tmp_path, num_samples=50, seed=1, fid=False, batch_size=10)
