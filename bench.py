@@ -37,7 +37,7 @@ JSON.
         128 and 512 steps, and at 128 and 512 steps over guidance {0, 0.1, 0.3} x sampling noise
         gamma {0, 0.1, 0.3} (the "teacher's best" the claims compare with); students of both
         variants at k = 8 and 4 (flat and edm weighting) and k = 2 and 1 (flat and dmd), 1,000
-        steps at batch 128 each. `small`: 1,000 samples, k in {1, 8} (flat), the teacher at 8,
+        steps at batch 128 each. `small`: 1,000 samples, k = 8 (edm) and 1 (flat), the teacher at 8,
         32, 128, 512 steps (and 512 with guidance 0.1), the preset's distillation length. Every
         finished row (a trained student, a result JSON) is cached in --out under its name and
         settings, so a rerun skips it and several runs complete one table; `--jobs N` shares the
@@ -528,15 +528,15 @@ reference, as the paper compares with a teacher of tuned guidance and sampling n
 BUDGETS = {
     "small": {
         "num_samples": 1000,
-        "students": {8: ("flat",), 1: ("flat",)},
+        "students": {8: ("edm",), 1: ("flat",)},
         "tuned": ((512, 0.0, 0.0), (512, 0.1, 0.0)),
         "distill": None,  # the preset's steps and batch
     },
     "full": {
         "num_samples": 10_000,
         "students": {
-            8: ("flat", "edm"),
-            4: ("flat", "edm"),
+            8: ("edm", "flat"),
+            4: ("edm", "flat"),
             2: ("flat", "dmd"),
             1: ("flat", "dmd"),
         },

@@ -21,11 +21,11 @@ def test_small_budget_is_the_issue_rows_headline_first():
     teachers = {(r.steps, r.guidance, r.gamma) for r in rows if r.variant == "teacher"}
     assert teachers == {(8, 0, 0), (32, 0, 0), (128, 0, 0), (512, 0, 0), (512, 0.1, 0)}
     assert sorted(names(r for r in rows if r.variant != "teacher")) == sorted(
-        ["instant-k1-flat", "alternating-k1-flat", "instant-k8-flat", "alternating-k8-flat"]
+        ["instant-k1-flat", "alternating-k1-flat", "instant-k8-edm", "alternating-k8-edm"]
     )
     assert names(rows[:4]) == [
-        "instant-k8-flat",
-        "alternating-k8-flat",
+        "instant-k8-edm",
+        "alternating-k8-edm",
         "teacher-512-w0",
         "teacher-8-w0",
     ]
@@ -174,20 +174,20 @@ def fakes(monkeypatch, tmp_path):
 
 def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     calls, run, out = fakes
-    report = run(rows=("instant-k8-flat", "teacher-512-w0"))
+    report = run(rows=("instant-k8-edm", "teacher-512-w0"))
     assert calls == [
-        ("train", "instant-k8-flat", 10, 8),
-        ("eval", "instant-k8-flat", "instant-k8-flat.eqx", 1000),
+        ("train", "instant-k8-edm", 10, 8),
+        ("eval", "instant-k8-edm", "instant-k8-edm.eqx", 1000),
         ("eval", "teacher-512-w0", "teacher.eqx", 1000),
     ]
     assert (
-        "**fails**: instant, k = 8: fid <= 1 x the teacher's best: instant-k8-flat 8.00 "
+        "**fails**: instant, k = 8: fid <= 1 x the teacher's best: instant-k8-edm 8.00 "
         "against 0.20" in report
     )
     assert "**missing**: alternating, k = 8: fid <= 1 x the teacher's best" in report
     assert (out / "fid_vs_steps.png").stat().st_size > 0
     saved = json.loads(
-        (out / "rows" / "instant-k8-flat-lr0.0001-10x8-seed0_n1000_seed0.json").read_text()
+        (out / "rows" / "instant-k8-edm-lr0.0001-10x8-seed0_n1000_seed0.json").read_text()
     )
     assert saved["train_seconds"] == 12.0 and saved["distill_steps"] == 10
     calls.clear()
@@ -195,7 +195,7 @@ def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     assert [c[1] for c in calls if c[0] == "eval"] == [
         n
         for n in names(bench.quality_rows("small"))
-        if n not in ("instant-k8-flat", "teacher-512-w0")
+        if n not in ("instant-k8-edm", "teacher-512-w0")
     ]
     assert "All rows finished." in report and "(9 rows)" in report
     calls.clear()
@@ -204,10 +204,10 @@ def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     run(num_samples=50, time_limit=0.0)  # another sample count is another cache; 0 starts nothing
     run(lr=3e-4, time_limit=0.0)  # so is another learning rate
     assert calls == []
-    run(lr=3e-4, rows=("instant-k8-flat", "teacher-8-w0"))  # the teacher row is shared
+    run(lr=3e-4, rows=("instant-k8-edm", "teacher-8-w0"))  # the teacher row is shared
     assert calls == [
-        ("train", "instant-k8-flat", 10, 8),
-        ("eval", "instant-k8-flat", "instant-k8-flat.eqx", 1000),
+        ("train", "instant-k8-edm", 10, 8),
+        ("eval", "instant-k8-edm", "instant-k8-edm.eqx", 1000),
     ]
 
 
@@ -266,7 +266,7 @@ def test_proxy_report_ranks_and_floor(tmp_path):
 
 def test_quality_json_rows_follow_the_schema(fakes):
     _, run, out = fakes
-    run(rows=("instant-k8-flat", "teacher-512-w0"))
+    run(rows=("instant-k8-edm", "teacher-512-w0"))
     rows = json.loads((out / "quality.json").read_text())
     assert [(r["sampler"], r["k"]) for r in rows] == [("teacher", 512), ("instant", 8)]
     teacher, student = rows
@@ -276,7 +276,7 @@ def test_quality_json_rows_follow_the_schema(fakes):
     assert student == {
         "sampler": "instant",
         "k": 8,
-        "weighting": "flat",
+        "weighting": "edm",
         "guidance": 0.0,
         "gamma": 0.0,
         "lr": 1e-4,
