@@ -839,7 +839,8 @@ def verdicts(results: dict[Row, dict], *, metric: str = "fid") -> list[dict[str,
                 "claim": claim,
                 "status": "holds" if student[1] <= bound else "fails",
                 "detail": f"{student[0].name} {student[1]:.2f} against {bound:.2f} (the best of "
-                f"{tuned} tuned teacher rows: {teacher[0].name} {teacher[1]:.2f})",
+                f"{tuned} tuned teacher row{'s' * (tuned != 1)}: "
+                f"{teacher[0].name} {teacher[1]:.2f})",
             }
         )
     pair = [best_student(results, metric, k=4, variants=(v,)) for v in ("alternating", "instant")]
