@@ -838,9 +838,9 @@ def verdicts(results: dict[Row, dict], *, metric: str = "fid") -> list[dict[str,
             {
                 "claim": claim,
                 "status": "holds" if student[1] <= bound else "fails",
-                "detail": f"{student[0].name} {student[1]:.2f} against {bound:.2f} (the best of "
-                f"{tuned} tuned teacher row{'s' * (tuned != 1)}: "
-                f"{teacher[0].name} {teacher[1]:.2f})",
+                "detail": f"{student[0].name} {student[1]:.2f} against {factor:g} x "
+                f"{teacher[0].name} {teacher[1]:.2f} = {bound:.2f} (the best of {tuned} tuned "
+                f"teacher row{'s' * (tuned != 1)})",
             }
         )
     pair = [best_student(results, metric, k=4, variants=(v,)) for v in ("alternating", "instant")]
@@ -1072,7 +1072,7 @@ def bench_quality(config: "QualityBench") -> str:
     if unknown:
         raise ValueError(
             f"unknown --rows {', '.join(unknown)}; the {config.budget} budget's rows are "
-            f"{', '.join(by_name)}"
+            f"{', '.join(by_name)} (the full budget's: pass --budget full)"
         )
     out = pathlib.Path(config.out)
     base = dataclasses.replace(
@@ -1126,9 +1126,12 @@ def checkpoint_scores(
     if steps:
         checkpoints = [c for c in checkpoints if int(c.stem.split("_")[1]) in set(steps)]
     if not checkpoints:
+        found = sorted(int(c.stem.split("_")[1]) for c in (workdir / "checkpoints").glob("*.eqx"))
         raise FileNotFoundError(
-            f"no checkpoints in {workdir}/checkpoints (steps {list(steps) or 'any'}): pass a "
-            "train.py workdir"
+            f"no checkpoints of steps {list(steps)} in {workdir}/checkpoints; it has {found}: "
+            "pass other --steps"
+            if found
+            else f"no checkpoints in {workdir}/checkpoints: pass a train.py distillation workdir"
         )
     records = []
     for checkpoint in checkpoints:
@@ -1301,11 +1304,11 @@ class QualityBench(_Counts):
     out: str | None = _field(None, "results and cache directory (none: runs/quality-<budget>)")
     teacher: str = _field("auto", f"teacher checkpoint (auto: {_TEACHER}, trained first if absent)")
     distill_steps: int | None = _field(
-        None, "training steps of each student (none: full 1000, small the preset's)"
+        None, "training steps of each student (none: full: 1000, small: the preset's)"
     )
     distill_batch_size: int | None = _field(
         None,
-        "each student's global batch, instant: both minibatches (none: full 128, small: the "
+        "each student's global batch, instant: both minibatches (none: full: 128, small: the "
         "preset's)",
     )
     lr: float | None = _field(None, "students' peak learning rate (none: the preset's)")
@@ -1315,14 +1318,16 @@ class QualityBench(_Counts):
     )
     fid: bool = _field(True, "Inception FID, precision, recall (--no-fid: fd_mnist only, fast)")
     reference_count: int | None = _field(
-        None, "score against the first N test images (none: all 10,000)"
+        None,
+        "score against the first N test images (none: all 10,000); comparable only at equal N",
     )
     num_samples: int | None = _field(
         None, "samples per row (none: the budget's); rows are cached per sample count"
     )
     rows: tuple[str, ...] = _field(
         (),
-        "run only these rows, in this order. Names (full budget): "
+        "run only these rows, in this order. Names (with --budget full; the small budget has "
+        "the k = 8 edm and k = 1 flat students, the teacher at 8-512 steps and 512 with w 0.1): "
         + " ".join(row.name for row in quality_rows("full")),
     )
     jobs: int = _field(

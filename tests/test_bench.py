@@ -98,8 +98,8 @@ def test_verdicts_hold_against_the_best_tuned_teacher():
     assert len(status(results)) == 6
     details = {v["claim"]: v["detail"] for v in bench.verdicts(results)}
     assert details[K8_ALT] == (
-        "alternating-k8-flat 3.90 against 4.00 (the best of 2 tuned teacher rows: "
-        "teacher-128-w0.3-gamma0.1 4.00)"
+        "alternating-k8-flat 3.90 against 1 x teacher-128-w0.3-gamma0.1 4.00 = 4.00 (the best of "
+        "2 tuned teacher rows)"
     )
 
 
@@ -182,7 +182,7 @@ def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     ]
     assert (
         "**fails**: instant, k = 8: fid <= 1 x the teacher's best: instant-k8-edm 8.00 "
-        "against 0.20" in report
+        "against 1 x teacher-512-w0 0.20 = 0.20" in report
     )
     assert "**missing**: alternating, k = 8: fid <= 1 x the teacher's best" in report
     assert (out / "fid_vs_steps.png").stat().st_size > 0
@@ -362,5 +362,7 @@ def test_length_scores_every_checkpoint_once_and_reports_best_and_last(monkeypat
         run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[400]
     )
     assert [r["step"] for r in only] == [400] and len(computed) == 2  # read from its eval file
+    with pytest.raises(FileNotFoundError, match=r"it has \[200, 400, 600\]: pass other --steps"):
+        bench.checkpoint_scores(run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[300])
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         bench.checkpoint_scores(tmp_path, num_samples=50, seed=1, fid=False, batch_size=10)
