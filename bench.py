@@ -41,9 +41,10 @@ JSON.
         32, 128, 512 steps (and 512 with guidance 0.1), the preset's distillation length. Every
         finished row (a trained student, a result JSON) is cached in --out under its name and
         settings, so a rerun skips it and several runs complete one table; `--jobs N` shares the
-        rows among N worker processes (claim files; the reference statistics are computed once,
-        first). Writes quality.md (verdicts: holds / fails / missing, and the table), quality.json
-        (the rows, schema QUALITY_SCHEMA; for docs/results/quality.json), fid_vs_steps.png (or
+        rows among N worker processes (claim files; the reference statistics are computed once:
+        eval.reference_statistics' lock file makes the other workers wait for them). Writes
+        quality.md (verdicts: holds / fails / missing, and the table), quality.json (the rows,
+        schema QUALITY_SCHEMA; for docs/results/quality.json), fid_vs_steps.png (or
         fd_mnist_vs_steps.png) and instant_loss.png. `--preset tiny --num-samples 24
         --reference-count 200 --distill-steps 10` is a few-minute dry run of the whole pipeline on
         a CPU. On a 2-core CPU a 1,000-sample row of the 512-step teacher takes about 40 minutes
@@ -1094,9 +1095,6 @@ def bench_quality(config: "QualityBench") -> str:
         return ""
     if config.jobs > 1:
         _clear_claims(out)  # left by killed workers: their rows run again
-        # The cheapest row first, here: it computes the reference statistics the workers share.
-        cheapest = min(todo, key=lambda row: (row.variant != "teacher", row.steps, row.guidance))
-        run_rows([cheapest], claim=False, **work)
         run_workers(
             dataclasses.replace(config, rows=tuple(r.name for r in todo)), deadline=deadline
         )

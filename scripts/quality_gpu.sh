@@ -7,7 +7,7 @@
 #
 # The rows (the teacher at 8-512 steps over guidance and gamma; both variants at k = 1, 2, 4, 8 with
 # two weightings each) are shared among JOBS worker processes (`bench.py quality --jobs`, claim
-# files); the reference statistics are computed once, first. Every finished row is cached, so a
+# files); the reference statistics are computed once (a lock file). Every finished row is cached, so a
 # killed or time-limited run continues where it stopped. No row starts after TIME_LIMIT minutes;
 # the report then lists the missing rows. DEST sets the results folder; with OUT set (the device
 # machine's output folder) the report, quality.json, figures, row records and logs are copied there.
