@@ -687,10 +687,6 @@ def _ordered(results: dict[Row, dict]) -> list[Row]:
     )
 
 
-def _number(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def quality_table(results: dict[Row, dict]) -> str:
     """Markdown table of finished rows (quality_json_rows' fields, plus timings)."""
     header = "sampler | k | weighting | guidance | gamma | lr | distillation | FID | precision | "
@@ -705,15 +701,15 @@ def quality_table(results: dict[Row, dict]) -> str:
             q["weighting"] or "—",
             f"{q['guidance']:g}",
             f"{q['gamma']:g}",
-            _number(q["lr"], "g"),
+            evaluation.cell(q["lr"], "g"),
             distill,
-            _number(q["fid"], ".2f"),
-            _number(q["precision"], ".3f"),
-            _number(q["recall"], ".3f"),
-            _number(q["fd_mnist"], ".2f"),
-            _number(q["label_accuracy"], ".3f"),
+            evaluation.cell(q["fid"], ".2f"),
+            evaluation.cell(q["precision"], ".3f"),
+            evaluation.cell(q["recall"], ".3f"),
+            evaluation.cell(q["fd_mnist"], ".2f"),
+            evaluation.cell(q["label_accuracy"], ".3f"),
             str(q["num_samples"]),
-            _number(r["train_seconds"], ".0f"),
+            evaluation.cell(r["train_seconds"], ".0f"),
             f"{r['timings_s']['sampling']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -1159,7 +1155,7 @@ def length_report(runs: dict[str, list[dict]], *, metric: str, out: pathlib.Path
     for name, records in runs.items():
         scored = [r for r in records if r.get(metric) is not None]
         for r in scored:
-            accuracy = _number(r.get("label_accuracy"), ".3f")
+            accuracy = evaluation.cell(r.get("label_accuracy"), ".3f")
             lines.append(
                 f"| {name} | {r['step']} | {r[metric]:.2f} | {accuracy} | {r['num_samples']} |"
             )

@@ -791,7 +791,8 @@ def _report(
     return record
 
 
-def _cell(value: Any, spec: str) -> str:
+def cell(value: Any, spec: str) -> str:
+    """A Markdown table cell: `value` formatted with `spec`, or an em dash when it is None."""
     return "—" if value is None else format(value, spec)
 
 
@@ -815,13 +816,13 @@ def results_table(results: list[dict]) -> str:
             f"{r['checkpoint']} @ {r['step']}".replace("|", "\\|"),
             r["variant"],
             str(r["steps"]),
-            _cell(r["guidance"], "g"),
-            _cell(r["gamma"], "g"),
+            cell(r["guidance"], "g"),
+            cell(r["gamma"], "g"),
             str(r["num_samples"]),
-            _cell(r["fid"], ".2f"),
-            _cell(r["precision"], ".3f"),
-            _cell(r["recall"], ".3f"),
-            _cell(r["timings_s"]["sampling"], ".1f"),
+            cell(r["fid"], ".2f"),
+            cell(r["precision"], ".3f"),
+            cell(r["recall"], ".3f"),
+            cell(r["timings_s"]["sampling"], ".1f"),
         ]
         for r in results
     ]
