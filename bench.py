@@ -738,6 +738,10 @@ QUALITY_SCHEMA = {
 `--no-fid`, or not applicable); a row has FID or fd_mnist."""
 
 
+SCORES = ("fid", "precision", "recall", "fd_mnist", "label_accuracy")
+"""The QUALITY_SCHEMA fields copied from eval.py's record (None where not measured)."""
+
+
 def quality_json_rows(results: dict[Row, dict]) -> list[dict]:
     """One QUALITY_SCHEMA row per finished result, in `quality_table`'s order."""
     rows = []
@@ -755,8 +759,7 @@ def quality_json_rows(results: dict[Row, dict]) -> list[dict]:
                     "lr": float(r["config"]["lr"]) if student else None,
                     "distill_steps": r["distill_steps"] if student else None,
                     "batch_size": r["distill_batch_size"] if student else None,
-                    **{m: r.get(m) for m in ("fid", "precision", "recall")},
-                    **{m: r.get(m) for m in ("fd_mnist", "label_accuracy")},
+                    **{name: r.get(name) for name in SCORES},
                     "num_samples": r["num_samples"],
                     "device": r["machine"]["devices"],
                     "inception_protocol": r["feature_protocol"],
@@ -789,29 +792,31 @@ def validate_quality_row(row: dict) -> dict:
     return row
 
 
+def _lowest(
+    results: dict[Row, dict], metric: str, keep: Callable[[Row], bool]
+) -> tuple[Row, float] | None:
+    """The kept row with the lowest `metric` (rows without it are skipped), or None."""
+    scores = {
+        row: r[metric] for row, r in results.items() if keep(row) and r.get(metric) is not None
+    }
+    return min(scores.items(), key=lambda item: item[1]) if scores else None
+
+
 def best_teacher(results: dict[Row, dict], metric: str) -> tuple[Row, float] | None:
     """The teacher row with the lowest `metric` among TEACHER_TUNED's settings that finished."""
     tuned = set(TEACHER_TUNED)
-    scores = {
-        row: r[metric]
-        for row, r in results.items()
-        if row.variant == "teacher"
-        and (row.steps, row.guidance, row.gamma) in tuned
-        and r.get(metric) is not None
-    }
-    return min(scores.items(), key=lambda item: item[1]) if scores else None
+    return _lowest(
+        results,
+        metric,
+        lambda row: row.variant == "teacher" and (row.steps, row.guidance, row.gamma) in tuned,
+    )
 
 
 def best_student(
     results: dict[Row, dict], metric: str, *, k: int, variants: Sequence[str]
 ) -> tuple[Row, float] | None:
     """The student row of `variants` at `k` with the lowest `metric` (over weightings)."""
-    scores = {
-        row: r[metric]
-        for row, r in results.items()
-        if row.variant in variants and row.steps == k and r.get(metric) is not None
-    }
-    return min(scores.items(), key=lambda item: item[1]) if scores else None
+    return _lowest(results, metric, lambda row: row.variant in variants and row.steps == k)
 
 
 def verdicts(results: dict[Row, dict], *, metric: str = "fid") -> list[dict[str, str]]:
