@@ -1121,31 +1121,32 @@ def checkpoint_scores(
     """eval.py's record of every checkpoint (or those at `steps`) of a distillation run, by step:
     read from `workdir/eval` when that evaluation exists, else computed (fixed sampling seed, so
     the curve compares checkpoints on the same noise and labels)."""
-    checkpoints = sorted((workdir / "checkpoints").glob("ckpt_*.eqx"))
-    if steps:
-        checkpoints = [c for c in checkpoints if int(c.stem.split("_")[1]) in set(steps)]
-    if not checkpoints:
-        found = sorted(int(c.stem.split("_")[1]) for c in (workdir / "checkpoints").glob("*.eqx"))
+    by_step = {int(c.stem.split("_")[1]): c for c in (workdir / "checkpoints").glob("ckpt_*.eqx")}
+    chosen = sorted(set(steps) & set(by_step) if steps else by_step)
+    if not chosen:
         raise FileNotFoundError(
-            f"no checkpoints of steps {list(steps)} in {workdir}/checkpoints; it has {found}: "
-            "pass other --steps"
-            if found
+            f"no checkpoints of steps {list(steps)} in {workdir}/checkpoints; it has "
+            f"{sorted(by_step)}: pass other --steps"
+            if by_step
             else f"no checkpoints in {workdir}/checkpoints: pass a train.py distillation workdir"
         )
     records = []
-    for checkpoint in checkpoints:
-        pattern = f"{checkpoint.stem}_steps*_w0_gamma0_n{num_samples}_seed{seed}.json"
-        found = [json.loads(p.read_text()) for p in sorted((workdir / "eval").glob(pattern))]
-        found = [r for r in found if r.get("fid") is not None or not fid]  # --fid needs FID
+    for step in chosen:
+        checkpoint = by_step[step]
         config = evaluation.EvalConfig(
             checkpoint=str(checkpoint),
+            num_steps=train.read_meta(checkpoint)["config"]["k"],  # the student's own k
             num_samples=num_samples,
             seed=seed,
             fid=fid,
             batch_size=batch_size,
             out=str(workdir / "eval"),
         )
-        records.append(found[0] if found else evaluation.evaluate(config))
+        done = workdir / "eval" / f"{evaluation.result_stem(config, config.num_steps)}.json"
+        record = json.loads(done.read_text()) if done.exists() else None
+        if record is None or (fid and record.get("fid") is None):  # --fid needs an FID record
+            record = evaluation.evaluate(config)
+        records.append(record)
     return sorted(records, key=lambda r: r["step"])
 
 

@@ -533,7 +533,9 @@ def _feature_estimate(num_images: int) -> str:
     )
 
 
-def _stem(config: EvalConfig, num_steps: int) -> str:
+def result_stem(config: EvalConfig, num_steps: int) -> str:
+    """The file name (no suffix) of `evaluate`'s JSON result and sample grid for `config` sampled
+    with `num_steps` steps, in `config.out`."""
     clip = "_clip" if config.clip else ""
     count = "" if config.reference_count is None else f"_ref{config.reference_count}"
     return (
@@ -656,7 +658,7 @@ def _plan(config: EvalConfig, run: Any) -> _Plan:
         reference=config.reference or run.data,
         mnist=mnist,
         out=Path(config.out) if config.out else Path(config.checkpoint).parent / "eval",
-        stem=_stem(config, num_steps),
+        stem=result_stem(config, num_steps),
     )
 
 

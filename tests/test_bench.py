@@ -350,6 +350,7 @@ def test_length_scores_every_checkpoint_once_and_reports_best_and_last(monkeypat
         return {"step": step, "fd_mnist": 9.0 - step / 100, "num_samples": 50}
 
     monkeypatch.setattr(bench.evaluation, "evaluate", evaluate)
+    monkeypatch.setattr(bench.train, "read_meta", lambda path: {"config": {"k": 8}})
     records = bench.checkpoint_scores(run, num_samples=50, seed=1, fid=False, batch_size=10)
     assert computed == [("ckpt_00000200.eqx", 1, 50), ("ckpt_00000600.eqx", 1, 50)]
     assert [r["fd_mnist"] for r in records] == [7.0, 5.0, 3.0]
