@@ -45,7 +45,8 @@ JSON.
         eval.reference_statistics' lock file makes the other workers wait for them). Writes
         quality.md (verdicts: holds / fails / missing, and the table), quality.json (the rows,
         schema QUALITY_SCHEMA; for docs/results/quality.json), fid_vs_steps.png (or
-        fd_mnist_vs_steps.png) and instant_loss.png. `--preset tiny --num-samples 24
+        fd_mnist_vs_steps.png), samples.png (the best teacher's and the best student's grid at
+        each k, same labels) and instant_loss.png. `--preset tiny --num-samples 24
         --reference-count 200 --distill-steps 10` is a few-minute dry run of the whole pipeline on
         a CPU. On a 2-core CPU a 1,000-sample row of the 512-step teacher takes about 40 minutes
         (sampling) and Inception 8-20 images/s; on one H200 a full-budget row takes about a
@@ -75,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from matplotlib.figure import Figure
+from PIL import Image
 
 import data
 import eval as evaluation
@@ -919,9 +921,40 @@ def plot_quality(results: dict[Row, dict], path: pathlib.Path, *, metric: str = 
     train.save_figure(fig, path, dpi=110)
 
 
+def sample_panels(results: dict[Row, dict], metric: str) -> list[tuple[str, pathlib.Path]]:
+    """(title, grid PNG) of the best teacher and of the best student at k = 8, 4, 2 and 1 by
+    `metric`, skipping a k without a finished student and rows whose grid file is gone. Every grid
+    is eval.py's first 100 samples of the same seed and labels (column = label)."""
+    picks = [("teacher's best", best_teacher(results, metric))]
+    picks += [
+        (f"best k = {k}", best_student(results, metric, k=k, variants=("alternating", "instant")))
+        for k in (8, 4, 2, 1)
+    ]
+    panels = []
+    for what, pick in picks:
+        if pick is None or not results[pick[0]].get("sample_grid"):
+            continue
+        grid = pathlib.Path(results[pick[0]]["sample_grid"])
+        if grid.exists():
+            panels.append((f"{what}: {pick[0].name}\n{metric} {pick[1]:.2f}", grid))
+    return panels
+
+
+def plot_samples(panels: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> None:
+    """The panels' sample grids side by side under their titles, one PNG."""
+    grids = [(title, np.asarray(Image.open(grid).convert("L"))) for title, grid in panels]
+    train.save_titled_grids(
+        [(title, grid[None, :, :, None]) for title, grid in grids],
+        path,
+        title="the same labels (column = label) and sampling seed in every panel",
+        columns=1,
+    )
+
+
 def write_report(rows: Sequence[Row], config: "QualityBench", header: dict) -> str:
     """quality.md (verdicts and table of the finished rows), quality.json, the figure of the score
-    against sampling steps and the 8-step instant student's loss curve, in `config.out`."""
+    against sampling steps, the best rows' sample grids and the 8-step instant student's loss
+    curve, in `config.out`."""
     out = pathlib.Path(config.out)
     results = load_rows(rows, config)
     metric = "fid" if config.fid else "fd_mnist"
@@ -956,6 +989,9 @@ def write_report(rows: Sequence[Row], config: "QualityBench", header: dict) -> s
         tmp.write_text(json.dumps(quality_json_rows(results), indent=1) + "\n")
     if results:
         plot_quality(results, out / f"{metric}_vs_steps.png", metric=metric)
+    panels = sample_panels(results, metric)
+    if panels:
+        plot_samples(panels, out / "samples.png")
     for row in rows:
         metrics = out / "students" / f"{row.name}-{student_tag(config)}" / "metrics.jsonl"
         if row.variant == "instant" and row.steps == 8 and metrics.exists():

@@ -6,6 +6,7 @@ test_eval.py."""
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 import bench
@@ -128,6 +129,34 @@ def test_verdicts_fail_and_name_missing_rows():
         Row("instant", 8, weighting="flat"): record(None, fd=1.0),
     }
     assert status(fd, "fd_mnist")["instant, k = 8: fd_mnist <= 1 x the teacher's best"] == "holds"
+
+
+def test_sample_panels_pick_the_best_rows_with_a_grid(tmp_path):
+    from PIL import Image
+
+    def grid(name, value):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(np.full((20, 30), value, np.uint8)).save(path)
+        return {**record(None, fd=float(value)), "sample_grid": str(path)}
+
+    results = {
+        Row("teacher", 512): grid("t512", 5),
+        Row("teacher", 128, 0.1): grid("t128", 4),
+        Row("teacher", 8): grid("t8", 1),  # not a tuned setting
+        Row("instant", 8, weighting="edm"): grid("i8", 7),
+        Row("alternating", 8, weighting="flat"): grid("a8", 6),
+        Row("instant", 2, weighting="dmd"): grid("i2", 30),
+        Row("alternating", 2, weighting="flat"): {**grid("a2", 20), "sample_grid": "gone.png"},
+        Row("alternating", 1, weighting="flat"): {**record(None, fd=40.0), "sample_grid": None},
+    }
+    panels = bench.sample_panels(results, "fd_mnist")
+    # The best teacher, then k = 8, 4, 2, 1: k = 4 has no row, k = 2's best lost its grid (the
+    # next-best is not substituted: the panel would mislabel the best), k = 1 has no grid.
+    assert [p.name for _, p in panels] == ["t128.png", "a8.png"]
+    assert panels[1][0] == "best k = 8: alternating-k8-flat\nfd_mnist 6.00"
+    out = tmp_path / "samples.png"
+    bench.plot_samples(panels, out)
+    assert Image.open(out).size[0] > Image.open(out).size[1] > 0
 
 
 def test_quality_table_and_undistilled_comparison():
