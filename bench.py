@@ -74,7 +74,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -217,6 +217,44 @@ def step_seconds(step: Callable, state: mmd.TrainState, *args, repeats: int) -> 
     return statistics.median(seconds(step, state, *args) for _ in range(repeats))
 
 
+def step_cost(
+    variant: str,
+    *,
+    static: PyTree,
+    params: PyTree,
+    x: Float[Array, "b h w c"],
+    labels: Int[Array, " b"],
+    shift: float,
+    num_classes: int,
+    repeats: int,
+    key: PRNGKeyArray,
+) -> dict[str, float]:
+    """Median seconds, images/s and XLA GFLOP of one training step of `variant` (alternating: the
+    mean of its auxiliary and generator programs), k = 8, on the global batch (`x`, `labels`)."""
+    teacher_cfg = mmd.TeacherConfig(shift=shift, null_label=num_classes)
+    distill_cfg = mmd.DistillConfig(num_steps=8, shift=shift, null_label=num_classes)
+    frozen = mmd.Frozen(teacher=params, precond=jax.tree.map(jnp.ones_like, params))
+    opt = mmd.distill_optimizer(peak_lr=1e-4, total_steps=1000, warmup_steps=10)
+    aux_opt = opt if variant == "alternating" else None
+    programs = mmd.train_steps(  # alternating: one program per phase
+        variant,
+        static=static,
+        mesh=mmd.data_mesh(),
+        optimizer=opt,
+        aux_optimizer=aux_opt,
+        teacher_cfg=teacher_cfg,
+        distill_cfg=distill_cfg,
+        donate=False,
+    )
+    state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=aux_opt)
+    args = (frozen, x, labels, key)
+    times = [step_seconds(program, state, *args, repeats=repeats) for program in programs]
+    flops = statistics.mean(compiled_flops(program, state, *args) for program in programs)
+    s = sum(times) / len(times)
+    n = x.shape[0]
+    return {"s": s, "images_per_s": n / s, "gflop": flops / 1e9, "gflop_per_s": flops / s / 1e9}
+
+
 def bench_speed(
     *, preset: str, batch_size: int, repeats: int, sample_batch: int, key: PRNGKeyArray
 ) -> dict:
@@ -233,37 +271,14 @@ def bench_speed(
     k_model, k_x, k_label, k_step, k_sample = jax.random.split(key, 5)
     model = uvit.make_model(config, key=k_model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    mesh = mmd.data_mesh()
     shape = (config.resolution, config.resolution, config.channels)
     shift = mmd.resolution_shift(config.resolution)
-
-    def batch(n: int) -> tuple[Array, Array]:
-        x = jax.random.uniform(jax.random.fold_in(k_x, n), (n, *shape), minval=-1.0, maxval=1.0)
-        return x, jax.random.randint(jax.random.fold_in(k_label, n), (n,), 0, config.num_classes)
-
-    teacher_cfg = mmd.TeacherConfig(shift=shift, null_label=config.num_classes)
-    distill_cfg = mmd.DistillConfig(num_steps=8, shift=shift, null_label=config.num_classes)
-    frozen = mmd.Frozen(teacher=params, precond=jax.tree.map(jnp.ones_like, params))
-    opt = mmd.distill_optimizer(peak_lr=1e-4, total_steps=1000, warmup_steps=10)
+    common = dict(static=static, params=params, shift=shift, num_classes=config.num_classes)
 
     def timed(variant: str, n: int) -> dict[str, float]:
-        aux_opt = opt if variant == "alternating" else None
-        programs = mmd.train_steps(  # alternating: one program per phase
-            variant,
-            static=static,
-            mesh=mesh,
-            optimizer=opt,
-            aux_optimizer=aux_opt,
-            teacher_cfg=teacher_cfg,
-            distill_cfg=distill_cfg,
-            donate=False,
-        )
-        state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=aux_opt)
-        args = (frozen, *batch(n), k_step)
-        times = [step_seconds(program, state, *args, repeats=repeats) for program in programs]
-        flops = statistics.mean(compiled_flops(program, state, *args) for program in programs)
-        s = sum(times) / len(times)
-        return {"s": s, "images_per_s": n / s, "gflop": flops / 1e9, "gflop_per_s": flops / s / 1e9}
+        x = jax.random.uniform(jax.random.fold_in(k_x, n), (n, *shape), minval=-1.0, maxval=1.0)
+        labels = jax.random.randint(jax.random.fold_in(k_label, n), (n,), 0, config.num_classes)
+        return step_cost(variant, x=x, labels=labels, repeats=repeats, key=k_step, **common)
 
     rows = {
         "teacher": timed("teacher", batch_size),
@@ -275,20 +290,36 @@ def bench_speed(
     for name, row in rows.items():
         result.update({f"{name}_{k}": v for k, v in row.items()})
         result[f"{name}_over_teacher"] = row["s"] / rows["teacher"]["s"]
-    labels = jnp.arange(sample_batch, dtype=jnp.int32) % max(config.num_classes, 1)
+    sampling = dict(shape=shape, num_classes=config.num_classes, shift=shift, key=k_sample)
+    result.update(sampling_seconds(model, batch_size=sample_batch, **sampling))
+    result["load_average_1min_after"] = os.getloadavg()[0]
+    return result
+
+
+def sampling_seconds(
+    model: eqx.Module,
+    *,
+    shape: tuple[int, ...],
+    num_classes: int,
+    batch_size: int,
+    shift: float,
+    key: PRNGKeyArray,
+) -> dict:
+    """Wall time of one compiled batch of 512- and 8-step ancestral sampling (mmd.sample, labels
+    i % num_classes, images of `shape`) and their ratio."""
+    labels = jnp.arange(batch_size, dtype=jnp.int32) % max(num_classes, 1)
+    result = {"sample_batch": batch_size}
     for k in (512, 8):
         sampler = jax.jit(
             lambda key, k=k: mmd.sample(
-                model, key, shape=(sample_batch, *shape), labels=labels, num_steps=k, shift=shift
+                model, key, shape=(batch_size, *shape), labels=labels, num_steps=k, shift=shift
             )
         )
-        jax.block_until_ready(sampler(k_sample))
-        result[f"sample_{k}_steps_s"] = seconds(sampler, k_sample)
-    result["sample_batch"] = sample_batch
+        jax.block_until_ready(sampler(key))
+        result[f"sample_{k}_steps_s"] = seconds(sampler, key)
     result["sampling_speedup_512_over_8"] = (
         result["sample_512_steps_s"] / result["sample_8_steps_s"]
     )
-    result["load_average_1min_after"] = os.getloadavg()[0]
     return result
 
 
