@@ -640,6 +640,12 @@ def student_tag(config: "QualityBench") -> str:
     )
 
 
+def run_name(row: Row, config: "QualityBench") -> str:
+    """The row's name, with the student settings (`student_tag`) for a student: the name of its
+    training folder, its evaluation folder and its cached result."""
+    return row.name if row.variant == "teacher" else f"{row.name}-{student_tag(config)}"
+
+
 def train_student(
     row: Row, *, config: "QualityBench", teacher: pathlib.Path
 ) -> tuple[pathlib.Path, float]:
@@ -647,7 +653,7 @@ def train_student(
     `out/students/<name>-<tag>` unless finished, and its training wall time from metrics.jsonl
     (first step's compilation included)."""
     steps = config.distill_steps
-    workdir = pathlib.Path(config.out) / "students" / f"{row.name}-{student_tag(config)}"
+    workdir = pathlib.Path(config.out) / "students" / run_name(row, config)
     final = workdir / "checkpoints" / f"ckpt_{steps:08d}.eqx"
     if not final.exists():
         settings = dataclasses.replace(
@@ -681,7 +687,8 @@ def evaluate_row(row: Row, checkpoint: pathlib.Path, *, config: "QualityBench") 
             num_samples=config.num_samples,
             batch_size=config.eval_batch_size,
             seed=config.seed,
-            out=str(pathlib.Path(config.out) / "eval" / row.name),
+            # absolute: the result records its sample grid's path
+            out=str(pathlib.Path(config.out).resolve() / "eval" / run_name(row, config)),
             num_steps=row.steps if teacher else None,
             guidance=row.guidance,
             gamma=row.gamma,
@@ -694,10 +701,9 @@ def evaluate_row(row: Row, checkpoint: pathlib.Path, *, config: "QualityBench") 
 def row_path(row: Row, config: "QualityBench") -> pathlib.Path:
     """Where a finished row is cached: its name, the student settings, sample count, seed, metric
     set and reference count (rows measured differently never mix)."""
-    tag = "" if row.variant == "teacher" else f"-{student_tag(config)}"
     ref = "" if config.reference_count is None else f"_ref{config.reference_count}"
     fid = "" if config.fid else "_nofid"
-    stem = f"{row.name}{tag}_n{config.num_samples}_seed{config.seed}{fid}{ref}"
+    stem = f"{run_name(row, config)}_n{config.num_samples}_seed{config.seed}{fid}{ref}"
     return pathlib.Path(config.out) / "rows" / f"{stem}.json"
 
 
@@ -1024,7 +1030,7 @@ def write_report(rows: Sequence[Row], config: "QualityBench", header: dict) -> s
     if panels:
         plot_samples(panels, out / "samples.png")
     for row in rows:
-        metrics = out / "students" / f"{row.name}-{student_tag(config)}" / "metrics.jsonl"
+        metrics = out / "students" / run_name(row, config) / "metrics.jsonl"
         if row.variant == "instant" and row.steps == 8 and metrics.exists():
             train.plot_losses(metrics, out / "instant_loss.png", variant="instant")
             break

@@ -584,8 +584,8 @@ def check_data(dataset: data.Dataset, model: uvit.UViTConfig) -> None:
     channels = dataset.images.shape[-1]
     if dataset.images.ndim != 4:
         raise ValueError(
-            f"{dataset.name} holds {channels}-D points, not images: train.py trains "
-            "image models (NHWC data)"
+            f"{dataset.name} holds {channels}-D points, which the image model (U-ViT) cannot "
+            "take: for the 2-D walkthrough use --preset ring2d (an MLP denoiser on --data rings)"
         )
     if channels not in (1, 3):
         raise ValueError(
@@ -1591,7 +1591,7 @@ def _member_bytes(path: pathlib.Path, member: str) -> bytes:
     except _DAMAGE as e:
         raise CheckpointError(
             f"{path}: {member} cannot be read ({type(e).__name__}: {e}): damaged, or not a "
-            "checkpoint written by train.py; use another (--resume falls back to the previous one)"
+            "checkpoint written by train.py (teacher.eqx, ckpt_*.eqx): pass one that is"
         ) from e
 
 
@@ -1969,7 +1969,12 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
             f"--resume continues the run in {config.workdir} with its saved configuration, but "
             "these options "
             f"differ from it: {', '.join(explicitly)}. Drop them, or start a new run in another "
-            "--workdir."
+            "--workdir"
+            + (
+                " (--steps cannot be extended: the learning rate decays to 0 at the saved --steps)."
+                if "steps" in explicitly
+                else "."
+            )
         )
     return resumed
 

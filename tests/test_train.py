@@ -352,6 +352,8 @@ def test_run_errors(npz, teacher, tmp_path):
         train.main(args(npz, teacher, "teacher"))
     with pytest.raises(ValueError, match="differ from it: lr"):
         train.main(args(npz, teacher, "teacher", "--resume", "--lr", "0.5"))
+    with pytest.raises(ValueError, match="steps.*cannot be extended"):
+        train.main(args(npz, teacher, "teacher", "--resume", "--steps", "99"))
 
 
 def test_help_lists_every_field_with_its_default(capsys):
