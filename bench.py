@@ -1238,7 +1238,7 @@ def length_report(runs: dict[str, list[dict]], *, metric: str, out: pathlib.Path
     summary = []
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
-    for name, records in runs.items():
+    for i, (name, records) in enumerate(runs.items()):
         scored = [r for r in records if r.get(metric) is not None]
         for r in scored:
             accuracy = evaluation.cell(r.get("label_accuracy"), ".3f")
@@ -1251,7 +1251,8 @@ def length_report(runs: dict[str, list[dict]], *, metric: str, out: pathlib.Path
                 f"- {name}: best {metric} {best[metric]:.2f} at step {best['step']}, last "
                 f"{scored[-1][metric]:.2f} at step {scored[-1]['step']}."
             )
-            ax.plot([r["step"] for r in scored], [r[metric] for r in scored], "o-", label=name)
+            style = ("o-", "s--", "^:")[i // 10 % 3]  # matplotlib's cycle repeats 10 colours
+            ax.plot([r["step"] for r in scored], [r[metric] for r in scored], style, label=name)
     ax.set_xlabel("distillation step")
     ax.set_ylabel(metric)
     ax.set_yscale("log")
