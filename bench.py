@@ -981,9 +981,10 @@ def sample_panels(results: dict[Row, dict], metric: str) -> list[tuple[str, path
 
 def plot_samples(panels: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> None:
     """The panels' sample grids side by side under their titles, one PNG."""
-    grids = [(title, np.asarray(Image.open(grid).convert("L"))) for title, grid in panels]
+    grids = [(title, np.asarray(Image.open(grid))) for title, grid in panels]
     train.save_titled_grids(
-        [(title, grid[None, :, :, None]) for title, grid in grids],
+        # one image each, channels as eval.py wrote them (1 or 3; a grey PNG reads as 2-D)
+        [(title, grid.reshape(1, *grid.shape[:2], -1)) for title, grid in grids],
         path,
         title="the same labels (column = label) and sampling seed in every panel",
         columns=1,

@@ -1965,16 +1965,12 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     changed = _config_differences(saved, config, ignore=RUN_FIELDS)
     explicitly = [name for name in changed if name in overrides]
     if explicitly:
+        steps = " (--steps cannot be extended: the learning rate decays to 0 at the saved --steps)"
         raise ValueError(
             f"--resume continues the run in {config.workdir} with its saved configuration, but "
             "these options "
             f"differ from it: {', '.join(explicitly)}. Drop them, or start a new run in another "
-            "--workdir"
-            + (
-                " (--steps cannot be extended: the learning rate decays to 0 at the saved --steps)."
-                if "steps" in explicitly
-                else "."
-            )
+            f"--workdir{steps if 'steps' in explicitly else ''}."
         )
     return resumed
 

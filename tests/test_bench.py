@@ -8,6 +8,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import bench
 from bench import Row
@@ -132,8 +133,6 @@ def test_verdicts_fail_and_name_missing_rows():
 
 
 def test_sample_panels_pick_the_best_rows_with_a_grid(tmp_path):
-    from PIL import Image
-
     def grid(name, value):
         path = tmp_path / f"{name}.png"
         Image.fromarray(np.full((20, 30), value, np.uint8)).save(path)
