@@ -382,6 +382,45 @@ def _scores(images: np.ndarray, labels: np.ndarray | None, real: dict, *, batch_
     }
 
 
+def _plain_samples(
+    model: Callable,
+    model_config: uvit.UViTConfig,
+    *,
+    seed: int,
+    num_samples: int,
+    batch_size: int,
+    k: int,
+) -> np.ndarray:
+    """`train.generate`'s uint8 images of a U-ViT at `k` steps, without guidance, clipping or
+    extra sampling noise (gamma 0), labels `i % num_classes`."""
+    return train.generate(
+        model,
+        jax.random.key(seed),
+        num_samples=num_samples,
+        batch_size=batch_size,
+        num_classes=model_config.num_classes,
+        num_steps=k,
+        shift=mmd.resolution_shift(model_config.resolution),
+        guidance=0.0,
+        clip=False,
+        gamma=0.0,
+        null_label=model_config.num_classes,
+        image_shape=(model_config.resolution, model_config.resolution, model_config.channels),
+    )
+
+
+def _reference_stats(images: np.ndarray, *, batch_size: int) -> dict:
+    """The Inception parameters and the Inception and MNIST feature statistics of `images`, the
+    `real` argument of `_scores`."""
+    params = inception.inception_params(inception.load_inception_weights())
+    features = evaluation.inception_features(images, batch_size=batch_size, params=params)
+    return {
+        "params": params,
+        "inception": evaluation.feature_stats(features),
+        "mnist": evaluation.feature_stats(evaluation.mnist_features(images)),
+    }
+
+
 def bench_proxy(
     *,
     teacher: pathlib.Path,
@@ -399,14 +438,7 @@ def bench_proxy(
     test, train_set = data.load("mnist", split="test"), data.load("mnist", split="train")
     pick = np.sort(np.random.default_rng(seed).permutation(len(test))[:num_samples])
     real_images = test.images[pick]
-    params = inception.inception_params(inception.load_inception_weights())
-    real = {
-        "params": params,
-        "inception": evaluation.feature_stats(
-            evaluation.inception_features(real_images, batch_size=batch_size, params=params)
-        ),
-        "mnist": evaluation.feature_stats(evaluation.mnist_features(real_images)),
-    }
+    real = _reference_stats(real_images, batch_size=batch_size)
     rows = {}
     floor_path = out / f"floor_n{num_samples}.json"
     if not floor_path.exists():
@@ -420,19 +452,8 @@ def bench_proxy(
         path = out / f"teacher_k{k}_n{num_samples}.json"
         if not path.exists():
             start = time.perf_counter()
-            images = train.generate(
-                model,
-                jax.random.key(seed),
-                num_samples=num_samples,
-                batch_size=batch_size,
-                num_classes=run.model.num_classes,
-                num_steps=k,
-                shift=mmd.resolution_shift(run.model.resolution),
-                guidance=0.0,
-                clip=False,
-                gamma=0.0,
-                null_label=run.model.num_classes,
-                image_shape=(run.model.resolution, run.model.resolution, run.model.channels),
+            images = _plain_samples(
+                model, run.model, seed=seed, num_samples=num_samples, batch_size=batch_size, k=k
             )
             sampling = time.perf_counter() - start
             labels = np.arange(num_samples) % run.model.num_classes
@@ -466,12 +487,16 @@ def proxy_report(rows: dict[int, dict], floor: dict, *, num_samples: int, out: p
         f"{floor['label_accuracy']:.4f} (test digits) | — | — |"
     )
     fid = [r["fid"] for r in rows.values()]
+    correlation = (
+        f"Spearman rank correlation with FID over {len(rows)} samplers: fd_mnist "
+        f"{spearman(fid, [r['fd_mnist'] for r in rows.values()]):.2f}, label accuracy "
+        f"{spearman(fid, [-r['label_accuracy'] for r in rows.values()]):.2f} (of its negative)."
+        if len(rows) > 1
+        else "A rank correlation with FID needs two or more rows (--k)."
+    )
     lines += [
         "",
-        f"{num_samples} samples per row against {num_samples} MNIST test digits. Spearman rank "
-        f"correlation with FID over {len(rows)} samplers: fd_mnist "
-        f"{spearman(fid, [r['fd_mnist'] for r in rows.values()]):.2f}, label accuracy "
-        f"{spearman(fid, [-r['label_accuracy'] for r in rows.values()]):.2f} (of its negative).",
+        f"{num_samples} samples per row against {num_samples} MNIST test digits. {correlation}",
     ]
     report = "\n".join(lines)
     with data.atomic_path(out / "eval-proxy.md") as tmp:
@@ -517,23 +542,11 @@ def bench_sampling(
         flops = compiled_flops(sampler, keys)
         timed = against_matmul(sampler, keys, flops=flops, repeats=repeats)
         generate = functools.partial(
-            train.generate,
-            model,
-            jax.random.key(0),
-            num_samples=num_samples,
-            batch_size=batch,
-            num_classes=run.model.num_classes,
-            num_steps=num_steps,
-            shift=shift,
-            guidance=0.0,
-            clip=False,
-            gamma=0.0,
-            null_label=run.model.num_classes,
-            image_shape=shape,
+            _plain_samples, model, run.model, seed=0, batch_size=batch, k=num_steps
         )
         generate(num_samples=batch)  # compiles
         start = time.perf_counter()
-        generate()
+        generate(num_samples=num_samples)
         result.update(
             {
                 f"batch{batch}_images_per_s": num_samples / (time.perf_counter() - start),

@@ -821,9 +821,8 @@ def _load_synthetic(kind: str, options: str, split: str) -> Dataset:
     sample = gaussian_mixture if kind == "gmm" else rings
     points, labels = sample(n=params["n"], seed=int(seed.generate_state(1)[0]))
     num_classes = 8 if kind == "gmm" else 3
-    return Dataset(
-        images=points, labels=labels, num_classes=num_classes, name=f"{kind}:{options}/{split}"
-    )
+    spec = f"{kind}:n={params['n']},seed={params['seed']}"  # the defaults spelled out
+    return Dataset(images=points, labels=labels, num_classes=num_classes, name=f"{spec}/{split}")
 
 
 # --- Batching

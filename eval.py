@@ -404,7 +404,7 @@ class EvalConfig:
     `num_steps`)."""
 
     checkpoint: str | None = _field(
-        None, "a ckpt_*.eqx or teacher.eqx written by train.py (required)"
+        None, "a ckpt_*.eqx or teacher.eqx written by train.py", required=True
     )
     num_steps: int | None = _field(
         None,

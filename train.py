@@ -852,20 +852,23 @@ def _frozen(
     return jax.device_put(frozen, NamedSharding(mesh, P()))
 
 
+def _initial_params(config: Config, *, key: PRNGKeyArray) -> tuple[PyTree, PyTree | None, PyTree]:
+    """A fresh teacher's (params, None, static), or the distillation teacher's (params, precond,
+    static) read from its checkpoint: the student starts as a copy of the teacher."""
+    if config.variant == "teacher":
+        params, static = eqx.partition(uvit.make_model(config.model, key=key), eqx.is_inexact_array)
+        return params, None, static
+    params, precond = load_teacher(_teacher_file(config), config)
+    return params, precond, model_skeleton(config.model)[1]
+
+
 def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
     """Check the configuration, work directory, teacher and data; only then write config.json,
     build the step function (compiled on its first call) and the initial or restored state."""
     mesh, existing = check_run(config)
     dataset = check_inputs(config)
     k_init, k_train, k_sample, k_stats = jax.random.split(jax.random.key(config.seed), 4)
-    if config.variant == "teacher":
-        params, static = eqx.partition(
-            uvit.make_model(config.model, key=k_init), eqx.is_inexact_array
-        )
-        precond = None
-    else:
-        params, precond = load_teacher(_teacher_file(config), config)
-        _, static = model_skeleton(config.model)
+    params, precond, static = _initial_params(config, key=k_init)
     workdir = pathlib.Path(config.workdir)
     if jax.process_index() == 0:
         with data.atomic_path(workdir / "config.json") as tmp:
@@ -1444,6 +1447,7 @@ def train(config: Config) -> pathlib.Path:
         f"{config.batch_size}, in {run.workdir} (the first step compiles)."
     )
     grids = not is_points(config)  # points get one scatter figure at the end instead
+    network = "teacher" if config.variant == "teacher" else "student"
     if grids and start == 0 and config.variant != "teacher":  # the teacher with the student's k
         write_samples(run, run.frozen.teacher, step=0, network="teacher")
     stopping, in_flight = False, None
@@ -1466,12 +1470,7 @@ def train(config: Config) -> pathlib.Path:
             if checkpoint:
                 last_good = _save(run, state, step)
             if grids and (step % config.sample_every == 0 or end):
-                write_samples(
-                    run,
-                    _network(state),
-                    step=step,
-                    network="teacher" if config.variant == "teacher" else "student",
-                )
+                write_samples(run, _network(state), step=step, network=network)
             if stopping:
                 break
     if config.variant != "teacher" and step > start:
@@ -1899,7 +1898,10 @@ def _add_options(
             continue
         flag = f.metadata.get("flag") or _flag(dest)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata.get('help', f'{cls.__name__}.{f.name}')} (default: {shown})"
+        required = f.metadata.get("required", False)  # checked by the command, not argparse
+        help_text = f.metadata.get("help", f"{cls.__name__}.{f.name}") + (
+            " (required)" if required else f" (default: {shown})"
+        )
         kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
         parse, optional, is_tuple = _option_type(hints[f.name])
         if parse is bool:
@@ -1910,7 +1912,7 @@ def _add_options(
             if optional
             else parse
         )
-        kwargs["metavar"] = f.name.upper() + ("|none" if optional else "")
+        kwargs["metavar"] = f.name.upper() + ("|none" if optional and not required else "")
         if is_tuple:
             kwargs["nargs"] = "+"
         if "choices" in f.metadata:

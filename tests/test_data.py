@@ -492,7 +492,10 @@ def test_synthetic_sources():
     )
     np.testing.assert_array_equal(train.images, again.images)
     assert not np.allclose(train.images, test.images)
-    assert data.load("rings:n=10").num_classes == 3
+    rings = data.load("rings:n=10")
+    assert (
+        rings.num_classes == 3 and rings.name == "rings:n=10,seed=0/train"
+    )  # defaults spelled out
     points, labels = next(data.batches(train, batch_size=16, seed=0))
     assert points.shape == (16, 2) and labels.shape == (16,)
     rows = np.argmax((train.images[None] == points[:, None]).all(-1), axis=1)

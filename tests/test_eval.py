@@ -522,3 +522,11 @@ def test_table_command_reads_result_files(tmp_path, capsys):
     Path(paths[0]).write_text(json.dumps({"fid": 1.0}))
     with pytest.raises(ValueError, match="lacks checkpoint, step"):
         ev.main(["table", *paths])
+
+
+def test_help_marks_the_checkpoint_required_without_a_default():
+    text = " ".join(ev.parser().format_help().split())
+    assert (
+        "--checkpoint CHECKPOINT a ckpt_*.eqx or teacher.eqx written by train.py (required)" in text
+    )
+    assert "(required) (default" not in text and "--seed SEED" in text
