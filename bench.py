@@ -52,6 +52,13 @@ JSON.
         (sampling) and Inception 8-20 images/s; on one H200 a full-budget row takes about a
         minute.
 
+    python bench.py length --workdirs RUN [RUN ...] [--steps 200 600 1000] [--num-samples 2000]
+                           [--fid] [--out runs/length]
+        fd_mnist (with --fid also Inception FID) of every kept checkpoint of train.py distillation
+        runs at one fixed sampling seed, against the distillation step (cached per checkpoint);
+        writes length.md (each run's best and last, then one row per checkpoint) and
+        fd_mnist_vs_distill_steps.png (or fid_vs_distill_steps.png) into --out.
+
 Timings are medians over repeats after a warm-up call (compilation excluded). The 1-minute load
 average is reported with every result: on a shared machine, rerun when it is low.
 """
@@ -74,7 +81,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, UInt8
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -389,17 +396,18 @@ def _plain_samples(
     seed: int,
     num_samples: int,
     batch_size: int,
-    k: int,
-) -> np.ndarray:
-    """`train.generate`'s uint8 images of a U-ViT at `k` steps, without guidance, clipping or
-    extra sampling noise (gamma 0), labels `i % num_classes`."""
+    num_steps: int,
+) -> UInt8[np.ndarray, "n h w c"]:
+    """`train.generate`'s `num_samples` images (uint8, NHWC at the model's resolution and channels)
+    of a U-ViT sampled with `num_steps` steps, without guidance, clipping or extra sampling noise
+    (gamma 0); sample i has label `i % num_classes` and key `fold_in(key(seed), i)`."""
     return train.generate(
         model,
         jax.random.key(seed),
         num_samples=num_samples,
         batch_size=batch_size,
         num_classes=model_config.num_classes,
-        num_steps=k,
+        num_steps=num_steps,
         shift=mmd.resolution_shift(model_config.resolution),
         guidance=0.0,
         clip=False,
@@ -409,9 +417,9 @@ def _plain_samples(
     )
 
 
-def _reference_stats(images: np.ndarray, *, batch_size: int) -> dict:
-    """The Inception parameters and the Inception and MNIST feature statistics of `images`, the
-    `real` argument of `_scores`."""
+def _reference_stats(images: UInt8[np.ndarray, "n h w c"], *, batch_size: int) -> dict:
+    """`_scores`' `real` argument for reference `images` (uint8 NHWC): `params` (Inception's),
+    `inception` and `mnist` (each a `(mean, covariance)` of `evaluation.feature_stats`)."""
     params = inception.inception_params(inception.load_inception_weights())
     features = evaluation.inception_features(images, batch_size=batch_size, params=params)
     return {
@@ -453,7 +461,12 @@ def bench_proxy(
         if not path.exists():
             start = time.perf_counter()
             images = _plain_samples(
-                model, run.model, seed=seed, num_samples=num_samples, batch_size=batch_size, k=k
+                model,
+                run.model,
+                seed=seed,
+                num_samples=num_samples,
+                batch_size=batch_size,
+                num_steps=k,
             )
             sampling = time.perf_counter() - start
             labels = np.arange(num_samples) % run.model.num_classes
@@ -470,8 +483,8 @@ def bench_proxy(
 
 
 def proxy_report(rows: dict[int, dict], floor: dict, *, num_samples: int, out: pathlib.Path) -> str:
-    """The Markdown table of `bench_proxy`, with rank correlations; written to
-    `out/eval-proxy.md`."""
+    """The Markdown table of `bench_proxy`, with Spearman rank correlations of the proxies with FID
+    (with fewer than two rows, a sentence saying so instead); written to `out/eval-proxy.md`."""
     lines = [
         "| sampler | FID | fd_mnist | label accuracy | sampling (s) | scoring (s) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -542,7 +555,7 @@ def bench_sampling(
         flops = compiled_flops(sampler, keys)
         timed = against_matmul(sampler, keys, flops=flops, repeats=repeats)
         generate = functools.partial(
-            _plain_samples, model, run.model, seed=0, batch_size=batch, k=num_steps
+            _plain_samples, model, run.model, seed=0, batch_size=batch, num_steps=num_steps
         )
         generate(num_samples=batch)  # compiles
         start = time.perf_counter()
@@ -1439,7 +1452,7 @@ class QualityBench(_Counts):
 class LengthBench(_Counts):
     """Settings of `python bench.py length`."""
 
-    workdirs: tuple[str, ...] = _field((), "train.py workdirs of distillation runs (required)")
+    workdirs: tuple[str, ...] = _field((), "train.py workdirs of distillation runs", required=True)
     num_samples: int = _field(2000, "samples per checkpoint")
     fid: bool = _field(False, "also Inception FID (--fid; slow on a CPU); fd_mnist always")
     batch_size: int = _field(200, "global batch of sampling and Inception")

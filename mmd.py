@@ -582,20 +582,27 @@ def instant_loss(
     """
     if cfg.center == "fixed" and real_grad is None:
         raise ValueError("center='fixed' needs real_grad (a mean real-data teacher gradient)")
-    b1 = inputs1.x.shape[0]
-    x_gen = generator(  # both minibatches in one batched pass
-        jnp.concatenate([inputs1.z_t, inputs2.z_t]),
-        jnp.concatenate([inputs1.lam_t, inputs2.lam_t]),
-        jnp.concatenate([inputs1.labels, inputs2.labels]),
+    x_gen1, x_gen2 = jnp.split(  # both minibatches in one batched pass
+        generator(
+            jnp.concatenate([inputs1.z_t, inputs2.z_t]),
+            jnp.concatenate([inputs1.lam_t, inputs2.lam_t]),
+            jnp.concatenate([inputs1.labels, inputs2.labels]),
+        ),
+        [inputs1.x.shape[0]],
     )
-    x_gen1, x_gen2 = x_gen[:b1], x_gen[b1:]
     z_s1 = draw_zs(inputs1, x_gen1, mode=cfg.zs_mode)
     z_s2 = draw_zs(inputs2, x_gen2, mode=cfg.zs_mode)
     (G_1, w1), (G_2, w2) = (  # noqa: N806 (the paper's names)
         _centred_gradient(
-            teacher, inputs=i, x_gen=x, z_s=z, cfg=cfg, real_grad=real_grad, axis_name=axis_name
+            teacher,
+            inputs=inputs,
+            x_gen=x_gen,
+            z_s=z_s,
+            cfg=cfg,
+            real_grad=real_grad,
+            axis_name=axis_name,
         )
-        for i, x, z in ((inputs1, x_gen1, z_s1), (inputs2, x_gen2, z_s2))
+        for inputs, x_gen, z_s in ((inputs1, x_gen1, z_s1), (inputs2, x_gen2, z_s2))
     )
     u_1 = _teacher_jvp(teacher, z_s1, inputs1.lam_s, inputs1.labels, _tree_mul(precond, G_2))
     term1 = _batch_mean(w1 * _sum_dims(x_gen1 * lax.stop_gradient(u_1)), axis_name)

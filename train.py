@@ -1447,7 +1447,7 @@ def train(config: Config) -> pathlib.Path:
         f"{config.batch_size}, in {run.workdir} (the first step compiles)."
     )
     grids = not is_points(config)  # points get one scatter figure at the end instead
-    network = "teacher" if config.variant == "teacher" else "student"
+    grid_title = "teacher" if config.variant == "teacher" else "student"
     if grids and start == 0 and config.variant != "teacher":  # the teacher with the student's k
         write_samples(run, run.frozen.teacher, step=0, network="teacher")
     stopping, in_flight = False, None
@@ -1470,7 +1470,7 @@ def train(config: Config) -> pathlib.Path:
             if checkpoint:
                 last_good = _save(run, state, step)
             if grids and (step % config.sample_every == 0 or end):
-                write_samples(run, _network(state), step=step, network=network)
+                write_samples(run, _network(state), step=step, network=grid_title)
             if stopping:
                 break
     if config.variant != "teacher" and step > start:
@@ -1508,18 +1508,18 @@ def summary(run: Run, result: pathlib.Path, *, steps: int, seconds: float) -> st
         same = config.data == PRESETS[config.preset].data
         data_option = "" if same else f" --data {shlex.quote(config.data)}"
         command = (
-            f"{python_command()} train.py --preset {config.preset}{data_option} --variant instant "
+            f"{python_command('train.py')} --preset {config.preset}{data_option} --variant instant "
             f"--teacher {result}"
         )
     elif is_points(config):  # eval.py's FID is for images; the figure is the evaluation
         other = "instant" if config.variant == "alternating" else "alternating"
         command = (
-            f"look at {workdir / POINTS_FIGURE}; {python_command()} train.py --preset "
+            f"look at {workdir / POINTS_FIGURE}; {python_command('train.py')} --preset "
             f"{config.preset} "
             f"--variant {other}"
         )
     else:
-        command = f"{python_command()} eval.py --checkpoint {result} --num-samples 1000"
+        command = f"{python_command('eval.py')} --checkpoint {result} --num-samples 1000"
     return "\n".join(
         [
             f"Finished {config.variant} in {workdir}: {steps} steps in {_duration(seconds)} "
@@ -1898,11 +1898,13 @@ def _add_options(
             continue
         flag = f.metadata.get("flag") or _flag(dest)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        required = f.metadata.get("required", False)  # checked by the command, not argparse
+        required = f.metadata.get("required", False)
         help_text = f.metadata.get("help", f"{cls.__name__}.{f.name}") + (
             " (required)" if required else f" (default: {shown})"
         )
-        kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
+        kwargs: dict[str, Any] = dict(
+            dest=dest, default=argparse.SUPPRESS, help=help_text, required=required
+        )
         parse, optional, is_tuple = _option_type(hints[f.name])
         if parse is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -2009,20 +2011,22 @@ def ensure_teacher(config: Config) -> pathlib.Path:
     return path
 
 
-def python_command() -> str:
-    """The interpreter as a user would type it: its path relative to the working directory when it
-    lives there (e.g. `.venv/bin/python`), else `python`."""
-    try:
-        return str(pathlib.Path(sys.executable).relative_to(pathlib.Path.cwd()))
-    except ValueError:
-        return "python"
+def python_command(script: str) -> str:
+    """`script` (a file beside this one) run as a user would type it from the working directory:
+    the interpreter's path relative to it when it lives there (e.g. `.venv/bin/python`), else
+    `python`; the script's relative path when it lies below it, else its absolute path."""
+    cwd, path = pathlib.Path.cwd(), pathlib.Path(__file__).resolve().with_name(script)
+    python = pathlib.Path(sys.executable)
+    interpreter = str(python.relative_to(cwd)) if python.is_relative_to(cwd) else "python"
+    return shlex.join(
+        [interpreter, str(path.relative_to(cwd) if path.is_relative_to(cwd) else path)]
+    )
 
 
 def resume_command(argv: Sequence[str]) -> str:
     """The command line that continues the run `argv` started (the same options plus --resume)."""
-    return shlex.join(
-        [python_command(), "train.py", *argv, *([] if "--resume" in argv else ["--resume"])]
-    )
+    resume = [] if "--resume" in argv else ["--resume"]
+    return python_command("train.py") + " " + shlex.join([*argv, *resume])
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:

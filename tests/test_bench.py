@@ -290,6 +290,8 @@ def test_proxy_report_ranks_and_floor(tmp_path):
         and "| real: train vs test digits | 1.00 |" in report
     )
     assert (tmp_path / "eval-proxy.md").read_text() == report + "\n"
+    one = bench.proxy_report({2: rows[2]}, floor, num_samples=50, out=tmp_path)
+    assert "needs two or more rows" in one and "Spearman" not in one
 
 
 def test_quality_json_rows_follow_the_schema(fakes):

@@ -530,3 +530,10 @@ def test_help_marks_the_checkpoint_required_without_a_default():
         "--checkpoint CHECKPOINT a ckpt_*.eqx or teacher.eqx written by train.py (required)" in text
     )
     assert "(required) (default" not in text and "--seed SEED" in text
+
+
+def test_cli_without_a_checkpoint_is_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--num-samples", "4"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --checkpoint" in capsys.readouterr().err

@@ -246,8 +246,8 @@ def test_summary_names_files_that_exist(instant_run):
         workdir / "loss.png",
         workdir / "samples" / "teacher_vs_student.png",
     } <= set(listed)
-    python = train.python_command()
-    assert lines[-1] == f"Next: {python} eval.py --checkpoint {listed[0]} --num-samples 1000"
+    python = train.python_command("eval.py")
+    assert lines[-1] == f"Next: {python} --checkpoint {listed[0]} --num-samples 1000"
     assert "\r" not in printed
 
 
@@ -455,7 +455,8 @@ def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(
     checkpoint = workdir / "checkpoints" / "ckpt_00000002.eqx"
     assert f"at step 2; checkpoint {checkpoint}. Resume: " in line
     command = shlex.split(line.split("Resume: ")[1])
-    assert command[:2] == [train.python_command(), "train.py"] and command[-1] == "--resume"
+    assert command[:2] == shlex.split(train.python_command("train.py"))
+    assert command[-1] == "--resume"
     monkeypatch.setattr(train, "_global_batch", real_global_batch)
     train.main(command[2:])
     final = f"checkpoints/ckpt_{STEPS:08d}.eqx"
@@ -792,3 +793,11 @@ def test_resume_with_no_intact_checkpoint_says_so(teacher, npz, tmp_path, never_
     with pytest.raises(train.CheckpointError, match=r"no intact checkpoint in .*damaged/"):
         train.main(args(npz, workdir, "teacher", "--resume"))
     assert len(train._checkpoints(workdir)) == STEPS  # kept for inspection
+
+
+def test_printed_commands_run_from_the_working_directory(tmp_path, monkeypatch):
+    script = pathlib.Path(train.__file__).resolve().with_name("eval.py")
+    monkeypatch.chdir(script.parent)
+    assert shlex.split(train.python_command("eval.py"))[1] == "eval.py"
+    monkeypatch.chdir(tmp_path)  # elsewhere: the script's absolute path, the interpreter by name
+    assert shlex.split(train.python_command("eval.py")) == ["python", str(script)]
