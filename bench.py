@@ -679,7 +679,9 @@ def train_student(
 ) -> tuple[pathlib.Path, float]:
     """The final checkpoint of `row`'s student, trained (or resumed) in
     `out/students/<name>-<tag>` unless finished, and its training wall time from metrics.jsonl
-    (first step's compilation included)."""
+    (first step's compilation included). The run keeps all its checkpoints (at most ten, every
+    10% of the steps), so `bench.py length --workdirs OUT/students/*` gives each one's best and
+    last."""
     steps = config.distill_steps
     workdir = pathlib.Path(config.out) / "students" / run_name(row, config)
     final = workdir / "checkpoints" / f"ckpt_{steps:08d}.eqx"
@@ -698,7 +700,8 @@ def train_student(
             seed=config.seed,
             resume=True,
             sample_every=max(steps // 5, 1),
-            checkpoint_every=max(steps // 10, 1),
+            checkpoint_every=-(-steps // 10),  # at most ten checkpoints, all kept: `bench.py
+            keep_checkpoints=10,  # length` then gives each student's best and last
         )
         final = train.train(settings)
     last = (workdir / "metrics.jsonl").read_text().splitlines()[-1]

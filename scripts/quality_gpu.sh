@@ -11,6 +11,8 @@
 # killed or time-limited run continues where it stopped. No row starts after TIME_LIMIT minutes;
 # the report then lists the missing rows. DEST sets the results folder; with OUT set (the device
 # machine's output folder) the report, quality.json, figures, row records and logs are copied there.
+# Each student keeps all ten checkpoints: `python bench.py length --workdirs $DEST/students/*`
+# afterwards scores them (best and last checkpoint; the quality table scores the last).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}

@@ -397,3 +397,24 @@ def test_length_scores_every_checkpoint_once_and_reports_best_and_last(monkeypat
         bench.checkpoint_scores(run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[300])
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         bench.checkpoint_scores(tmp_path, num_samples=50, seed=1, fid=False, batch_size=10)
+
+
+def test_a_student_keeps_every_checkpoint_for_the_length_report(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_train(settings):  # records the settings; writes what train_student reads back
+        seen.append(settings)
+        pathlib.Path(settings.workdir).mkdir(parents=True)
+        (pathlib.Path(settings.workdir) / "metrics.jsonl").write_text('{"step": 1, "time": 3.5}\n')
+        return pathlib.Path(settings.workdir) / "checkpoints" / "last.eqx"
+
+    monkeypatch.setattr(bench.train, "train", fake_train)
+    (row,) = [r for r in bench.quality_rows("full") if r.name == "instant-k8-edm"]
+    for steps in (1, 7, 15, 99, 1000, 1001):
+        config = bench.resolve_quality(
+            bench.QualityBench(out=str(tmp_path / str(steps)), distill_steps=steps)
+        )
+        _, seconds = bench.train_student(row, config=config, teacher=tmp_path / "t.eqx")
+        every, keep = seen[-1].checkpoint_every, seen[-1].keep_checkpoints
+        written = len(set(range(every, steps + 1, every)) | {steps})  # train.py also saves the end
+        assert seconds == 3.5 and seen[-1].steps == steps and written <= keep
