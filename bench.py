@@ -1071,7 +1071,8 @@ def write_report(rows: Sequence[Row], config: "QualityBench", header: dict) -> s
 
 def _claim(path: pathlib.Path) -> bool:
     """Take the row cached at `path` for this process (an exclusively created `.claim` file beside
-    it); False when another worker holds it."""
+    it); False when another worker holds it. Creates the rows folder of a fresh `--out`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.close(os.open(path.with_suffix(".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:

@@ -418,3 +418,10 @@ def test_a_student_keeps_every_checkpoint_for_the_length_report(monkeypatch, tmp
         every, keep = seen[-1].checkpoint_every, seen[-1].keep_checkpoints
         written = len(set(range(every, steps + 1, every)) | {steps})  # train.py also saves the end
         assert seconds == 3.5 and seen[-1].steps == steps and written <= keep
+
+
+def test_workers_claim_each_row_once_in_a_fresh_folder(tmp_path):
+    row = tmp_path / "fresh" / "rows" / "instant-k8-edm.json"  # no folder yet: a new --out
+    assert bench._claim(row) and not bench._claim(row)
+    bench._clear_claims(tmp_path / "fresh")
+    assert bench._claim(row)
