@@ -425,3 +425,9 @@ def test_workers_claim_each_row_once_in_a_fresh_folder(tmp_path):
     assert bench._claim(row) and not bench._claim(row)
     bench._clear_claims(tmp_path / "fresh")
     assert bench._claim(row)
+
+
+def test_the_shipped_quality_table_follows_the_schema():
+    shipped = pathlib.Path(bench.__file__).with_name("docs") / "results" / "quality.json"
+    rows = json.loads(shipped.read_text())
+    assert rows and all(bench.validate_quality_row(row) == row for row in rows)
