@@ -1898,6 +1898,7 @@ def _add_options(
             continue
         flag = f.metadata.get("flag") or _flag(dest)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = "none" if default is None else shown  # as the option is typed (`--k none`)
         required = f.metadata.get("required", False)
         help_text = f.metadata.get("help", f"{cls.__name__}.{f.name}") + (
             " (required)" if required else f" (default: {shown})"

@@ -368,6 +368,7 @@ def test_help_lists_every_field_with_its_default(capsys):
     assert (
         "(default: 200)" in text and "(default: 8)" in text
     )  # tiny's teacher_steps and model resolution
+    assert "(default: none)" in text and "(default: None)" not in text  # as `--steps none` is typed
 
 
 def test_config_round_trips_through_json_and_cli():
