@@ -700,8 +700,9 @@ def train_student(
             seed=config.seed,
             resume=True,
             sample_every=max(steps // 5, 1),
-            checkpoint_every=-(-steps // 10),  # at most ten checkpoints, all kept: `bench.py
-            keep_checkpoints=10,  # length` then gives each student's best and last
+            # at most ten checkpoints, all kept: `bench.py length` gives each one's best and last
+            checkpoint_every=-(-steps // 10),
+            keep_checkpoints=10,
         )
         final = train.train(settings)
     last = (workdir / "metrics.jsonl").read_text().splitlines()[-1]
