@@ -427,7 +427,18 @@ def test_workers_claim_each_row_once_in_a_fresh_folder(tmp_path):
     assert bench._claim(row)
 
 
-def test_the_shipped_quality_table_follows_the_schema():
-    shipped = pathlib.Path(bench.__file__).with_name("docs") / "results" / "quality.json"
+@pytest.mark.parametrize("name", ["quality.json", "quality-gpu.json"])
+def test_the_shipped_quality_tables_follow_the_schema(name):
+    shipped = pathlib.Path(bench.__file__).with_name("docs") / "results" / name
     rows = json.loads(shipped.read_text())
     assert rows and all(bench.validate_quality_row(row) == row for row in rows)
+
+
+def test_workers_share_the_cores_between_their_blas_pools(monkeypatch):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # set by the user: kept
+    env = bench.worker_environment(4, cpu_count=16)
+    assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "4"
+    assert env["MKL_NUM_THREADS"] == "3"
+    assert bench.worker_environment(8, cpu_count=2)["OPENBLAS_NUM_THREADS"] == "1"
