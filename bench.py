@@ -49,8 +49,8 @@ JSON.
         each k, same labels) and instant_loss.png. `--preset tiny --num-samples 24
         --reference-count 200 --distill-steps 10` is a few-minute dry run of the whole pipeline on
         a CPU. On a 2-core CPU a 1,000-sample row of the 512-step teacher takes about 40 minutes
-        (sampling) and Inception 8-20 images/s; on one H200 a full-budget row takes about a
-        minute.
+        (sampling) and Inception 8-20 images/s; on one H200 shared by 6-8 workers a full-budget
+        row took 1-6.5 minutes (docs/results/study-gpu.md).
 
     python bench.py length --workdirs RUN [RUN ...] [--steps 200 600 1000] [--num-samples 2000]
                            [--fid] [--out runs/length]
@@ -697,6 +697,9 @@ def train_student(
             workdir=str(workdir),
             steps=steps,
             batch_size=config.distill_batch_size,
+            # the same values as the preset's distillation defaults, so config.json has one length
+            distill_steps=steps,
+            distill_batch_size=config.distill_batch_size,
             seed=config.seed,
             resume=True,
             sample_every=max(steps // 5, 1),
@@ -990,10 +993,14 @@ def plot_quality(results: dict[Row, dict], path: pathlib.Path, *, metric: str = 
     train.save_figure(fig, path, dpi=110)
 
 
-def sample_panels(results: dict[Row, dict], metric: str) -> list[tuple[str, pathlib.Path]]:
+def sample_panels(
+    results: dict[Row, dict], metric: str, *, out: pathlib.Path | None = None
+) -> list[tuple[str, pathlib.Path]]:
     """(title, grid PNG) of the best teacher and of the best student at k = 8, 4, 2 and 1 by
     `metric`, skipping a k without a finished student and rows whose grid file is gone. Every grid
-    is eval.py's first 100 samples of the same seed and labels (column = label)."""
+    is eval.py's first 100 samples of the same seed and labels (column = label). A grid missing at
+    its recorded (absolute) path is looked for in `out/eval/<its folder>/`: a results folder copied
+    from another machine keeps its panels."""
     picks = [("teacher's best", best_teacher(results, metric))]
     picks += [
         (f"best k = {k}", best_student(results, metric, k=k, variants=("alternating", "instant")))
@@ -1004,6 +1011,8 @@ def sample_panels(results: dict[Row, dict], metric: str) -> list[tuple[str, path
         if pick is None or not results[pick[0]].get("sample_grid"):
             continue
         grid = pathlib.Path(results[pick[0]]["sample_grid"])
+        if not grid.exists() and out is not None:
+            grid = out / "eval" / grid.parent.name / grid.name
         if grid.exists():
             panels.append((f"{what}: {pick[0].name}\n{metric} {pick[1]:.2f}", grid))
     return panels
@@ -1044,12 +1053,16 @@ def write_report(rows: Sequence[Row], config: "QualityBench", header: dict) -> s
         for r in results.values()
     )
     protocols = collections.Counter(r["feature_protocol"] for r in results.values())
-    lines += [
-        f"Teacher {header['teacher']} (step {header['teacher_step']}). Rows computed on: "
+    provenance = (
+        " Rows computed on: "
         + "; ".join(f"{machine} ({n} rows)" for machine, n in machines.items())
         + ". Inception protocol: "
         + "; ".join(f"`{protocol}` ({n} rows)" for protocol, n in protocols.items())
-        + ".",
+        + "."
+    )
+    lines += [
+        f"Teacher {header['teacher']} (step {header['teacher_step']})."
+        + (provenance if results else ""),
         "",
     ]
     report = "\n".join(lines)
@@ -1059,7 +1072,7 @@ def write_report(rows: Sequence[Row], config: "QualityBench", header: dict) -> s
         tmp.write_text(json.dumps(quality_json_rows(results), indent=1) + "\n")
     if results:
         plot_quality(results, out / f"{metric}_vs_steps.png", metric=metric)
-    panels = sample_panels(results, metric)
+    panels = sample_panels(results, metric, out=out)
     if panels:
         plot_samples(panels, out / "samples.png")
     for row in rows:
@@ -1125,9 +1138,11 @@ def run_rows(
 def worker_environment(jobs: int, *, cpu_count: int | None = None) -> dict[str, str]:
     """The environment of one of `jobs` worker processes: this one's, with the BLAS thread pools
     (numpy's covariance and eigendecompositions in the FID statistics) limited to an equal share of
-    the cores unless already set. Every process's pool spanning all the cores oversubscribes them:
-    four processes on two cores took 23 s each for one FID's statistics, 10 s with one thread."""
-    share = str(max(1, (cpu_count or os.cpu_count() or 1) // jobs))
+    the cores this process may use unless already set. Every process's pool spanning all the cores
+    oversubscribes them: four processes on two cores took 20-24 s each for one FID's statistics,
+    10 s with one thread each."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = str(max(1, (cpu_count or usable or 1) // jobs))
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, share)

@@ -156,6 +156,16 @@ def test_sample_panels_pick_the_best_rows_with_a_grid(tmp_path):
     out = tmp_path / "samples.png"
     bench.plot_samples(panels, out)
     assert Image.open(out).size[0] > Image.open(out).size[1] > 0
+    # A results folder copied from elsewhere: the recorded absolute path is gone, the grid sits
+    # in out/eval/<its folder>/; without `out`, the panel is skipped.
+    moved = tmp_path / "copy" / "eval" / "a2-run" / "grid.png"
+    moved.parent.mkdir(parents=True)
+    Image.fromarray(np.full((20, 30), 3, np.uint8)).save(moved)
+    results[Row("alternating", 2, weighting="flat")]["sample_grid"] = "/elsewhere/a2-run/grid.png"
+    assert [p for _, p in bench.sample_panels(results, "fd_mnist", out=tmp_path / "copy")][-1] == (
+        moved
+    )
+    assert len(bench.sample_panels(results, "fd_mnist")) == 2
 
 
 def test_quality_table_and_undistilled_comparison():
@@ -229,7 +239,10 @@ def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     calls.clear()
     run()
     assert calls == []
-    run(num_samples=50, time_limit=0.0)  # another sample count is another cache; 0 starts nothing
+    empty = run(
+        num_samples=50, time_limit=0.0
+    )  # another sample count: another cache; 0 starts nothing
+    assert empty.endswith("teacher.eqx (step 7).\n")  # no rows: no "Rows computed on"
     run(lr=3e-4, time_limit=0.0)  # so is another learning rate
     assert calls == []
     run(lr=3e-4, rows=("instant-k8-edm", "teacher-8-w0"))  # the teacher row is shared
@@ -418,6 +431,9 @@ def test_a_student_keeps_every_checkpoint_for_the_length_report(monkeypatch, tmp
         every, keep = seen[-1].checkpoint_every, seen[-1].keep_checkpoints
         written = len(set(range(every, steps + 1, every)) | {steps})  # train.py also saves the end
         assert seconds == 3.5 and seen[-1].steps == steps and written <= keep
+        # config.json states one length and batch: the run's and the distillation defaults agree
+        assert seen[-1].distill_steps == steps
+        assert seen[-1].batch_size == seen[-1].distill_batch_size == config.distill_batch_size
 
 
 def test_workers_claim_each_row_once_in_a_fresh_folder(tmp_path):
@@ -442,3 +458,22 @@ def test_workers_share_the_cores_between_their_blas_pools(monkeypatch):
     assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "4"
     assert env["MKL_NUM_THREADS"] == "3"
     assert bench.worker_environment(8, cpu_count=2)["OPENBLAS_NUM_THREADS"] == "1"
+
+
+def test_run_workers_start_each_worker_with_its_share(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    started = []
+
+    class FakeProcess:
+        def __init__(self, argv, *, env, **kwargs):
+            started.append((argv, env))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(bench.subprocess, "Popen", FakeProcess)
+    config = bench.resolve_quality(bench.QualityBench(out=str(tmp_path), jobs=2))
+    bench.run_workers(config, deadline=None)
+    expected = bench.worker_environment(2)["OPENBLAS_NUM_THREADS"]
+    assert len(started) == 2 and all("--worker" in argv for argv, _ in started)
+    assert all(env["OPENBLAS_NUM_THREADS"] == expected for _, env in started)
