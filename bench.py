@@ -998,9 +998,9 @@ def sample_panels(
 ) -> list[tuple[str, pathlib.Path]]:
     """(title, grid PNG) of the best teacher and of the best student at k = 8, 4, 2 and 1 by
     `metric`, skipping a k without a finished student and rows whose grid file is gone. Every grid
-    is eval.py's first 100 samples of the same seed and labels (column = label). A grid missing at
-    its recorded (absolute) path is looked for in `out/eval/<its folder>/`: a results folder copied
-    from another machine keeps its panels."""
+    is eval.py's first 100 samples of the same seed and labels (column = label). With `out`, the
+    grid in `out/eval/<its folder>/` is used where it exists, else its recorded (absolute) path: a
+    results folder copied from another machine keeps its panels."""
     picks = [("teacher's best", best_teacher(results, metric))]
     picks += [
         (f"best k = {k}", best_student(results, metric, k=k, variants=("alternating", "instant")))
@@ -1011,8 +1011,8 @@ def sample_panels(
         if pick is None or not results[pick[0]].get("sample_grid"):
             continue
         grid = pathlib.Path(results[pick[0]]["sample_grid"])
-        if not grid.exists() and out is not None:
-            grid = out / "eval" / grid.parent.name / grid.name
+        beside = None if out is None else out / "eval" / grid.parent.name / grid.name
+        grid = beside if beside is not None and beside.exists() else grid
         if grid.exists():
             panels.append((f"{what}: {pick[0].name}\n{metric} {pick[1]:.2f}", grid))
     return panels
@@ -1137,12 +1137,13 @@ def run_rows(
 
 def worker_environment(jobs: int, *, cpu_count: int | None = None) -> dict[str, str]:
     """The environment of one of `jobs` worker processes: this one's, with the BLAS thread pools
-    (numpy's covariance and eigendecompositions in the FID statistics) limited to an equal share of
-    the cores this process may use unless already set. Every process's pool spanning all the cores
-    oversubscribes them: four processes on two cores took 20-24 s each for one FID's statistics,
-    10 s with one thread each."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    share = str(max(1, (cpu_count or usable or 1) // jobs))
+    (numpy's FID statistics) limited to an equal share of the usable cores unless already set."""
+    # Pools spanning all the cores oversubscribe them: four processes on two cores took 20-24 s
+    # each for one FID's statistics, 10 s with one thread each.
+    if cpu_count is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cpu_count = len(affinity(0)) if affinity else os.cpu_count() or 1
+    share = str(max(1, cpu_count // jobs))
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, share)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Issue 12's whole full-budget quality table on one GPU (resumable). Measured on one H200 (jax 0.11.2):
-# 14 of the 36 rows in two runs, 510 s (8 rows, reference statistics included) and 196 s (6 rows);
-# the 512-step teacher rows are the slowest (about 120 s of sampling each, 8 workers sharing).
+# Issue 12's whole full-budget quality table on one GPU (resumable). Measured on one H200 (jax 0.11.2,
+# docs/results/study-gpu.md): 14 of the 36 rows in two runs. The first finished 8 rows (reference
+# statistics included) before its 510 s WALL_LIMIT stopped 4 more; the second, 6 rows in 196 s. The
+# longest rows took 320-400 s with 8 workers sharing the card (512-step teachers, k = 1 and 8
+# students).
 #
 #   scripts/quality_gpu.sh              # 36 rows into runs/quality-full (resumable: rerun to go on)
 #   DRY_RUN=1 scripts/quality_gpu.sh    # the same pipeline on a CPU in minutes (tiny preset)
@@ -11,22 +13,31 @@
 # two weightings each) are shared among JOBS worker processes (`bench.py quality --jobs`, claim
 # files); the reference statistics are computed once (a lock file). Every finished row is cached, so a
 # killed or time-limited run continues where it stopped. No row starts after TIME_LIMIT minutes;
-# the report then lists the missing rows. WALL_LIMIT (seconds) stops bench.py and its workers at that
-# time, for a device lease: rows in flight are lost, the report is written from the finished ones
-# and the script exits with status 3 (rerun to go on); TIME_LIMIT then defaults to 5 minutes before
-# WALL_LIMIT (a guided 512-step row took about that long with 8 workers). After any other failure
-# the report of the finished rows is written too, and bench.py's status returned. DEST sets
-# the results folder; with OUT set (the device machine's output folder) the report, quality.json and
-# figures are copied there, with one results.tar.gz of the rest (row records, logs, evaluations,
-# students' configs, metrics and sample grids; no checkpoints): at most 8 files come back.
-# Each student keeps all ten checkpoints: `python bench.py length --workdirs $DEST/students/*`
-# afterwards scores them (best and last checkpoint; the quality table scores the last).
+# the report then lists the missing rows.
+#
+# WALL_LIMIT (whole seconds), for a device lease, stops bench.py and its workers at that time: rows
+# in flight are lost (a student resumes from its last checkpoint), the report of the finished rows is
+# written (at most 2 minutes more: leave that much before the lease's end) and the script exits with
+# status 3 (rerun to go on). TIME_LIMIT then defaults to 6 minutes before WALL_LIMIT, a trade-off:
+# rows started later may not finish, and workers idle earlier. Ctrl-C stops everything at once.
+# Without WALL_LIMIT bench.py runs in the foreground (Ctrl-C reaches every worker, as usual).
+#
+# After any failure the report of the finished rows is written too. DEST sets the results folder;
+# with OUT set (the device machine's output folder) the report, quality.json and figures are copied
+# there, with one results.tar.gz of the rest (row records, logs, evaluations, students' configs,
+# metrics and sample grids; no checkpoints): at most 8 files come back. Each student keeps all ten
+# checkpoints: `python bench.py length --workdirs $DEST/students/*` afterwards scores them (best and
+# last checkpoint; the quality table scores the last).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax-cache}
 if [[ -n "${WALL_LIMIT:-}" ]]; then
-  TIME_LIMIT=${TIME_LIMIT:-$(awk -v w="$WALL_LIMIT" 'BEGIN { print (w > 360 ? (w - 300) / 60 : 1) }')}
+  if ! [[ $WALL_LIMIT =~ ^[0-9]+$ ]]; then
+    echo "WALL_LIMIT must be whole seconds, got '$WALL_LIMIT'" >&2
+    exit 2
+  fi
+  TIME_LIMIT=${TIME_LIMIT:-$(awk -v w="$WALL_LIMIT" 'BEGIN { print (w > 420 ? (w - 360) / 60 : 1) }')}
 fi
 if [[ -n "${DRY_RUN:-}" ]]; then
   dest=${DEST:-runs/quality-dry}
@@ -40,23 +51,41 @@ fi
 "$PYTHON" -c "import jax; print('jax', jax.__version__, jax.devices())"
 start=$SECONDS
 status=0
-"$PYTHON" bench.py quality --budget full "$@" &
-bench=$!
-if [[ -n "${WALL_LIMIT:-}" ]]; then  # bench.py and its workers (its children), nothing else
-  (
-    sleep "$WALL_LIMIT" >/dev/null 2>&1 </dev/null  # holds no pipe open once the watchdog is killed
+if [[ -z "${WALL_LIMIT:-}" ]]; then
+  "$PYTHON" bench.py quality --budget full "$@" || status=$?
+else
+  "$PYTHON" bench.py quality --budget full "$@" &
+  bench=$!
+  stop() {  # bench.py and its workers (its children), nothing else; bench.py first, so it cannot
+    # see its workers die and exit on its own before it is counted as stopped
+    kill -STOP "$bench" 2>/dev/null || true
     pkill -KILL -P "$bench" || true
     kill -KILL "$bench" 2>/dev/null || true
+  }
+  stopped=$(mktemp -u)
+  (
+    sleep "$WALL_LIMIT" >/dev/null 2>&1 </dev/null  # holds no pipe open
+    : >"$stopped"
+    stop
     echo "WALL_LIMIT $WALL_LIMIT s: stopped"
   ) &
   watchdog=$!
+  end_watchdog() {
+    pkill -P "$watchdog" 2>/dev/null || true  # its sleep
+    kill "$watchdog" 2>/dev/null || true
+  }
+  trap 'stop; end_watchdog; exit 130' INT TERM
+  wait $bench || status=$?
+  end_watchdog
+  trap - INT TERM
+  if [[ -e $stopped ]]; then
+    rm -f "$stopped"
+    status=3
+  fi
 fi
-wait $bench || status=$?
-if [[ -n "${watchdog:-}" ]]; then kill $watchdog 2>/dev/null || true; fi
 echo "bench.py quality finished with status $status after $((SECONDS - start)) s"
 if [[ $status -ne 0 ]]; then  # the report of the rows that finished
-  timeout 300 "$PYTHON" bench.py quality --budget full "$@" --jobs 1 --time-limit 0 || true
-  if [[ $status -eq 137 && -n "${WALL_LIMIT:-}" ]]; then status=3; fi
+  timeout 120 "$PYTHON" bench.py quality --budget full "$@" --jobs 1 --time-limit 0 || true
 fi
 if [[ -n "${OUT:-}" ]]; then
   cp "$dest"/quality.md "$dest"/quality.json "$dest"/*.png "$OUT"/ 2>/dev/null || true

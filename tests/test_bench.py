@@ -239,9 +239,8 @@ def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     calls.clear()
     run()
     assert calls == []
-    empty = run(
-        num_samples=50, time_limit=0.0
-    )  # another sample count: another cache; 0 starts nothing
+    # another sample count is another cache; time limit 0 starts nothing
+    empty = run(num_samples=50, time_limit=0.0)
     assert empty.endswith("teacher.eqx (step 7).\n")  # no rows: no "Rows computed on"
     run(lr=3e-4, time_limit=0.0)  # so is another learning rate
     assert calls == []
@@ -424,8 +423,10 @@ def test_a_student_keeps_every_checkpoint_for_the_length_report(monkeypatch, tmp
     monkeypatch.setattr(bench.train, "train", fake_train)
     (row,) = [r for r in bench.quality_rows("full") if r.name == "instant-k8-edm"]
     for steps in (1, 7, 15, 99, 1000, 1001):
-        config = bench.resolve_quality(
-            bench.QualityBench(out=str(tmp_path / str(steps)), distill_steps=steps)
+        config = bench.resolve_quality(  # a batch unlike the preset's default (32)
+            bench.QualityBench(
+                out=str(tmp_path / str(steps)), distill_steps=steps, distill_batch_size=64
+            )
         )
         _, seconds = bench.train_student(row, config=config, teacher=tmp_path / "t.eqx")
         every, keep = seen[-1].checkpoint_every, seen[-1].keep_checkpoints
