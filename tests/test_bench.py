@@ -5,6 +5,7 @@ test_eval.py."""
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -478,3 +479,14 @@ def test_run_workers_start_each_worker_with_its_share(monkeypatch, tmp_path):
     expected = bench.worker_environment(2)["OPENBLAS_NUM_THREADS"]
     assert len(started) == 2 and all("--worker" in argv for argv, _ in started)
     assert all(env["OPENBLAS_NUM_THREADS"] == expected for _, env in started)
+
+
+def test_the_shipped_gpu_rows_regenerate_the_shipped_gpu_table(tmp_path):
+    docs = pathlib.Path(bench.__file__).with_name("docs") / "results"
+    out = tmp_path / "quality-full"
+    shutil.copytree(docs / "quality-gpu-out", out)  # as the GPU script's folder is resumed
+    report = bench.bench_quality(bench.QualityBench(budget="full", out=str(out), time_limit=0.0))
+    shipped = json.loads((docs / "quality-gpu.json").read_text())
+    assert json.loads((out / "quality.json").read_text()) == shipped and len(shipped) == 14
+    assert "alternating-k8-edm 11.88 against 1 x teacher-128-w0.1 7.88" in report
+    assert (out / "samples.png").exists()  # every panel's grid found in the copied folder
