@@ -57,7 +57,11 @@ JSON.
         fd_mnist (with --fid also Inception FID) of every kept checkpoint of train.py distillation
         runs at one fixed sampling seed, against the distillation step (cached per checkpoint);
         writes length.md (each run's best and last, then one row per checkpoint) and
-        fd_mnist_vs_distill_steps.png (or fid_vs_distill_steps.png) into --out.
+        fd_mnist_vs_distill_steps.png (or fid_vs_distill_steps.png) into --out. For 2-D runs
+        (--preset ring2d) the score is w1_radius, the Wasserstein-1 distance between the norms of
+        the samples and of as many test points (the rings' sharpness; energy distance recorded
+        too), with the runs' teacher at the student's k and at the preset's teacher_k steps as
+        reference lines (w1_radius_vs_distill_steps.png); use --num-samples 20000.
 
 Timings are medians over repeats after a warm-up call (compilation excluded). The 1-minute load
 average is reported with every result: on a shared machine, rerun when it is low.
@@ -1249,6 +1253,21 @@ def bench_quality(config: "QualityBench") -> str:
 # Length: a student's score against distillation steps (issue 12, suspect 1)
 
 
+def _checkpoints_by_step(workdir: pathlib.Path, steps: Sequence[int]) -> dict[int, pathlib.Path]:
+    """A distillation run's checkpoints by step (only those at `steps` when given); raises
+    FileNotFoundError naming the steps it has."""
+    by_step = {int(c.stem.split("_")[1]): c for c in (workdir / "checkpoints").glob("ckpt_*.eqx")}
+    chosen = sorted(set(steps) & set(by_step) if steps else by_step)
+    if not chosen:
+        raise FileNotFoundError(
+            f"no checkpoints of steps {list(steps)} in {workdir}/checkpoints; it has "
+            f"{sorted(by_step)}: pass other --steps"
+            if by_step
+            else f"no checkpoints in {workdir}/checkpoints: pass a train.py distillation workdir"
+        )
+    return {step: by_step[step] for step in chosen}
+
+
 def checkpoint_scores(
     workdir: pathlib.Path,
     *,
@@ -1261,18 +1280,8 @@ def checkpoint_scores(
     """eval.py's record of every checkpoint (or those at `steps`) of a distillation run, by step:
     read from `workdir/eval` when that evaluation exists, else computed (fixed sampling seed, so
     the curve compares checkpoints on the same noise and labels)."""
-    by_step = {int(c.stem.split("_")[1]): c for c in (workdir / "checkpoints").glob("ckpt_*.eqx")}
-    chosen = sorted(set(steps) & set(by_step) if steps else by_step)
-    if not chosen:
-        raise FileNotFoundError(
-            f"no checkpoints of steps {list(steps)} in {workdir}/checkpoints; it has "
-            f"{sorted(by_step)}: pass other --steps"
-            if by_step
-            else f"no checkpoints in {workdir}/checkpoints: pass a train.py distillation workdir"
-        )
     records = []
-    for step in chosen:
-        checkpoint = by_step[step]
+    for checkpoint in _checkpoints_by_step(workdir, steps).values():
         config = evaluation.EvalConfig(
             checkpoint=str(checkpoint),
             num_steps=train.read_meta(checkpoint)["config"]["k"],  # the student's own k
@@ -1290,26 +1299,112 @@ def checkpoint_scores(
     return sorted(records, key=lambda r: r["step"])
 
 
-def length_report(runs: dict[str, list[dict]], *, metric: str, out: pathlib.Path) -> str:
+def radial_w1(a: Float[np.ndarray, "n d"], b: Float[np.ndarray, "m d"]) -> float:
+    """Wasserstein-1 distance between the distributions of the norms `|a_i|` and `|b_j|` of two
+    equal-size point sets (for equal sizes, the mean gap of the sorted norms), in the points' units:
+    on concentric rings, how sharp and well placed the rings are. Raises ValueError for unequal
+    sizes."""
+    if len(a) != len(b):
+        raise ValueError(f"radial_w1 needs equal sizes, got {len(a)} and {len(b)} points")
+    ra, rb = (np.sort(np.linalg.norm(np.asarray(x, np.float64), axis=1)) for x in (a, b))
+    return float(np.abs(ra - rb).mean())
+
+
+def points_scores(
+    checkpoint: pathlib.Path, *, num_steps: int, num_samples: int, seed: int
+) -> dict[str, Any]:
+    """`radial_w1` and energy distance of `num_samples` points of a 2-D checkpoint (k =
+    `num_steps`, unguided, labels `i % classes`, sampling seed `seed`) to the first `num_samples`
+    points of its data's test split. Raises ValueError when the split is smaller."""
+    model, config, meta = train.load_checkpoint(checkpoint)
+    reference = data.load(config.data, split="test").images
+    if num_samples > len(reference):
+        raise ValueError(
+            f"--num-samples {num_samples}: {config.data} has {len(reference)} test points; "
+            "pass fewer"
+        )
+    reference = np.asarray(reference[:num_samples], np.float64)
+    num_classes = max(config.model.num_classes, 1)
+    points = mmd.sample(
+        model,
+        jax.random.split(jax.random.key(seed), num_samples),
+        shape=(num_samples, config.model.dim),
+        labels=jnp.arange(num_samples, dtype=jnp.int32) % num_classes,
+        num_steps=num_steps,
+        shift=config.shift,
+        null_label=config.model.num_classes,
+    )
+    points = np.asarray(points, np.float64)
+    if not np.all(np.isfinite(points)):
+        raise FloatingPointError(f"{checkpoint}: non-finite samples (the model diverged)")
+    return {
+        "step": meta["step"],
+        "num_steps": num_steps,
+        "w1_radius": radial_w1(points, reference),
+        "energy_distance": train.energy_distance(points, reference),
+        "num_samples": num_samples,
+        "seed": seed,
+    }
+
+
+def points_length_scores(
+    workdir: pathlib.Path, *, num_samples: int, seed: int, steps: Sequence[int] = ()
+) -> tuple[list[dict], dict[str, float]]:
+    """`points_scores` of every checkpoint (or those at `steps`) of a 2-D distillation run, cached
+    in `workdir/eval`, and the `radial_w1` of its teacher at the student's k and at the preset's
+    `teacher_k` steps (the references drawn beside the curve)."""
+    records, config = [], None
+    for step, checkpoint in _checkpoints_by_step(workdir, steps).items():
+        config = train.config_from_dict(train.read_meta(checkpoint)["config"])
+        done = workdir / "eval" / f"points_k{config.k}_n{num_samples}_seed{seed}_{step:08d}.json"
+        if not done.exists():
+            record = points_scores(
+                checkpoint, num_steps=config.k, num_samples=num_samples, seed=seed
+            )
+            done.parent.mkdir(parents=True, exist_ok=True)
+            write_json(str(done), record)
+        records.append(json.loads(done.read_text()))
+    teacher = train._teacher_file(config)
+    references = {
+        f"teacher, {k} steps": points_scores(
+            teacher, num_steps=k, num_samples=num_samples, seed=seed
+        )["w1_radius"]
+        for k in sorted({config.k, config.teacher_k})
+    }
+    return records, references
+
+
+def length_report(
+    runs: dict[str, list[dict]],
+    *,
+    metric: str,
+    out: pathlib.Path,
+    references: dict[str, float] | None = None,
+    data_name: str = "MNIST",
+) -> str:
     """Markdown of each run's `metric` by distillation step with its best and last checkpoint, and
-    `<metric>_vs_distill_steps.png` in `out`."""
+    `<metric>_vs_distill_steps.png` in `out`; `references` (name: value, e.g. the teacher's) are
+    listed first and drawn as horizontal lines."""
+    spec = ".4f" if metric == "w1_radius" else ".2f"  # radii differ in the third decimal
     lines = ["| run | " + " | ".join(["step", metric, "label acc.", "samples"]) + " |"]
     lines.append("| --- " * 5 + "|")
-    summary = []
+    summary = [f"- {name}: {metric} {value:{spec}}." for name, value in (references or {}).items()]
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
+    for i, (name, value) in enumerate((references or {}).items()):
+        ax.axhline(value, color="0.4", linestyle=("--", ":", "-.")[i % 3], lw=1, label=name)
     for i, (name, records) in enumerate(runs.items()):
         scored = [r for r in records if r.get(metric) is not None]
         for r in scored:
             accuracy = evaluation.cell(r.get("label_accuracy"), ".3f")
             lines.append(
-                f"| {name} | {r['step']} | {r[metric]:.2f} | {accuracy} | {r['num_samples']} |"
+                f"| {name} | {r['step']} | {r[metric]:{spec}} | {accuracy} | {r['num_samples']} |"
             )
         if scored:
             best = min(scored, key=lambda r: r[metric])
             summary.append(
-                f"- {name}: best {metric} {best[metric]:.2f} at step {best['step']}, last "
-                f"{scored[-1][metric]:.2f} at step {scored[-1]['step']}."
+                f"- {name}: best {metric} {best[metric]:{spec}} at step {best['step']}, last "
+                f"{scored[-1][metric]:{spec}} at step {scored[-1]['step']}."
             )
             style = ("o-", "s--", "^:")[i // 10 % 3]  # matplotlib's cycle repeats 10 colours
             ax.plot([r["step"] for r in scored], [r[metric] for r in scored], style, label=name)
@@ -1319,7 +1414,7 @@ def length_report(runs: dict[str, list[dict]], *, metric: str, out: pathlib.Path
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     counts = sorted({r["num_samples"] for records in runs.values() for r in records})
-    ax.set_title(f"MNIST, {metric} on {', '.join(map(str, counts))} samples by checkpoint")
+    ax.set_title(f"{data_name}, {metric} on {', '.join(map(str, counts))} samples by checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     train.save_figure(fig, out / f"{metric}_vs_distill_steps.png", dpi=110)
     report = "\n".join([*summary, "", *lines, ""])
@@ -1485,8 +1580,13 @@ class QualityBench(_Counts):
 class LengthBench(_Counts):
     """Settings of `python bench.py length`."""
 
-    workdirs: tuple[str, ...] = _field((), "train.py workdirs of distillation runs", required=True)
-    num_samples: int = _field(2000, "samples per checkpoint")
+    workdirs: tuple[str, ...] = _field(
+        (), "train.py workdirs of distillation runs (all images or all 2-D)", required=True
+    )
+    num_samples: int = _field(
+        2000,
+        "samples per checkpoint (2-D runs: use 20000; two such samples of the rings differ by 0.003)",
+    )
     fid: bool = _field(False, "also Inception FID (--fid; slow on a CPU); fd_mnist always")
     batch_size: int = _field(200, "global batch of sampling and Inception")
     seed: int = _field(0, "sampling seed, the same for every checkpoint")
@@ -1543,23 +1643,45 @@ def run_sampling(config: SamplingBench) -> dict:
     )
 
 
+def _is_points_run(workdir: pathlib.Path) -> bool:
+    """Whether a distillation workdir holds a 2-D (MLP) run, from its newest checkpoint."""
+    newest = list(_checkpoints_by_step(workdir, ()).values())[-1]
+    return train.is_points(train.config_from_dict(train.read_meta(newest)["config"]))
+
+
 def run_length(config: LengthBench) -> str:
-    """The `length` subcommand: the report's Markdown."""
+    """The `length` subcommand: the report's Markdown (image runs: fd_mnist or FID; 2-D runs:
+    `radial_w1` with the teacher's as references). Raises ValueError for a mix of the two."""
     if not config.workdirs:
         raise ValueError("--workdirs is required: one or more train.py distillation workdirs")
+    workdirs = [pathlib.Path(w) for w in config.workdirs]
+    kinds = {_is_points_run(w) for w in workdirs}
+    if len(kinds) > 1:
+        raise ValueError("--workdirs mixes 2-D (ring2d) and image runs: report them separately")
+    out = pathlib.Path(config.out)
+    if kinds == {True}:
+        runs, references = {}, {}
+        for w in workdirs:
+            runs[w.name], teacher = points_length_scores(
+                w, num_samples=config.num_samples, seed=config.seed, steps=config.steps
+            )
+            references.update(teacher)
+        return length_report(
+            runs, metric="w1_radius", out=out, references=references, data_name="2-D points"
+        )
     runs = {
-        pathlib.Path(w).name: checkpoint_scores(
-            pathlib.Path(w),
+        w.name: checkpoint_scores(
+            w,
             num_samples=config.num_samples,
             seed=config.seed,
             fid=config.fid,
             batch_size=config.batch_size,
             steps=config.steps,
         )
-        for w in config.workdirs
+        for w in workdirs
     }
     metric = "fid" if config.fid else "fd_mnist"
-    return length_report(runs, metric=metric, out=pathlib.Path(config.out))
+    return length_report(runs, metric=metric, out=out)
 
 
 def run_quality(config: QualityBench) -> str:
