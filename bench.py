@@ -1366,12 +1366,17 @@ def points_length_scores(
         records.append(json.loads(done.read_text()))
     teacher = train._teacher_file(config)
     references = {
-        f"teacher, {k} steps": points_scores(
-            teacher, num_steps=k, num_samples=num_samples, seed=seed
-        )["w1_radius"]
+        f"teacher, {k} steps": _teacher_w1(teacher, k, num_samples, seed)
         for k in sorted({config.k, config.teacher_k})
     }
     return records, references
+
+
+@functools.lru_cache(maxsize=64)  # runs of one teacher share its references
+def _teacher_w1(teacher: pathlib.Path, num_steps: int, num_samples: int, seed: int) -> float:
+    """`radial_w1` of a teacher checkpoint's `num_steps`-step samples (`points_scores`)."""
+    scores = points_scores(teacher, num_steps=num_steps, num_samples=num_samples, seed=seed)
+    return scores["w1_radius"]
 
 
 def length_report(
@@ -1389,10 +1394,11 @@ def length_report(
     lines = ["| run | " + " | ".join(["step", metric, "label acc.", "samples"]) + " |"]
     lines.append("| --- " * 5 + "|")
     summary = [f"- {name}: {metric} {value:{spec}}." for name, value in (references or {}).items()]
-    fig = Figure(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(8.5, 4.2), layout="constrained")
     ax = fig.subplots()
     for i, (name, value) in enumerate((references or {}).items()):
-        ax.axhline(value, color="0.4", linestyle=("--", ":", "-.")[i % 3], lw=1, label=name)
+        grey = str(0.15 + 0.15 * (i % 4))
+        ax.axhline(value, color=grey, linestyle=("--", ":", "-.")[i % 3], lw=1, label=name)
     for i, (name, records) in enumerate(runs.items()):
         scored = [r for r in records if r.get(metric) is not None]
         for r in scored:
@@ -1412,7 +1418,7 @@ def length_report(
     ax.set_ylabel(metric)
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     counts = sorted({r["num_samples"] for records in runs.values() for r in records})
     ax.set_title(f"{data_name}, {metric} on {', '.join(map(str, counts))} samples by checkpoint")
     out.mkdir(parents=True, exist_ok=True)
@@ -1585,7 +1591,8 @@ class LengthBench(_Counts):
     )
     num_samples: int = _field(
         2000,
-        "samples per checkpoint (2-D runs: use 20000; two such samples of the rings differ by 0.003)",
+        "samples per checkpoint (2-D runs: use 20000; two such samples of the rings differ by "
+        "0.003)",
     )
     fid: bool = _field(False, "also Inception FID (--fid; slow on a CPU); fd_mnist always")
     batch_size: int = _field(200, "global batch of sampling and Inception")
@@ -1666,6 +1673,7 @@ def run_length(config: LengthBench) -> str:
                 w, num_samples=config.num_samples, seed=config.seed, steps=config.steps
             )
             references.update(teacher)
+        references = dict(sorted(references.items(), key=lambda item: item[1]))
         return length_report(
             runs, metric="w1_radius", out=out, references=references, data_name="2-D points"
         )
