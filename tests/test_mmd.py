@@ -61,6 +61,25 @@ def test_posterior_equals_brute_force_gaussian_conditioning():
         np.testing.assert_allclose(np.asarray(mean[i]), ref_mean, rtol=1e-4, atol=1e-5)
 
 
+def test_posterior_of_levels_equal_up_to_rounding_is_z_t_itself_not_nan():
+    """s within float32 rounding of t (a 7-million-draw ring2d run met one inside jit): lam_t a few
+    ulps above lam_s must mean no revealed information (variance 0, z_s = z_t), not a negative
+    variance and a NaN z_s."""
+    lam_s = jnp.asarray([-5.562294, 0.0, 3.0, 12.4], F32)
+    lam_t = jnp.stack([lam_s, jnp.nextafter(lam_s, F32(20)), lam_s + 4e-6])  # equal, 1 ulp, ~8 ulps
+    rng = np.random.default_rng(1)
+    z_t = jnp.asarray(rng.normal(size=(4, 2)), F32)
+    x = jnp.asarray(rng.uniform(-1, 1, (4, 2)), F32)
+    for above in lam_t:
+        assert np.all(np.asarray(above) >= np.asarray(lam_s))
+        mean, var = mmd.posterior(z_t=z_t, x=x, lam_t=above, lam_s=lam_s)
+        assert np.all(np.asarray(var) == 0.0)
+        np.testing.assert_allclose(np.asarray(mean), np.asarray(z_t), rtol=1e-5)  # alpha_s/alpha_t
+        noise = jnp.asarray(rng.normal(size=(4, 2)), F32)
+        z_s = mmd.ancestral_step(z_t=z_t, x=x, lam_t=above, lam_s=lam_s, noise=noise, gamma=0.3)
+        np.testing.assert_allclose(np.asarray(z_s), np.asarray(z_t), rtol=1e-5)
+
+
 def test_ancestral_step_has_posterior_moments_and_gamma_interpolates_in_log_space():
     lam_t, lam_s = _lams([(-2.0, 1.0)] * 20000)
     x = jnp.full((20000, 1), 0.3, F32)
