@@ -61,7 +61,8 @@ JSON.
         (--preset ring2d) the score is w1_radius, the Wasserstein-1 distance between the norms of
         the samples and of as many test points (the rings' sharpness; energy distance recorded
         too), with the runs' teacher at the student's k and at the preset's teacher_k steps as
-        reference lines (w1_radius_vs_distill_steps.png); use --num-samples 20000.
+        reference lines (w1_radius_vs_distill_steps.png); use --num-samples 20000. train.py
+        keeps only the last 3 checkpoints unless given --keep-checkpoints N: pass it for a curve.
 
 Timings are medians over repeats after a warm-up call (compilation excluded). The 1-minute load
 average is reported with every result: on a shared machine, rerun when it is low.
@@ -1256,6 +1257,8 @@ def bench_quality(config: "QualityBench") -> str:
 def _checkpoints_by_step(workdir: pathlib.Path, steps: Sequence[int]) -> dict[int, pathlib.Path]:
     """A distillation run's checkpoints by step (only those at `steps` when given); raises
     FileNotFoundError naming the steps it has."""
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"workdir {workdir} does not exist: pass a train.py workdir")
     by_step = {int(c.stem.split("_")[1]): c for c in (workdir / "checkpoints").glob("ckpt_*.eqx")}
     chosen = sorted(set(steps) & set(by_step) if steps else by_step)
     if not chosen:
@@ -1336,7 +1339,9 @@ def points_scores(
     )
     points = np.asarray(points, np.float64)
     if not np.all(np.isfinite(points)):
-        raise FloatingPointError(f"{checkpoint}: non-finite samples (the model diverged)")
+        raise FloatingPointError(
+            f"{checkpoint}: non-finite samples (the model diverged); leave it out with --steps"
+        )
     return {
         "step": meta["step"],
         "num_steps": num_steps,
@@ -1349,10 +1354,10 @@ def points_scores(
 
 def points_length_scores(
     workdir: pathlib.Path, *, num_samples: int, seed: int, steps: Sequence[int] = ()
-) -> tuple[list[dict], dict[str, float]]:
+) -> tuple[list[dict], pathlib.Path, dict[str, float]]:
     """`points_scores` of every checkpoint (or those at `steps`) of a 2-D distillation run, cached
-    in `workdir/eval`, and the `radial_w1` of its teacher at the student's k and at the preset's
-    `teacher_k` steps (the references drawn beside the curve)."""
+    in `workdir/eval`, its teacher's file, and the teacher's `radial_w1` at the student's k and at
+    the preset's `teacher_k` steps (the references drawn beside the curve)."""
     records, config = [], None
     for step, checkpoint in _checkpoints_by_step(workdir, steps).items():
         config = train.config_from_dict(train.read_meta(checkpoint)["config"])
@@ -1369,7 +1374,7 @@ def points_length_scores(
         f"teacher, {k} steps": _teacher_w1(teacher, k, num_samples, seed)
         for k in sorted({config.k, config.teacher_k})
     }
-    return records, references
+    return records, teacher.resolve(), references
 
 
 @functools.lru_cache(maxsize=64)  # runs of one teacher share its references
@@ -1394,11 +1399,11 @@ def length_report(
     lines = ["| run | " + " | ".join(["step", metric, "label acc.", "samples"]) + " |"]
     lines.append("| --- " * 5 + "|")
     summary = [f"- {name}: {metric} {value:{spec}}." for name, value in (references or {}).items()]
-    fig = Figure(figsize=(8.5, 4.2), layout="constrained")
+    fig = Figure(figsize=(8.5, 4.2))
     ax = fig.subplots()
+    dashes = ((6, 2), (1, 2), (6, 2, 1, 2), (3, 3), (6, 2, 1, 2, 1, 2))
     for i, (name, value) in enumerate((references or {}).items()):
-        grey = str(0.15 + 0.15 * (i % 4))
-        ax.axhline(value, color=grey, linestyle=("--", ":", "-.")[i % 3], lw=1, label=name)
+        ax.axhline(value, color=str(0.1 + 0.12 * (i % 5)), dashes=dashes[i % 5], lw=1, label=name)
     for i, (name, records) in enumerate(runs.items()):
         scored = [r for r in records if r.get(metric) is not None]
         for r in scored:
@@ -1417,6 +1422,8 @@ def length_report(
     ax.set_xlabel("distillation step")
     ax.set_ylabel(metric)
     ax.set_yscale("log")
+    if references:  # a diverged run would squash the rest: its points above this are in the table
+        ax.set_ylim(top=3 * max(references.values()))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     counts = sorted({r["num_samples"] for records in runs.values() for r in records})
@@ -1651,31 +1658,59 @@ def run_sampling(config: SamplingBench) -> dict:
 
 
 def _is_points_run(workdir: pathlib.Path) -> bool:
-    """Whether a distillation workdir holds a 2-D (MLP) run, from its newest checkpoint."""
+    """Whether a distillation workdir holds a 2-D (MLP) run, from its newest checkpoint; raises
+    ValueError for a teacher run (its checkpoints are not a student's)."""
     newest = list(_checkpoints_by_step(workdir, ()).values())[-1]
-    return train.is_points(train.config_from_dict(train.read_meta(newest)["config"]))
+    config = train.config_from_dict(train.read_meta(newest)["config"])
+    if config.variant == "teacher":
+        raise ValueError(f"{workdir} is a teacher run: pass distillation (student) workdirs")
+    return train.is_points(config)
+
+
+def _check_workdirs(workdirs: Sequence[pathlib.Path], *, fid: bool) -> bool:
+    """Whether the runs are 2-D; raises ValueError for repeated run names (the report's keys), a
+    mix of 2-D and image runs, or --fid with 2-D runs."""
+    names = [w.name for w in workdirs]
+    if len(set(names)) < len(names):
+        raise ValueError(
+            f"--workdirs repeats a run name ({names}): the report names runs by folder"
+        )
+    kinds = {w: _is_points_run(w) for w in workdirs}
+    if len(set(kinds.values())) > 1:
+        points = [w.name for w, is_points in kinds.items() if is_points]
+        raise ValueError(f"--workdirs mixes 2-D runs ({points}) with image runs: report them apart")
+    if fid and any(kinds.values()):
+        raise ValueError("--fid is for image runs; 2-D runs are scored by w1_radius: drop --fid")
+    return any(kinds.values())
 
 
 def run_length(config: LengthBench) -> str:
     """The `length` subcommand: the report's Markdown (image runs: fd_mnist or FID; 2-D runs:
-    `radial_w1` with the teacher's as references). Raises ValueError for a mix of the two."""
+    `radial_w1` with the teacher's as references). Raises ValueError for unusable `--workdirs`
+    (`_check_workdirs`) or 2-D runs of different teachers (whose references would collide)."""
     if not config.workdirs:
         raise ValueError("--workdirs is required: one or more train.py distillation workdirs")
     workdirs = [pathlib.Path(w) for w in config.workdirs]
-    kinds = {_is_points_run(w) for w in workdirs}
-    if len(kinds) > 1:
-        raise ValueError("--workdirs mixes 2-D (ring2d) and image runs: report them separately")
     out = pathlib.Path(config.out)
-    if kinds == {True}:
+    if _check_workdirs(workdirs, fid=config.fid):
         runs, references = {}, {}
         for w in workdirs:
-            runs[w.name], teacher = points_length_scores(
+            runs[w.name], teacher, lines = points_length_scores(
                 w, num_samples=config.num_samples, seed=config.seed, steps=config.steps
             )
-            references.update(teacher)
-        references = dict(sorted(references.items(), key=lambda item: item[1]))
+            references.setdefault(teacher, {}).update(lines)
+        if len(references) > 1:
+            raise ValueError(
+                f"the runs have different teachers ({', '.join(map(str, references))}): report "
+                "each teacher's runs separately"
+            )
+        (lines,) = references.values()
         return length_report(
-            runs, metric="w1_radius", out=out, references=references, data_name="2-D points"
+            runs,
+            metric="w1_radius",
+            out=out,
+            references=dict(sorted(lines.items(), key=lambda item: item[1])),
+            data_name="2-D points",
         )
     runs = {
         w.name: checkpoint_scores(
@@ -1723,7 +1758,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], dict | str], str]] = {
     "length": (
         LengthBench,
         run_length,
-        "fd_mnist (or FID) of every checkpoint of distillation runs against the step",
+        "a student's score at every checkpoint against the step: fd_mnist or FID (images), "
+        "w1_radius (2-D runs)",
     ),
 }
 

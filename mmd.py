@@ -216,6 +216,7 @@ def posterior(
     e^(lam_t - lam_s)) x]`, with `1 - e^d` as `-expm1(d)` and `alpha_s / alpha_t` in log space, so
     |lam_t - lam_s| from 1e-4 to 30 is exact. `lam_t - lam_s` is capped at 0: for `s` within
     float32 rounding of `t` it came out positive inside jit, and a negative variance made z_s NaN.
+    The cap also hides swapped arguments (lam_s < lam_t gives z_t back): pass lam_s >= lam_t.
     """
     # The cap [C]: a ring2d run at batch 4096 drew such a pair after 7 million (s, t) draws.
     d = jnp.minimum(lam_t - lam_s, 0.0)

@@ -3,6 +3,7 @@ resumability (finished rows are cached and skipped, --time-limit stops between r
 evaluation are replaced by recording fakes: their own tests live in test_train.py and
 test_eval.py."""
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -490,3 +491,45 @@ def test_the_shipped_gpu_rows_regenerate_the_shipped_gpu_table(tmp_path):
     assert json.loads((out / "quality.json").read_text()) == shipped and len(shipped) == 14
     assert "alternating-k8-edm 11.88 against 1 x teacher-128-w0.1 7.88" in report
     assert (out / "samples.png").exists()  # every panel's grid found in the copied folder
+
+
+def test_length_refuses_workdirs_it_cannot_report_with_one_line_each(monkeypatch, tmp_path):
+    """Repeated run names, a teacher run, 2-D runs mixed with image runs, --fid on 2-D runs, a
+    missing workdir, and 2-D runs of different teachers (their reference lines would collide)."""
+    ring = bench.train.resolve(bench.train.PRESETS["ring2d"])
+    configs = {
+        "a/ring": ring,
+        "b/ring": ring,
+        "teacher": dataclasses.replace(ring, variant="teacher"),
+        "mnist": bench.train.resolve(bench.train.PRESETS["mnist"]),
+        "other": dataclasses.replace(ring, teacher=str(tmp_path / "t2.eqx")),
+    }
+    for name in configs:
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "ckpt_00000010.eqx").touch()
+    meta = {f"{n}/checkpoints/ckpt_00000010.eqx": c for n, c in configs.items()}
+
+    def read_meta(path):
+        relative = pathlib.Path(path).relative_to(tmp_path).as_posix()
+        return {"config": bench.train.config_to_dict(meta[relative]), "step": 10}
+
+    monkeypatch.setattr(bench.train, "read_meta", read_meta)
+    monkeypatch.setattr(bench, "points_scores", lambda *a, **k: {"w1_radius": 0.5, "step": 10})
+    (tmp_path / "t2.eqx").touch()
+
+    def length(*names, **settings):
+        workdirs = tuple(str(tmp_path / n) for n in names)
+        return bench.run_length(bench.LengthBench(workdirs=workdirs, out=str(tmp_path), **settings))
+
+    cases = [
+        (("a/ring", "b/ring"), {}, ValueError, r"repeats a run name"),
+        (("teacher",), {}, ValueError, r"teacher is a teacher run: pass distillation"),
+        (("a/ring", "mnist"), {}, ValueError, r"mixes 2-D runs \(\['ring'\]\) with image runs"),
+        (("a/ring",), {"fid": True}, ValueError, r"scored by w1_radius: drop --fid"),
+        (("missing",), {}, FileNotFoundError, r"missing does not exist"),
+        (("a/ring", "other"), {}, ValueError, r"different teachers .*t2.eqx"),
+    ]
+    for names, settings, error, message in cases:
+        with pytest.raises(error, match=message):
+            length(*names, **settings)
+    bench._teacher_w1.cache_clear()  # it memoised the fake score of the teachers

@@ -70,9 +70,9 @@ def test_posterior_of_levels_equal_up_to_rounding_is_z_t_itself_not_nan():
     rng = np.random.default_rng(1)
     z_t = jnp.asarray(rng.normal(size=(4, 2)), F32)
     x = jnp.asarray(rng.uniform(-1, 1, (4, 2)), F32)
-    for above in lam_t:
+    for above, posterior in zip(lam_t, (mmd.posterior, jax.jit(mmd.posterior), mmd.posterior)):
         assert np.all(np.asarray(above) >= np.asarray(lam_s))
-        mean, var = mmd.posterior(z_t=z_t, x=x, lam_t=above, lam_s=lam_s)
+        mean, var = posterior(z_t=z_t, x=x, lam_t=above, lam_s=lam_s)
         assert np.all(np.asarray(var) == 0.0)
         np.testing.assert_allclose(np.asarray(mean), np.asarray(z_t), rtol=1e-5)  # alpha_s/alpha_t
         noise = jnp.asarray(rng.normal(size=(4, 2)), F32)
