@@ -388,6 +388,16 @@ def _fake_features(images, **kwargs):
     )
 
 
+def _svd_frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID of two equal-size feature sets without a matrix square root: tr (C1 C2)^1/2 is the
+    nuclear norm of X1^T X2 / sqrt((n1 - 1)(n2 - 1)) for centred data matrices X1, X2."""
+    x1, x2 = real - real.mean(0), fake - fake.mean(0)
+    n = len(real) - 1
+    cross = np.linalg.svd(x1 @ x2.T / n, compute_uv=False).sum()
+    means = np.sum((real.mean(0) - fake.mean(0)) ** 2)
+    return float(means + (np.sum(x1**2) + np.sum(x2**2)) / n - 2 * cross)
+
+
 def test_cli_fid_and_precision_recall_against_cached_reference(
     tiny_run, tmp_path, monkeypatch, capsys
 ):
@@ -411,15 +421,7 @@ def test_cli_fid_and_precision_recall_against_cached_reference(
         np.testing.assert_array_equal(f["labels"], np.arange(REFERENCE_SIZE) % 10)
     np.testing.assert_array_equal(samples[:, :, :, 0], _grid(record))
     fake = _fake_features(samples).astype(np.float64)
-    # tr (C1 C2)^1/2 is the nuclear norm of X1^T X2 / sqrt((n1 - 1)(n2 - 1)) for centred data
-    # matrices X1, X2.
-    x1, x2 = real - real.mean(0), fake - fake.mean(0)
-    n = REFERENCE_SIZE - 1
-    cross = np.linalg.svd(x1 @ x2.T / n, compute_uv=False).sum()
-    expected = (
-        np.sum((real.mean(0) - fake.mean(0)) ** 2) + (np.sum(x1**2) + np.sum(x2**2)) / n - 2 * cross
-    )
-    assert record["fid"] == pytest.approx(expected, rel=1e-6)
+    assert record["fid"] == pytest.approx(_svd_frechet_distance(real, fake), rel=1e-6)
     assert (
         f"FID {record['fid']:.3f} ({REFERENCE_SIZE} samples vs {REFERENCE_SIZE} npz:"
         in capsys.readouterr().out

@@ -480,6 +480,18 @@ def test_two_batch_estimate_is_unbiased_and_one_batch_is_not():
     assert one.mean() - target > 10 * se_one
 
 
+def _flat(tree):
+    return jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)])
+
+
+def _mixture_inputs(mix, key, b, *, num_steps):
+    """`mmd.distill_inputs` on `b` draws of a toy mixture, unlabelled, shift 0."""
+    kx, ki = jax.random.split(key)
+    x = mix.draw(kx, b)
+    zeros = jnp.zeros(b, jnp.int32)
+    return mmd.distill_inputs(ki, x=x, labels=zeros, num_steps=num_steps, shift=0.0)
+
+
 def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
     """Algorithm 3 as printed (eq. 8, `nu = Lambda G_2`, times the 2 of ||.||^2) vs the symmetric
     surrogate, Monte Carlo over independent minibatch pairs on a linear problem: E[one-sided
@@ -496,13 +508,7 @@ def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
     }
 
     def inputs(key, b):
-        kx, ki = jax.random.split(key)
-        return mmd.distill_inputs(
-            ki, x=mix.draw(kx, b), labels=jnp.zeros(b, jnp.int32), num_steps=4, shift=0.0
-        )
-
-    def flat(tree):
-        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)])
+        return _mixture_inputs(mix, key, b, num_steps=4)
 
     def grad_of(form, inp1, inp2):
         def surrogate(p):
@@ -515,7 +521,7 @@ def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
                 cfg=forms[form],
             )[0]
 
-        return flat(jax.grad(surrogate)(gen_params))
+        return _flat(jax.grad(surrogate)(gen_params))
 
     def draws(key):
         k1, k2 = jax.random.split(key)
@@ -538,7 +544,7 @@ def test_one_sided_form_has_half_the_expected_gradient_of_the_symmetric_one():
             jnp.vdot(a, lam * a) for a, lam in zip(jax.tree.leaves(g), jax.tree.leaves(precond))
         )
 
-    target = np.asarray(flat(jax.grad(sqnorm_of_mean_gradient)(gen_params)), np.float64)
+    target = np.asarray(_flat(jax.grad(sqnorm_of_mean_gradient)(gen_params)), np.float64)
     se_sym, se_one = (a.std(axis=0) / math.sqrt(a.shape[0]) for a in (sym, one))
     assert np.all(np.abs(target) > 10 * se_sym)  # the expected gradient is well resolved
     assert np.all(np.abs(sym.mean(axis=0) - target) < 4 * se_sym + 1e-3 * np.abs(target))
@@ -787,6 +793,15 @@ def test_bad_names_and_shapes_raise():
 # end
 
 
+def _four_step_energy_distance(model, reference):
+    """Energy distance of 2,000 unlabelled 4-step samples (key 5) to `reference`."""
+    labels = jnp.zeros(2000, jnp.int32)
+    sample = jax.jit(
+        lambda key: mmd.sample(model, key, shape=(2000, 2), labels=labels, num_steps=4, shift=0.0)
+    )
+    return energy_distance(sample(jax.random.key(5)), reference)
+
+
 def test_distillation_end_to_end_on_2d_mixture():
     """Train an MLP teacher on a ring mixture, distill k = 4 with both variants (flat weighting)
     through the data-parallel steps: each 4-step student must at least halve the undistilled 4-step
@@ -822,17 +837,7 @@ def test_distillation_end_to_end_on_2d_mixture():
     reference = mix.draw(jax.random.key(99), 2000)
 
     def distance(p):
-        fn = jax.jit(
-            lambda key: mmd.sample(
-                eqx.combine(p, static),
-                key,
-                shape=(2000, 2),
-                labels=jnp.zeros(2000, jnp.int32),
-                num_steps=4,
-                shift=0.0,
-            )
-        )
-        return energy_distance(fn(jax.random.key(5)), reference)
+        return _four_step_energy_distance(eqx.combine(p, static), reference)
 
     undistilled = distance(t_state.params)
     frozen = mmd.Frozen(
