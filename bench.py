@@ -1327,21 +1327,11 @@ def points_scores(
             "pass fewer"
         )
     reference = np.asarray(reference[:num_samples], np.float64)
-    num_classes = max(config.model.num_classes, 1)
-    points = mmd.sample(
-        model,
-        jax.random.split(jax.random.key(seed), num_samples),
-        shape=(num_samples, config.model.dim),
-        labels=jnp.arange(num_samples, dtype=jnp.int32) % num_classes,
-        num_steps=num_steps,
-        shift=config.shift,
-        null_label=config.model.num_classes,
-    )
-    points = np.asarray(points, np.float64)
-    if not np.all(np.isfinite(points)):
-        raise FloatingPointError(
-            f"{checkpoint}: non-finite samples (the model diverged); leave it out with --steps"
-        )
+    key = jax.random.key(seed)
+    try:
+        points = train.draw_points(model, config, key, num_steps=num_steps, num_points=num_samples)
+    except FloatingPointError as error:
+        raise FloatingPointError(f"{checkpoint}: {error}; leave it out with --steps") from error
     return {
         "step": meta["step"],
         "num_steps": num_steps,
@@ -1354,13 +1344,14 @@ def points_scores(
 
 def points_length_scores(
     workdir: pathlib.Path, *, num_samples: int, seed: int, steps: Sequence[int] = ()
-) -> tuple[list[dict], pathlib.Path, dict[str, float]]:
+) -> tuple[list[dict], train.Config]:
     """`points_scores` of every checkpoint (or those at `steps`) of a 2-D distillation run, cached
-    in `workdir/eval`, its teacher's file, and the teacher's `radial_w1` at the student's k and at
-    the preset's `teacher_k` steps (the references drawn beside the curve)."""
-    records, config = [], None
-    for step, checkpoint in _checkpoints_by_step(workdir, steps).items():
-        config = train.config_from_dict(train.read_meta(checkpoint)["config"])
+    in `workdir/eval`, and the run's configuration (from its newest checkpoint)."""
+    checkpoints = _checkpoints_by_step(workdir, steps)
+    newest = list(checkpoints.values())[-1]
+    config = train.config_from_dict(train.read_meta(newest)["config"])
+    records = []
+    for step, checkpoint in checkpoints.items():
         done = workdir / "eval" / f"points_k{config.k}_n{num_samples}_seed{seed}_{step:08d}.json"
         if not done.exists():
             record = points_scores(
@@ -1369,19 +1360,21 @@ def points_length_scores(
             done.parent.mkdir(parents=True, exist_ok=True)
             write_json(str(done), record)
         records.append(json.loads(done.read_text()))
-    teacher = train._teacher_file(config)
+    return records, config
+
+
+def teacher_references(
+    teacher: pathlib.Path, *, num_steps: Sequence[int], num_samples: int, seed: int
+) -> dict[str, float]:
+    """`radial_w1` of a teacher's samples at each of `num_steps`, lowest first: the reference
+    lines beside the students' curves."""
     references = {
-        f"teacher, {k} steps": _teacher_w1(teacher, k, num_samples, seed)
-        for k in sorted({config.k, config.teacher_k})
+        f"teacher, {k} steps": points_scores(
+            teacher, num_steps=k, num_samples=num_samples, seed=seed
+        )["w1_radius"]
+        for k in sorted(set(num_steps))
     }
-    return records, teacher.resolve(), references
-
-
-@functools.lru_cache(maxsize=64)  # runs of one teacher share its references
-def _teacher_w1(teacher: pathlib.Path, num_steps: int, num_samples: int, seed: int) -> float:
-    """`radial_w1` of a teacher checkpoint's `num_steps`-step samples (`points_scores`)."""
-    scores = points_scores(teacher, num_steps=num_steps, num_samples=num_samples, seed=seed)
-    return scores["w1_radius"]
+    return dict(sorted(references.items(), key=lambda item: item[1]))
 
 
 def length_report(
@@ -1693,24 +1686,26 @@ def run_length(config: LengthBench) -> str:
     workdirs = [pathlib.Path(w) for w in config.workdirs]
     out = pathlib.Path(config.out)
     if _check_workdirs(workdirs, fid=config.fid):
-        runs, references = {}, {}
+        runs, configs = {}, []
         for w in workdirs:
-            runs[w.name], teacher, lines = points_length_scores(
+            runs[w.name], run_config = points_length_scores(
                 w, num_samples=config.num_samples, seed=config.seed, steps=config.steps
             )
-            references.setdefault(teacher, {}).update(lines)
-        if len(references) > 1:
+            configs.append(run_config)
+        teachers = {train._teacher_file(c).resolve() for c in configs}
+        if len(teachers) > 1:
             raise ValueError(
-                f"the runs have different teachers ({', '.join(map(str, references))}): report "
+                f"the runs have different teachers ({', '.join(map(str, teachers))}): report "
                 "each teacher's runs separately"
             )
-        (lines,) = references.values()
+        references = teacher_references(
+            teachers.pop(),
+            num_steps=[k for c in configs for k in (c.k, c.teacher_k)],
+            num_samples=config.num_samples,
+            seed=config.seed,
+        )
         return length_report(
-            runs,
-            metric="w1_radius",
-            out=out,
-            references=dict(sorted(lines.items(), key=lambda item: item[1])),
-            data_name="2-D points",
+            runs, metric="w1_radius", out=out, references=references, data_name="2-D points"
         )
     runs = {
         w.name: checkpoint_scores(

@@ -1149,26 +1149,36 @@ def energy_distance(a: Float[np.ndarray, "n d"], b: Float[np.ndarray, "m d"]) ->
     return 2 * mean_distance(a, b) - mean_distance(a, a) - mean_distance(b, b)
 
 
-def sample_points(run: Run, params: PyTree, *, num_steps: int) -> Float[np.ndarray, "n d"]:
-    """`NUM_POINTS` points of the run's fixed sample key, labels `i % num_classes` (the rings
-    data's classes are equally likely), unguided."""
-    model = run.config.model
-    params = jax.tree.map(lambda a: a.addressable_data(0), params)  # as in `sample_images`
-    labels = jnp.arange(NUM_POINTS, dtype=jnp.int32) % max(model.num_classes, 1)
-    keys = jax.random.split(run.sample_key, NUM_POINTS)
+def draw_points(
+    model: uvit.MLPDenoiser, config: Config, key: PRNGKeyArray, *, num_steps: int, num_points: int
+) -> Float[np.ndarray, "n d"]:
+    """`num_points` unguided `num_steps`-step samples of a 2-D model from `key`, labels `i %
+    num_classes` (the rings data's classes are equally likely); raises FloatingPointError for
+    non-finite samples."""
+    labels = jnp.arange(num_points, dtype=jnp.int32) % max(config.model.num_classes, 1)
     settings = dict(
-        shape=(NUM_POINTS, model.dim),
+        shape=(num_points, config.model.dim),
         num_steps=num_steps,
-        shift=run.config.shift,
+        shift=config.shift,
         guidance=0.0,
         clip=False,
         gamma=0.0,
-        null_label=model.num_classes,
+        null_label=config.model.num_classes,
     )
-    points = np.asarray(_sample_batch(eqx.combine(params, run.static), keys, labels, settings))
+    keys = jax.random.split(key, num_points)
+    points = np.asarray(_sample_batch(model, keys, labels, settings))
     if not np.all(np.isfinite(points)):
         raise FloatingPointError("non-finite samples: the model or sampler diverged")
     return points
+
+
+def sample_points(run: Run, params: PyTree, *, num_steps: int) -> Float[np.ndarray, "n d"]:
+    """`draw_points` of the run's fixed sample key, `NUM_POINTS` of them."""
+    params = jax.tree.map(lambda a: a.addressable_data(0), params)  # as in `sample_images`
+    model = eqx.combine(params, run.static)
+    return draw_points(
+        model, run.config, run.sample_key, num_steps=num_steps, num_points=NUM_POINTS
+    )
 
 
 def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:

@@ -532,4 +532,3 @@ def test_length_refuses_workdirs_it_cannot_report_with_one_line_each(monkeypatch
     for names, settings, error, message in cases:
         with pytest.raises(error, match=message):
             length(*names, **settings)
-    bench._teacher_w1.cache_clear()  # it memoised the fake score of the teachers
