@@ -48,6 +48,7 @@ WEIGHTINGS = ("edm", "flat", "dmd")
 ZS_MODES = ("conditional", "marginal")
 CENTERINGS = ("none", "batch", "fixed")
 INSTANT_FORMS = ("symmetric", "one_sided")
+TIME_SAMPLINGS = ("paper", "grid")
 EPS_MODES = ("fixed", "median")
 VARIANTS = ("teacher", "alternating", "instant")
 
@@ -332,7 +333,7 @@ class DistillConfig:
     `num_steps` is the student's k; `regularize_aux` switches the auxiliary's teacher term (§5);
     `center` is the instant variant's data-centring option (§6, [C]); `instant_form` is its
     objective: `symmetric` `G_1^T Lambda G_2` (§6 [D], default) or `one_sided`, Algorithm 3 as
-    printed (eq. 8).
+    printed (eq. 8); `time_sampling` draws (s, t): `paper` (§4) or `grid` ([C], `time_pair`).
     """
 
     num_steps: int = 8
@@ -345,12 +346,14 @@ class DistillConfig:
     regularize_aux: bool = True
     center: str = "none"
     instant_form: str = "symmetric"
+    time_sampling: str = "paper"
 
     def __post_init__(self) -> None:
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("z_s mode", self.zs_mode, ZS_MODES)
         _check_choice("centring", self.center, CENTERINGS)
         _check_choice("instant form", self.instant_form, INSTANT_FORMS)
+        _check_choice("time sampling", self.time_sampling, TIME_SAMPLINGS)
         if self.num_steps < 1:
             raise ValueError(f"num_steps (k) must be >= 1, got {self.num_steps}")
 
@@ -367,6 +370,22 @@ class DistillInputs(NamedTuple):
     noise_real: Float[Array, "b *dims"]  # drives real pairs (x, z_s ~ q(z_s | x)) for centring
 
 
+def time_pair(
+    u_s: Float[Array, "*b"], u_delta: Float[Array, "*b"], *, num_steps: int, mode: str = "paper"
+) -> tuple[Float[Array, "*b"], Float[Array, "*b"]]:
+    """Times `(s, t)` in [0, 1] from two U[0, 1) draws (MATH.md §4).
+
+    `paper`: `s = u_s`, `t = min(s + u_delta / k, 1)` (§4). `grid` [C]: `t = ceil(k s) / k`, the
+    sampler's own level just above s (`u_delta` unused): `s` and `t - s ~ U(0, 1/k]` keep their
+    laws, but the generator only meets the k levels it is sampled at; for k = 1, `t = 1` as in the
+    one-step methods of §9. Raises ValueError for an unknown mode.
+    """
+    _check_choice("time sampling", mode, TIME_SAMPLINGS)
+    if mode == "grid":
+        return u_s, jnp.maximum(jnp.ceil(u_s * num_steps), 1.0) / num_steps
+    return u_s, jnp.minimum(u_s + u_delta / num_steps, 1.0)
+
+
 def distill_inputs(
     key: Keys,
     *,
@@ -374,15 +393,17 @@ def distill_inputs(
     labels: Int[Array, " b"],
     num_steps: int,
     shift: float,
+    time_sampling: str = "paper",
 ) -> DistillInputs:
-    """Time sampling of MATH.md §4: `s ~ U[0,1]`, `delta ~ U[0, 1/k]`, `t = min(s + delta, 1)` on
-    the EDM schedule, and `z_t = alpha_t x + sigma_t eps`."""
+    """Time sampling of MATH.md §4 (`time_pair`, `time_sampling` `paper` or `grid` [C]) on the EDM
+    schedule, and `z_t = alpha_t x + sigma_t eps`."""
     keys = example_keys(key, x.shape[0])
 
     def draws(k: PRNGKeyArray) -> tuple[Array, ...]:
         ks, kd, ke, kn, kr = jax.random.split(k, 5)
-        s = jax.random.uniform(ks)
-        t = jnp.minimum(s + jax.random.uniform(kd) / num_steps, 1.0)
+        s, t = time_pair(
+            jax.random.uniform(ks), jax.random.uniform(kd), num_steps=num_steps, mode=time_sampling
+        )
         normal = lambda kk: jax.random.normal(kk, x.shape[1:])  # noqa: E731
         return s, t, normal(ke), normal(kn), normal(kr)
 
@@ -946,7 +967,12 @@ def auxiliary_step(
     """Algorithm 2, the auxiliary's update (even steps): descend `L(phi)` (`auxiliary_loss`) on a
     fresh minibatch with the auxiliary's `optimizer`; the generator and the teacher stay fixed."""
     inputs = distill_inputs(
-        _global_keys(key, x.shape[0]), x=x, labels=labels, num_steps=cfg.num_steps, shift=cfg.shift
+        _global_keys(key, x.shape[0]),
+        x=x,
+        labels=labels,
+        num_steps=cfg.num_steps,
+        shift=cfg.shift,
+        time_sampling=cfg.time_sampling,
     )
     generator, teacher = eqx.combine(state.params, static), eqx.combine(frozen.teacher, static)
 
@@ -980,7 +1006,12 @@ def generator_step(
     """Algorithm 2, the generator's update (odd steps): descend `L(eta)` (`generator_loss`) on a
     fresh minibatch with the generator's `optimizer`; the auxiliary and the teacher stay fixed."""
     inputs = distill_inputs(
-        _global_keys(key, x.shape[0]), x=x, labels=labels, num_steps=cfg.num_steps, shift=cfg.shift
+        _global_keys(key, x.shape[0]),
+        x=x,
+        labels=labels,
+        num_steps=cfg.num_steps,
+        shift=cfg.shift,
+        time_sampling=cfg.time_sampling,
     )
     teacher, auxiliary = eqx.combine(frozen.teacher, static), eqx.combine(state.aux_params, static)
 
@@ -1015,7 +1046,12 @@ def instant_step(
     `x[0]`, `x[1]` (this device's slices of each), with Lambda and the teacher from `frozen`."""
     n = x.shape[1]
     inputs1 = distill_inputs(
-        _global_keys(key, n), x=x[0], labels=labels[0], num_steps=cfg.num_steps, shift=cfg.shift
+        _global_keys(key, n),
+        x=x[0],
+        labels=labels[0],
+        num_steps=cfg.num_steps,
+        shift=cfg.shift,
+        time_sampling=cfg.time_sampling,
     )
     # Minibatch 2's examples are numbered after all of minibatch 1's (n per device).
     inputs2 = distill_inputs(
@@ -1024,6 +1060,7 @@ def instant_step(
         labels=labels[1],
         num_steps=cfg.num_steps,
         shift=cfg.shift,
+        time_sampling=cfg.time_sampling,
     )
     teacher = eqx.combine(frozen.teacher, static)
 
@@ -1062,7 +1099,12 @@ def real_data_gradients(
         lambda m: teacher_loss(m, k_teacher, x=x, labels=labels, cfg=teacher_cfg, axis_name="data")
     )(teacher)
     inputs = distill_inputs(
-        k_real, x=x, labels=labels, num_steps=distill_cfg.num_steps, shift=distill_cfg.shift
+        k_real,
+        x=x,
+        labels=labels,
+        num_steps=distill_cfg.num_steps,
+        shift=distill_cfg.shift,
+        time_sampling=distill_cfg.time_sampling,
     )
     z_real = diffuse(x, inputs.lam_s, inputs.noise_real)
     g_real, _ = teacher_gradient(

@@ -217,6 +217,12 @@ class Config:
     guidance: float = _field(0.0, "classifier-free guidance weight w of the teacher")
     clip: bool = _field(False, "clip the guided teacher's prediction to [-1, 1]")
     zs: str = _field("conditional", "how z_s is drawn", choices=mmd.ZS_MODES)
+    time_sampling: str = _field(
+        "paper",
+        "the generator's level t: paper (t = min(s + U[0, 1/k], 1)) or grid (the sampler's level "
+        "just above s; k = 1: t = 1)",
+        choices=mmd.TIME_SAMPLINGS,
+    )
     regularize_aux: bool = _field(True, "the auxiliary's teacher regulariser (alternating)")
     center: str = _field(
         "none", "data centring of the instant variant's gradients", choices=mmd.CENTERINGS
@@ -801,6 +807,7 @@ def mmd_configs(config: Config) -> tuple[mmd.TeacherConfig, mmd.DistillConfig]:
         regularize_aux=config.regularize_aux,
         center=config.center,
         instant_form=config.instant_form,
+        time_sampling=config.time_sampling,
     )
     return teacher_cfg, distill_cfg
 

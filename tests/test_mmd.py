@@ -138,6 +138,37 @@ def test_edm_schedule_endpoints_monotone_and_shift():
     np.testing.assert_allclose(mmd.logsnr_edm(u, shift=1.5) - lam, 1.5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_time_pairs_keep_the_laws_of_s_and_the_gap(k):
+    """Both modes: s ~ U[0, 1] and t - s ~ U[0, 1/k] (paper: before the cap at 1); grid: t on the
+    sampler's levels j / k just above s (k = 1: always 1). Kolmogorov-Smirnov against scipy."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(k)
+    u_s, u_d = (jnp.asarray(rng.uniform(size=100_000), F32) for _ in range(2))
+    s, t = (np.asarray(v, np.float64) for v in mmd.time_pair(u_s, u_d, num_steps=k, mode="grid"))
+    np.testing.assert_array_equal(s, np.asarray(u_s))
+    levels = t * k
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-5)
+    assert set(np.round(levels).astype(int)) == set(range(1, k + 1))
+    assert stats.kstest((t - s) * k, "uniform").pvalue > 1e-3
+    if k == 1:
+        np.testing.assert_array_equal(t, 1.0)
+    s, t = (np.asarray(v, np.float64) for v in mmd.time_pair(u_s, u_d, num_steps=k, mode="paper"))
+    np.testing.assert_allclose(t, np.minimum(s + np.asarray(u_d) / k, 1.0), atol=1e-6)
+    assert stats.kstest(s, "uniform").pvalue > 1e-3
+    inp = mmd.distill_inputs(
+        jax.random.key(k),
+        x=jnp.zeros((512, 2)),
+        labels=jnp.zeros(512, jnp.int32),
+        num_steps=k,
+        shift=0.0,
+        time_sampling="grid",
+    )
+    grid = np.asarray(mmd.logsnr_edm(jnp.arange(1, k + 1, dtype=F32) / k, shift=0.0))
+    assert np.abs(np.asarray(inp.lam_t)[:, None] - grid[None]).min(axis=1).max() < 1e-4
+    assert np.all(np.asarray(inp.lam_s) >= np.asarray(inp.lam_t))
+
+
 def test_loss_weights():
     lam = jnp.asarray([-3.0, 0.0, 2.0], F32)
     np.testing.assert_allclose(
@@ -779,6 +810,8 @@ def test_bad_names_and_shapes_raise():
         mmd.DistillConfig(zs_mode="joint")
     with pytest.raises(ValueError, match="none, batch, fixed"):
         mmd.DistillConfig(center="mean")
+    with pytest.raises(ValueError, match="paper, grid"):
+        mmd.DistillConfig(time_sampling="uniform")
     with pytest.raises(ValueError, match="teacher, alternating, instant"):
         mmd.train_steps("progressive", static=None, mesh=mmd.data_mesh(), optimizer=optax.sgd(0.1))
     with pytest.raises(jaxtyping.TypeCheckError):
