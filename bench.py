@@ -30,27 +30,27 @@ JSON.
 
     python bench.py quality [--budget small|full] [--out runs/quality-small] [--jobs N]
                             [--no-fid] [--lr LR] [--time-limit MIN] [--rows NAME ...]
-        The paper's claims on MNIST (issue 12's targets): distils students from the shipped
-        teacher (checkpoints/mnist_teacher.eqx) and scores teacher and students with eval.py's
-        protocol (FID, precision, recall, fd_mnist, label accuracy; `--no-fid`: the MNIST metrics
-        only, minutes instead of hours on a CPU). Rows (full budget, 36): the teacher at 8, 32,
-        128 and 512 steps, and at 128 and 512 steps over guidance {0, 0.1, 0.3} x sampling noise
-        gamma {0, 0.1, 0.3} (the "teacher's best" the claims compare with); students of both
-        variants at k = 8 and 4 (flat and edm weighting) and k = 2 and 1 (flat and dmd), 1,000
-        steps at batch 128 each. `small`: 1,000 samples, k = 8 (edm) and 1 (flat), the teacher at 8,
-        32, 128, 512 steps (and 512 with guidance 0.1), the preset's distillation length. Every
-        finished row (a trained student, a result JSON) is cached in --out under its name and
-        settings, so a rerun skips it and several runs complete one table; `--jobs N` shares the
-        rows among N worker processes (claim files; the reference statistics are computed once:
-        eval.reference_statistics' lock file makes the other workers wait for them). Writes
-        quality.md (verdicts: holds / fails / missing, and the table), quality.json (the rows,
-        schema QUALITY_SCHEMA; for docs/results/quality.json), fid_vs_steps.png (or
-        fd_mnist_vs_steps.png), samples.png (the best teacher's and the best student's grid at
-        each k, same labels) and instant_loss.png. `--preset tiny --num-samples 24
-        --reference-count 200 --distill-steps 10` is a few-minute dry run of the whole pipeline on
-        a CPU. On a 2-core CPU a 1,000-sample row of the 512-step teacher takes about 40 minutes
-        (sampling) and Inception 8-20 images/s; on one H200 shared by 6-8 workers a full-budget
-        row took 1-6.5 minutes (docs/results/study-gpu.md).
+        The paper's claims on MNIST (issue 12's targets): distils students from the shipped teacher
+        (checkpoints/mnist_teacher.eqx) and scores teacher and students with eval.py's protocol
+        (FID, precision, recall, fd_mnist, label accuracy; `--no-fid`: the MNIST metrics only,
+        minutes instead of hours on a CPU). Rows (full budget, 38): the teacher at 8, 32, 128 and
+        512 steps, and at 128 and 512 steps over guidance {0, 0.1, 0.3} x sampling noise gamma {0,
+        0.1, 0.3} (the "teacher's best" the claims compare with); students of both variants at k = 8
+        and 4 (flat and edm weighting) and k = 2 and 1 (flat and dmd; at k = 1 also dmd with
+        `--time-sampling grid`), 1,000 steps at batch 128 each. `small`: 1,000 samples, k = 8 (edm)
+        and 1 (flat), the teacher at 8, 32, 128, 512 steps (and 512 with guidance 0.1), the preset's
+        distillation length. Every finished row (a trained student, a result JSON) is cached in
+        --out under its name and settings, so a rerun skips it and several runs complete one table;
+        `--jobs N` shares the rows among N worker processes (claim files; the reference statistics
+        are computed once: eval.reference_statistics' lock file makes the other workers wait for
+        them). Writes quality.md (verdicts: holds / fails / missing, and the table), quality.json
+        (the rows, schema QUALITY_SCHEMA; for docs/results/quality.json), fid_vs_steps.png (or
+        fd_mnist_vs_steps.png), samples.png (the best teacher's and the best student's grid at each
+        k, same labels) and instant_loss.png. `--preset tiny --num-samples 24 --reference-count 200
+        --distill-steps 10` is a few-minute dry run of the whole pipeline on a CPU. On a 2-core CPU
+        a 1,000-sample row of the 512-step teacher takes about 40 minutes (sampling) and Inception
+        8-20 images/s; on one H200 shared by 6-8 workers a full-budget row took 1-6.5 minutes
+        (docs/results/study-gpu.md).
 
     python bench.py length --workdirs RUN [RUN ...] [--steps 200 600 1000] [--num-samples 2000]
                            [--fid] [--out runs/length]
@@ -594,6 +594,7 @@ BUDGETS = {
     "small": {
         "num_samples": 1000,
         "students": {8: ("edm",), 1: ("flat",)},
+        "grid": {},
         "tuned": ((512, 0.0, 0.0), (512, 0.1, 0.0)),
         "distill": None,  # the preset's steps and batch
     },
@@ -605,13 +606,15 @@ BUDGETS = {
             2: ("flat", "dmd"),
             1: ("flat", "dmd"),
         },
+        "grid": {1: ("dmd",)},
         "tuned": TEACHER_TUNED,
         "distill": (1000, 128),
     },
 }
 """Per budget: samples per row, the students' {k: weightings} (the first is the headline one;
-flat or dmd for k <= 2 as the paper prescribes), the teacher settings of the best-teacher
-reference, and (distillation steps, batch) unless the command line sets them."""
+flat or dmd for k <= 2 as the paper prescribes), those also trained with `--time-sampling grid`
+(k = 1: study-rings.md section 5), the teacher settings of the best-teacher reference, and
+(distillation steps, batch) unless the command line sets them."""
 CLAIMS = (
     ("alternating", 8, 1.0),
     ("instant", 8, 1.0),
@@ -628,20 +631,23 @@ fewer steps (the paper's 1-step FID is about 2.4x its best 8-step one)."""
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One line of the quality table: the teacher sampled with `steps` steps, `guidance` and
-    `gamma`, or a student of `variant` distilled for k = `steps` with `weighting`."""
+    `gamma`, or a student of `variant` distilled for k = `steps` with `weighting` and
+    `time_sampling` (train.py's `--time-sampling`)."""
 
     variant: str
     steps: int
     guidance: float = 0.0
     gamma: float = 0.0
     weighting: str | None = None
+    time_sampling: str = "paper"
 
     @property
     def name(self) -> str:
         if self.variant == "teacher":
             noise = f"-gamma{self.gamma:g}" if self.gamma else ""
             return f"teacher-{self.steps}-w{self.guidance:g}{noise}"
-        return f"{self.variant}-k{self.steps}-{self.weighting}"
+        grid = "" if self.time_sampling == "paper" else f"-{self.time_sampling}"
+        return f"{self.variant}-k{self.steps}-{self.weighting}{grid}"
 
 
 def quality_rows(budget: str) -> list[Row]:
@@ -652,6 +658,12 @@ def quality_rows(budget: str) -> list[Row]:
     students = [
         Row(variant, k, weighting=weighting)
         for k, weightings in spec["students"].items()
+        for weighting in weightings
+        for variant in ("instant", "alternating")
+    ]
+    students += [
+        Row(variant, k, weighting=weighting, time_sampling="grid")
+        for k, weightings in spec["grid"].items()
         for weighting in weightings
         for variant in ("instant", "alternating")
     ]
@@ -696,6 +708,7 @@ def train_student(
             variant=row.variant,
             k=row.steps,
             weighting=row.weighting,
+            time_sampling=row.time_sampling,
             lr=config.lr,
             aux_lr=config.aux_lr,
             teacher=str(teacher),
@@ -767,8 +780,15 @@ def _ordered(results: dict[Row, dict]) -> list[Row]:
             r.guidance,
             r.gamma,
             r.weighting or "",
+            r.time_sampling,
         ),
     )
+
+
+def _weighting_cell(q: dict) -> str:
+    """The weighting, with the time sampling where it is not the paper's."""
+    grid = "" if q["time_sampling"] in (None, "paper") else f", t {q['time_sampling']}"
+    return (q["weighting"] or "—") + grid
 
 
 def quality_table(results: dict[Row, dict]) -> str:
@@ -782,7 +802,7 @@ def quality_table(results: dict[Row, dict]) -> str:
         cells = [
             q["sampler"],
             str(q["k"]),
-            q["weighting"] or "—",
+            _weighting_cell(q),
             f"{q['guidance']:g}",
             f"{q['gamma']:g}",
             evaluation.cell(q["lr"], "g"),
@@ -804,6 +824,7 @@ QUALITY_SCHEMA = {
     "sampler": str,
     "k": int,
     "weighting": (str, type(None)),
+    "time_sampling": (str, type(None)),
     "guidance": float,
     "gamma": float,
     "lr": (float, type(None)),
@@ -838,6 +859,7 @@ def quality_json_rows(results: dict[Row, dict]) -> list[dict]:
                     "sampler": row.variant,
                     "k": row.steps,
                     "weighting": row.weighting,
+                    "time_sampling": row.time_sampling if student else None,
                     "guidance": float(row.guidance),
                     "gamma": float(row.gamma),
                     "lr": float(r["config"]["lr"]) if student else None,

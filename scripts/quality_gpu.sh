@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Issue 12's whole full-budget quality table on one GPU (resumable). Measured on one H200 (jax 0.11.2,
-# docs/results/study-gpu.md): 14 of the 36 rows in two runs. The first finished 8 rows (reference
+# docs/results/study-gpu.md): 14 of the then 36 rows (38 now) in two runs. The first finished 8 rows (reference
 # statistics included) before its 510 s WALL_LIMIT stopped 4 more; the second, 6 rows in 196 s. The
 # longest rows took 320-400 s with 8 workers sharing the card (512-step teachers, k = 1 and 8
 # students).
 #
-#   scripts/quality_gpu.sh              # 36 rows into runs/quality-full (resumable: rerun to go on)
+#   scripts/quality_gpu.sh              # 38 rows into runs/quality-full (resumable: rerun to go on)
 #   DRY_RUN=1 scripts/quality_gpu.sh    # the same pipeline on a CPU in minutes (tiny preset)
 #   JOBS=4 TIME_LIMIT=5 scripts/quality_gpu.sh --no-fid   # extra options go to bench.py quality
 #
 # The rows (the teacher at 8-512 steps over guidance and gamma; both variants at k = 1, 2, 4, 8 with
-# two weightings each) are shared among JOBS worker processes (`bench.py quality --jobs`, claim
+# two weightings each, and at k = 1 with dmd and --time-sampling grid) are shared among JOBS worker processes (`bench.py quality --jobs`, claim
 # files); the reference statistics are computed once (a lock file). Every finished row is cached, so a
 # killed or time-limited run continues where it stopped. No row starts after TIME_LIMIT minutes;
 # the report then lists the missing rows.

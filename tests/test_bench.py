@@ -40,14 +40,15 @@ def test_full_budget_tunes_the_teacher_and_two_weightings_per_k():
     rows = bench.quality_rows("full")
     students = [r for r in rows if r.variant != "teacher"]
     for variant in ("instant", "alternating"):
-        mine = {(r.steps, r.weighting) for r in students if r.variant == variant}
-        assert mine == {(k, w) for k in (8, 4) for w in ("edm", "flat")} | {
-            (k, w) for k in (2, 1) for w in ("flat", "dmd")
-        }
+        mine = {(r.steps, r.weighting, r.time_sampling) for r in students if r.variant == variant}
+        assert mine == {(k, w, "paper") for k in (8, 4) for w in ("edm", "flat")} | {
+            (k, w, "paper") for k in (2, 1) for w in ("flat", "dmd")
+        } | {(1, "dmd", "grid")}
+        assert f"{variant}-k1-dmd-grid" in names(rows)
     tuned = {(r.steps, r.guidance, r.gamma) for r in rows if r.variant == "teacher"}
     grid = {(s, w, g) for s in (128, 512) for w in (0, 0.1, 0.3) for g in (0, 0.1, 0.3)}
     assert tuned == grid | {(8, 0, 0), (32, 0, 0)}
-    assert len(rows) == len(set(rows)) == 16 + 20
+    assert len(rows) == len(set(rows)) == 16 + 22
     assert "teacher-512-w0.3-gamma0.1" in names(rows)
 
 
@@ -175,6 +176,7 @@ def test_quality_table_and_undistilled_comparison():
         Row("teacher", 8): record(24.0),
         Row("teacher", 512, 0.1, 0.3): record(8.0),
         Row("instant", 8, weighting="flat"): record(12.0),
+        Row("alternating", 1, weighting="dmd", time_sampling="grid"): record(30.0),
     }
     assert bench.against_undistilled(results) == [
         "instant-k8-flat: fid 12.00 against the undistilled teacher's 24.00 with the same 8 steps."
@@ -182,7 +184,8 @@ def test_quality_table_and_undistilled_comparison():
     table = bench.quality_table(results).splitlines()
     assert len(table) == 2 + len(results)
     assert table[3].startswith("| teacher | 512 | — | 0.1 | 0.3 | — | — | 8.00 |")
-    assert table[4].startswith("| instant | 8 | flat | 0 | 0 | 0.0001 | 10 @ 8 | 12.00 |")
+    assert table[4].startswith("| alternating | 1 | dmd, t grid | 0 | 0 | 0.0001 | 10 @ 8 | 30.00")
+    assert table[5].startswith("| instant | 8 | flat | 0 | 0 | 0.0001 | 10 @ 8 | 12.00 |")
 
 
 @pytest.fixture
@@ -317,10 +320,12 @@ def test_quality_json_rows_follow_the_schema(fakes):
     assert (
         teacher["lr"] is None and teacher["distill_steps"] is None and teacher["weighting"] is None
     )
+    assert teacher["time_sampling"] is None
     assert student == {
         "sampler": "instant",
         "k": 8,
         "weighting": "edm",
+        "time_sampling": "paper",
         "guidance": 0.0,
         "gamma": 0.0,
         "lr": 1e-4,
@@ -437,6 +442,10 @@ def test_a_student_keeps_every_checkpoint_for_the_length_report(monkeypatch, tmp
         # config.json states one length and batch: the run's and the distillation defaults agree
         assert seen[-1].distill_steps == steps
         assert seen[-1].batch_size == seen[-1].distill_batch_size == config.distill_batch_size
+    (grid,) = [r for r in bench.quality_rows("full") if r.name == "alternating-k1-dmd-grid"]
+    bench.train_student(grid, config=config, teacher=tmp_path / "t.eqx")
+    assert (seen[-1].variant, seen[-1].k, seen[-1].weighting) == ("alternating", 1, "dmd")
+    assert seen[-1].time_sampling == "grid" and "k1-dmd-grid-lr" in seen[-1].workdir
 
 
 def test_workers_claim_each_row_once_in_a_fresh_folder(tmp_path):
