@@ -387,6 +387,8 @@ def test_config_round_trips_through_json_and_cli():
             "none",
             "--k",
             "4",
+            "--time-sampling",
+            "grid",
         ]
     )
     assert (
@@ -395,6 +397,8 @@ def test_config_round_trips_through_json_and_cli():
         and not config.regularize_aux
         and config.k == 4
     )
+    _, distill_cfg = train.mmd_configs(config)
+    assert distill_cfg.time_sampling == "grid" and distill_cfg.num_steps == 4
     assert config.shift == pytest.approx(2 * np.log(64 / 8))  # resolved from the resolution
     assert (
         config.steps == train.PRESETS["tiny"].distill_steps
