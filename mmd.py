@@ -375,14 +375,18 @@ def time_pair(
 ) -> tuple[Float[Array, "*b"], Float[Array, "*b"]]:
     """Times `(s, t)` in [0, 1] from two U[0, 1) draws (MATH.md §4).
 
-    `paper`: `s = u_s`, `t = min(s + u_delta / k, 1)` (§4). `grid` [C]: `t = ceil(k s) / k`, the
-    sampler's own level just above s (`u_delta` unused): `s` and `t - s ~ U(0, 1/k]` keep their
-    laws, but the generator only meets the k levels it is sampled at; for k = 1, `t = 1` as in the
-    one-step methods of §9. Raises ValueError for an unknown mode.
+    `paper`: `s = u_s`, `t = min(s + u_delta / k, 1)` (§4). `grid` [C]: `t = ceil(k s) / k` (1/k
+    at s = 0), the sampler's own level at or just above s (`u_delta` is drawn but unused). `s`
+    keeps its law and `t - s` has the law of §4's `u_delta / k` before the cap at 1, now as a
+    function of s; the generator meets only the k levels it is sampled at, and for k = 1 `t = 1`,
+    as §9 states for one-step methods (where §4's formula gives `t < 1` half the time). Raises
+    ValueError for an unknown mode.
     """
     _check_choice("time sampling", mode, TIME_SAMPLINGS)
     if mode == "grid":
-        return u_s, jnp.maximum(jnp.ceil(u_s * num_steps), 1.0) / num_steps
+        level = jnp.maximum(jnp.ceil(u_s * num_steps), 1.0) / num_steps
+        # float32 can round ceil(k s) / k one ulp below s (e.g. k = 100, s = 0.030000001)
+        return u_s, jnp.maximum(level, u_s)
     return u_s, jnp.minimum(u_s + u_delta / num_steps, 1.0)
 
 

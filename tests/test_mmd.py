@@ -153,6 +153,12 @@ def test_time_pairs_keep_the_laws_of_s_and_the_gap(k):
     assert stats.kstest((t - s) * k, "uniform").pvalue > 1e-3
     if k == 1:
         np.testing.assert_array_equal(t, 1.0)
+    # The edges: s = 0 (level 1/k), s on a level (gap 0), and s one ulp above a level (t >= s).
+    edges = jnp.asarray([0.0, 1 / k, np.nextafter(np.float32(1 / k), np.float32(1))], F32)
+    s_e, t_e = mmd.time_pair(edges, edges, num_steps=k, mode="grid")
+    assert float(t_e[0]) == pytest.approx(1 / k) and bool(jnp.all(t_e >= s_e))
+    _, t_100 = mmd.time_pair(jnp.asarray([0.030000001], F32), edges[:1], num_steps=100, mode="grid")
+    assert float(t_100[0]) >= 0.030000001
     s, t = (np.asarray(v, np.float64) for v in mmd.time_pair(u_s, u_d, num_steps=k, mode="paper"))
     np.testing.assert_allclose(t, np.minimum(s + np.asarray(u_d) / k, 1.0), atol=1e-6)
     assert stats.kstest(s, "uniform").pvalue > 1e-3
@@ -748,6 +754,21 @@ def test_sharded_step_matches_single_device(name):
     before = jax.tree.leaves(eqx.filter(_setup(seed=2, b=16)[0], eqx.is_inexact_array))
     trained = state8.aux_params if name == "auxiliary" else state8.params
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained), before))
+
+
+@pytest.mark.parametrize("name", ["auxiliary", "generator", "instant"])
+def test_every_distillation_step_draws_its_times_as_configured(name, monkeypatch):
+    modes = []
+
+    def recording(u_s, u_delta, *, num_steps, mode="paper"):
+        modes.append((num_steps, mode))
+        return time_pair(u_s, u_delta, num_steps=num_steps, mode=mode)
+
+    time_pair = mmd.time_pair
+    monkeypatch.setattr(mmd, "time_pair", recording)
+    cfg = mmd.DistillConfig(num_steps=2, weighting="flat", null_label=3, time_sampling="grid")
+    _run_steps(name, jax.devices()[:1], cfg, num_steps=1)
+    assert modes and set(modes) == {(2, "grid")}
 
 
 def test_teacher_ema_is_the_weighted_sum_of_the_parameter_trajectory():
