@@ -656,14 +656,9 @@ def quality_rows(budget: str) -> list[Row]:
     the teacher curve and the other students."""
     spec = BUDGETS[budget]
     students = [
-        Row(variant, k, weighting=weighting)
-        for k, weightings in spec["students"].items()
-        for weighting in weightings
-        for variant in ("instant", "alternating")
-    ]
-    students += [
-        Row(variant, k, weighting=weighting, time_sampling="grid")
-        for k, weightings in spec["grid"].items()
+        Row(variant, k, weighting=weighting, time_sampling=sampling)
+        for sampling, per_k in (("paper", spec["students"]), ("grid", spec["grid"]))
+        for k, weightings in per_k.items()
         for weighting in weightings
         for variant in ("instant", "alternating")
     ]

@@ -424,6 +424,20 @@ def distill_inputs(
     )
 
 
+def _inputs_for(
+    key: Keys, *, x: Float[Array, "b *dims"], labels: Int[Array, " b"], cfg: DistillConfig
+) -> DistillInputs:
+    """`distill_inputs` with the time sampling of `cfg` (k, shift, mode), for the steps."""
+    return distill_inputs(
+        key,
+        x=x,
+        labels=labels,
+        num_steps=cfg.num_steps,
+        shift=cfg.shift,
+        time_sampling=cfg.time_sampling,
+    )
+
+
 def draw_zs(
     inputs: DistillInputs, x_gen: Float[Array, "b *dims"], *, mode: str
 ) -> Float[Array, "b *dims"]:
@@ -970,14 +984,7 @@ def auxiliary_step(
 ) -> tuple[TrainState, dict[str, Array]]:
     """Algorithm 2, the auxiliary's update (even steps): descend `L(phi)` (`auxiliary_loss`) on a
     fresh minibatch with the auxiliary's `optimizer`; the generator and the teacher stay fixed."""
-    inputs = distill_inputs(
-        _global_keys(key, x.shape[0]),
-        x=x,
-        labels=labels,
-        num_steps=cfg.num_steps,
-        shift=cfg.shift,
-        time_sampling=cfg.time_sampling,
-    )
+    inputs = _inputs_for(_global_keys(key, x.shape[0]), x=x, labels=labels, cfg=cfg)
     generator, teacher = eqx.combine(state.params, static), eqx.combine(frozen.teacher, static)
 
     def loss(aux_params: PyTree) -> tuple[Array, dict[str, Array]]:
@@ -1009,14 +1016,7 @@ def generator_step(
 ) -> tuple[TrainState, dict[str, Array]]:
     """Algorithm 2, the generator's update (odd steps): descend `L(eta)` (`generator_loss`) on a
     fresh minibatch with the generator's `optimizer`; the auxiliary and the teacher stay fixed."""
-    inputs = distill_inputs(
-        _global_keys(key, x.shape[0]),
-        x=x,
-        labels=labels,
-        num_steps=cfg.num_steps,
-        shift=cfg.shift,
-        time_sampling=cfg.time_sampling,
-    )
+    inputs = _inputs_for(_global_keys(key, x.shape[0]), x=x, labels=labels, cfg=cfg)
     teacher, auxiliary = eqx.combine(frozen.teacher, static), eqx.combine(state.aux_params, static)
 
     def loss(params: PyTree) -> tuple[Array, dict[str, Array]]:
@@ -1049,22 +1049,10 @@ def instant_step(
     """Algorithm 3, one generator update: descend `instant_loss` on the two independent minibatches
     `x[0]`, `x[1]` (this device's slices of each), with Lambda and the teacher from `frozen`."""
     n = x.shape[1]
-    inputs1 = distill_inputs(
-        _global_keys(key, n),
-        x=x[0],
-        labels=labels[0],
-        num_steps=cfg.num_steps,
-        shift=cfg.shift,
-        time_sampling=cfg.time_sampling,
-    )
+    inputs1 = _inputs_for(_global_keys(key, n), x=x[0], labels=labels[0], cfg=cfg)
     # Minibatch 2's examples are numbered after all of minibatch 1's (n per device).
-    inputs2 = distill_inputs(
-        _global_keys(key, n, offset=n * lax.axis_size("data")),
-        x=x[1],
-        labels=labels[1],
-        num_steps=cfg.num_steps,
-        shift=cfg.shift,
-        time_sampling=cfg.time_sampling,
+    inputs2 = _inputs_for(
+        _global_keys(key, n, offset=n * lax.axis_size("data")), x=x[1], labels=labels[1], cfg=cfg
     )
     teacher = eqx.combine(frozen.teacher, static)
 
@@ -1102,14 +1090,7 @@ def real_data_gradients(
     g_teacher = eqx.filter_grad(
         lambda m: teacher_loss(m, k_teacher, x=x, labels=labels, cfg=teacher_cfg, axis_name="data")
     )(teacher)
-    inputs = distill_inputs(
-        k_real,
-        x=x,
-        labels=labels,
-        num_steps=distill_cfg.num_steps,
-        shift=distill_cfg.shift,
-        time_sampling=distill_cfg.time_sampling,
-    )
+    inputs = _inputs_for(k_real, x=x, labels=labels, cfg=distill_cfg)
     z_real = diffuse(x, inputs.lam_s, inputs.noise_real)
     g_real, _ = teacher_gradient(
         teacher,
