@@ -826,15 +826,22 @@ def warmup_linear_schedule(
 
 
 def distill_optimizer(
-    *, peak_lr: float, total_steps: int, warmup_steps: int = 1000
+    *, peak_lr: float, total_steps: int, warmup_steps: int = 1000, b1: float = 0.0
 ) -> optax.GradientTransformation:
     """Generator/auxiliary optimiser of Appendix B: global-norm clip 1, Adam(b1=0, b2=0.99,
-    eps=1e-12), warm-up then linear decay (MATH.md §10; the peak learning rate is [C])."""
+    eps=1e-12), warm-up then linear decay (MATH.md §10; the peak learning rate is [C]).
+
+    `b1 > 0` adds momentum [C]: the paper's b1 = 0 is set at batch 2048; at small batches each
+    update then moves every parameter by about the rate in a mostly random direction.
+    Raises ValueError unless 0 <= b1 < 1.
+    """
+    if not 0.0 <= b1 < 1.0:
+        raise ValueError(f"Adam's b1 must be in [0, 1), got {b1}")
     schedule = warmup_linear_schedule(
         peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps
     )
     return optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adam(schedule, b1=0.0, b2=0.99, eps=1e-12)
+        optax.clip_by_global_norm(1.0), optax.adam(schedule, b1=b1, b2=0.99, eps=1e-12)
     )
 
 

@@ -88,11 +88,12 @@ Optimisers. Teacher: clip 1, Adam(b1=0.9, b2=0.99, eps=1e-8), linear warm-up the
 (mmd.teacher_optimizer), and a moving average of the parameters (`teacher_ema`, decay min(0.999,
 (1+t)/(10+t))) that the export, the sample grids and distillation use; Lambda comes from Adam's `nu`
 of the raw parameters' gradients. Distillation (paper Appendix B): clip 1, Adam(b1=0, b2=0.99,
-eps=1e-12), warm-up then linear decay to 0. The paper warms up over 1000 steps of runs up to 200k;
-here the warm-up is min(`warmup`, 10% of the generator's updates), so that a short run is not mostly
-warm-up; config.json records the value used. With `alternating` the auxiliary updates on even steps
-and the generator on odd ones, so each schedule spans half the steps. The peak rates (not given in
-the paper) are our choice: 1e-4 for generator and auxiliary on MNIST.
+eps=1e-12; `--b1` sets b1 for both), warm-up then linear decay to 0. The paper warms up over
+1000 steps of runs up to 200k; here the warm-up is min(`warmup`, 10% of the generator's updates),
+so that a short run is not mostly warm-up; config.json records the value used. With
+`alternating` the auxiliary updates on even steps and the generator on odd ones, so each schedule
+spans half the steps. The peak rates (not given in the paper) are our choice: 1e-4 for generator
+and auxiliary on MNIST.
 """
 
 import argparse
@@ -208,6 +209,7 @@ class Config:
     )
     lr: float = _field(1e-4, "generator's peak learning rate")
     aux_lr: float = _field(1e-4, "auxiliary's peak learning rate (alternating)")
+    b1: float = _field(0.0, "Adam's beta1 of generator and auxiliary (the paper's: 0)")
     warmup: int = _field(
         1000,
         "distillation warm-up steps, capped at 10%% of the (generator's) "
@@ -273,6 +275,8 @@ class Config:
         for name in ("precond_steps", "num_devices"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.b1 < 1.0:
+            raise ValueError(f"--b1 must be in [0, 1), got {self.b1}")
         if self.variant not in mmd.VARIANTS:
             valid = ", ".join(mmd.VARIANTS)
             raise ValueError(f"unknown --variant {self.variant!r}; valid: {valid}")
@@ -637,7 +641,8 @@ def optimizers(
 
     def distill(peak_lr: float, updates: int) -> tuple[optax.GradientTransformation, Callable]:
         kwargs = dict(peak_lr=peak_lr, warmup_steps=config.warmup, total_steps=updates)
-        return mmd.distill_optimizer(**kwargs), mmd.warmup_linear_schedule(**kwargs)
+        optimizer = mmd.distill_optimizer(**kwargs, b1=config.b1)
+        return optimizer, mmd.warmup_linear_schedule(**kwargs)
 
     if config.variant == "instant":
         opt, schedule = distill(config.lr, config.steps)

@@ -655,6 +655,37 @@ def test_preconditioned_shares_sum_to_one_and_rank_groups():
 
 
 # ----------------------------------------------------------------------------------------
+# optimisers
+
+
+@pytest.mark.parametrize("b1", [0.0, 0.9])
+def test_distill_optimizer_is_clipped_adam_against_numpy(b1):
+    """Appendix B's optimiser, written out in float64: clip to global norm 1, then Adam(b1, b2=0.99,
+    eps=1e-12) with bias correction, at the warm-up-then-linear-decay rate (warm-up 1 of 10
+    updates); b1 = 0 (the paper's) makes each step depend on the current gradient and the squares
+    only, b1 > 0 carries momentum."""
+    rng = np.random.default_rng(2)
+    grads = [rng.normal(size=5) * scale for scale in (0.1, 3.0, 0.2)]  # the second is clipped
+    opt = mmd.distill_optimizer(peak_lr=1e-2, total_steps=10, warmup_steps=1, b1=b1)
+    params = jnp.zeros(5, F32)
+    state = opt.init(params)
+    m, v, ref = np.zeros(5), np.zeros(5), np.zeros(5)
+    with jax.numpy_dtype_promotion("standard"):  # optax promotes its int32 step count implicitly
+        for t, g in enumerate(grads, start=1):
+            updates, state = opt.update(jnp.asarray(g, F32), state, params)
+            params = params + updates
+            g = g / max(1.0, np.linalg.norm(g))
+            m, v = b1 * m + (1 - b1) * g, 0.99 * v + 0.01 * g**2
+            m_hat, v_hat = m / (1 - b1**t), v / (1 - 0.99**t)
+            lr = 1e-2 * min(1.0, (10 - (t - 1)) / 9)  # warm-up 1, then linear decay to 0 at 10
+            ref = ref - lr * m_hat / (np.sqrt(v_hat) + 1e-12)
+            np.testing.assert_allclose(params, ref, rtol=1e-5, atol=1e-8)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="b1 must be in"):
+            mmd.distill_optimizer(peak_lr=1e-2, total_steps=10, b1=bad)
+
+
+# ----------------------------------------------------------------------------------------
 # straight-through
 
 

@@ -407,6 +407,26 @@ def test_config_round_trips_through_json_and_cli():
     assert train.config_from_dict(json.loads(json.dumps(train.config_to_dict(config)))) == config
 
 
+def test_b1_reaches_both_distillation_optimizers():
+    """`--b1 0.5`: after gradients g and then -g (norm < 1, so unclipped), Adam with bias
+    correction gives m_hat = g then -g/3 and v_hat = g^2 both times, so the updates are -lr_1
+    sign(g) and +lr_2 / 3 sign(g), for the generator's and the auxiliary's optimiser alike."""
+    config = train.parse_config(["--preset", "tiny", "--variant", "alternating", "--b1", "0.5"])
+    assert config.b1 == 0.5
+    opt, aux_opt, lr = train.optimizers(config)
+    g = jnp.asarray([0.3, -0.2, 0.1], jnp.float32)
+    # Update i of the run: the auxiliary's updates are the even ones, the generator's the odd.
+    for optimizer, first, second in ((opt, lr(1), lr(3)), (aux_opt, lr(0), lr(2))):
+        state = optimizer.init(g)
+        with jax.numpy_dtype_promotion("standard"):  # optax's int32 step count
+            u1, state = optimizer.update(g, state, g)
+            u2, _ = optimizer.update(-g, state, g)
+        np.testing.assert_allclose(u1, -first * np.sign(g), rtol=1e-5)
+        np.testing.assert_allclose(u2, second / 3 * np.sign(g), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"--b1 must be in \[0, 1\)"):
+        train.parse_config(["--preset", "tiny", "--b1", "1"])
+
+
 def test_shipped_mnist_teacher_draws_the_digits_its_labels_ask_for():
     """checkpoints/mnist_teacher.eqx fits the mnist preset, gives a finite positive Lambda, and its
     16-step samples look like MNIST: on real test digits 85.9% of pixels are background (< -0.9),
