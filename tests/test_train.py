@@ -616,60 +616,42 @@ def test_inputs_later_stages_cannot_take_are_refused_before_anything_is_written(
     monkeypatch.setattr(train, "CHECKPOINT_DIR", tmp_path / "no-teachers")
     workdir = tmp_path / "run"
     dropout0 = with_meta(teacher / "teacher.eqx", tmp_path / "dropout0.eqx", label_dropout=0.0)
+    paths, q = {"rgba": rgba, "npz": npz}, shlex.quote
+    channels = r"--model-channels 4: sample grids and FID .* 1 or 3 channels"
     cases = [
+        ("rgba", "teacher", "--model-channels 4", channels),
+        ("rgba", "instant", "--model-channels 4", channels),
+        ("rgba", "teacher", "", r"rgba.npz/train has 4-channel images; .* take 1 or 3 channels"),
+        ("npz", "teacher", "--model-num-classes 5", r"10 classes, the model 5: pass .* 10"),
         (
-            rgba,
+            "npz",
             "teacher",
-            ["--model-channels", "4"],
-            r"--model-channels 4: sample grids and FID .* 1 or 3 channels",
+            "--model-resolution 16",
+            r"\(8, 8, 1\), the model expects \(16, 16, 1\)",
         ),
+        ("npz", "instant", "--guidance 2 --label-dropout 0", r"teacher to be .* label dropout 0"),
         (
-            rgba,
+            "npz",
             "instant",
-            ["--model-channels", "4"],
-            r"--model-channels 4: sample grids and FID .* 1 or 3 channels",
-        ),
-        (rgba, "teacher", [], r"rgba.npz/train has 4-channel images; .* take 1 or 3 channels"),
-        (
-            npz,
-            "teacher",
-            ["--model-num-classes", "5"],
-            r"has 10 classes, the model 5: pass --model-num-classes 10",
-        ),
-        (
-            npz,
-            "teacher",
-            ["--model-resolution", "16"],
-            r"has images \(8, 8, 1\), the model expects \(16, 16, 1\)",
-        ),
-        (
-            npz,
-            "instant",
-            ["--guidance", "2", "--label-dropout", "0"],
-            r"teacher to be trained .* label dropout 0",
-        ),
-        (
-            npz,
-            "instant",
-            ["--teacher", str(dropout0), "--guidance", "2"],
+            f"--teacher {q(str(dropout0))} --guidance 2",
             r"dropout0.eqx was trained with label dropout 0, so its null label never learned",
         ),
         (
-            npz,
+            "npz",
             "alternating",
-            ["--teacher", str(teacher / "teacher.eqx"), "--model-heads", "4"],
+            f"--teacher {q(str(teacher / 'teacher.eqx'))} --model-heads 4",
             r"teacher.eqx was trained with another model \(heads\): pass --model-heads 2",
         ),
         (
-            npz,
+            "npz",
             "instant",
-            ["--teacher", str(teacher / "checkpoints")],
+            f"--teacher {q(str(teacher / 'checkpoints'))}",
             r"teacher directory .*checkpoints holds no teacher.eqx; pass --teacher a teacher.eqx",
         ),
     ]
-    for data_path, variant, extra, message in cases:
+    for name, variant, extra, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
-            train.main(args(data_path, workdir, variant, *extra))
+            train.main(args(paths[name], workdir, variant, *shlex.split(extra)))
         assert not workdir.exists(), (variant, extra)
 
 
