@@ -989,8 +989,9 @@ def auxiliary_step(
     optimizer: optax.GradientTransformation,
     cfg: DistillConfig,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """Algorithm 2, the auxiliary's update (even steps): descend `L(phi)` (`auxiliary_loss`) on a
-    fresh minibatch with the auxiliary's `optimizer`; the generator and the teacher stay fixed."""
+    """Algorithm 2, the auxiliary's update (the first `aux_steps` of each cycle, see `train_steps`):
+    descend `L(phi)` (`auxiliary_loss`) on a fresh minibatch with the auxiliary's `optimizer`; the
+    generator and the teacher stay fixed."""
     inputs = _inputs_for(_global_keys(key, x.shape[0]), x=x, labels=labels, cfg=cfg)
     generator, teacher = eqx.combine(state.params, static), eqx.combine(frozen.teacher, static)
 
@@ -1021,8 +1022,9 @@ def generator_step(
     optimizer: optax.GradientTransformation,
     cfg: DistillConfig,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """Algorithm 2, the generator's update (odd steps): descend `L(eta)` (`generator_loss`) on a
-    fresh minibatch with the generator's `optimizer`; the auxiliary and the teacher stay fixed."""
+    """Algorithm 2, the generator's update (the last step of each cycle, see `train_steps`):
+    descend `L(eta)` (`generator_loss`) on a fresh minibatch with the generator's `optimizer`; the
+    auxiliary and the teacher stay fixed."""
     inputs = _inputs_for(_global_keys(key, x.shape[0]), x=x, labels=labels, cfg=cfg)
     teacher, auxiliary = eqx.combine(frozen.teacher, static), eqx.combine(state.aux_params, static)
 
@@ -1183,15 +1185,19 @@ def train_steps(
     aux_optimizer: optax.GradientTransformation | None = None,
     teacher_cfg: TeacherConfig | None = None,
     distill_cfg: DistillConfig | None = None,
+    aux_steps: int = 1,
     donate: bool = True,
 ) -> tuple[Callable[..., tuple[TrainState, dict[str, Array]]], ...]:
     """The jitted programs `(state, frozen, x, labels, key) -> (state, metrics)` of a variant;
     update `i` (0-based) runs `programs[i % len(programs)]`: `(teacher_step,)`, `(instant_step,)`,
-    or for `alternating` `(auxiliary_step, generator_step)`, so each optimiser sees half the
-    updates. Two programs picked on the host, not one `lax.cond`: XLA:CPU ran the conditional ~6x
-    slower. `static` is the non-parameter part of the model
-    (`eqx.partition(model, eqx.is_inexact_array)`). Raises ValueError for a missing setting."""
+    or for `alternating` `aux_steps` times `auxiliary_step`, then `generator_step` (§5 alternates
+    one of each; more auxiliary updates per generator update are DMD2's two-timescale rule, [C]).
+    Programs picked on the host, not one `lax.cond`: XLA:CPU ran the conditional ~6x slower.
+    `static` is the non-parameter part of the model (`eqx.partition(model, eqx.is_inexact_array)`).
+    Raises ValueError for a missing setting or `aux_steps < 1`."""
     _check_choice("variant", variant, VARIANTS)
+    if aux_steps < 1:
+        raise ValueError(f"aux_steps must be >= 1, got {aux_steps}")
     if variant == "teacher" and teacher_cfg is None:
         raise ValueError("the teacher step needs teacher_cfg")
     if variant != "teacher" and distill_cfg is None:
@@ -1206,7 +1212,5 @@ def train_steps(
         return (data_parallel(step, mesh=mesh, minibatches=2, donate=donate),)
     aux = functools.partial(auxiliary_step, static=static, optimizer=aux_optimizer, cfg=distill_cfg)
     gen = functools.partial(generator_step, static=static, optimizer=optimizer, cfg=distill_cfg)
-    return (
-        data_parallel(aux, mesh=mesh, donate=donate),
-        data_parallel(gen, mesh=mesh, donate=donate),
-    )
+    aux_program = data_parallel(aux, mesh=mesh, donate=donate)
+    return (aux_program,) * aux_steps + (data_parallel(gen, mesh=mesh, donate=donate),)

@@ -91,9 +91,9 @@ of the raw parameters' gradients. Distillation (paper Appendix B): clip 1, Adam(
 eps=1e-12; `--b1` sets b1 for both), warm-up then linear decay to 0. The paper warms up over
 1000 steps of runs up to 200k; here the warm-up is min(`warmup`, 10% of the generator's updates),
 so that a short run is not mostly warm-up; config.json records the value used. With
-`alternating` the auxiliary updates on even steps and the generator on odd ones, so each schedule
-spans half the steps. The peak rates (not given in the paper) are our choice: 1e-4 for generator
-and auxiliary on MNIST.
+`alternating` each cycle of `aux_steps` + 1 steps (default 2) updates the auxiliary `aux_steps`
+times, then the generator; each schedule spans its own updates. The peak rates (not given in the
+paper) are our choice: 1e-4 for generator and auxiliary on MNIST.
 """
 
 import argparse
@@ -209,6 +209,7 @@ class Config:
     )
     lr: float = _field(1e-4, "generator's peak learning rate")
     aux_lr: float = _field(1e-4, "auxiliary's peak learning rate (alternating)")
+    aux_steps: int = _field(1, "auxiliary updates per generator update (alternating)")
     b1: float = _field(0.0, "Adam's beta1 of generator and auxiliary (the paper's: 0)")
     warmup: int = _field(
         1000,
@@ -268,6 +269,7 @@ class Config:
             "k",
             "teacher_k",
             "num_samples",
+            "aux_steps",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -280,6 +282,8 @@ class Config:
         if self.variant not in mmd.VARIANTS:
             valid = ", ".join(mmd.VARIANTS)
             raise ValueError(f"unknown --variant {self.variant!r}; valid: {valid}")
+        if self.aux_steps != 1 and self.variant != "alternating":
+            raise ValueError(f"--aux-steps is for --variant alternating, not {self.variant}")
 
 
 def _flag(name: str) -> str:
@@ -387,8 +391,8 @@ def resolve(config: Config) -> Config:
     size, shift, workdir, the teacher file (`auto`: the preset's) and the warm-up applied."""
     teacher = config.variant == "teacher"
     steps = config.steps or (config.teacher_steps if teacher else config.distill_steps)
-    # The generator's updates: every step (instant), every second step (alternating).
-    updates = steps // 2 if config.variant == "alternating" else steps
+    # The generator's updates: every step (instant), one in aux_steps + 1 (alternating).
+    updates = steps // (config.aux_steps + 1) if config.variant == "alternating" else steps
     warmup = min(config.warmup, max(1, int(DISTILL_WARMUP_FRACTION * updates)))
     auto = config.teacher == "auto"
     return dataclasses.replace(
@@ -647,13 +651,19 @@ def optimizers(
     if config.variant == "instant":
         opt, schedule = distill(config.lr, config.steps)
         return opt, None, lambda i: float(schedule(jnp.asarray(i)))
-    opt, gen_schedule = distill(config.lr, config.steps // 2)
-    aux_opt, aux_schedule = distill(config.aux_lr, (config.steps + 1) // 2)
-    return (
-        opt,
-        aux_opt,
-        lambda i: float((aux_schedule if i % 2 == 0 else gen_schedule)(jnp.asarray(i // 2))),
-    )
+    # Each cycle of aux_steps + 1 updates: the auxiliary's aux_steps, then the generator's one.
+    n = config.aux_steps
+    generator_updates = config.steps // (n + 1)
+    opt, gen_schedule = distill(config.lr, generator_updates)
+    aux_opt, aux_schedule = distill(config.aux_lr, config.steps - generator_updates)
+
+    def learning_rate(i: int) -> float:
+        cycle, position = divmod(i, n + 1)
+        if position == n:
+            return float(gen_schedule(jnp.asarray(cycle)))
+        return float(aux_schedule(jnp.asarray(cycle * n + position)))
+
+    return opt, aux_opt, learning_rate
 
 
 def fresh_statistics(
@@ -825,7 +835,7 @@ class Run(typing.NamedTuple):
     devices: list[Any]
     static: PyTree
     frozen: mmd.Frozen
-    programs: tuple[Callable, ...]  # the step functions, used in turn (alternating: aux, generator)
+    programs: tuple[Callable, ...]  # used in turn (alternating: aux_steps x aux, then generator)
     batches: data.Batches
     batch_sharding: NamedSharding
     learning_rate: Callable[[int], float]
@@ -913,6 +923,7 @@ def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
         aux_optimizer=aux_optimizer,
         teacher_cfg=teacher_cfg,
         distill_cfg=distill_cfg,
+        aux_steps=config.aux_steps,
     )
     run = Run(
         config,
@@ -1236,7 +1247,7 @@ def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
 
 PANELS = {
     "loss": "teacher loss (v-prediction, weighted MSE)",
-    "aux_loss": "auxiliary loss L(phi) (auxiliary updates, every other step)",
+    "aux_loss": "auxiliary loss L(phi) (auxiliary updates)",
     "moment_gap": "moment gap: mean w ||x_aux - x_teacher||^2",
     "grad_norm": "gradient norm (before clipping to 1)",
     "lr": "learning rate",
@@ -1481,7 +1492,7 @@ def train(config: Config) -> pathlib.Path:
         for i in range(start, config.steps):
             x, labels = _global_batch(next(run.batches), run.batch_sharding)
             key = jax.random.fold_in(run.train_key, i)
-            step_fn = run.programs[i % len(run.programs)]  # alternating: auxiliary, then generator
+            step_fn = run.programs[i % len(run.programs)]  # alternating: auxiliary, ..., generator
             state, metrics = step_fn(state, run.frozen, x, labels, key)
             # At most one step in flight: without this wait the host would dispatch up to
             # `log_every` steps ahead, and a Ctrl-C would be seen only at the next flush.

@@ -787,6 +787,35 @@ def test_sharded_step_matches_single_device(name):
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained), before))
 
 
+def test_aux_steps_gives_the_auxiliary_n_updates_per_generator_update():
+    """`train_steps(aux_steps=3)`: of updates 0-7, 0-2 and 4-6 change only the auxiliary's
+    parameters, 3 and 7 only the generator's; `aux_steps=0` is refused."""
+    teacher, _, x, labels, _, key = _setup(seed=2, b=16)
+    x, labels = x.reshape(32, 2), labels.reshape(32)
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+    opt = mmd.distill_optimizer(peak_lr=1e-2, total_steps=10, warmup_steps=1)
+    kwargs = dict(static=static, mesh=mmd.data_mesh(jax.devices()[:1]), optimizer=opt)
+    kwargs |= dict(aux_optimizer=opt, distill_cfg=mmd.DistillConfig(num_steps=4), donate=False)
+    programs = mmd.train_steps("alternating", aux_steps=3, **kwargs)
+    state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=opt)
+    state = state._replace(params=jax.tree.map(lambda p: p * 1.1, state.params))
+    changed = []
+    for i in range(8):
+        new, metrics = programs[i % len(programs)](
+            state, mmd.Frozen(teacher=params), x, labels, jax.random.fold_in(key, i)
+        )
+        moved = [
+            any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(n), jax.tree.leaves(o)))
+            for n, o in ((new.aux_params, state.aux_params), (new.params, state.params))
+        ]
+        changed.append((*moved, float(metrics["generator_step"])))
+        state = new
+    aux, gen = (True, False, 0.0), (False, True, 1.0)
+    assert changed == [aux, aux, aux, gen] * 2
+    with pytest.raises(ValueError, match="aux_steps must be >= 1"):
+        mmd.train_steps("alternating", aux_steps=0, **kwargs)
+
+
 @pytest.mark.parametrize("name", ["auxiliary", "generator", "instant"])
 def test_every_distillation_step_draws_its_times_as_configured(name, monkeypatch):
     modes = []

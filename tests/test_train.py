@@ -427,6 +427,30 @@ def test_b1_reaches_both_distillation_optimizers():
         train.parse_config(["--preset", "tiny", "--b1", "1"])
 
 
+def test_aux_steps_cycles_the_rates_and_reaches_the_programs(npz, teacher, tmp_path, monkeypatch):
+    """`--aux-steps 2`, 30 steps: 10 generator updates (each third step), 20 auxiliary ones, each
+    with its own warm-up-then-decay schedule; the warm-up is 10% of the generator's updates; and
+    set_up asks mmd.train_steps for two auxiliary programs a cycle. Refused with another variant."""
+    extra = ("--teacher", str(teacher / "teacher.eqx"), "--aux-steps", "2", "--steps", "30")
+    config = train.parse_config(args(npz, tmp_path / "run", "alternating", *extra))
+    assert config.warmup == 1
+    _, _, lr = train.optimizers(config)
+    gen, aux = (
+        mmd.warmup_linear_schedule(peak_lr=rate, warmup_steps=1, total_steps=n)
+        for rate, n in ((config.lr, 10), (config.aux_lr, 20))
+    )
+    expected = []
+    for c in map(jnp.asarray, range(10)):
+        expected += [float(aux(2 * c)), float(aux(2 * c + 1)), float(gen(c))]
+    np.testing.assert_allclose([lr(i) for i in range(30)], expected)
+    seen = {}
+    monkeypatch.setattr(mmd, "train_steps", lambda variant, **kw: seen.update(kw) or ())
+    train.set_up(config)
+    assert seen["aux_steps"] == 2
+    with pytest.raises(ValueError, match="--aux-steps is for --variant alternating, not instant"):
+        train.parse_config(["--preset", "tiny", "--aux-steps", "2"])
+
+
 def test_shipped_mnist_teacher_draws_the_digits_its_labels_ask_for():
     """checkpoints/mnist_teacher.eqx fits the mnist preset, gives a finite positive Lambda, and its
     16-step samples look like MNIST: on real test digits 85.9% of pixels are background (< -0.9),
