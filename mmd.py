@@ -1194,10 +1194,11 @@ def train_steps(
     one of each; more auxiliary updates per generator update are DMD2's two-timescale rule, [C]).
     Programs picked on the host, not one `lax.cond`: XLA:CPU ran the conditional ~6x slower.
     `static` is the non-parameter part of the model (`eqx.partition(model, eqx.is_inexact_array)`).
-    Raises ValueError for a missing setting or `aux_steps < 1`."""
+    Raises ValueError for a missing setting, `aux_steps < 1`, or `aux_steps > 1` for another
+    variant."""
     _check_choice("variant", variant, VARIANTS)
-    if aux_steps < 1:
-        raise ValueError(f"aux_steps must be >= 1, got {aux_steps}")
+    if aux_steps < 1 or (aux_steps != 1 and variant != "alternating"):
+        raise ValueError(f"aux_steps must be >= 1 (alternating) or 1, got {aux_steps} ({variant})")
     if variant == "teacher" and teacher_cfg is None:
         raise ValueError("the teacher step needs teacher_cfg")
     if variant != "teacher" and distill_cfg is None:

@@ -209,7 +209,9 @@ class Config:
     )
     lr: float = _field(1e-4, "generator's peak learning rate")
     aux_lr: float = _field(1e-4, "auxiliary's peak learning rate (alternating)")
-    aux_steps: int = _field(1, "auxiliary updates per generator update (alternating)")
+    aux_steps: int = _field(
+        1, "auxiliary updates per generator update (alternating; --steps counts both kinds)"
+    )
     b1: float = _field(0.0, "Adam's beta1 of generator and auxiliary (the paper's: 0)")
     warmup: int = _field(
         1000,
@@ -282,8 +284,6 @@ class Config:
         if self.variant not in mmd.VARIANTS:
             valid = ", ".join(mmd.VARIANTS)
             raise ValueError(f"unknown --variant {self.variant!r}; valid: {valid}")
-        if self.aux_steps != 1 and self.variant != "alternating":
-            raise ValueError(f"--aux-steps is for --variant alternating, not {self.variant}")
 
 
 def _flag(name: str) -> str:
@@ -747,10 +747,18 @@ def load_data(config: Config) -> data.Dataset:
     return dataset
 
 
+def check_variant_options(config: Config) -> None:
+    """Refuse an option that the configured variant would ignore. Checked on the final
+    configuration (after a resumed run's saved one is merged), not in `Config.__post_init__`."""
+    if config.aux_steps != 1 and config.variant != "alternating":
+        raise ValueError(f"--aux-steps is for --variant alternating, not {config.variant}")
+
+
 def check_run(config: Config) -> tuple[jax.sharding.Mesh, list[pathlib.Path]]:
-    """`(mesh, existing checkpoints)` after every check that needs no data: devices and batch
-    size, the work directory's state, the teacher file. Nothing is written before these (and the
-    data) pass."""
+    """`(mesh, existing checkpoints)` after every check that needs no data: the variant's options,
+    devices and batch size, the work directory's state, the teacher file. Nothing is written
+    before these (and the data) pass."""
+    check_variant_options(config)
     try:
         mesh = mmd.data_mesh(num_devices=config.num_devices)
     except ValueError as error:
@@ -2000,6 +2008,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     config = resolve(_apply(base, overrides))
     saved = _workdir_config(pathlib.Path(config.workdir)) if config.resume else None
     if saved is None:
+        check_variant_options(config)
         return config
     resumed = resolve(
         _apply(saved, {k: v for k, v in overrides.items() if k.split(".")[0] in RUN_FIELDS})
@@ -2014,6 +2023,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
             f"differ from it: {', '.join(explicitly)}. Drop them, or start a new run in another "
             f"--workdir{steps if 'steps' in explicitly else ''}."
         )
+    check_variant_options(resumed)
     return resumed
 
 

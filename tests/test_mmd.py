@@ -789,7 +789,8 @@ def test_sharded_step_matches_single_device(name):
 
 def test_aux_steps_gives_the_auxiliary_n_updates_per_generator_update():
     """`train_steps(aux_steps=3)`: of updates 0-7, 0-2 and 4-6 change only the auxiliary's
-    parameters, 3 and 7 only the generator's; `aux_steps=0` is refused."""
+    parameters, 3 and 7 only the generator's; `aux_steps=0`, and 3 with another variant, are
+    refused."""
     teacher, _, x, labels, _, key = _setup(seed=2, b=16)
     x, labels = x.reshape(32, 2), labels.reshape(32)
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
@@ -812,8 +813,9 @@ def test_aux_steps_gives_the_auxiliary_n_updates_per_generator_update():
         state = new
     aux, gen = (True, False, 0.0), (False, True, 1.0)
     assert changed == [aux, aux, aux, gen] * 2
-    with pytest.raises(ValueError, match="aux_steps must be >= 1"):
-        mmd.train_steps("alternating", aux_steps=0, **kwargs)
+    for variant, n in (("alternating", 0), ("instant", 3)):
+        with pytest.raises(ValueError, match="aux_steps must be >= 1"):
+            mmd.train_steps(variant, aux_steps=n, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["auxiliary", "generator", "instant"])

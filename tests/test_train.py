@@ -428,25 +428,29 @@ def test_b1_reaches_both_distillation_optimizers():
 
 
 def test_aux_steps_cycles_the_rates_and_reaches_the_programs(npz, teacher, tmp_path, monkeypatch):
-    """`--aux-steps 2`, 30 steps: 10 generator updates (each third step), 20 auxiliary ones, each
-    with its own warm-up-then-decay schedule; the warm-up is 10% of the generator's updates; and
-    set_up asks mmd.train_steps for two auxiliary programs a cycle. Refused with another variant."""
-    extra = ("--teacher", str(teacher / "teacher.eqx"), "--aux-steps", "2", "--steps", "30")
+    """`--aux-steps 2`, 60 steps: 20 generator updates (each third step), 40 auxiliary ones, each
+    with its own warm-up-then-decay schedule; the warm-up is 10% of the generator's updates (2;
+    3 if it counted every second step); set_up asks mmd.train_steps for two auxiliary programs a
+    cycle. Refused with another variant, also when a resumed run's saved variant is alternating."""
+    extra = ("--teacher", str(teacher / "teacher.eqx"), "--aux-steps", "2", "--steps", "60")
     config = train.parse_config(args(npz, tmp_path / "run", "alternating", *extra))
-    assert config.warmup == 1
+    assert config.warmup == 2
     _, _, lr = train.optimizers(config)
     gen, aux = (
-        mmd.warmup_linear_schedule(peak_lr=rate, warmup_steps=1, total_steps=n)
-        for rate, n in ((config.lr, 10), (config.aux_lr, 20))
+        mmd.warmup_linear_schedule(peak_lr=rate, warmup_steps=2, total_steps=n)
+        for rate, n in ((config.lr, 20), (config.aux_lr, 40))
     )
     expected = []
-    for c in map(jnp.asarray, range(10)):
+    for c in map(jnp.asarray, range(20)):
         expected += [float(aux(2 * c)), float(aux(2 * c + 1)), float(gen(c))]
-    np.testing.assert_allclose([lr(i) for i in range(30)], expected)
+    np.testing.assert_allclose([lr(i) for i in range(60)], expected)
     seen = {}
     monkeypatch.setattr(mmd, "train_steps", lambda variant, **kw: seen.update(kw) or ())
     train.set_up(config)
     assert seen["aux_steps"] == 2
+    # The saved configuration (alternating) decides, not the preset's default variant (instant).
+    resume = ["--preset", "tiny", "--workdir", config.workdir, "--resume", "--aux-steps", "2"]
+    assert train.parse_config(resume) == dataclasses.replace(config, resume=True)
     with pytest.raises(ValueError, match="--aux-steps is for --variant alternating, not instant"):
         train.parse_config(["--preset", "tiny", "--aux-steps", "2"])
 
@@ -646,14 +650,24 @@ def test_inputs_later_stages_cannot_take_are_refused_before_anything_is_written(
         ("rgba", "teacher", "--model-channels 4", channels),
         ("rgba", "instant", "--model-channels 4", channels),
         ("rgba", "teacher", "", r"rgba.npz/train has 4-channel images; .* take 1 or 3 channels"),
-        ("npz", "teacher", "--model-num-classes 5", r"10 classes, the model 5: pass .* 10"),
+        (
+            "npz",
+            "teacher",
+            "--model-num-classes 5",
+            r"has 10 classes, the model 5: pass --model-num-classes 10",
+        ),
         (
             "npz",
             "teacher",
             "--model-resolution 16",
-            r"\(8, 8, 1\), the model expects \(16, 16, 1\)",
+            r"has images \(8, 8, 1\), the model expects \(16, 16, 1\)",
         ),
-        ("npz", "instant", "--guidance 2 --label-dropout 0", r"teacher to be .* label dropout 0"),
+        (
+            "npz",
+            "instant",
+            "--guidance 2 --label-dropout 0",
+            r"teacher to be trained .* label dropout 0",
+        ),
         (
             "npz",
             "instant",
