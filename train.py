@@ -391,8 +391,7 @@ def resolve(config: Config) -> Config:
     size, shift, workdir, the teacher file (`auto`: the preset's) and the warm-up applied."""
     teacher = config.variant == "teacher"
     steps = config.steps or (config.teacher_steps if teacher else config.distill_steps)
-    # The generator's updates: every step (instant), one in aux_steps + 1 (alternating).
-    updates = steps // (config.aux_steps + 1) if config.variant == "alternating" else steps
+    updates = generator_updates(config, steps)
     warmup = min(config.warmup, max(1, int(DISTILL_WARMUP_FRACTION * updates)))
     auto = config.teacher == "auto"
     return dataclasses.replace(
@@ -407,6 +406,12 @@ def resolve(config: Config) -> Config:
         teacher=str(default_teacher_path(config.preset)) if auto else config.teacher,
         warmup=config.warmup if teacher else warmup,
     )
+
+
+def generator_updates(config: Config, steps: int) -> int:
+    """The generator's updates in `steps` steps: every step (instant, teacher), one in each cycle
+    of `aux_steps` + 1 (alternating)."""
+    return steps // (config.aux_steps + 1) if config.variant == "alternating" else steps
 
 
 def default_teacher_path(preset: str) -> pathlib.Path:
@@ -652,10 +657,9 @@ def optimizers(
         opt, schedule = distill(config.lr, config.steps)
         return opt, None, lambda i: float(schedule(jnp.asarray(i)))
     # Each cycle of aux_steps + 1 updates: the auxiliary's aux_steps, then the generator's one.
-    n = config.aux_steps
-    generator_updates = config.steps // (n + 1)
-    opt, gen_schedule = distill(config.lr, generator_updates)
-    aux_opt, aux_schedule = distill(config.aux_lr, config.steps - generator_updates)
+    n, updates = config.aux_steps, generator_updates(config, config.steps)
+    opt, gen_schedule = distill(config.lr, updates)
+    aux_opt, aux_schedule = distill(config.aux_lr, config.steps - updates)
 
     def learning_rate(i: int) -> float:
         cycle, position = divmod(i, n + 1)
