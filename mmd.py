@@ -333,7 +333,9 @@ class DistillConfig:
     `num_steps` is the student's k; `regularize_aux` switches the auxiliary's teacher term (§5);
     `center` is the instant variant's data-centring option (§6, [C]); `instant_form` is its
     objective: `symmetric` `G_1^T Lambda G_2` (§6 [D], default) or `one_sided`, Algorithm 3 as
-    printed (eq. 8); `time_sampling` draws (s, t): `paper` (§4) or `grid` ([C], `time_pair`).
+    printed (eq. 8); `time_sampling` draws (s, t): `paper` (§4) or `grid` ([C], `time_pair`);
+    `ema_decay` keeps a moving average of the generator's parameters ([C], `update_average`; the
+    paper uses none, at batch 2048).
     """
 
     num_steps: int = 8
@@ -347,6 +349,7 @@ class DistillConfig:
     center: str = "none"
     instant_form: str = "symmetric"
     time_sampling: str = "paper"
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("weighting", self.weighting, WEIGHTINGS)
@@ -356,6 +359,8 @@ class DistillConfig:
         _check_choice("time sampling", self.time_sampling, TIME_SAMPLINGS)
         if self.num_steps < 1:
             raise ValueError(f"num_steps (k) must be >= 1, got {self.num_steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 class DistillInputs(NamedTuple):
@@ -866,8 +871,8 @@ def teacher_optimizer(
 
 class TrainState(NamedTuple):
     """What a step updates: the trained model (teacher or generator), for `alternating` the
-    auxiliary, and for a teacher with `ema_decay > 0` the moving average of its parameters (what it
-    is sampled with)."""
+    auxiliary, and with `ema_decay > 0` the moving average of the trained model's parameters (what
+    it is sampled with)."""
 
     step: Int[Array, ""]
     params: PyTree
@@ -894,8 +899,8 @@ def init_train_state(
     ema: bool = False,
 ) -> TrainState:
     """Step 0. For distillation pass the teacher's parameters: generator and auxiliary start as
-    copies of it (§5). With `ema` (teacher training) the moving average starts as a copy of the
-    initial parameters.
+    copies of it (§5). With `ema` the moving average of the trained model starts as a copy of
+    the initial parameters.
 
     Copies, so that a step that donates its state never frees the caller's (e.g. the frozen
     teacher's) buffers.
@@ -917,11 +922,24 @@ def init_train_state(
 
 
 def ema_decay(step: Int[Array, ""], *, decay: float) -> Float[Array, ""]:
-    """Decay of the teacher's parameter average at update `step` (0-based): `min(decay, (1 + t) /
-    (10 + t))`, so a short run averages over its recent past rather than its initialisation ([C],
-    TensorFlow's `ExponentialMovingAverage(num_updates=t)`)."""
+    """Decay of a parameter average at update `step` (0-based): `min(decay, (1 + t) / (10 + t))`, so
+    a short run averages over its recent past (about its last 10% of updates while the cap is not
+    reached) rather than its initialisation ([C], TensorFlow's
+    `ExponentialMovingAverage(num_updates=t)`)."""
     t = step.astype(jnp.float32)
     return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+
+
+def update_average(
+    average: PyTree, params: PyTree, *, step: Int[Array, ""], decay: float
+) -> PyTree:
+    """The moving average after update `step` (0-based) of the trained model (teacher, or [C] the
+    generator): `d a + (1 - d) p` with `d = ema_decay(step)`; `None` (no average kept) stays
+    `None`."""
+    if average is None:
+        return None
+    d = ema_decay(step, decay=decay)
+    return jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, average, params)
 
 
 def _global_keys(
@@ -970,10 +988,7 @@ def teacher_step(
         return teacher_loss(denoiser, keys, x=x, labels=labels, cfg=cfg, axis_name="data"), {}
 
     params, opt_state, metrics = _descend(loss, optimizer, state.params, state.opt_state)
-    average = state.ema
-    if average is not None:
-        d = ema_decay(state.step, decay=cfg.ema_decay)
-        average = jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, average, params)
+    average = update_average(state.ema, params, step=state.step, decay=cfg.ema_decay)
     state = state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema=average)
     return state, metrics
 
@@ -1021,9 +1036,11 @@ def generator_step(
     static: PyTree,
     optimizer: optax.GradientTransformation,
     cfg: DistillConfig,
+    aux_steps: int = 1,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """Algorithm 2, the generator's update (the last step of each cycle, see `train_steps`):
-    descend `L(eta)` (`generator_loss`) on a fresh minibatch with the generator's `optimizer`; the
+    """Algorithm 2, the generator's update (the last step of each cycle of `aux_steps` + 1, see
+    `train_steps`): descend `L(eta)` (`generator_loss`) on a fresh minibatch with the generator's
+    `optimizer`, then its moving average (`cfg.ema_decay`, counting generator updates); the
     auxiliary and the teacher stay fixed."""
     inputs = _inputs_for(_global_keys(key, x.shape[0]), x=x, labels=labels, cfg=cfg)
     teacher, auxiliary = eqx.combine(frozen.teacher, static), eqx.combine(state.aux_params, static)
@@ -1041,7 +1058,10 @@ def generator_step(
 
     params, opt_state, metrics = _descend(loss, optimizer, state.params, state.opt_state)
     metrics["generator_step"] = jnp.asarray(1.0)
-    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    update = state.step // (aux_steps + 1)
+    average = update_average(state.ema, params, step=update, decay=cfg.ema_decay)
+    state = state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema=average)
+    return state, metrics
 
 
 def instant_step(
@@ -1056,7 +1076,8 @@ def instant_step(
     cfg: DistillConfig,
 ) -> tuple[TrainState, dict[str, Array]]:
     """Algorithm 3, one generator update: descend `instant_loss` on the two independent minibatches
-    `x[0]`, `x[1]` (this device's slices of each), with Lambda and the teacher from `frozen`."""
+    `x[0]`, `x[1]` (this device's slices of each), with Lambda and the teacher from `frozen`; then
+    the generator's moving average (`cfg.ema_decay`)."""
     n = x.shape[1]
     inputs1 = _inputs_for(_global_keys(key, n), x=x[0], labels=labels[0], cfg=cfg)
     # Minibatch 2's examples are numbered after all of minibatch 1's (n per device).
@@ -1078,7 +1099,9 @@ def instant_step(
         )
 
     params, opt_state, metrics = _descend(loss, optimizer, state.params, state.opt_state)
-    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    average = update_average(state.ema, params, step=state.step, decay=cfg.ema_decay)
+    state = state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema=average)
+    return state, metrics
 
 
 def real_data_gradients(
@@ -1212,6 +1235,8 @@ def train_steps(
         step = functools.partial(instant_step, static=static, optimizer=optimizer, cfg=distill_cfg)
         return (data_parallel(step, mesh=mesh, minibatches=2, donate=donate),)
     aux = functools.partial(auxiliary_step, static=static, optimizer=aux_optimizer, cfg=distill_cfg)
-    gen = functools.partial(generator_step, static=static, optimizer=optimizer, cfg=distill_cfg)
+    gen = functools.partial(
+        generator_step, static=static, optimizer=optimizer, cfg=distill_cfg, aux_steps=aux_steps
+    )
     aux_program = data_parallel(aux, mesh=mesh, donate=donate)
     return (aux_program,) * aux_steps + (data_parallel(gen, mesh=mesh, donate=donate),)

@@ -93,7 +93,9 @@ eps=1e-12; `--b1` sets b1 for both), warm-up then linear decay to 0. The paper w
 so that a short run is not mostly warm-up; config.json records the value used. With
 `alternating` each cycle of `aux_steps` + 1 steps (default 2) updates the auxiliary `aux_steps`
 times, then the generator; each schedule spans its own updates. The peak rates (not given in the
-paper) are our choice: 1e-4 for generator and auxiliary on MNIST.
+paper) are our choice: 1e-4 for generator and auxiliary on MNIST. The paper keeps no moving average
+of the student; `--student-ema DECAY` keeps one (warmed up as the teacher's, counting generator
+updates) and samples, evaluates and exports it instead of the raw generator.
 """
 
 import argparse
@@ -213,6 +215,11 @@ class Config:
         1, "auxiliary updates per generator update (alternating; --steps counts both kinds)"
     )
     b1: float = _field(0.0, "Adam's beta1 of generator and auxiliary (the paper's: 0)")
+    student_ema: float = _field(
+        0.0,
+        "decay of a moving average of the generator's parameters, warmed up as --teacher-ema; "
+        "sample grids and evaluation use it (0: none, the paper's)",
+    )
     warmup: int = _field(
         1000,
         "distillation warm-up steps, capped at 10%% of the (generator's) "
@@ -279,8 +286,9 @@ class Config:
         for name in ("precond_steps", "num_devices"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.b1 < 1.0:
-            raise ValueError(f"--b1 must be in [0, 1), got {self.b1}")
+        for name in ("b1", "teacher_ema", "student_ema"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
         if self.variant not in mmd.VARIANTS:
             valid = ", ".join(mmd.VARIANTS)
             raise ValueError(f"unknown --variant {self.variant!r}; valid: {valid}")
@@ -756,6 +764,10 @@ def check_variant_options(config: Config) -> None:
     configuration (after a resumed run's saved one is merged), not in `Config.__post_init__`."""
     if config.aux_steps != 1 and config.variant != "alternating":
         raise ValueError(f"--aux-steps is for --variant alternating, not {config.variant}")
+    if config.student_ema and config.variant == "teacher":
+        raise ValueError(
+            "--student-ema is for distillation; the teacher's average is --teacher-ema"
+        )
 
 
 def check_run(config: Config) -> tuple[jax.sharding.Mesh, list[pathlib.Path]]:
@@ -835,6 +847,7 @@ def mmd_configs(config: Config) -> tuple[mmd.TeacherConfig, mmd.DistillConfig]:
         center=config.center,
         instant_form=config.instant_form,
         time_sampling=config.time_sampling,
+        ema_decay=config.student_ema,
     )
     return teacher_cfg, distill_cfg
 
@@ -920,7 +933,7 @@ def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
         params=params,
         optimizer=optimizer,
         aux_optimizer=aux_optimizer,
-        ema=config.variant == "teacher" and config.teacher_ema > 0,
+        ema=_ema_decay(config) > 0,
     )
     batches = data.batches(dataset, batch_size=config.batch_size, seed=config.seed)
     resumed = None
@@ -1090,12 +1103,18 @@ def save_titled_grids(
     save_figure(fig, path, dpi=100)
 
 
+def _ema_decay(config: Config) -> float:
+    """The decay of the trained model's parameter average (0: none kept)."""
+    return config.teacher_ema if config.variant == "teacher" else config.student_ema
+
+
 def _sampler_name(config: Config, network: str) -> tuple[str, int]:
     """(what samples, how many steps) for a grid's title; `network` is "teacher" or "student"."""
     if network == "teacher":
         k = config.teacher_k if config.variant == "teacher" else config.k
         return f"teacher ({'parameter average' if config.teacher_ema > 0 else 'parameters'})", k
-    return f"{config.variant} student", config.k
+    average = " (parameter average)" if config.student_ema > 0 else ""
+    return f"{config.variant} student{average}", config.k
 
 
 def sample_images(run: Run, params: PyTree, *, network: str) -> UInt8[np.ndarray, "n h w c"]:

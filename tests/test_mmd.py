@@ -833,34 +833,61 @@ def test_every_distillation_step_draws_its_times_as_configured(name, monkeypatch
     assert modes and set(modes) == {(2, "grid")}
 
 
-def test_teacher_ema_is_the_weighted_sum_of_the_parameter_trajectory():
-    """After n updates the average is sum_i c_i p_i over the trajectory p_0..p_n, with c_i the
-    product form of the recursion: c_0 = prod_t d_t, c_i = (1 - d_{i-1}) prod_{t >= i} d_t, d_t =
-    min(decay, (1+t)/(10+t))."""
-    teacher, _, x, labels, _, key = _setup(seed=3, b=16)
+def _averaged_run(variant, num_updates):
+    """`(state, trajectory)` after `num_updates` updates of the trained model (the teacher, or the
+    generator; alternating with two auxiliary updates before each), averaged with decay 0.3; the
+    trajectory is the trained model's parameters before and after each of its updates."""
+    teacher, _, x, labels, precond, key = _setup(seed=3, b=16)
     x, labels = x.reshape(32, 2), labels.reshape(32)
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
-    opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
-    state = mmd.init_train_state(params=params, optimizer=opt, ema=True)
-    (step,) = mmd.train_steps(
-        "teacher",
-        static=static,
-        mesh=mmd.data_mesh(),
-        optimizer=opt,
-        donate=False,
-        teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.3),
+    cycle = 3 if variant == "alternating" else 1
+    if variant == "teacher":
+        opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
+        cfgs = dict(teacher_cfg=mmd.TeacherConfig(null_label=3, ema_decay=0.3))
+        frozen, start = mmd.Frozen(), params
+    else:
+        opt = mmd.distill_optimizer(peak_lr=1e-2, total_steps=10, warmup_steps=1)
+        cfg = mmd.DistillConfig(num_steps=2, weighting="flat", null_label=3, ema_decay=0.3)
+        cfgs = dict(distill_cfg=cfg, aux_optimizer=opt, aux_steps=max(cycle - 1, 1))
+        frozen = mmd.Frozen(teacher=params, precond=precond)
+        # A perturbed start, so that distillation has a non-zero gradient at step 0.
+        start = jax.tree.map(lambda p: p * 1.1, params)
+    aux_opt = opt if variant == "alternating" else None
+    state = mmd.init_train_state(params=start, optimizer=opt, aux_optimizer=aux_opt, ema=True)
+    programs = mmd.train_steps(
+        variant, static=static, mesh=mmd.data_mesh(), optimizer=opt, donate=False, **cfgs
     )
     trajectory = [jax.tree.map(np.asarray, state.params)]
-    for i in range(5):
-        state, _ = step(state, mmd.Frozen(), x, labels, jax.random.fold_in(key, i))
-        trajectory.append(jax.tree.map(np.asarray, state.params))
+    for i in range(num_updates * cycle):
+        state, _ = programs[i % cycle](state, frozen, x, labels, jax.random.fold_in(key, i))
+        if i % cycle == cycle - 1:
+            trajectory.append(jax.tree.map(np.asarray, state.params))
+    return state, trajectory
+
+
+@pytest.mark.parametrize("variant", ["teacher", "instant", "alternating"])
+def test_parameter_average_is_the_weighted_sum_of_the_trajectory(variant):
+    """After n updates of the trained model the average is sum_i c_i p_i over its trajectory
+    p_0..p_n, with c_i the product form of the recursion: c_0 = prod_t d_t, c_i = (1 - d_{i-1})
+    prod_{t >= i} d_t, d_t = min(decay, (1+t)/(10+t)), t counting the trained model's updates only
+    (alternating: not the auxiliary's)."""
+    state, trajectory = _averaged_run(variant, num_updates=5)
     d = [min(0.3, (1 + t) / (10 + t)) for t in range(5)]  # 0.1, 0.18, 0.25, 0.3, 0.3
     c = [np.prod(d)] + [(1 - d[i - 1]) * np.prod(d[i:]) for i in range(1, 6)]
     assert np.isclose(sum(c), 1.0)
     expected = jax.tree.map(lambda *ps: sum(ci * p for ci, p in zip(c, ps)), *trajectory)
-    for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(jax.tree.leaves(state.ema)[0], jax.tree.leaves(trajectory[-1])[0])
+    # Not trivially so: the model moved, and its average differs from where it ended.
+    for other in (trajectory[0], trajectory[-1]):
+        pairs = zip(jax.tree.leaves(state.ema), jax.tree.leaves(other), strict=True)
+        assert any(not np.allclose(a, b, rtol=1e-3) for a, b in pairs)
+
+
+def test_distill_config_refuses_an_average_decay_outside_0_1():
+    for decay in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ema_decay must be in"):
+            mmd.DistillConfig(ema_decay=decay)
 
 
 def test_non_divisible_batch_raises_before_compiling():

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import zipfile
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -425,6 +426,31 @@ def test_b1_reaches_both_distillation_optimizers():
         np.testing.assert_allclose(u2, second / 3 * np.sign(g), rtol=1e-5)
     with pytest.raises(ValueError, match=r"--b1 must be in \[0, 1\)"):
         train.parse_config(["--preset", "tiny", "--b1", "1"])
+
+
+def test_student_ema_averages_the_generator_and_is_what_is_loaded(npz, teacher, tmp_path):
+    """`--student-ema 0.5`, alternating, 4 steps: generator updates at steps 2 and 4 (p1, p2) from
+    the teacher's parameters p0. With d_t = min(0.5, (1+t)/(10+t)) over generator updates the
+    average is d_1 (d_0 p0 + (1 - d_0) p1) + (1 - d_1) p2; checkpoints keep it, and loading a
+    checkpoint (what eval.py samples) gives it, not the raw generator. Refused for a teacher."""
+    workdir = tmp_path / "run"
+    teacher_file = str(teacher / "teacher.eqx")
+    train.main(args(npz, workdir, "alternating", "--teacher", teacher_file, "--student-ema", "0.5"))
+    ckpt = [workdir / "checkpoints" / f"ckpt_{s:08d}.eqx" for s in range(1, STEPS + 1)]
+    p0, p1, p2 = leaves(teacher / "teacher.eqx"), leaves(ckpt[1]), leaves(ckpt[3])
+    d0, d1 = 0.1, 2 / 11
+    expected = [d1 * (d0 * a + (1 - d0) * b) + (1 - d1) * c for a, b, c in zip(p0, p1, p2)]
+    for got, want in zip(leaves(ckpt[3], "ema"), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(ckpt[0], "ema"), p0, strict=True))
+    assert not all(np.allclose(a, b) for a, b in zip(leaves(ckpt[3], "ema"), p2, strict=True))
+    model, _, _ = train.load_checkpoint(ckpt[3])
+    loaded = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    assert all(np.array_equal(a, b) for a, b in zip(loaded, leaves(ckpt[3], "ema"), strict=True))
+    with pytest.raises(ValueError, match="--student-ema is for distillation"):
+        train.parse_config(["--preset", "tiny", "--variant", "teacher", "--student-ema", "0.5"])
+    with pytest.raises(ValueError, match=r"--student-ema must be in \[0, 1\)"):
+        train.parse_config(["--preset", "tiny", "--student-ema", "1"])
 
 
 def test_aux_steps_cycles_the_rates_and_reaches_the_programs(npz, teacher, tmp_path, monkeypatch):
