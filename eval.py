@@ -759,6 +759,7 @@ def _report(
         "feature_protocol": inception.FEATURE_PROTOCOL,
         "steps": plan.num_steps,
         "trained_k": run.k if run.variant != "teacher" else None,
+        "network": train.network_kind(meta),
         "guidance": config.guidance,
         "clip": config.clip,
         "gamma": config.gamma,
@@ -787,7 +788,8 @@ def _report(
     if metrics["label_accuracy"] is not None:
         parts.append(f"label accuracy {metrics['label_accuracy']:.4f}")
     tqdm.write(
-        f"{', '.join(parts)}; sampling {timings['sampling']:.1f} s, total {timings['total']:.1f} s "
+        f"{', '.join(parts)}; sampled the {results['network']}, {timings['sampling']:.1f} s, "
+        f"total {timings['total']:.1f} s "
         f"-> {plan.out / plan.stem}.json"
     )
     return record

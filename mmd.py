@@ -335,7 +335,8 @@ class DistillConfig:
     objective: `symmetric` `G_1^T Lambda G_2` (§6 [D], default) or `one_sided`, Algorithm 3 as
     printed (eq. 8); `time_sampling` draws (s, t): `paper` (§4) or `grid` ([C], `time_pair`);
     `ema_decay` keeps a moving average of the generator's parameters ([C], `update_average`; the
-    paper uses none, at batch 2048).
+    paper uses none, at batch 2048) in a state made by `init_train_state(ema=True)`; a state
+    without one keeps none.
     """
 
     num_steps: int = 8
@@ -923,8 +924,8 @@ def init_train_state(
 
 def ema_decay(step: Int[Array, ""], *, decay: float) -> Float[Array, ""]:
     """Decay of a parameter average at update `step` (0-based): `min(decay, (1 + t) / (10 + t))`, so
-    a short run averages over its recent past (about its last 10% of updates while the cap is not
-    reached) rather than its initialisation ([C], TensorFlow's
+    a short run averages over its recent past (about its last `(10 + t) / 9` updates while the cap
+    is not reached) rather than its initialisation ([C], TensorFlow's
     `ExponentialMovingAverage(num_updates=t)`)."""
     t = step.astype(jnp.float32)
     return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))

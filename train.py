@@ -217,8 +217,9 @@ class Config:
     b1: float = _field(0.0, "Adam's beta1 of generator and auxiliary (the paper's: 0)")
     student_ema: float = _field(
         0.0,
-        "decay of a moving average of the generator's parameters, warmed up as --teacher-ema; "
-        "sample grids and evaluation use it (0: none, the paper's)",
+        "decay of a moving average of the generator's parameters, min(DECAY, (1+t)/(10+t)) at "
+        "generator update t (so about the last 1/9 of the updates until DECAY is reached); "
+        "sample grids, eval.py and exports use it (0: none, the paper's)",
     )
     warmup: int = _field(
         1000,
@@ -1166,8 +1167,8 @@ def write_comparison(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
     )
     path = run.workdir / "samples" / "teacher_vs_student.png"
     if jax.process_index() == 0:
-        k = run.config.k
-        after = f"{run.config.variant} student, {k} steps, after {step} training steps"
+        name, k = _sampler_name(run.config, "student")
+        after = f"{name}, {k} steps, after {step} training steps"
         panels = [(f"teacher, {k} steps (before distillation)", teacher), (after, student)]
         save_titled_grids(
             panels,
@@ -1250,7 +1251,9 @@ def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
         f"teacher, {config.teacher_k} steps": sample_points(
             run, run.frozen.teacher, num_steps=config.teacher_k
         ),
-        f"{config.variant} student, {k} steps": sample_points(run, params, num_steps=k),
+        f"{_sampler_name(config, 'student')[0]}, {k} steps": sample_points(
+            run, params, num_steps=k
+        ),
     }
     distances = {name: energy_distance(x, reference) for name, x in panels.items()}
     scale = energy_distance(gaussian, reference)
@@ -1492,8 +1495,19 @@ def _duration(seconds: float) -> str:
 
 
 def _network(state: mmd.TrainState) -> PyTree:
-    """The parameters to sample: the teacher's parameter average when it keeps one."""
+    """The parameters to sample: the trained model's parameter average (teacher's, or with
+    `--student-ema` the generator's) when the run keeps one."""
     return state.params if state.ema is None else state.ema
+
+
+def start_line(run: Run, *, start: int, averaged: bool) -> str:
+    """The line that opens a run: steps, devices, batch, work directory, and what samples use."""
+    config, n = run.config, len(run.devices)
+    average = f" Samples use the parameter average (decay {_ema_decay(config)})." * averaged
+    return (
+        f"{config.variant}: steps {start}..{config.steps} on {n} device{'s' if n > 1 else ''}, "
+        f"batch {config.batch_size}, in {run.workdir} (the first step compiles).{average}"
+    )
 
 
 def train(config: Config) -> pathlib.Path:
@@ -1509,11 +1523,7 @@ def train(config: Config) -> pathlib.Path:
     if jax.process_index() == 0:
         _truncate_metrics(log.path, start)
         _remove_temporary_files(run.workdir)
-    _print(
-        f"{config.variant}: steps {start}..{config.steps} on {len(run.devices)} "
-        f"device{'s' if len(run.devices) > 1 else ''}, batch "
-        f"{config.batch_size}, in {run.workdir} (the first step compiles)."
-    )
+    _print(start_line(run, start=start, averaged=state.ema is not None))
     grids = not is_points(config)  # points get one scatter figure at the end instead
     grid_title = "teacher" if config.variant == "teacher" else "student"
     if grids and start == 0 and config.variant != "teacher":  # the teacher with the student's k
@@ -1542,7 +1552,7 @@ def train(config: Config) -> pathlib.Path:
             if stopping:
                 break
     if config.variant != "teacher" and step > start:
-        (write_comparison if grids else write_points_figure)(run, state.params, step=step)
+        (write_comparison if grids else write_points_figure)(run, _network(state), step=step)
     if stopping:
         raise Interrupted(step, last_good)
     if start == config.steps:
@@ -1758,7 +1768,7 @@ def load_checkpoint(
     path: str | os.PathLike,
 ) -> tuple[uvit.Denoiser | uvit.MLPDenoiser, Config, dict]:
     """`(model, config, meta)` from any checkpoint of train.py: the trained network (teacher or
-    student) as a `uvit.Denoiser` (a teacher's parameter average when it has one), the run's
+    student) as a `uvit.Denoiser` (its parameter average when the run kept one), the run's
     configuration, and the metadata (step, ...)."""
     meta = read_meta(path)
     config = _saved_config(path, meta)
@@ -1766,9 +1776,15 @@ def load_checkpoint(
     return eqx.combine(load_group(path, _network_group(meta), params_like), static), config, meta
 
 
+def network_kind(meta: dict) -> str:
+    """What `load_checkpoint` returns for a checkpoint with this metadata: "parameter average" (kept
+    by its run, or exported from one) or "parameters"."""
+    return "parameter average" if "ema" in meta["groups"] or meta.get("ema") else "parameters"
+
+
 def _network_group(meta: dict) -> str:
-    """The checkpoint group holding the network to use: a teacher's parameter average when it kept
-    one."""
+    """The checkpoint group holding the network to use: the parameter average (a teacher's, or a
+    student's with `--student-ema`) when the run kept one."""
     return "ema" if "ema" in meta["groups"] else "params"
 
 
@@ -2042,9 +2058,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         steps = " (--steps cannot be extended: the learning rate decays to 0 at the saved --steps)"
         raise ValueError(
             f"--resume continues the run in {config.workdir} with its saved configuration, but "
-            "these options "
-            f"differ from it: {', '.join(explicitly)}. Drop them, or start a new run in another "
-            f"--workdir{steps if 'steps' in explicitly else ''}."
+            f"these options differ from it: {', '.join(map(_flag, explicitly))}. Drop them, or "
+            f"start a new run in another --workdir{steps if 'steps' in explicitly else ''}."
         )
     check_variant_options(resumed)
     return resumed
@@ -2065,6 +2080,9 @@ def ensure_teacher(config: Config) -> pathlib.Path:
             steps=None,
             batch_size=None,
             workdir=str(pathlib.Path(config.workdir) / "teacher"),
+            # distillation-only options, refused for a teacher run (check_variant_options)
+            aux_steps=1,
+            student_ema=0.0,
         )
     )
     _print(

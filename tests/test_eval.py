@@ -362,7 +362,9 @@ def test_cli_samples_a_teacher_with_its_settings(tiny_run, tmp_path):
 
 def test_cli_samples_depend_on_the_seed_only(tiny_run, tmp_path):
     teacher, _, _ = tiny_run
-    first = _grid(_eval(teacher, tmp_path / "a", "--no-fid"))
+    record = _eval(teacher, tmp_path / "a", "--no-fid")
+    assert record["network"] == "parameter average"  # the teacher run's average, exported
+    first = _grid(record)
     np.testing.assert_array_equal(_grid(_eval(teacher, tmp_path / "b", "--no-fid")), first)
     np.testing.assert_array_equal(
         _grid(_eval(teacher, tmp_path / "c", "--no-fid", "--batch-size", "16")), first
@@ -376,6 +378,7 @@ def test_cli_student_defaults_to_its_trained_steps(tiny_run, tmp_path, capsys):
     _, student, _ = tiny_run
     record = _eval(student, tmp_path, "--no-fid")
     assert record["variant"] == "instant" and record["steps"] == 3 and record["trained_k"] == 3
+    assert record["network"] == "parameters"  # the run kept no average (--student-ema 0)
     assert record["step"] == 7 and "never saw" not in capsys.readouterr().out
     assert _eval(student, tmp_path, "--no-fid", "--k", "2")["steps"] == 2
     assert "trained for k=3 steps" in capsys.readouterr().out

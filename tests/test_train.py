@@ -351,7 +351,7 @@ def test_run_errors(npz, teacher, tmp_path):
         train.main(args(npz, tmp_path, "alternating", "--teacher", str(tmp_path / "missing.eqx")))
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
         train.main(args(npz, teacher, "teacher"))
-    with pytest.raises(ValueError, match="differ from it: lr"):
+    with pytest.raises(ValueError, match="differ from it: --lr"):
         train.main(args(npz, teacher, "teacher", "--resume", "--lr", "0.5"))
     with pytest.raises(ValueError, match="steps.*cannot be extended"):
         train.main(args(npz, teacher, "teacher", "--resume", "--steps", "99"))
@@ -451,6 +451,27 @@ def test_student_ema_averages_the_generator_and_is_what_is_loaded(npz, teacher, 
         train.parse_config(["--preset", "tiny", "--variant", "teacher", "--student-ema", "0.5"])
     with pytest.raises(ValueError, match=r"--student-ema must be in \[0, 1\)"):
         train.parse_config(["--preset", "tiny", "--student-ema", "1"])
+
+
+def test_auto_trained_teacher_drops_the_distillation_only_options(tmp_path, monkeypatch):
+    """`--teacher auto` without a cached teacher trains one from the distillation command's
+    settings, less the options a teacher run refuses (`--aux-steps`, `--student-ema`)."""
+
+    class Started(Exception):
+        pass
+
+    def fake_train(config):
+        train.check_variant_options(config)
+        raise Started(config)
+
+    monkeypatch.setattr(train, "CHECKPOINT_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(train, "train", fake_train)
+    distill = ["--variant", "alternating", "--aux-steps", "2", "--student-ema", "0.5"]
+    config = train.parse_config(["--preset", "tiny", *distill, "--workdir", str(tmp_path / "run")])
+    with pytest.raises(Started) as started:
+        train.ensure_teacher(config)
+    teacher = started.value.args[0]
+    assert (teacher.variant, teacher.aux_steps, teacher.student_ema) == ("teacher", 1, 0.0)
 
 
 def test_aux_steps_cycles_the_rates_and_reaches_the_programs(npz, teacher, tmp_path, monkeypatch):
