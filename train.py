@@ -95,7 +95,7 @@ so that a short run is not mostly warm-up; config.json records the value used. W
 times, then the generator; each schedule spans its own updates. The peak rates (not given in the
 paper) are our choice: 1e-4 for generator and auxiliary on MNIST. The paper keeps no moving average
 of the student; `--student-ema DECAY` keeps one (warmed up as the teacher's, counting generator
-updates) and samples, evaluates and exports it instead of the raw generator.
+updates) and samples and evaluates it instead of the raw generator.
 """
 
 import argparse
@@ -219,7 +219,7 @@ class Config:
         0.0,
         "decay of a moving average of the generator's parameters, min(DECAY, (1+t)/(10+t)) at "
         "generator update t (so about the last 1/9 of the updates until DECAY is reached); "
-        "sample grids, eval.py and exports use it (0: none, the paper's)",
+        "sample grids and eval.py use it (0: none, the paper's)",
     )
     warmup: int = _field(
         1000,
