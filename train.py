@@ -1500,10 +1500,10 @@ def _network(state: mmd.TrainState) -> PyTree:
     return state.params if state.ema is None else state.ema
 
 
-def start_line(run: Run, *, start: int, averaged: bool) -> str:
+def start_line(run: Run, *, start: int) -> str:
     """The line that opens a run: steps, devices, batch, work directory, and what samples use."""
-    config, n = run.config, len(run.devices)
-    average = f" Samples use the parameter average (decay {_ema_decay(config)})." * averaged
+    config, n, decay = run.config, len(run.devices), _ema_decay(run.config)
+    average = f" Samples use the parameter average (decay {decay})." if decay > 0 else ""
     return (
         f"{config.variant}: steps {start}..{config.steps} on {n} device{'s' if n > 1 else ''}, "
         f"batch {config.batch_size}, in {run.workdir} (the first step compiles).{average}"
@@ -1523,7 +1523,7 @@ def train(config: Config) -> pathlib.Path:
     if jax.process_index() == 0:
         _truncate_metrics(log.path, start)
         _remove_temporary_files(run.workdir)
-    _print(start_line(run, start=start, averaged=state.ema is not None))
+    _print(start_line(run, start=start))
     grids = not is_points(config)  # points get one scatter figure at the end instead
     grid_title = "teacher" if config.variant == "teacher" else "student"
     if grids and start == 0 and config.variant != "teacher":  # the teacher with the student's k
