@@ -30,6 +30,7 @@ JSON.
 
     python bench.py quality [--budget small|full] [--out runs/quality-small] [--jobs N]
                             [--no-fid] [--lr LR] [--time-limit MIN] [--rows NAME ...]
+                            [--checkpoint last|best] [--select-samples 2000]
         The paper's claims on MNIST (issue 12's targets): distils students from the shipped teacher
         (checkpoints/mnist_teacher.eqx) and scores teacher and students with eval.py's protocol
         (FID, precision, recall, fd_mnist, label accuracy; `--no-fid`: the MNIST metrics only,
@@ -46,7 +47,11 @@ JSON.
         them). Writes quality.md (verdicts: holds / fails / missing, and the table), quality.json
         (the rows, schema QUALITY_SCHEMA; for docs/results/quality.json), fid_vs_steps.png (or
         fd_mnist_vs_steps.png), samples.png (the best teacher's and the best student's grid at each
-        k, same labels) and instant_loss.png. `--preset tiny --num-samples 24 --reference-count 200
+        k, same labels) and instant_loss.png. `--checkpoint best` adds a row per student at its
+        best kept checkpoint (the paper reports its best): every checkpoint scored on
+        --select-samples samples of sampling seed --seed + 1, the lowest scored again like every
+        row, so the reported number is not a minimum over noisy values; verdicts are given at the
+        last and at the best checkpoints. `--preset tiny --num-samples 24 --reference-count 200
         --distill-steps 10` is a few-minute dry run of the whole pipeline on a CPU. On a 2-core CPU
         a 1,000-sample row of the 512-step teacher takes about 40 minutes (sampling) and Inception
         8-20 images/s; on one H200 shared by 6-8 workers a full-budget row took 1-6.5 minutes
@@ -72,6 +77,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -632,7 +638,8 @@ fewer steps (the paper's 1-step FID is about 2.4x its best 8-step one)."""
 class Row:
     """One line of the quality table: the teacher sampled with `steps` steps, `guidance` and
     `gamma`, or a student of `variant` distilled for k = `steps` with `weighting` and
-    `time_sampling` (train.py's `--time-sampling`)."""
+    `time_sampling` (train.py's `--time-sampling`), scored at its last checkpoint or (`checkpoint`
+    "best", `select_checkpoint`) at the one a held-out selection prefers."""
 
     variant: str
     steps: int
@@ -640,6 +647,7 @@ class Row:
     gamma: float = 0.0
     weighting: str | None = None
     time_sampling: str = "paper"
+    checkpoint: str = "last"
 
     @property
     def name(self) -> str:
@@ -647,7 +655,23 @@ class Row:
             noise = f"-gamma{self.gamma:g}" if self.gamma else ""
             return f"teacher-{self.steps}-w{self.guidance:g}{noise}"
         grid = "" if self.time_sampling == "paper" else f"-{self.time_sampling}"
-        return f"{self.variant}-k{self.steps}-{self.weighting}{grid}"
+        best = "-best" if self.checkpoint == "best" else ""
+        return f"{self.variant}-k{self.steps}-{self.weighting}{grid}{best}"
+
+    @property
+    def last(self) -> "Row":
+        """The row of the same student scored at its last checkpoint (a teacher row: itself)."""
+        return dataclasses.replace(self, checkpoint="last")
+
+
+def with_best(rows: Sequence[Row]) -> list[Row]:
+    """`rows` with each student followed by its best-checkpoint row (`checkpoint="best"`)."""
+    out = []
+    for row in rows:
+        out.append(row)
+        if row.variant != "teacher":
+            out.append(dataclasses.replace(row, checkpoint="best"))
+    return out
 
 
 def quality_rows(budget: str) -> list[Row]:
@@ -686,6 +710,12 @@ def run_name(row: Row, config: "QualityBench") -> str:
     return row.name if row.variant == "teacher" else f"{row.name}-{student_tag(config)}"
 
 
+def student_workdir(row: Row, config: "QualityBench") -> pathlib.Path:
+    """The training folder of `row`'s student, `out/students/<name>-<tag>` (shared by its last-
+    and best-checkpoint rows)."""
+    return pathlib.Path(config.out) / "students" / run_name(row.last, config)
+
+
 def train_student(
     row: Row, *, config: "QualityBench", teacher: pathlib.Path
 ) -> tuple[pathlib.Path, float]:
@@ -695,7 +725,7 @@ def train_student(
     10% of the steps), so `bench.py length --workdirs OUT/students/*` gives each one's best and
     last."""
     steps = config.distill_steps
-    workdir = pathlib.Path(config.out) / "students" / run_name(row, config)
+    workdir = student_workdir(row, config)
     final = workdir / "checkpoints" / f"ckpt_{steps:08d}.eqx"
     if not final.exists():
         settings = dataclasses.replace(
@@ -746,12 +776,57 @@ def evaluate_row(row: Row, checkpoint: pathlib.Path, *, config: "QualityBench") 
     )
 
 
+def select_checkpoint(row: Row, *, config: "QualityBench") -> tuple[pathlib.Path, dict]:
+    """The kept checkpoint of `row`'s student with the lowest score (FID, or fd_mnist with
+    --no-fid) on `config.select_samples` samples of sampling seed `config.seed + 1`, and the
+    selection's record (metric, samples, seed, chosen step, every checkpoint's score). The seed is
+    held out from the table's, so the chosen checkpoint's reported score is not the minimum of
+    noisy values; the paper reports its best checkpoint at fixed seeds."""
+    metric = "fid" if config.fid else "fd_mnist"
+    workdir, seed = student_workdir(row, config), config.seed + 1
+    scores = checkpoint_scores(
+        workdir,
+        num_samples=config.select_samples,
+        seed=seed,
+        fid=config.fid,
+        batch_size=config.eval_batch_size,
+        reference_count=config.reference_count,
+    )
+    best = min(scores, key=lambda r: r[metric])
+    selection = {
+        "metric": metric,
+        "num_samples": config.select_samples,
+        "seed": seed,
+        "step": best["step"],
+        "scores": {str(r["step"]): r[metric] for r in scores},
+    }
+    return workdir / "checkpoints" / f"ckpt_{best['step']:08d}.eqx", selection
+
+
+def score_row(row: Row, final: pathlib.Path, *, config: "QualityBench") -> dict:
+    """`evaluate_row`'s record of `row` at `final` (the teacher, or the student's last
+    checkpoint), or for a best-checkpoint row at `select_checkpoint`'s choice, with the selection
+    recorded (the last row's record when the choice is `final` and that row is cached: the same
+    checkpoint, seed and samples)."""
+    if row.checkpoint != "best":
+        return evaluate_row(row, final, config=config)
+    chosen, selection = select_checkpoint(row, config=config)
+    last = row_path(row.last, config)
+    if chosen.name == final.name and last.exists():
+        record = json.loads(last.read_text())
+    else:
+        record = evaluate_row(row, chosen, config=config)
+    return {**record, "selection": selection}
+
+
 def row_path(row: Row, config: "QualityBench") -> pathlib.Path:
     """Where a finished row is cached: its name, the student settings, sample count, seed, metric
-    set and reference count (rows measured differently never mix)."""
+    set, reference count and, for a best-checkpoint row, the selection's sample count (rows
+    measured differently never mix)."""
     ref = "" if config.reference_count is None else f"_ref{config.reference_count}"
     fid = "" if config.fid else "_nofid"
-    stem = f"{run_name(row, config)}_n{config.num_samples}_seed{config.seed}{fid}{ref}"
+    select = f"_select{config.select_samples}" if row.checkpoint == "best" else ""
+    stem = f"{run_name(row, config)}_n{config.num_samples}_seed{config.seed}{fid}{ref}{select}"
     return pathlib.Path(config.out) / "rows" / f"{stem}.json"
 
 
@@ -794,6 +869,8 @@ def quality_table(results: dict[Row, dict]) -> str:
     for row, q in zip(_ordered(results), quality_json_rows(results)):
         r = results[row]
         distill = "—" if q["distill_steps"] is None else f"{q['distill_steps']} @ {q['batch_size']}"
+        if q["checkpoint"] == "best":
+            distill = f"best {q['checkpoint_step']} of {distill}"
         cells = [
             q["sampler"],
             str(q["k"]),
@@ -825,6 +902,8 @@ QUALITY_SCHEMA = {
     "lr": (float, type(None)),
     "distill_steps": (int, type(None)),
     "batch_size": (int, type(None)),
+    "checkpoint": (str, type(None)),
+    "checkpoint_step": (int, type(None)),
     "fid": (float, type(None)),
     "precision": (float, type(None)),
     "recall": (float, type(None)),
@@ -835,7 +914,9 @@ QUALITY_SCHEMA = {
     "inception_protocol": str,
 }
 """The fields of a docs/results/quality.json row and their types (None: not measured, e.g.
-`--no-fid`, or not applicable); a row has FID or fd_mnist."""
+`--no-fid`, or not applicable); a row has FID or fd_mnist. A student row's `checkpoint` is
+"last" or "best" (`select_checkpoint`) and `checkpoint_step` the distillation step it was
+saved at, of `distill_steps`."""
 
 
 SCORES = ("fid", "precision", "recall", "fd_mnist", "label_accuracy")
@@ -860,6 +941,8 @@ def quality_json_rows(results: dict[Row, dict]) -> list[dict]:
                     "lr": float(r["config"]["lr"]) if student else None,
                     "distill_steps": r["distill_steps"] if student else None,
                     "batch_size": r["distill_batch_size"] if student else None,
+                    "checkpoint": row.checkpoint if student else None,
+                    "checkpoint_step": r["step"] if student else None,
                     **{name: r.get(name) for name in SCORES},
                     "num_samples": r["num_samples"],
                     "device": r["machine"]["devices"],
@@ -871,8 +954,8 @@ def quality_json_rows(results: dict[Row, dict]) -> list[dict]:
 
 
 def validate_quality_row(row: dict) -> dict:
-    """`row` itself if it has exactly QUALITY_SCHEMA's fields with their types, a known sampler,
-    k >= 1 and a score (FID or fd_mnist); ValueError otherwise."""
+    """`row` itself if it has exactly QUALITY_SCHEMA's fields with their types, a known sampler
+    and checkpoint, k >= 1 and a score (FID or fd_mnist); ValueError otherwise."""
     if set(row) != set(QUALITY_SCHEMA):
         raise ValueError(
             "quality row fields differ from the schema: missing "
@@ -884,10 +967,11 @@ def validate_quality_row(row: dict) -> dict:
         for name, kind in QUALITY_SCHEMA.items()
         if not isinstance(row[name], kind) or isinstance(row[name], bool)
     ]
-    if wrong or row["sampler"] not in ("teacher", "alternating", "instant") or row["k"] < 1:
-        raise ValueError(
-            f"quality row has wrong types or values in {wrong or ['sampler/k']}: {row}"
-        )
+    if wrong:
+        raise ValueError(f"quality row has wrong types in {wrong}: {row}")
+    known = row["sampler"] in ("teacher", "alternating", "instant") and row["k"] >= 1
+    if not known or row["checkpoint"] not in (None, "last", "best"):
+        raise ValueError(f"quality row has an unknown sampler or checkpoint, or k < 1: {row}")
     if row["fid"] is None and row["fd_mnist"] is None:
         raise ValueError(f"quality row has neither fid nor fd_mnist: {row}")
     return row
@@ -914,16 +998,29 @@ def best_teacher(results: dict[Row, dict], metric: str) -> tuple[Row, float] | N
 
 
 def best_student(
-    results: dict[Row, dict], metric: str, *, k: int, variants: Sequence[str]
+    results: dict[Row, dict],
+    metric: str,
+    *,
+    k: int,
+    variants: Sequence[str],
+    checkpoints: Sequence[str] = ("last", "best"),
 ) -> tuple[Row, float] | None:
-    """The student row of `variants` at `k` with the lowest `metric` (over weightings)."""
-    return _lowest(results, metric, lambda row: row.variant in variants and row.steps == k)
+    """The student row of `variants` at `k` scored at one of `checkpoints` ("last", "best") with
+    the lowest `metric` (over weightings)."""
+    return _lowest(
+        results,
+        metric,
+        lambda row: row.variant in variants and row.steps == k and row.checkpoint in checkpoints,
+    )
 
 
-def verdicts(results: dict[Row, dict], *, metric: str = "fid") -> list[dict[str, str]]:
-    """Issue 12's targets checked on the finished rows: one `{claim, status, detail}` per CLAIMS
-    entry and one for "alternating <= instant at k = 4"; status is holds, fails or missing (a row
-    it needs has not finished). Lower `metric` is better."""
+def verdicts(
+    results: dict[Row, dict], *, metric: str = "fid", checkpoint: str = "last"
+) -> list[dict[str, str]]:
+    """Issue 12's targets checked on the finished rows, the students scored at their `checkpoint`
+    ("last" or "best"): one `{claim, status, detail}` per CLAIMS entry and one for "alternating <=
+    instant at k = 4"; status is holds, fails or missing (a row it needs has not finished). Lower
+    `metric` is better."""
     teacher = best_teacher(results, metric)
     tuned = sum((r.steps, r.guidance, r.gamma) in set(TEACHER_TUNED) for r in results)
     lines = []
@@ -931,7 +1028,7 @@ def verdicts(results: dict[Row, dict], *, metric: str = "fid") -> list[dict[str,
         who = variant or "the better variant"
         claim = f"{who}, k = {k}: {metric} <= {factor:g} x the teacher's best"
         pool = (variant,) if variant else ("alternating", "instant")
-        student = best_student(results, metric, k=k, variants=pool)
+        student = best_student(results, metric, k=k, variants=pool, checkpoints=(checkpoint,))
         if teacher is None or student is None:
             missing = "no 128/512-step teacher row" if teacher is None else f"no k = {k} student"
             lines.append({"claim": claim, "status": "missing", "detail": missing})
@@ -946,7 +1043,10 @@ def verdicts(results: dict[Row, dict], *, metric: str = "fid") -> list[dict[str,
                 f"teacher row{'s' * (tuned != 1)})",
             }
         )
-    pair = [best_student(results, metric, k=4, variants=(v,)) for v in ("alternating", "instant")]
+    pair = [
+        best_student(results, metric, k=4, variants=(v,), checkpoints=(checkpoint,))
+        for v in ("alternating", "instant")
+    ]
     claim = f"k = 4: alternating's {metric} <= instant's"
     if None in pair:
         lines.append({"claim": claim, "status": "missing", "detail": "a k = 4 student is missing"})
@@ -974,7 +1074,7 @@ def against_undistilled(results: dict[Row, dict], *, metric: str = "fid") -> lis
 
 def plot_quality(results: dict[Row, dict], path: pathlib.Path, *, metric: str = "fid") -> None:
     """`metric` against sampling steps (log scales): the teacher's curve (guidance 0, gamma 0), its
-    tuned best as a dashed line, a marker per student."""
+    tuned best as a dashed line, a marker per student row (open: best checkpoint)."""
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
     points = sorted(
@@ -989,11 +1089,12 @@ def plot_quality(results: dict[Row, dict], path: pathlib.Path, *, metric: str = 
         ax.axhline(best[1], color="0.5", ls="--", lw=1, label=f"teacher's best ({best[0].name})")
     markers = {"edm": "^", "flat": "v", "dmd": "D"}
     for variant, color in (("alternating", "C0"), ("instant", "C3")):
-        for weighting, marker in markers.items():
+        for (weighting, marker), checkpoint in itertools.product(markers.items(), ("last", "best")):
             points = sorted(
                 (row.steps, r[metric])
                 for row, r in results.items()
-                if (row.variant, row.weighting) == (variant, weighting) and r.get(metric)
+                if (row.variant, row.weighting, row.checkpoint) == (variant, weighting, checkpoint)
+                and r.get(metric)
             )
             if points:
                 ax.plot(
@@ -1002,7 +1103,9 @@ def plot_quality(results: dict[Row, dict], path: pathlib.Path, *, metric: str = 
                     color=color,
                     ms=8,
                     ls=":",
-                    label=f"{variant}, {weighting}",
+                    mfc=color if checkpoint == "last" else "none",  # best checkpoint: open
+                    label=f"{variant}, {weighting}"
+                    + (", best checkpoint" * (checkpoint == "best")),
                 )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -1052,6 +1155,30 @@ def plot_samples(panels: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path)
     )
 
 
+def verdict_lines(results: dict[Row, dict], *, metric: str, config: "QualityBench") -> list[str]:
+    """The report's verdicts (`verdicts`) as Markdown list items; with `config.checkpoint` "best",
+    a paragraph on the selection, then the verdicts at the last and at the best checkpoints."""
+    checkpoints = ("last", "best") if config.checkpoint == "best" else ("last",)
+    lines = []
+    if config.checkpoint == "best":
+        lines += [
+            "Each student has two rows: its last checkpoint and (`-best`) the kept checkpoint with "
+            f"the lowest {metric} on {config.select_samples} samples of sampling seed "
+            f"{config.seed + 1}, scored like every row on seed {config.seed} (the paper reports "
+            "its best checkpoint).",
+            "",
+        ]
+    for checkpoint in checkpoints:
+        if len(checkpoints) > 1:
+            lines += [f"Students at their {checkpoint} checkpoint:", ""]
+        lines += [
+            f"- **{v['status']}**: {v['claim']}: {v['detail']}"
+            for v in verdicts(results, metric=metric, checkpoint=checkpoint)
+        ]
+        lines += [""] * (len(checkpoints) > 1 and checkpoint == "last")
+    return lines
+
+
 def write_report(rows: Sequence[Row], config: "QualityBench", header: dict) -> str:
     """quality.md (verdicts and table of the finished rows), quality.json, the figure of the score
     against sampling steps, the best rows' sample grids and the 8-step instant student's loss
@@ -1062,10 +1189,7 @@ def write_report(rows: Sequence[Row], config: "QualityBench", header: dict) -> s
     missing = [row.name for row in rows if row not in results]
     lines = [f"# MNIST quality ({header['budget']} budget, {config.num_samples} samples per row)"]
     lines += ["", f"Students: {student_tag(config)} (lr, distillation steps x batch, seed).", ""]
-    lines += [
-        f"- **{v['status']}**: {v['claim']}: {v['detail']}"
-        for v in verdicts(results, metric=metric)
-    ]
+    lines += verdict_lines(results, metric=metric, config=config)
     lines += ["", *(f"- {line}" for line in against_undistilled(results, metric=metric))]
     lines += ["", quality_table(results), ""]
     lines += [f"Not finished yet: {', '.join(missing)}." if missing else "All rows finished.", ""]
@@ -1130,31 +1254,35 @@ def run_rows(
     deadline: float | None,
     claim: bool,
 ) -> None:
-    """Train (students) and evaluate every unfinished row in order, caching each result; stop
-    starting rows after `deadline` (time.time()); with `claim`, skip rows another worker took."""
+    """Train (students) and evaluate every unfinished row in order (with `config.checkpoint`
+    "best", each student's best-checkpoint row after its last one), caching each result; stop
+    starting rows after `deadline` (time.time()); with `claim`, skip rows another worker took (one
+    claim per student: one process trains it)."""
     for row in rows:
-        path = row_path(row, config)
-        if path.exists():
+        both = with_best([row]) if config.checkpoint == "best" else [row]
+        todo = [r for r in both if not row_path(r, config).exists()]
+        if not todo:
             continue
         if deadline is not None and time.time() > deadline:
             print("--time-limit reached: rerun the same command to continue.", flush=True)
             return
-        if claim and not _claim(path):
+        if claim and not _claim(row_path(row, config)):
             continue
         print(f"== {row.name} ({config.num_samples} samples)", flush=True)
         checkpoint, train_s = teacher, None
-        if row.variant != "teacher":
-            checkpoint, train_s = train_student(row, config=config, teacher=teacher)
-        record = evaluate_row(row, checkpoint, config=config)
         student = row.variant != "teacher"
-        record.update(
-            row=dataclasses.asdict(row),
-            train_seconds=train_s,
-            machine=header,
-            distill_steps=config.distill_steps if student else None,
-            distill_batch_size=config.distill_batch_size if student else None,
-        )
-        write_json(str(path), record, make_folder=True)
+        if student:
+            checkpoint, train_s = train_student(row, config=config, teacher=teacher)
+        for r in todo:
+            record = score_row(r, checkpoint, config=config)
+            record.update(
+                row=dataclasses.asdict(r),
+                train_seconds=train_s,
+                machine=header,
+                distill_steps=config.distill_steps if student else None,
+                distill_batch_size=config.distill_batch_size if student else None,
+            )
+            write_json(str(row_path(r, config)), record, make_folder=True)
 
 
 def worker_environment(jobs: int, *, cpu_count: int | None = None) -> dict[str, str]:
@@ -1253,6 +1381,8 @@ def bench_quality(config: "QualityBench") -> str:
     }
     todo = [by_name[name] for name in config.rows] or rows
     work = dict(config=config, teacher=teacher, header=header, deadline=deadline)
+    if config.checkpoint == "best":  # reported after their last-checkpoint rows
+        rows = with_best(rows)
     if config.worker:
         run_rows(todo, claim=True, **work)
         return ""
@@ -1296,10 +1426,12 @@ def checkpoint_scores(
     fid: bool,
     batch_size: int,
     steps: Sequence[int] = (),
+    reference_count: int | None = None,
 ) -> list[dict]:
     """eval.py's record of every checkpoint (or those at `steps`) of a distillation run, by step:
     read from `workdir/eval` when that evaluation exists, else computed (fixed sampling seed, so
-    the curve compares checkpoints on the same noise and labels)."""
+    the curve compares checkpoints on the same noise and labels; scored against the first
+    `reference_count` test images, none: all)."""
     records = []
     for checkpoint in _checkpoints_by_step(workdir, steps).values():
         config = evaluation.EvalConfig(
@@ -1310,6 +1442,7 @@ def checkpoint_scores(
             fid=fid,
             batch_size=batch_size,
             out=str(workdir / "eval"),
+            reference_count=reference_count,
         )
         done = workdir / "eval" / f"{evaluation.result_stem(config, config.num_steps)}.json"
         record = json.loads(done.read_text()) if done.exists() else None
@@ -1595,6 +1728,16 @@ class QualityBench(_Counts):
     worker: bool = _field(False, "internal: run as one of --jobs' processes")
     time_limit: float | None = _field(
         None, "start no new row after this many minutes (a rerun continues)"
+    )
+    checkpoint: str = _field(
+        "last",
+        "last: score each student's last checkpoint; best: also its best kept checkpoint (ten per "
+        "run, --select-samples samples each, chosen on sampling seed --seed + 1; the paper reports "
+        "its best checkpoint), as a second row named <row>-best",
+        choices=("last", "best"),
+    )
+    select_samples: int = _field(
+        2000, "samples per checkpoint of --checkpoint best's selection (FID, or fd_mnist)"
     )
     seed: int = _field(0, "seed of training, sampling and the sample labels")
 

@@ -26,8 +26,10 @@
 # with OUT set (the device machine's output folder) the report, quality.json and figures are copied
 # there, with one results.tar.gz of the rest (row records, logs, evaluations, students' configs,
 # metrics and sample grids; no checkpoints): at most 8 files come back. Each student keeps all ten
-# checkpoints: `python bench.py length --workdirs $DEST/students/*` afterwards scores them (best and
-# last checkpoint; the quality table scores the last).
+# checkpoints; `--checkpoint best` (an extra option) adds each student's best-checkpoint row: its ten
+# checkpoints scored on --select-samples (2,000) samples of seed 1, the best scored again like every
+# row (not yet timed on a GPU). Checkpoints do not come back, so a student finished on an earlier
+# device is trained again for its best row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}

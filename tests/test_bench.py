@@ -62,6 +62,7 @@ def record(fid, n=100, fd=2.5):
         "train_seconds": None,
         "distill_steps": 10,
         "distill_batch_size": 8,
+        "step": 10,  # eval.py's: the checkpoint's training step
         "machine": {"devices": "cpu x1", "cpu_count": 2, "jax_version": "0"},
         "feature_protocol": "p",
         "gamma": 0.0,
@@ -256,6 +257,82 @@ def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     ]
 
 
+def test_best_checkpoint_rows_select_on_a_held_out_seed_and_report_both(fakes, monkeypatch):
+    """--checkpoint best scores every kept checkpoint on seed + 1 (--select-samples samples, the
+    reference count passed on), scores the lowest again on the table's seed (or reuses the last
+    row's record when the last checkpoint wins), and reports verdicts at both checkpoints."""
+    calls, run, out = fakes
+    selection = {"instant": [9.0, 4.0, 6.0], "alternating": [9.0, 8.0, 7.0]}  # steps 4, 8, 10
+    final_fid = {"ckpt_00000008.eqx": 0.1, "ckpt_00000010.eqx": 8.0}
+
+    def train_student(row, *, config, teacher):
+        calls.append(("train", row.name))
+        checkpoints = bench.student_workdir(row, config) / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        for step in (4, 8, 10):
+            (checkpoints / f"ckpt_{step:08d}.eqx").touch()
+        return checkpoints / "ckpt_00000010.eqx", 12.0
+
+    def evaluate_row(row, checkpoint, *, config):
+        calls.append(("eval", row.name, checkpoint.name))
+        if row.variant == "teacher":
+            return record(100.0 / row.steps, config.num_samples)
+        return {**record(final_fid[checkpoint.name]), "step": int(checkpoint.stem.split("_")[1])}
+
+    def evaluate(eval_config):  # the selection's evaluations, through checkpoint_scores
+        path = pathlib.Path(eval_config.checkpoint)
+        step = int(path.stem.split("_")[1])
+        calls.append(("select", path.parents[1].name.split("-")[0], step, eval_config.seed))
+        assert (eval_config.num_samples, eval_config.reference_count) == (50, 20)
+        fid = selection[path.parents[1].name.split("-")[0]][(4, 8, 10).index(step)]
+        return {"step": step, "fid": fid}
+
+    monkeypatch.setattr(bench, "train_student", train_student)
+    monkeypatch.setattr(bench, "evaluate_row", evaluate_row)
+    monkeypatch.setattr(bench.evaluation, "evaluate", evaluate)
+    monkeypatch.setattr(bench.train, "read_meta", lambda path: {"step": 7, "config": {"k": 8}})
+    settings = dict(checkpoint="best", select_samples=50, reference_count=20)
+    report = run(rows=("instant-k8-edm", "alternating-k8-edm", "teacher-512-w0"), **settings)
+    assert calls == [
+        ("train", "instant-k8-edm"),
+        ("eval", "instant-k8-edm", "ckpt_00000010.eqx"),
+        *[("select", "instant", step, 1) for step in (4, 8, 10)],
+        ("eval", "instant-k8-edm-best", "ckpt_00000008.eqx"),
+        ("train", "alternating-k8-edm"),
+        ("eval", "alternating-k8-edm", "ckpt_00000010.eqx"),
+        *[("select", "alternating", step, 1) for step in (4, 8, 10)],  # the last wins: reused
+        ("eval", "teacher-512-w0", "teacher.eqx"),
+    ]
+    rows = {
+        (r["sampler"], r["checkpoint"]): r for r in json.loads((out / "quality.json").read_text())
+    }
+    assert rows["instant", "best"]["checkpoint_step"] == 8 and rows["instant", "best"]["fid"] == 0.1
+    assert (
+        rows["instant", "last"]["checkpoint_step"] == 10 and rows["instant", "last"]["fid"] == 8.0
+    )
+    assert rows["alternating", "best"]["checkpoint_step"] == 10
+    assert rows["alternating", "best"]["fid"] == rows["alternating", "last"]["fid"] == 8.0
+    saved = json.loads(next((out / "rows").glob("instant-k8-edm-best-*_select50.json")).read_text())
+    assert saved["selection"] == {
+        "metric": "fid",
+        "num_samples": 50,
+        "seed": 1,
+        "step": 8,
+        "scores": {"4": 9.0, "8": 4.0, "10": 6.0},
+    }
+    last, best = report.split("Students at their best checkpoint:")
+    assert "**fails**: instant, k = 8: fid <= 1 x the teacher's best: instant-k8-edm 8.00" in last
+    assert (
+        "**holds**: instant, k = 8: fid <= 1 x the teacher's best: instant-k8-edm-best 0.10" in best
+    )
+    assert "| instant | 8 | edm | 0 | 0 | 0.0001 | best 8 of 10 @ 8 | 0.10 |" in report
+    calls.clear()
+    run(rows=("instant-k8-edm", "alternating-k8-edm", "teacher-512-w0"), **settings)
+    assert calls == []  # every row cached
+    plain = run(rows=("instant-k8-edm",), time_limit=0.0)  # --checkpoint last: no best rows
+    assert "-best" not in plain and "Students at their" not in plain
+
+
 def test_quality_rejects_unknown_rows(fakes):
     _, run, _ = fakes
     with pytest.raises(ValueError, match="unknown --rows instant-k3-edm"):
@@ -331,6 +408,8 @@ def test_quality_json_rows_follow_the_schema(fakes):
         "lr": 1e-4,
         "distill_steps": 10,
         "batch_size": 8,
+        "checkpoint": "last",
+        "checkpoint_step": 10,
         "fid": 8.0,
         "precision": 0.5,
         "recall": 0.5,
@@ -344,6 +423,7 @@ def test_quality_json_rows_follow_the_schema(fakes):
         {**student, "fid": "8"},
         {**student, "fid": None, "fd_mnist": None},
         {**student, "sampler": "student"},
+        {**student, "checkpoint": "middle"},
         {**student, "k": True},
         {k: v for k, v in student.items() if k != "fd_mnist"},
         {**student, "extra": 1},
