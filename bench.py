@@ -79,6 +79,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -776,12 +777,17 @@ def evaluate_row(row: Row, checkpoint: pathlib.Path, *, config: "QualityBench") 
     )
 
 
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def select_checkpoint(row: Row, *, config: "QualityBench") -> tuple[pathlib.Path, dict]:
     """The kept checkpoint of `row`'s student with the lowest score (FID, or fd_mnist with
     --no-fid) on `config.select_samples` samples of sampling seed `config.seed + 1`, and the
-    selection's record (metric, samples, seed, chosen step, every checkpoint's score). The seed is
-    held out from the table's, so the chosen checkpoint's reported score is not the minimum of
-    noisy values; the paper reports its best checkpoint at fixed seeds."""
+    selection's record (metric, samples, seed, chosen step, every checkpoint's score). The
+    sampling seed is one the table does not report (the reference test images are the same), so
+    the chosen checkpoint's reported score is not the minimum of noisy values; the paper reports
+    its best checkpoint at fixed seeds."""
     metric = "fid" if config.fid else "fd_mnist"
     workdir, seed = student_workdir(row, config), config.seed + 1
     scores = checkpoint_scores(
@@ -792,13 +798,14 @@ def select_checkpoint(row: Row, *, config: "QualityBench") -> tuple[pathlib.Path
         batch_size=config.eval_batch_size,
         reference_count=config.reference_count,
     )
-    best = min(scores, key=lambda r: r[metric])
+    # a non-finite or missing score (a diverged checkpoint) is never the best
+    best = min(scores, key=lambda r: r[metric] if _finite(r.get(metric)) else math.inf)
     selection = {
         "metric": metric,
         "num_samples": config.select_samples,
         "seed": seed,
         "step": best["step"],
-        "scores": {str(r["step"]): r[metric] for r in scores},
+        "scores": {str(r["step"]): r.get(metric) for r in scores},
     }
     return workdir / "checkpoints" / f"ckpt_{best['step']:08d}.eqx", selection
 
@@ -806,13 +813,13 @@ def select_checkpoint(row: Row, *, config: "QualityBench") -> tuple[pathlib.Path
 def score_row(row: Row, final: pathlib.Path, *, config: "QualityBench") -> dict:
     """`evaluate_row`'s record of `row` at `final` (the teacher, or the student's last
     checkpoint), or for a best-checkpoint row at `select_checkpoint`'s choice, with the selection
-    recorded (the last row's record when the choice is `final` and that row is cached: the same
-    checkpoint, seed and samples)."""
+    recorded (the last row's record when the choice is `final` and that row was cached since
+    `final` was written: the same checkpoint, seed and samples)."""
     if row.checkpoint != "best":
         return evaluate_row(row, final, config=config)
     chosen, selection = select_checkpoint(row, config=config)
     last = row_path(row.last, config)
-    if chosen.name == final.name and last.exists():
+    if chosen.name == final.name and newer(last, than=final):
         record = json.loads(last.read_text())
     else:
         record = evaluate_row(row, chosen, config=config)
@@ -870,7 +877,7 @@ def quality_table(results: dict[Row, dict]) -> str:
         r = results[row]
         distill = "—" if q["distill_steps"] is None else f"{q['distill_steps']} @ {q['batch_size']}"
         if q["checkpoint"] == "best":
-            distill = f"best {q['checkpoint_step']} of {distill}"
+            distill = f"best {q['checkpoint_step']} of {distill}, {q['selected_from']} kept"
         cells = [
             q["sampler"],
             str(q["k"]),
@@ -904,6 +911,7 @@ QUALITY_SCHEMA = {
     "batch_size": (int, type(None)),
     "checkpoint": (str, type(None)),
     "checkpoint_step": (int, type(None)),
+    "selected_from": (int, type(None)),
     "fid": (float, type(None)),
     "precision": (float, type(None)),
     "recall": (float, type(None)),
@@ -915,8 +923,8 @@ QUALITY_SCHEMA = {
 }
 """The fields of a docs/results/quality.json row and their types (None: not measured, e.g.
 `--no-fid`, or not applicable); a row has FID or fd_mnist. A student row's `checkpoint` is
-"last" or "best" (`select_checkpoint`) and `checkpoint_step` the distillation step it was
-saved at, of `distill_steps`."""
+"last" or "best" (`select_checkpoint`), `checkpoint_step` the distillation step it was saved at,
+of `distill_steps`, and `selected_from` (best rows) the number of kept checkpoints compared."""
 
 
 SCORES = ("fid", "precision", "recall", "fd_mnist", "label_accuracy")
@@ -943,6 +951,7 @@ def quality_json_rows(results: dict[Row, dict]) -> list[dict]:
                     "batch_size": r["distill_batch_size"] if student else None,
                     "checkpoint": row.checkpoint if student else None,
                     "checkpoint_step": r["step"] if student else None,
+                    "selected_from": len(r["selection"]["scores"]) if "selection" in r else None,
                     **{name: r.get(name) for name in SCORES},
                     "num_samples": r["num_samples"],
                     "device": r["machine"]["devices"],
@@ -1059,12 +1068,15 @@ def verdicts(
 
 
 def against_undistilled(results: dict[Row, dict], *, metric: str = "fid") -> list[str]:
-    """One sentence per student whose k has an undistilled teacher row (guidance 0, gamma 0)."""
+    """One sentence per student whose k has an undistilled teacher row (guidance 0, gamma 0); a
+    best-checkpoint row only where its checkpoint is not the last one's."""
     lines = []
     for row in _ordered(results):
         same = Row("teacher", row.steps)
         score = results[row].get(metric)
-        if row.variant != "teacher" and same in results and score is not None:
+        step = results[row].get("step")
+        repeat = row.checkpoint == "best" and results.get(row.last, {}).get("step") == step
+        if row.variant != "teacher" and same in results and score is not None and not repeat:
             lines.append(
                 f"{row.name}: {metric} {score:.2f} against the undistilled teacher's "
                 f"{results[same][metric]:.2f} with the same {row.steps} steps."
@@ -1362,9 +1374,11 @@ def bench_quality(config: "QualityBench") -> str:
     by_name = {row.name: row for row in rows}
     unknown = [name for name in config.rows if name not in by_name]
     if unknown:
+        best = " (a -best row comes with its student's name and --checkpoint best)"
         raise ValueError(
             f"unknown --rows {', '.join(unknown)}; the {config.budget} budget's rows are "
             f"{', '.join(by_name)} (the full budget's: pass --budget full)"
+            + (best if any(name.endswith("-best") for name in unknown) else "")
         )
     out = pathlib.Path(config.out)
     base = dataclasses.replace(
@@ -1401,6 +1415,12 @@ def bench_quality(config: "QualityBench") -> str:
 # Length: a student's score against distillation steps (issue 12, suspect 1)
 
 
+def newer(result: pathlib.Path, *, than: pathlib.Path) -> bool:
+    """Whether `result` exists and was written no earlier than `than` was (make's rule: a cached
+    score of a checkpoint written since, by a run trained again, is stale)."""
+    return result.exists() and result.stat().st_mtime >= than.stat().st_mtime
+
+
 def _checkpoints_by_step(workdir: pathlib.Path, steps: Sequence[int]) -> dict[int, pathlib.Path]:
     """A distillation run's checkpoints by step (only those at `steps` when given); raises
     FileNotFoundError naming the steps it has."""
@@ -1429,7 +1449,8 @@ def checkpoint_scores(
     reference_count: int | None = None,
 ) -> list[dict]:
     """eval.py's record of every checkpoint (or those at `steps`) of a distillation run, by step:
-    read from `workdir/eval` when that evaluation exists, else computed (fixed sampling seed, so
+    read from `workdir/eval` when that evaluation exists and is newer than the checkpoint (a run
+    trained again is scored again), else computed (fixed sampling seed, so
     the curve compares checkpoints on the same noise and labels; scored against the first
     `reference_count` test images, none: all)."""
     records = []
@@ -1445,7 +1466,7 @@ def checkpoint_scores(
             reference_count=reference_count,
         )
         done = workdir / "eval" / f"{evaluation.result_stem(config, config.num_steps)}.json"
-        record = json.loads(done.read_text()) if done.exists() else None
+        record = json.loads(done.read_text()) if newer(done, than=checkpoint) else None
         if record is None or (fid and record.get("fid") is None):  # --fid needs an FID record
             record = evaluation.evaluate(config)
         records.append(record)
@@ -1496,14 +1517,15 @@ def points_length_scores(
     workdir: pathlib.Path, *, num_samples: int, seed: int, steps: Sequence[int] = ()
 ) -> tuple[list[dict], train.Config]:
     """`points_scores` of every checkpoint (or those at `steps`) of a 2-D distillation run, cached
-    in `workdir/eval`, and the run's configuration (from its newest checkpoint)."""
+    in `workdir/eval` (computed again for a checkpoint newer than its cached score), and the run's
+    configuration (from its newest checkpoint)."""
     checkpoints = _checkpoints_by_step(workdir, steps)
     newest = list(checkpoints.values())[-1]
     config = train.config_from_dict(train.read_meta(newest)["config"])
     records = []
     for step, checkpoint in checkpoints.items():
         done = workdir / "eval" / f"points_k{config.k}_n{num_samples}_seed{seed}_{step:08d}.json"
-        if not done.exists():
+        if not newer(done, than=checkpoint):
             record = points_scores(
                 checkpoint, num_steps=config.k, num_samples=num_samples, seed=seed
             )
@@ -1731,9 +1753,12 @@ class QualityBench(_Counts):
     )
     checkpoint: str = _field(
         "last",
-        "last: score each student's last checkpoint; best: also its best kept checkpoint (ten per "
-        "run, --select-samples samples each, chosen on sampling seed --seed + 1; the paper reports "
-        "its best checkpoint), as a second row named <row>-best",
+        "last: score each student's last checkpoint; best: also its best kept checkpoint (the "
+        "paper reports its best), a second row <row>-best that comes with the student's row: "
+        "every kept checkpoint (ten for students trained by this command) scored on "
+        "--select-samples samples of sampling seed --seed + 1 (same reference images), the lowest "
+        "scored again like every row; done right after the student's last row, so after "
+        "--time-limit's check; its train (s) is the whole run's",
         choices=("last", "best"),
     )
     select_samples: int = _field(

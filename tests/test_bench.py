@@ -5,6 +5,8 @@ test_eval.py."""
 
 import dataclasses
 import json
+import math
+import os
 import pathlib
 import shutil
 
@@ -262,7 +264,8 @@ def test_best_checkpoint_rows_select_on_a_held_out_seed_and_report_both(fakes, m
     reference count passed on), scores the lowest again on the table's seed (or reuses the last
     row's record when the last checkpoint wins), and reports verdicts at both checkpoints."""
     calls, run, out = fakes
-    selection = {"instant": [9.0, 4.0, 6.0], "alternating": [9.0, 8.0, 7.0]}  # steps 4, 8, 10
+    # steps 4, 8, 10; a diverged checkpoint (NaN) is never the best
+    selection = {"instant": [float("nan"), 4.0, 6.0], "alternating": [9.0, 8.0, 7.0]}
     final_fid = {"ckpt_00000008.eqx": 0.1, "ckpt_00000010.eqx": 8.0}
 
     def train_student(row, *, config, teacher):
@@ -312,23 +315,40 @@ def test_best_checkpoint_rows_select_on_a_held_out_seed_and_report_both(fakes, m
     )
     assert rows["alternating", "best"]["checkpoint_step"] == 10
     assert rows["alternating", "best"]["fid"] == rows["alternating", "last"]["fid"] == 8.0
+    assert (
+        rows["instant", "best"]["selected_from"] == 3
+        and rows["instant", "last"]["selected_from"] is None
+    )
     saved = json.loads(next((out / "rows").glob("instant-k8-edm-best-*_select50.json")).read_text())
-    assert saved["selection"] == {
-        "metric": "fid",
-        "num_samples": 50,
-        "seed": 1,
-        "step": 8,
-        "scores": {"4": 9.0, "8": 4.0, "10": 6.0},
-    }
+    scores = saved["selection"].pop("scores")
+    assert saved["selection"] == {"metric": "fid", "num_samples": 50, "seed": 1, "step": 8}
+    assert math.isnan(scores.pop("4")) and scores == {"8": 4.0, "10": 6.0}
     last, best = report.split("Students at their best checkpoint:")
     assert "**fails**: instant, k = 8: fid <= 1 x the teacher's best: instant-k8-edm 8.00" in last
     assert (
         "**holds**: instant, k = 8: fid <= 1 x the teacher's best: instant-k8-edm-best 0.10" in best
     )
-    assert "| instant | 8 | edm | 0 | 0 | 0.0001 | best 8 of 10 @ 8 | 0.10 |" in report
+    assert "| instant | 8 | edm | 0 | 0 | 0.0001 | best 8 of 10 @ 8, 3 kept | 0.10 |" in report
     calls.clear()
     run(rows=("instant-k8-edm", "alternating-k8-edm", "teacher-512-w0"), **settings)
     assert calls == []  # every row cached
+    # the alternating student trained again since its last row: that row is not reused
+    final = (
+        bench.student_workdir(
+            Row("alternating", 8, weighting="edm"),
+            bench.resolve_quality(
+                bench.QualityBench(out=str(out), distill_steps=10, distill_batch_size=8)
+            ),
+        )
+        / "checkpoints"
+        / "ckpt_00000010.eqx"
+    )
+    later = next((out / "rows").glob("alternating-k8-edm-lr*.json")).stat().st_mtime + 10
+    os.utime(final, (later, later))
+    next((out / "rows").glob("alternating-k8-edm-best-*.json")).unlink()
+    monkeypatch.setattr(bench, "train_student", lambda row, **_: (final, 12.0))
+    run(rows=("alternating-k8-edm",), **settings)
+    assert calls[-1] == ("eval", "alternating-k8-edm-best", "ckpt_00000010.eqx")
     plain = run(rows=("instant-k8-edm",), time_limit=0.0)  # --checkpoint last: no best rows
     assert "-best" not in plain and "Students at their" not in plain
 
@@ -337,6 +357,8 @@ def test_quality_rejects_unknown_rows(fakes):
     _, run, _ = fakes
     with pytest.raises(ValueError, match="unknown --rows instant-k3-edm"):
         run(rows=("instant-k3-edm",))
+    with pytest.raises(ValueError, match="comes with its student's name and --checkpoint best"):
+        run(rows=("instant-k8-edm-best",))
 
 
 def test_workers_claim_each_row_once(tmp_path):
@@ -410,6 +432,7 @@ def test_quality_json_rows_follow_the_schema(fakes):
         "batch_size": 8,
         "checkpoint": "last",
         "checkpoint_step": 10,
+        "selected_from": None,
         "fid": 8.0,
         "precision": 0.5,
         "recall": 0.5,
@@ -492,6 +515,10 @@ def test_length_scores_every_checkpoint_once_and_reports_best_and_last(monkeypat
         run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[400]
     )
     assert [r["step"] for r in only] == [400] and len(computed) == 2  # read from its eval file
+    later = (run / "eval" / name).stat().st_mtime + 10  # step 400 trained again since its score
+    os.utime(run / "checkpoints" / "ckpt_00000400.eqx", (later, later))
+    bench.checkpoint_scores(run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[400])
+    assert computed[-1] == ("ckpt_00000400.eqx", 1, 50)
     with pytest.raises(FileNotFoundError, match=r"it has \[200, 400, 600\]: pass other --steps"):
         bench.checkpoint_scores(run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[300])
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
