@@ -1170,25 +1170,28 @@ def plot_samples(panels: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path)
 def verdict_lines(results: dict[Row, dict], *, metric: str, config: "QualityBench") -> list[str]:
     """The report's verdicts (`verdicts`) as Markdown list items; with `config.checkpoint` "best",
     a paragraph on the selection, then the verdicts at the last and at the best checkpoints."""
-    checkpoints = ("last", "best") if config.checkpoint == "best" else ("last",)
-    lines = []
-    if config.checkpoint == "best":
-        lines += [
-            "Each student has two rows: its last checkpoint and (`-best`) the kept checkpoint with "
-            f"the lowest {metric} on {config.select_samples} samples of sampling seed "
-            f"{config.seed + 1}, scored like every row on seed {config.seed} (the paper reports "
-            "its best checkpoint).",
-            "",
-        ]
-    for checkpoint in checkpoints:
-        if len(checkpoints) > 1:
-            lines += [f"Students at their {checkpoint} checkpoint:", ""]
-        lines += [
+
+    def items(checkpoint: str) -> list[str]:
+        return [
             f"- **{v['status']}**: {v['claim']}: {v['detail']}"
             for v in verdicts(results, metric=metric, checkpoint=checkpoint)
         ]
-        lines += [""] * (len(checkpoints) > 1 and checkpoint == "last")
-    return lines
+
+    if config.checkpoint == "last":
+        return items("last")
+    return [
+        "Each student has two rows: its last checkpoint and (`-best`) the kept checkpoint with the "
+        f"lowest {metric} on {config.select_samples} samples of sampling seed {config.seed + 1}, "
+        f"scored like every row on seed {config.seed} (the paper reports its best checkpoint).",
+        "",
+        "Students at their last checkpoint:",
+        "",
+        *items("last"),
+        "",
+        "Students at their best checkpoint:",
+        "",
+        *items("best"),
+    ]
 
 
 def write_report(rows: Sequence[Row], config: "QualityBench", header: dict) -> str:
