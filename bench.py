@@ -1237,7 +1237,7 @@ def write_report(rows: Sequence[Row], config: "QualityBench", header: dict) -> s
     if panels:
         plot_samples(panels, out / "samples.png")
     for row in rows:
-        metrics = out / "students" / run_name(row, config) / "metrics.jsonl"
+        metrics = student_workdir(row, config) / "metrics.jsonl"
         if row.variant == "instant" and row.steps == 8 and metrics.exists():
             train.plot_losses(metrics, out / "instant_loss.png", variant="instant")
             break

@@ -1779,7 +1779,8 @@ def load_checkpoint(
 def network_kind(meta: dict) -> str:
     """What `load_checkpoint` returns for a checkpoint with this metadata: "parameter average" (kept
     by its run, or exported from one) or "parameters"."""
-    return "parameter average" if "ema" in meta["groups"] or meta.get("ema") else "parameters"
+    average = _network_group(meta) == "ema" or meta.get("ema")
+    return "parameter average" if average else "parameters"
 
 
 def _network_group(meta: dict) -> str:
