@@ -989,11 +989,14 @@ def validate_quality_row(row: dict) -> dict:
 def _lowest(
     results: dict[Row, dict], metric: str, keep: Callable[[Row], bool]
 ) -> tuple[Row, float] | None:
-    """The kept row with the lowest `metric` (rows without it are skipped), or None."""
+    """The kept row with the lowest `metric` (rows without it are skipped), or None. A finite
+    score beats a non-finite one (a diverged student), which is returned only when no kept row is
+    finite, so that its claim fails rather than goes missing."""
     scores = {
         row: r[metric] for row, r in results.items() if keep(row) and r.get(metric) is not None
     }
-    return min(scores.items(), key=lambda item: item[1]) if scores else None
+    # min() over NaN depends on the order; rank the finite scores first.
+    return min(scores.items(), key=lambda item: (not _finite(item[1]), item[1])) if scores else None
 
 
 def best_teacher(results: dict[Row, dict], metric: str) -> tuple[Row, float] | None:

@@ -138,6 +138,20 @@ def test_verdicts_fail_and_name_missing_rows():
     assert status(fd, "fd_mnist")["instant, k = 8: fd_mnist <= 1 x the teacher's best"] == "holds"
 
 
+def test_verdicts_skip_a_diverged_student_unless_it_is_the_only_one():
+    # A NaN row listed first must not hide the finite row that holds; alone, it fails.
+    nan = float("nan")
+    results = {
+        Row("teacher", 128): record(4.0),
+        Row("instant", 2, weighting="flat"): record(nan),
+        Row("alternating", 2, weighting="dmd"): record(7.9),
+        Row("alternating", 1, weighting="dmd"): record(nan),
+    }
+    assert status(results)[K2] == "holds"
+    assert status(results)[K1] == "fails"
+    assert bench.best_teacher({Row("teacher", 512): record(nan), **results}, "fid")[1] == 4.0
+
+
 def test_sample_panels_pick_the_best_rows_with_a_grid(tmp_path):
     def grid(name, value):
         path = tmp_path / f"{name}.png"
