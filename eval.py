@@ -12,44 +12,33 @@ The protocol behind every number this file reports:
   `|mu1 - mu2|^2 + tr C1 + tr C2 - 2 tr (C1^1/2 C2 C1^1/2)^1/2`, both square roots by symmetric
   eigendecompositions with negative round-off eigenvalues clipped to 0.
 - **Precision/recall.** Kynkäänniemi et al. 2019, k-NN balls in Inception feature space (k = 3),
-between
-  the samples and an equally large fixed random subset of the reference (all of it if it is
-  smaller).
+  between the samples and an equally large fixed random subset of the reference (all of it if it
+  is smaller).
 - **MNIST metrics** (models of 32x32x1 MNIST digits): `fd_mnist`, the same Fréchet distance in the
   64-d penultimate features of mnist_classifier.py's LeNet (shipped weights), against the reference
   split; `label_accuracy`, the fraction of class-conditional samples the classifier labels as the
   digit they were asked for. Seconds on a CPU where FID takes minutes; for sweeps, `--no-fid`.
 - **Reference.** A split of a data.py source (default: the checkpoint's own data, test split; for
-MNIST
-  its 10k test digits) at the model's resolution. Its statistics are computed once and cached
+  MNIST its 10k test digits) at the model's resolution. Its statistics are computed once and cached
   (`reference_statistics`) under a name holding the feature extractor, source, split, count and a
   sha256 of the pixels and the extractor's protocol (for Inception: its weights' digest and resize).
 
 Command line (options are generated from `EvalConfig`; `--help` lists them with their costs):
 
-    python eval.py --checkpoint runs/mnist-instant/checkpoints/ckpt_00001000.eqx     # student: its
-    k steps
-    python eval.py --checkpoint checkpoints/mnist_teacher.eqx --k 256 --guidance 1 --num-samples
-    1000
-    python eval.py --checkpoint CKPT --no-fid --num-samples 2000      # fd_mnist and label accuracy
-    only
-    python eval.py table runs/*/checkpoints/eval/*.json                             # Markdown
-    table of results
-    python eval.py train-classifier [--seed 0] [--epochs 8]    # remake
-    checkpoints/mnist_classifier.eqx
+    python eval.py --checkpoint runs/mnist-instant/checkpoints/ckpt_00001000.eqx  # its k steps
+    python eval.py --checkpoint checkpoints/mnist_teacher.eqx --k 256 --guidance 1  # teacher
+    python eval.py --checkpoint CKPT --no-fid --num-samples 2000  # fd_mnist, label accuracy only
+    python eval.py table runs/*/checkpoints/eval/*.json           # Markdown table of results
+    python eval.py train-classifier [--seed 0] [--epochs 8]  # remakes the shipped classifier
 
 writes `<stem>.png` (the first 100 samples, one class per column when there are at most 16) and
 `<stem>.json` into `--out` (default: `eval/` beside the checkpoint), `<stem>` naming the checkpoint
-and
-every sampling setting. The JSON holds FID, precision, recall, fd_mnist, label_accuracy,
-`num_samples`
-(FID is biased upwards at small counts: compare numbers with the same count), the reference (source,
-split, image count, cache files), the sampler settings (steps, guidance, clip, gamma, shift, seed,
-batch
-size), the checkpoint path, step, variant and training configuration, timings in seconds and
-software
-versions. A student samples with its trained k unless `--k` says otherwise; a teacher with its run's
-`teacher_k` (64 for MNIST).
+and every sampling setting. The JSON holds FID, precision, recall, fd_mnist, label_accuracy,
+`num_samples` (FID is biased upwards at small counts: compare numbers with the same count), the
+reference (source, split, image count, cache files), the sampler settings (steps, guidance, clip,
+gamma, shift, seed, batch size), the checkpoint path, step, variant and training configuration,
+timings in seconds and software versions. A student samples with its trained k unless `--k` says
+otherwise; a teacher with its run's `teacher_k` (64 for MNIST).
 """
 
 import argparse
