@@ -273,12 +273,16 @@ def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     ]
 
 
-def test_best_checkpoint_rows_select_on_a_held_out_seed_and_report_both(fakes, monkeypatch):
-    """--checkpoint best scores every kept checkpoint on seed + 1 (--select-samples samples, the
-    reference count passed on), scores the lowest again on the table's seed (or reuses the last
-    row's record when the last checkpoint wins), and reports verdicts at both checkpoints."""
+BEST_ROWS = ("instant-k8-edm", "alternating-k8-edm", "teacher-512-w0")
+BEST_SETTINGS = dict(checkpoint="best", select_samples=50, reference_count=20)
+
+
+@pytest.fixture
+def best_fakes(fakes, monkeypatch):
+    """`fakes` with students that keep checkpoints 4, 8 and 10 and a fake selection evaluator:
+    instant's selection scores are NaN, 4, 6 (step 8 wins), alternating's 9, 8, 7 (the last wins);
+    the table's scores are 0.1 at step 8 and 8.0 at step 10."""
     calls, run, out = fakes
-    # steps 4, 8, 10; a diverged checkpoint (NaN) is never the best
     selection = {"instant": [float("nan"), 4.0, 6.0], "alternating": [9.0, 8.0, 7.0]}
     final_fid = {"ckpt_00000008.eqx": 0.1, "ckpt_00000010.eqx": 8.0}
 
@@ -308,8 +312,15 @@ def test_best_checkpoint_rows_select_on_a_held_out_seed_and_report_both(fakes, m
     monkeypatch.setattr(bench, "evaluate_row", evaluate_row)
     monkeypatch.setattr(bench.evaluation, "evaluate", evaluate)
     monkeypatch.setattr(bench.train, "read_meta", lambda path: {"step": 7, "config": {"k": 8}})
-    settings = dict(checkpoint="best", select_samples=50, reference_count=20)
-    report = run(rows=("instant-k8-edm", "alternating-k8-edm", "teacher-512-w0"), **settings)
+    return calls, run, out
+
+
+def test_best_checkpoint_rows_select_on_a_held_out_seed(best_fakes):
+    """--checkpoint best scores every kept checkpoint on seed + 1 (--select-samples samples, the
+    reference count passed on) and scores the lowest finite one again on the table's seed, or
+    reuses the last row's record when the last checkpoint wins."""
+    calls, run, out = best_fakes
+    run(rows=BEST_ROWS, **BEST_SETTINGS)
     assert calls == [
         ("train", "instant-k8-edm"),
         ("eval", "instant-k8-edm", "ckpt_00000010.eqx"),
@@ -337,23 +348,35 @@ def test_best_checkpoint_rows_select_on_a_held_out_seed_and_report_both(fakes, m
     scores = saved["selection"].pop("scores")
     assert saved["selection"] == {"metric": "fid", "num_samples": 50, "seed": 1, "step": 8}
     assert math.isnan(scores.pop("4")) and scores == {"8": 4.0, "10": 6.0}
+
+
+def test_best_checkpoint_report_gives_verdicts_at_both(best_fakes):
+    _, run, _ = best_fakes
+    report = run(rows=BEST_ROWS, **BEST_SETTINGS)
     last, best = report.split("Students at their best checkpoint:")
     assert "**fails**: instant, k = 8: fid <= 1 x the teacher's best: instant-k8-edm 8.00" in last
     assert (
         "**holds**: instant, k = 8: fid <= 1 x the teacher's best: instant-k8-edm-best 0.10" in best
     )
     assert "| instant | 8 | edm | 0 | 0 | 0.0001 | best 8 of 10 @ 8, 3 kept | 0.10 |" in report
+    plain = run(rows=("instant-k8-edm",), time_limit=0.0)  # --checkpoint last: no best rows
+    assert "-best" not in plain and "Students at their" not in plain
+
+
+def test_best_checkpoint_rows_are_cached_until_the_student_is_trained_again(
+    best_fakes, monkeypatch
+):
+    calls, run, out = best_fakes
+    run(rows=BEST_ROWS, **BEST_SETTINGS)
     calls.clear()
-    run(rows=("instant-k8-edm", "alternating-k8-edm", "teacher-512-w0"), **settings)
+    run(rows=BEST_ROWS, **BEST_SETTINGS)
     assert calls == []  # every row cached
     # the alternating student trained again since its last row: that row is not reused
+    config = bench.resolve_quality(
+        bench.QualityBench(out=str(out), distill_steps=10, distill_batch_size=8)
+    )
     final = (
-        bench.student_workdir(
-            Row("alternating", 8, weighting="edm"),
-            bench.resolve_quality(
-                bench.QualityBench(out=str(out), distill_steps=10, distill_batch_size=8)
-            ),
-        )
+        bench.student_workdir(Row("alternating", 8, weighting="edm"), config)
         / "checkpoints"
         / "ckpt_00000010.eqx"
     )
@@ -361,10 +384,8 @@ def test_best_checkpoint_rows_select_on_a_held_out_seed_and_report_both(fakes, m
     os.utime(final, (later, later))
     next((out / "rows").glob("alternating-k8-edm-best-*.json")).unlink()
     monkeypatch.setattr(bench, "train_student", lambda row, **_: (final, 12.0))
-    run(rows=("alternating-k8-edm",), **settings)
+    run(rows=("alternating-k8-edm",), **BEST_SETTINGS)
     assert calls[-1] == ("eval", "alternating-k8-edm-best", "ckpt_00000010.eqx")
-    plain = run(rows=("instant-k8-edm",), time_limit=0.0)  # --checkpoint last: no best rows
-    assert "-best" not in plain and "Students at their" not in plain
 
 
 def test_quality_rejects_unknown_rows(fakes):
