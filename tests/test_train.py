@@ -3,6 +3,7 @@ set: outputs of every variant, resume and device-count equivalence, and each fau
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -893,3 +894,35 @@ def test_printed_commands_run_from_the_working_directory(tmp_path, monkeypatch):
     assert shlex.split(train.python_command("eval.py"))[1] == "eval.py"
     monkeypatch.chdir(tmp_path)  # elsewhere: the script's absolute path, the interpreter by name
     assert shlex.split(train.python_command("eval.py")) == ["python", str(script)]
+
+
+def test_resume_from_a_checkpoint_returned_in_parts(auto_run, alternating, npz, tmp_path):
+    """experiments/gpu/resume_parts.sh rebuilds a checkpoint that a device call returned split into
+    parts (with its sha256) in a fresh work directory; resuming there ends bit-identical to the
+    uninterrupted run on the CPU. A damaged part is refused by name before anything is written."""
+    ckpt = alternating / "checkpoints" / "ckpt_00000002.eqx"
+    blob = ckpt.read_bytes()
+    parts, size = tmp_path / "parts", len(blob) // 3 + 1
+    parts.mkdir()
+    for i in range(0, len(blob), size):
+        (parts / f"ckpt.part-{i // size:02d}").write_bytes(blob[i : i + size])
+    (parts / "ckpt.name").write_text(f"{ckpt.name} {hashlib.sha256(blob).hexdigest()}\n")
+    script = ROOT / "experiments" / "gpu" / "resume_parts.sh"
+    workdir = tmp_path / "resumed"
+    subprocess.run(["bash", script, parts, workdir, alternating / "config.json"], check=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "CHECKPOINT_DIR", auto_run[0] / "checkpoints")
+        train.main(args(npz, workdir, "alternating", "--resume"))
+    final = f"checkpoints/ckpt_{STEPS:08d}.eqx"
+    for group in ("params", "aux_params", "opt_state", "aux_opt_state"):
+        for a, b in zip(
+            leaves(workdir / final, group), leaves(alternating / final, group), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+    first = parts / "ckpt.part-00"
+    first.write_bytes(bytes([first.read_bytes()[0] ^ 1]) + first.read_bytes()[1:])
+    broken = subprocess.run(
+        ["bash", script, parts, tmp_path / "broken"], capture_output=True, text=True
+    )
+    assert broken.returncode == 1 and "sha256 mismatch" in broken.stderr
+    assert not list((tmp_path / "broken" / "checkpoints").glob("*.eqx"))

@@ -11,7 +11,7 @@
 # train.py checkpoints the step it is at, and the run is scored from there; rerun with RESUME=1 to
 # continue it). With OUT set (the device machine's output folder) it writes one results.tar.gz
 # (configs, metrics, scores, sample npz of 2,000 images per run, logs) and, if RETURN_RUN names a
-# run, that run's newest checkpoint split into 15 MiB parts (ckpt.part-*), which
+# run (`best`: the run of the lowest last FID), that run's newest checkpoint split into 15 MiB parts (ckpt.part-*), which
 # `experiments/gpu/resume_parts.sh` reassembles for the next device call.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,14 +24,18 @@ TRAIN_S=${TRAIN_S:-380}
 NUM=${NUM:-10000}
 CURVE=${CURVE:-2000}
 EVAL_BATCH=${EVAL_BATCH:-1000}
-# name: variant weighting lr
+# name: variant weighting lr k
 declare -A SPEC=(
-  [alt-edm-3e-5]="alternating edm 3e-5"
-  [alt-edm-1e-5]="alternating edm 1e-5"
-  [alt-edm-3e-6]="alternating edm 3e-6"
-  [alt-flat-1e-5]="alternating flat 1e-5"
-  [inst-edm-1e-5]="instant edm 1e-5"
-  [inst-edm-3e-6]="instant edm 3e-6"
+  [alt-edm-3e-5]="alternating edm 3e-5 8"
+  [alt-edm-1e-5]="alternating edm 1e-5 8"
+  [alt-edm-3e-6]="alternating edm 3e-6 8"
+  [alt-flat-1e-5]="alternating flat 1e-5 8"
+  [inst-edm-1e-5]="instant edm 1e-5 8"
+  [inst-edm-3e-6]="instant edm 3e-6 8"
+  [inst-flat-1e-5]="instant flat 1e-5 8"
+  [alt-flat-1e-5-k4]="alternating flat 1e-5 4"
+  [alt-flat-1e-5-k2]="alternating flat 1e-5 2"
+  [alt-flat-1e-5-k1]="alternating flat 1e-5 1"
 )
 RUNS=${RUNS:-"alt-edm-3e-5 alt-edm-1e-5 alt-edm-3e-6 alt-flat-1e-5 inst-edm-1e-5 inst-edm-3e-6"}
 extra=()
@@ -54,10 +58,10 @@ deadline=$(( $(date +%s) + TRAIN_S + ${SCORE_S:-150} ))
 git rev-parse HEAD 2>/dev/null | sed 's/^/commit /'
 
 one_run() {  # NAME: train (time-limited), then score
-  local name=$1 variant weighting lr
-  read -r variant weighting lr <<<"${SPEC[$name]}"
+  local name=$1 variant weighting lr k
+  read -r variant weighting lr k <<<"${SPEC[$name]}"
   local workdir="$DEST/$name"
-  timeout -s TERM -k 60 "$TRAIN_S" "$PYTHON" train.py "${extra[@]}" --variant "$variant" --k 8 \
+  timeout -s TERM -k 60 "$TRAIN_S" "$PYTHON" train.py "${extra[@]}" --variant "$variant" --k "$k" \
     --weighting "$weighting" --lr "$lr" --aux-lr "$lr" --batch-size "$BATCH" --steps "$STEPS" \
     --checkpoint-every "$EVERY" --sample-every "$STEPS" --keep-checkpoints 1000 --seed 0 \
     --workdir "$workdir" ${RESUME:+--resume} >"$DEST/logs/$name.train.log" 2>&1
@@ -89,7 +93,9 @@ if [[ -n "${DRY_RUN:-}" && ! -f checkpoints/tiny_teacher.eqx ]]; then
     >"$DEST/logs/tiny-teacher.log" 2>&1 \
     && cp runs/tiny-teacher-dry/teacher.eqx checkpoints/tiny_teacher.eqx
 fi
-teacher_row &  # computes and caches the reference statistics while the students compile
+# NO_FID=1: fd_mnist only (no Inception weights needed), no teacher row, no texture check
+[[ -n "${NO_FID:-}" ]] && score_extra+=(--no-fid)
+[[ -z "${NO_FID:-}" ]] && teacher_row &  # computes and caches the reference statistics while the students compile
 for name in $RUNS; do
   one_run "$name" &
 done
@@ -106,6 +112,7 @@ echo "all done at $((SECONDS - t0)) s"
 if [[ -n "${OUT:-}" ]]; then
   "$PYTHON" experiments/gpu/summarize.py "$DEST" --pack "$OUT/results.tar.gz"
   cp "$DEST/summary.md" "$OUT/"
+  [[ ${RETURN_RUN:-} == best ]] && RETURN_RUN=$("$PYTHON" experiments/gpu/summarize.py "$DEST" --best)
   if [[ -n "${RETURN_RUN:-}" ]]; then
     last=$(ls "$DEST/$RETURN_RUN"/checkpoints/ckpt_*.eqx 2>/dev/null | sort -t_ -k2 -n | tail -1)
     used=$(du -cb "$OUT" | tail -1 | cut -f1)

@@ -13,7 +13,8 @@ read -r name digest <"$parts/ckpt.name"
 mkdir -p "$workdir/checkpoints"
 cat "$parts"/ckpt.part-* >"$workdir/checkpoints/$name.tmp"
 echo "$digest  $workdir/checkpoints/$name.tmp" | sha256sum -c --quiet - \
-  || { echo "parts in $parts do not rebuild $name (sha256 mismatch): fetch them again" >&2; exit 1; }
+  || { rm -f "$workdir/checkpoints/$name.tmp"
+       echo "parts in $parts do not rebuild $name (sha256 mismatch): fetch them again" >&2; exit 1; }
 mv "$workdir/checkpoints/$name.tmp" "$workdir/checkpoints/$name"
 [[ -n $config && ! -f $workdir/config.json ]] && cp "$config" "$workdir/config.json"
 echo "rebuilt $workdir/checkpoints/$name"

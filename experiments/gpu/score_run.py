@@ -119,6 +119,7 @@ def main() -> None:
     p.add_argument("--reference-count", type=int, default=None)
     p.add_argument("--levels", type=float, nargs="*", default=[1 / 32, 1 / 8])
     p.add_argument("--teacher", default=TEACHER)
+    p.add_argument("--no-fid", action="store_true", help="fd_mnist only: no Inception, no texture")
     p.add_argument("--samples", help="only the texture check, on this eval.py samples npz")
     p.add_argument("--deadline", type=float, default=math.inf, help="epoch s: skip later parts")
     args = p.parse_args()
@@ -147,13 +148,13 @@ def main() -> None:
             save(curve=curve)
         finite = [r for r in curve if r["fd_mnist"] is not None and math.isfinite(r["fd_mnist"])]
         best = min(finite, key=lambda r: r["fd_mnist"]) if finite else curve[-1]
-        full = dict(num_samples=args.num_samples, **common)
+        full = dict(num_samples=args.num_samples, fid=not args.no_fid, **common)
         save(last=score(ckpts[-1], out / "full", save_samples=True, **full))
         if best["checkpoint"] != str(ckpts[-1]) and time.time() < args.deadline:
             save(best=score(pathlib.Path(best["checkpoint"]), out / "full", **full))
         samples = sorted((out / "full").glob("*_samples.npz"))
         args.samples = str(samples[-1]) if samples else None
-    if args.samples and time.time() < args.deadline:
+    if args.samples and not args.no_fid and time.time() < args.deadline:
         save(
             texture=texture_check(
                 pathlib.Path(args.samples), levels=args.levels, teacher_path=args.teacher

@@ -81,13 +81,26 @@ def pack(dest: pathlib.Path, archive: pathlib.Path, *, samples: int = 2000) -> N
                 tar.addfile(info, buf)
 
 
+def best_run(dest: pathlib.Path) -> str:
+    """The name of the run whose last checkpoint scored the lowest FID ("" if none was scored)."""
+    scored = {}
+    for path in dest.glob("*/scores/summary.json"):
+        fid = json.loads(path.read_text()).get("last", {}).get("fid")
+        if fid is not None and np.isfinite(fid):
+            scored[path.parent.parent.name] = fid
+    return min(scored, key=scored.get) if scored else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("dest")
     p.add_argument("--pack", help="also write this .tar.gz")
+    p.add_argument("--best", action="store_true", help="print the run of the lowest last FID")
     args = p.parse_args()
     dest = pathlib.Path(args.dest)
-    if args.pack:
+    if args.best:
+        print(best_run(dest))
+    elif args.pack:
         pack(dest, pathlib.Path(args.pack))
     else:
         print(table(dest))
