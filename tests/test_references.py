@@ -206,3 +206,86 @@ def test_auxiliary_gradient_matches_finite_differences():
         )
         assert abs(numeric - analytic) < 2e-3 * norm, (numeric, analytic, norm)
     assert norm > 0.1
+
+
+# ------------------------------------------------------------------------- §4 distillation inputs
+
+
+def _edm_u(lam, shift):
+    """The inverse of the EDM schedule: the u in [0, 1] at which lam(u) = lam (float64)."""
+    a, b = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+    sbar = np.exp(-(np.asarray(lam, np.float64) - shift) / 2)
+    return (sbar ** (1 / RHO) - a) / (b - a)
+
+
+def _paper_inputs(k, shift, n=20_000):
+    x = jnp.asarray(np.random.default_rng(k).uniform(-1, 1, (n, 1)), F32)
+    return x, mmd.distill_inputs(
+        jax.random.key(k), x=x, labels=jnp.zeros(n, jnp.int32), num_steps=k, shift=shift
+    )
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_distill_inputs_draw_the_papers_levels(k):
+    """§4 after the resolution shift: lam_s has the law of lam(U[0, 1]), CDF 1 - u(l) with u the
+    schedule's closed-form inverse (KS test); t = min(s + U[0, 1/k], 1): t - s in [0, 1/k], an
+    atom of mass 1/(2k) at t = 1, and below it the CDF of s + U[0, 1/k], x - h/2 (x >= h) or
+    x^2 / (2h) (x < h) with h = 1/k, renormalised."""
+    shift = mmd.resolution_shift(32)
+    _, inputs = _paper_inputs(k, shift)
+    u_s, u_t = _edm_u(inputs.lam_s, shift), _edm_u(inputs.lam_t, shift)
+    cdf_s = lambda lam: np.clip(1.0 - _edm_u(lam, shift), 0.0, 1.0)  # noqa: E731
+    assert scipy.stats.kstest(np.asarray(inputs.lam_s, np.float64), cdf_s).pvalue > 1e-3
+    h = 1.0 / k
+    gap = u_t - u_s
+    assert gap.min() > -1e-4 and gap.max() < h + 1e-4
+    top = u_t > 1 - 1e-4
+    n = u_t.size
+    assert abs(top.mean() - h / 2) < 4 * math.sqrt(h / 2 * (1 - h / 2) / n)
+
+    def cdf_t(v):
+        return np.where(v >= h, v - h / 2, v**2 / (2 * h)) / (1 - h / 2)
+
+    assert scipy.stats.kstest(u_t[~top], cdf_t).pvalue > 1e-3
+
+
+def test_z_t_is_drawn_from_q_of_z_t_given_x():
+    """`z_t = alpha_t x + sigma_t eps`: the residual `(z_t - alpha_t x) / sigma_t` is N(0, 1) (KS)
+    and uncorrelated with x, at the example's own lam_t."""
+    x, inputs = _paper_inputs(3, 0.5)
+    a_t, s_t = _alpha_sigma(inputs.lam_t)
+    x = np.asarray(x, np.float64)[:, 0]
+    residual = (np.asarray(inputs.z_t, np.float64)[:, 0] - a_t * x) / s_t
+    assert scipy.stats.kstest(residual, "norm").pvalue > 1e-3
+    assert abs(np.corrcoef(residual, x)[0, 1]) < 4 / math.sqrt(x.size)
+
+
+@pytest.mark.parametrize("lam_t, lam_s", [(-8.0, -7.99), (-3.0, 2.0), (0.5, 12.0)])
+def test_draw_zs_has_the_posterior_moments_by_monte_carlo(lam_t, lam_s):
+    """`draw_zs` with the noise the inputs carry, one (z_t, x_gen) repeated: sample mean and
+    variance against Gaussian conditioning (conditional) and N(alpha_s x_gen, sigma_s^2) (marginal);
+    no gradient reaches x_gen."""
+    n = 40_000
+    z_t1, x_gen1 = np.array([0.7, -1.3]), np.array([-0.4, 0.9])
+    inputs = mmd.DistillInputs(
+        x=jnp.zeros((n, 2), F32),
+        labels=jnp.zeros(n, jnp.int32),
+        lam_t=jnp.full((n,), lam_t, F32),
+        lam_s=jnp.full((n,), lam_s, F32),
+        z_t=jnp.tile(jnp.asarray(z_t1, F32), (n, 1)),
+        noise_s=jax.random.normal(jax.random.key(0), (n, 2)),
+        noise_real=jnp.zeros((n, 2), F32),
+    )
+    x_gen = jnp.tile(jnp.asarray(x_gen1, F32), (n, 1))
+    c_z, c_x, var = _conditioning(lam_t, lam_s)
+    a_s, s_s = _alpha_sigma(lam_s)
+    expected = {
+        "conditional": (c_z * z_t1 + c_x * x_gen1, var),
+        "marginal": (a_s * x_gen1, s_s**2),
+    }
+    for mode, (mean, variance) in expected.items():
+        z_s = np.asarray(mmd.draw_zs(inputs, x_gen, mode=mode), np.float64)
+        assert np.all(np.abs(z_s.mean(0) - mean) < 5 * math.sqrt(variance / n) + 1e-6)
+        np.testing.assert_allclose(z_s.var(0), variance, rtol=5 * math.sqrt(2 / n))
+        grad = jax.grad(lambda g, mode=mode: jnp.sum(mmd.draw_zs(inputs, g, mode=mode)))(x_gen)
+        assert not np.any(np.asarray(grad))
