@@ -289,3 +289,18 @@ def test_draw_zs_has_the_posterior_moments_by_monte_carlo(lam_t, lam_s):
         np.testing.assert_allclose(z_s.var(0), variance, rtol=5 * math.sqrt(2 / n))
         grad = jax.grad(lambda g, mode=mode: jnp.sum(mmd.draw_zs(inputs, g, mode=mode)))(x_gen)
         assert not np.any(np.asarray(grad))
+
+
+# ---------------------------------------------------------------------------------- shift to losses
+
+
+@pytest.mark.parametrize("variant", ["teacher", "alternating", "instant"])
+def test_the_shift_reaches_the_losses_settings(variant):
+    """`--shift` (and, without it, the resolution's default 2 log(64 / resolution)) arrives in both
+    TeacherConfig and DistillConfig, which the losses read."""
+    base = ["--preset", "tiny", "--variant", variant]
+    for extra, shift in ((["--shift", "1.25"], 1.25), ([], 2 * math.log(64 / 8))):
+        config = train.parse_config(base + extra)
+        teacher_cfg, distill_cfg = train.mmd_configs(config)
+        assert teacher_cfg.shift == pytest.approx(shift)
+        assert distill_cfg.shift == pytest.approx(shift)
