@@ -1,0 +1,274 @@
+"""Failure kinds from public bug reports of other diffusion and training code, replayed here.
+
+Each row: the kind, the public report it comes from, the test (a `-k` keyword of this file) that
+would have caught it here, and the result on this code.
+
+| # | kind | source report | test (`-k`) | result |
+|---|---|---|---|---|
+| 1 | sampler endpoints | diffusers #6477, stablediffusion #345 | `sampler_levels` | passes |
+| 2 | schedule endpoints | MONAI #489 | `exact_ends`, `forced_to_the_ends` | passes |
+| 3 | guidance convention | diffusers #5882 | `guidance_convention` | passes |
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mmd
+import train
+from uvit import MLPDenoiser
+
+F32 = jnp.float32
+
+
+def _edm_lam(u, shift):
+    """EDM's test-time schedule in float64, written from MATH.md §1.2."""
+    a, b = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+    return -2 * 7 * np.log(a + np.asarray(u, np.float64) * (b - a)) + shift
+
+
+class Recorder(eqx.Module):
+    """A deterministic stub denoiser that records every call's (z, lam, label) on the host."""
+
+    scale: jax.Array
+
+    def __call__(self, z, lam, label):
+        jax.debug.callback(_record, z, lam, label, ordered=True)
+        return jnp.tanh(self.scale * z) + 0.01 * lam[:, None]
+
+
+CALLS = []
+
+
+def _record(z, lam, label):
+    CALLS.append((np.asarray(z), np.asarray(lam), np.asarray(label)))
+
+
+# ------------------------------------------------------------------------- 1. sampler endpoints
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 512])
+def test_sampler_levels_and_output_at_its_ends(k):
+    """k denoiser calls at k strictly increasing log-SNRs (no zero-width step), the first at the
+    schedule's start u = 1 (pure noise), the i-th at lam(i/k); the sample is exactly the last
+    call's prediction (no noise added after it, no extra step)."""
+    CALLS.clear()
+    den = Recorder(jnp.asarray(0.7, F32))
+    shift = 0.3
+    out = mmd.sample(
+        den,
+        jax.random.key(k),
+        shape=(3, 2),
+        labels=jnp.zeros(3, jnp.int32),
+        num_steps=k,
+        shift=shift,
+    )
+    jax.effects_barrier()
+    assert len(CALLS) == k
+    lams = np.asarray([lam for _, lam, _ in CALLS], np.float64)
+    assert np.all(lams == lams[:, :1])  # one level per step for the whole batch
+    levels = lams[:, 0]
+    np.testing.assert_allclose(
+        levels, _edm_lam(np.arange(k, 0, -1) / k, shift), rtol=1e-5, atol=1e-5
+    )
+    assert levels[0] == pytest.approx(-2 * np.log(80.0) + shift, rel=1e-6)
+    assert np.all(np.diff(levels) > 0)
+    z_last, lam_last, label_last = CALLS[-1]
+    np.testing.assert_array_equal(
+        out, den(jnp.asarray(z_last), jnp.asarray(lam_last), jnp.asarray(label_last))
+    )
+
+
+# ------------------------------------------------------------------------ 2. schedule endpoints
+
+ENDS = np.array(
+    [
+        0.0,
+        np.nextafter(np.float32(0), np.float32(1)),
+        np.nextafter(np.float32(1), np.float32(0)),
+        1.0,
+    ],
+    np.float32,
+)
+
+
+def test_schedules_posterior_and_sampler_are_finite_at_exact_ends():
+    """Both schedules, alpha/sigma, the loss weights, the posterior and the ancestral step (gamma 0
+    and 0.5) at u = 0, 1 and their float32 neighbours: finite. The cosine's tan(pi t / 2) is
+    infinite at t = 1 and 0 at t = 0: it is clipped on purpose to lam in [-15, 15] (documented)."""
+    u = jnp.asarray(ENDS)
+    cos = mmd.logsnr_cosine(u, shift=0.0)
+    np.testing.assert_array_equal(np.asarray(cos)[[0, -1]], [15.0, -15.0])
+    for lam in (cos, mmd.logsnr_edm(u, shift=0.0), mmd.logsnr_edm(u, shift=2.0)):
+        assert np.all(np.isfinite(lam)) and np.all(np.diff(np.asarray(lam)) <= 0)
+        alpha, sigma = mmd.alpha_sigma(lam)
+        assert np.all(np.isfinite(alpha)) and np.all(np.isfinite(sigma))
+        assert np.all(alpha > 0) and np.all(sigma > 0)
+        assert np.all(np.isfinite(mmd.loss_weight(lam, kind="edm")))
+        # Every pair of these levels as (t, s), the noisier one as t: adjacent float32 times
+        # included (equal levels after rounding, zero posterior variance).
+        lam_t, lam_s = (a.ravel() for a in jnp.meshgrid(lam, lam))
+        lam_t, lam_s = jnp.minimum(lam_t, lam_s), jnp.maximum(lam_t, lam_s)
+        z_t = jnp.ones((lam_t.shape[0], 2), F32)
+        mean, var = mmd.posterior(z_t=z_t, x=-z_t, lam_t=lam_t, lam_s=lam_s)
+        assert np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var >= 0)
+        for gamma in (0.0, 0.5):
+            step = mmd.ancestral_step(
+                z_t=z_t, x=-z_t, lam_t=lam_t, lam_s=lam_s, noise=z_t, gamma=gamma
+            )
+            assert np.all(np.isfinite(step))
+
+
+@pytest.mark.parametrize(
+    "s, t",
+    [
+        (ENDS[0], ENDS[0]),
+        (ENDS[0], ENDS[1]),
+        (ENDS[0], ENDS[3]),
+        (ENDS[2], ENDS[3]),
+        (ENDS[3], ENDS[3]),
+    ],
+)
+def test_losses_and_gradients_are_finite_with_times_forced_to_the_ends(s, t, monkeypatch):
+    """The teacher loss with t forced to s, and the auxiliary, generator and instant losses with
+    the distillation times forced to (s, t): finite values and gradients."""
+    nets = [
+        MLPDenoiser(dim=2, width=8, depth=1, num_classes=2, key=jax.random.key(i)) for i in range(3)
+    ]
+    x = jax.random.uniform(jax.random.key(5), (4, 2), minval=-1, maxval=1)
+    labels = jnp.asarray([0, 1, 2, 0], jnp.int32)
+    cosine = mmd.logsnr_cosine
+    monkeypatch.setattr(
+        mmd, "logsnr_cosine", lambda u, *, shift: cosine(jnp.full_like(u, s), shift=shift)
+    )
+    monkeypatch.setattr(
+        mmd,
+        "time_pair",
+        lambda u_s, u_d, *, num_steps, mode="paper": (jnp.full_like(u_s, s), jnp.full_like(u_s, t)),
+    )
+    params = [eqx.filter(n, eqx.is_inexact_array) for n in nets]
+
+    def finite(value, grads):
+        assert np.isfinite(float(value))
+        assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+    tcfg = mmd.TeacherConfig(shift=0.5, null_label=2, label_dropout=0.5)
+    finite(
+        *eqx.filter_value_and_grad(
+            lambda m: mmd.teacher_loss(m, jax.random.key(0), x=x, labels=labels, cfg=tcfg)
+        )(nets[0])
+    )
+    cfg = mmd.DistillConfig(
+        num_steps=4, shift=0.5, weighting="edm", guidance=0.5, null_label=2, clip=True
+    )
+    inputs = [
+        mmd.distill_inputs(jax.random.key(i), x=x, labels=labels, num_steps=4, shift=0.5)
+        for i in (1, 2)
+    ]
+    gen, aux, teacher = nets
+    finite(
+        *eqx.filter_value_and_grad(
+            lambda m: mmd.auxiliary_loss(
+                m, generator=gen, teacher=teacher, inputs=inputs[0], cfg=cfg
+            )[0]
+        )(aux)
+    )
+    finite(
+        *eqx.filter_value_and_grad(
+            lambda m: mmd.generator_loss(
+                m, auxiliary=aux, teacher=teacher, inputs=inputs[0], cfg=cfg
+            )[0]
+        )(gen)
+    )
+    precond = jax.tree.map(jnp.ones_like, params[2])
+    value, grads = eqx.filter_value_and_grad(
+        lambda m: mmd.instant_loss(
+            m, teacher=teacher, precond=precond, inputs1=inputs[0], inputs2=inputs[1], cfg=cfg
+        )[0]
+    )(gen)
+    finite(value, grads)
+
+
+# ------------------------------------------------------------------------ 3. guidance convention
+
+
+class Fixed(eqx.Module):
+    """A stub denoiser with fixed outputs: `cond` for a class label, `uncond` for the null one."""
+
+    cond: jax.Array
+    uncond: jax.Array
+    null: int = eqx.field(static=True)
+
+    def __call__(self, z, lam, label):
+        lead = (1,) * (z.ndim - 1)
+        is_null = (label == self.null).reshape(label.shape + lead[1:] + (1,))
+        out = jnp.where(is_null, self.uncond.reshape(lead + (-1,)), self.cond.reshape(lead + (-1,)))
+        return out + 0 * z
+
+
+def test_guidance_convention_and_every_caller_uses_one_function(monkeypatch):
+    """`g^w = (1 + w) g(z, c) - w g(z, null)` (MATH.md §7): w = 0 gives exactly the conditional
+    output; and teacher sampling, the distillation targets (generator loss, instant teacher
+    gradient) and evaluation's `generate` all go through `mmd.guided_denoise`."""
+    cond, uncond = np.array([0.3, -0.7]), np.array([-0.2, 0.4])
+    den = Fixed(jnp.asarray(cond, F32), jnp.asarray(uncond, F32), 2)
+    z, lam, labels = jnp.zeros((2, 2), F32), jnp.zeros(2, F32), jnp.asarray([0, 1], jnp.int32)
+    x_hat, x_cond = mmd.guided_denoise(den, z, lam, labels, guidance=0.0, clip=False, null_label=2)
+    np.testing.assert_array_equal(x_hat, np.broadcast_to(cond.astype(np.float32), (2, 2)))
+    np.testing.assert_array_equal(x_cond, x_hat)
+    for w in (0.1, 1.0, 3.0):
+        x_hat, _ = mmd.guided_denoise(den, z, lam, labels, guidance=w, clip=False, null_label=2)
+        np.testing.assert_allclose(x_hat[0], (1 + w) * cond - w * uncond, rtol=1e-6)
+
+    seen = []
+    guided = mmd.guided_denoise
+
+    def recording(*args, guidance, **kwargs):
+        seen.append(guidance)
+        return guided(*args, guidance=guidance, **kwargs)
+
+    monkeypatch.setattr(mmd, "guided_denoise", recording)
+    shape = (5, 2)  # a shape no other test compiles, so that every program is traced here
+    labels = jnp.zeros(5, jnp.int32)
+    mmd.sample(
+        den,
+        jax.random.key(0),
+        shape=shape,
+        labels=labels,
+        num_steps=2,
+        shift=0.0,
+        guidance=0.25,
+        null_label=2,
+    )
+    assert seen and set(seen) == {0.25}
+    cfg = mmd.DistillConfig(num_steps=2, guidance=0.5, null_label=2)
+    inputs = mmd.distill_inputs(
+        jax.random.key(1), x=jnp.zeros(shape, F32), labels=labels, num_steps=2, shift=0.0
+    )
+    seen.clear()
+    mmd.generator_loss(den, auxiliary=den, teacher=den, inputs=inputs, cfg=cfg)
+    assert seen == [0.5]
+    seen.clear()
+    mmd.teacher_gradient(
+        den, x=inputs.x, z_s=inputs.z_t, lam_s=inputs.lam_s, labels=labels, cfg=cfg
+    )
+    assert seen == [0.5]
+    seen.clear()
+    train.generate(
+        den,
+        jax.random.key(2),
+        num_samples=3,
+        batch_size=3,
+        num_classes=2,
+        num_steps=2,
+        shift=0.0,
+        guidance=0.75,
+        clip=False,
+        gamma=0.0,
+        null_label=2,
+        image_shape=(1, 1, 2),
+        devices=jax.devices()[:1],
+    )
+    assert seen and set(seen) == {0.75}
