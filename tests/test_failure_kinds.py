@@ -248,8 +248,13 @@ def test_guidance_convention_and_every_caller_uses_one_function(monkeypatch):
         jax.random.key(1), x=jnp.zeros(shape, F32), labels=labels, num_steps=2, shift=0.0
     )
     seen.clear()
-    mmd.generator_loss(den, auxiliary=den, teacher=den, inputs=inputs, cfg=cfg)
+    loss, _ = mmd.generator_loss(den, auxiliary=den, teacher=den, inputs=inputs, cfg=cfg)
     assert seen == [0.5]
+    # x_gen = x_aux = cond: the direction x_aux - g^w is w (uncond - cond), 0 without guidance.
+    assert float(loss) == pytest.approx(
+        float(mmd.loss_weight(inputs.lam_s, kind="edm").mean()) * 0.5 * cond @ (uncond - cond),
+        rel=1e-5,
+    )
     seen.clear()
     mmd.teacher_gradient(
         den, x=inputs.x, z_s=inputs.z_t, lam_s=inputs.lam_s, labels=labels, cfg=cfg
