@@ -277,3 +277,51 @@ def test_guidance_convention_and_every_caller_uses_one_function(monkeypatch):
         devices=jax.devices()[:1],
     )
     assert seen and set(seen) == {0.75}
+
+
+# ---------------------------------------------------------------- 5. learning-rate off by one
+
+
+@pytest.mark.parametrize("variant", ["teacher", "instant", "alternating"])
+def test_update_i_uses_the_schedule_at_its_count_fresh_and_after_a_resume(
+    variant, monkeypatch, tmp_path
+):
+    """With the schedule `lambda c: c` and a unit gradient, each update moves a parameter by minus
+    the rate (Adam's first update of a constant gradient is its sign), so update n of an optimiser
+    must move it by -n: also the rate `lr(i)` train.py logs, and also after the optimiser states
+    went through a checkpoint at odd step 3 (alternating: the auxiliary's and the generator's
+    schedules, two auxiliary updates per cycle)."""
+    monkeypatch.setattr(
+        mmd, "warmup_linear_schedule", lambda **_: lambda count: jnp.asarray(count, F32)
+    )
+    extra = ["--aux-steps", "2"] if variant == "alternating" else []
+    config = train.parse_config(["--preset", "tiny", "--variant", variant, *extra])
+    opt, aux_opt, lr = train.optimizers(config)
+    cycle = (aux_opt,) * 2 + (opt,) if variant == "alternating" else (opt,)
+    grads = {"w": jnp.ones((), F32)}
+
+    def run(states, first, last):
+        moves = []
+        for i in range(first, last):
+            j = id(cycle[i % len(cycle)])
+            with jax.numpy_dtype_promotion("standard"):
+                update, states[j] = cycle[i % len(cycle)].update(grads, states[j])
+            moves.append(float(update["w"]))
+        return moves
+
+    def fresh():
+        return {id(o): o.init({"w": jnp.zeros((), F32)}) for o in cycle}
+
+    states = fresh()
+    moves = run(states, 0, 3)
+    path = tmp_path / "ckpt.eqx"
+    train.save_checkpoint(path, meta={"step": 3}, groups={str(k): v for k, v in states.items()})
+    like = fresh()
+    resumed = {k: train.load_group(path, str(k), v) for k, v in like.items()}
+    moves += run(resumed, 3, 9)
+    counts = [
+        sum(cycle[j % len(cycle)] is cycle[i % len(cycle)] for j in range(i)) for i in range(9)
+    ]
+    np.testing.assert_allclose(moves, -np.asarray(counts, np.float64), rtol=1e-5, atol=1e-7)
+    assert [lr(i) for i in range(9)] == counts
+    assert moves == run(fresh(), 0, 9)  # the resumed updates equal uninterrupted ones
