@@ -10,12 +10,15 @@ would have caught it here, and the result on this code.
 | 3 | guidance convention | diffusers #5882 | `guidance_convention` | passes |
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import data
 import mmd
 import train
 from uvit import MLPDenoiser
@@ -33,9 +36,10 @@ class Recorder(eqx.Module):
     """A deterministic stub denoiser that records every call's (z, lam, label) on the host."""
 
     scale: jax.Array
+    ordered: bool = eqx.field(static=True, default=True)  # False: allowed on several devices
 
     def __call__(self, z, lam, label):
-        jax.debug.callback(_record, z, lam, label, ordered=True)
+        jax.debug.callback(_record, z, lam, label, ordered=self.ordered)
         return jnp.tanh(self.scale * z) + 0.01 * lam[:, None]
 
 
@@ -325,3 +329,163 @@ def test_update_i_uses_the_schedule_at_its_count_fresh_and_after_a_resume(
     np.testing.assert_allclose(moves, -np.asarray(counts, np.float64), rtol=1e-5, atol=1e-7)
     assert [lr(i) for i in range(9)] == counts
     assert moves == run(fresh(), 0, 9)  # the resumed updates equal uninterrupted ones
+
+
+# ------------------------------------------------------- 6. non-finite gradients through clipping
+
+
+@jax.custom_jvp
+def _poison(w, bad):
+    """Value 0; derivative `bad` per unit of w: a finite loss with a chosen gradient. (The value is
+    built from `bad` so that it varies over devices as `bad` does, as shard_map's types require.)"""
+    return w * jnp.isnan(bad).astype(w.dtype) * 0.0
+
+
+@_poison.defjvp
+def _poison_jvp(primals, tangents):
+    w, bad = primals
+    return _poison(w, bad), bad * tangents[0]
+
+
+class Poisoned(eqx.Module):
+    """`x_hat = w z`, whose gradient is `bad` wherever an example has label 1: the loss stays
+    finite."""
+
+    w: jax.Array
+    bad: float = eqx.field(static=True)
+
+    def __call__(self, z, lam, label):
+        flagged = jnp.any(label == 1)
+        return self.w * z + _poison(self.w, jnp.where(flagged, self.bad, 0.0))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_gradient_stops_the_run_before_a_checkpoint(bad, tmp_path):
+    """A NaN or inf gradient at step s with a finite loss: the step reports a non-finite gradient
+    norm (the clipped update would carry it into every parameter and Adam moment), and train.py's
+    check of each step's metrics, which runs before any checkpoint is written, stops the run with
+    a one-line error naming the step and the last good checkpoint (that the loop checks before it
+    writes: test_train.py's non-finite-loss test). Zero gradients through clipping stay finite."""
+    model = Poisoned(jnp.asarray(0.5, F32), bad)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    opt = mmd.teacher_optimizer(peak_lr=1e-2, warmup_steps=1)
+    cfg = mmd.TeacherConfig(null_label=3, label_dropout=0.0)
+    local = functools.partial(mmd.teacher_step, static=static, optimizer=opt, cfg=cfg)
+    step = mmd.data_parallel(local, mesh=mmd.data_mesh(num_devices=2), donate=False)
+    state = mmd.init_train_state(params=params, optimizer=opt)
+    x = jnp.full((4, 2), 0.5, F32)
+    state, good = step(state, mmd.Frozen(), x, jnp.zeros(4, jnp.int32), jax.random.key(0))
+    assert np.isfinite(float(good["grad_norm"])) and float(good["grad_norm"]) > 0
+    _, metrics = step(state, mmd.Frozen(), x, jnp.asarray([0, 1, 0, 0]), jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+
+    config = train.parse_config(["--preset", "tiny", "--variant", "teacher"])
+    run = train.Run(
+        config=config,
+        workdir=tmp_path,
+        devices=[],
+        static=None,
+        frozen=mmd.Frozen(),
+        programs=(),
+        batches=None,
+        batch_sharding=None,
+        learning_rate=lambda i: 0.1,
+        train_key=None,
+        sample_key=None,
+        last_checkpoint=None,
+    )
+    log = train.MetricsLog(run)
+    log.append(1, good)
+    log.append(2, metrics)
+    last = tmp_path / "ckpt_00000001.eqx"
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite grad_norm at step 2 .*ckpt_00000001"
+    ) as e:
+        log.flush(last)
+    assert "\n" not in str(e.value)
+
+    zeros = {"w": jnp.zeros(3, F32)}
+    for optimizer in (opt, mmd.distill_optimizer(peak_lr=1e-2, total_steps=10, warmup_steps=1)):
+        opt_state = optimizer.init(zeros)
+        for _ in range(2):
+            with jax.numpy_dtype_promotion("standard"):
+                update, opt_state = optimizer.update(zeros, opt_state)
+            assert np.all(np.asarray(update["w"]) == 0)
+        assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(opt_state))
+
+
+# ----------------------------------------------------------- 7. the same noise on every device
+
+
+def _distinct_levels(records):
+    return {float(v) for _, lam, _ in records for v in lam}
+
+
+@pytest.mark.parametrize("name", ["teacher", "generator", "instant"])
+def test_every_device_and_step_draws_its_own_noise_times_and_label_dropout(name):
+    """On 4 devices, a step's per-example draws (times, so log-SNRs; noise, so z; label dropout)
+    differ across devices and across steps: every example of the global batch has its own level,
+    its own z for the same x, and the devices' dropout masks are not copies."""
+    CALLS.clear()
+    model = Recorder(jnp.asarray(0.7, F32), ordered=False)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    mesh = mmd.data_mesh(num_devices=4)
+    if name == "teacher":
+        opt = mmd.teacher_optimizer(peak_lr=1e-3)
+        cfg = mmd.TeacherConfig(null_label=3, label_dropout=0.5)
+        local = functools.partial(mmd.teacher_step, static=static, optimizer=opt, cfg=cfg)
+        aux_opt, frozen = None, mmd.Frozen()
+    else:
+        opt = aux_opt = mmd.distill_optimizer(peak_lr=1e-3, total_steps=10)
+        cfg = mmd.DistillConfig(num_steps=2, weighting="flat")
+        step_fn = mmd.generator_step if name == "generator" else mmd.instant_step
+        local = functools.partial(step_fn, static=static, optimizer=opt, cfg=cfg)
+        frozen = mmd.Frozen(teacher=params, precond=params)
+    minibatches = 2 if name == "instant" else 1
+    step = mmd.data_parallel(local, mesh=mesh, minibatches=minibatches, donate=False)
+    state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=aux_opt)
+    batch = 16 * minibatches
+    x, labels = jnp.zeros((batch, 2), F32), jnp.ones(batch, jnp.int32)
+    levels = []
+    for i in range(2):
+        CALLS.clear()
+        step(state, frozen, x, labels, jax.random.key(i))
+        jax.effects_barrier()
+        levels.append(_distinct_levels(CALLS))
+        # Each example's own level (distillation: its lam_s; lam_t may be the shared lam(1)).
+        assert len(levels[-1]) >= batch
+        z_rows = {tuple(row) for z, _, _ in CALLS for row in z.reshape(len(z), -1).tolist()}
+        assert len(z_rows) >= batch
+        if name == "teacher":
+            masks = {tuple(label.tolist()) for _, _, label in CALLS}
+            assert len(masks) > 1 and any(3 in m for m in masks)
+    assert len(levels[0] & levels[1]) <= 1  # at most lam(1), where t = min(s + d, 1) caps
+
+
+# --------------------------------------------------- 8. data lost or duplicated across processes
+
+
+def test_every_index_is_seen_equally_often_over_one_and_two_processes():
+    """A dataset of 22 examples that yield their own indices, global batch 4 (not a divisor of 22),
+    over 1 and 2 processes: in 11 global batches (two epochs) every index appears exactly twice,
+    every process's batches have the same size, and the processes' parts make up the one-process
+    batch."""
+    n, batch, steps = 22, 4, 11
+    images = np.zeros((n, 2, 2, 1), np.uint8)
+    ds = data.Dataset(images=images, labels=np.arange(n, dtype=np.int32), num_classes=n, name="ids")
+    streams = {
+        count: [
+            data.batches(ds, batch_size=batch, seed=3, shard_index=p, shard_count=count)
+            for p in range(count)
+        ]
+        for count in (1, 2)
+    }
+    seen = {count: [] for count in streams}
+    for _ in range(steps):
+        parts = {count: [next(it)[1] for it in its] for count, its in streams.items()}
+        for count, labels in parts.items():
+            assert [len(p) for p in labels] == [batch // count] * count
+            seen[count].append(np.concatenate(labels))
+        np.testing.assert_array_equal(seen[2][-1], seen[1][-1])
+    for count in streams:
+        np.testing.assert_array_equal(np.bincount(np.concatenate(seen[count]), minlength=n), 2)
