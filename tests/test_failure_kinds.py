@@ -11,19 +11,24 @@ would have caught it here, and the result on this code.
 """
 
 import functools
+import pathlib
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import data
 import mmd
 import train
+import uvit
+from mnist_classifier import mnist_features
 from uvit import MLPDenoiser
 
 F32 = jnp.float32
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _edm_lam(u, shift):
@@ -489,3 +494,88 @@ def test_every_index_is_seen_equally_often_over_one_and_two_processes():
         np.testing.assert_array_equal(seen[2][-1], seen[1][-1])
     for count in streams:
         np.testing.assert_array_equal(np.bincount(np.concatenate(seen[count]), minlength=n), 2)
+
+
+# ------------------------------------------------------------- 4. the denoiser at low noise
+
+V_CAP = (
+    50.0  # a generous cap on |v| for the networks below (v-targets alpha eps - sigma x are O(1))
+)
+
+
+def _low_noise_gap(model, z, lam):
+    """`max |x_hat(z, lam) - z|` and its closed-form bound `(1 - alpha) max|z| + sigma V_CAP`."""
+    x_hat = model(z, jnp.full((z.shape[0],), lam, F32), jnp.zeros(z.shape[0], jnp.int32))
+    alpha, sigma = (float(a) for a in mmd.alpha_sigma(jnp.asarray(lam, F32)))
+    bound = (1 - alpha) * float(jnp.max(jnp.abs(z))) + sigma * V_CAP
+    return float(jnp.max(jnp.abs(x_hat - z))), bound
+
+
+def test_denoisers_return_about_z_at_the_lowest_noise():
+    """At the highest log-SNR the losses and samplers reach (EDM's lam(0) with the shift; the
+    cosine's clip 15), `x_hat = alpha z - sigma v` is within `(1 - alpha)|z| + sigma V` of z for the
+    generators of both variants (copies of the teacher: the U-ViT `Denoiser`, or `MLPDenoiser` for
+    points) with random weights, and for the shipped MNIST teacher."""
+    tiny = uvit.UViTConfig(
+        resolution=8,
+        channels=1,
+        num_classes=2,
+        widths=(8,),
+        blocks=(1,),
+        transformer_width=16,
+        transformer_depth=1,
+        heads=2,
+        emb_width=16,
+        groups=4,
+    )
+    net = uvit.make_model(tiny, key=jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(eqx.filter(net, eqx.is_inexact_array))
+    noisy = [p + 0.3 * jax.random.normal(jax.random.key(i), p.shape) for i, p in enumerate(leaves)]
+    net = eqx.combine(
+        jax.tree.unflatten(treedef, noisy), eqx.filter(net, eqx.is_inexact_array, inverse=True)
+    )
+    teacher, config, _ = train.load_checkpoint(ROOT / "checkpoints" / "mnist_teacher.eqx")
+    side = config.model.resolution
+    digits = jnp.where(jax.random.uniform(jax.random.key(1), (2, side, side, 1)) > 0.7, 1.0, -1.0)
+    cases = [
+        (net, jax.random.normal(jax.random.key(2), (2, 8, 8, 1)), mmd.resolution_shift(8)),
+        (
+            MLPDenoiser(dim=2, width=16, depth=2, num_classes=2, key=jax.random.key(3)),
+            jax.random.normal(jax.random.key(4), (16, 2)),
+            0.0,
+        ),
+        (teacher, digits, mmd.resolution_shift(side)),
+    ]
+    for model, z, shift in cases:
+        for lam in (float(mmd.logsnr_edm(jnp.asarray(0.0), shift=shift)), 15.0):
+            gap, bound = _low_noise_gap(eqx.filter_jit(model), z, lam)
+            assert gap <= bound, (type(model).__name__, lam, gap, bound)
+            assert bound < 0.15
+
+
+# ------------------------------------------------------ 10. features and how samples are stored
+
+
+def test_features_do_not_depend_on_how_samples_are_stored(tmp_path):
+    """A float batch on and off the uint8 grid: `to_uint8` rounds to the nearest level (never
+    truncates), and the classifier features of the uint8 batch in memory, after an 8-bit PNG round
+    trip and after an npz round trip are identical."""
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, 256, (6, 28, 28, 1))
+    offset = rng.uniform(-0.45, 0.45, levels.shape)
+    x = ((levels + offset) / 127.5 - 1.0).astype(np.float32)
+    u8 = train.to_uint8(x)
+    np.testing.assert_array_equal(u8, levels)
+    ends = np.asarray([-1.0, 1.0, -1.2, 1.2], np.float32)
+    np.testing.assert_array_equal(train.to_uint8(ends), [0, 255, 0, 255])
+    pngs = []
+    for i, image in enumerate(u8):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(image[..., 0]).save(path)
+        pngs.append(np.asarray(Image.open(path))[..., None])
+    np.savez(tmp_path / "samples.npz", x=u8)
+    stored = {"png": np.stack(pngs), "npz": np.load(tmp_path / "samples.npz")["x"]}
+    memory = mnist_features(u8)
+    for name, images in stored.items():
+        assert images.dtype == np.uint8, name
+        np.testing.assert_array_equal(mnist_features(images), memory, err_msg=name)
