@@ -364,6 +364,24 @@ class Poisoned(eqx.Module):
         return self.w * z + _poison(self.w, jnp.where(flagged, self.bad, 0.0))
 
 
+def _bare_run(workdir):
+    """A `train.Run` of the tiny teacher preset with only what `train.MetricsLog` reads."""
+    return train.Run(
+        config=train.parse_config(["--preset", "tiny", "--variant", "teacher"]),
+        workdir=workdir,
+        devices=[],
+        static=None,
+        frozen=mmd.Frozen(),
+        programs=(),
+        batches=None,
+        batch_sharding=None,
+        learning_rate=lambda i: 0.1,
+        train_key=None,
+        sample_key=None,
+        last_checkpoint=None,
+    )
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_a_non_finite_gradient_stops_the_run_before_a_checkpoint(bad, tmp_path):
     """A NaN or inf gradient at step s with a finite loss: the step reports a non-finite gradient
@@ -384,21 +402,7 @@ def test_a_non_finite_gradient_stops_the_run_before_a_checkpoint(bad, tmp_path):
     _, metrics = step(state, mmd.Frozen(), x, jnp.asarray([0, 1, 0, 0]), jax.random.key(1))
     assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
 
-    config = train.parse_config(["--preset", "tiny", "--variant", "teacher"])
-    run = train.Run(
-        config=config,
-        workdir=tmp_path,
-        devices=[],
-        static=None,
-        frozen=mmd.Frozen(),
-        programs=(),
-        batches=None,
-        batch_sharding=None,
-        learning_rate=lambda i: 0.1,
-        train_key=None,
-        sample_key=None,
-        last_checkpoint=None,
-    )
+    run = _bare_run(tmp_path)
     log = train.MetricsLog(run)
     log.append(1, good)
     log.append(2, metrics)
@@ -579,3 +583,27 @@ def test_features_do_not_depend_on_how_samples_are_stored(tmp_path):
     for name, images in stored.items():
         assert images.dtype == np.uint8, name
         np.testing.assert_array_equal(mnist_features(images), memory, err_msg=name)
+
+
+# ------------------------------------------------------- 9. several processes writing one file
+
+
+def test_only_process_0_writes_metrics_and_every_process_checks_them(tmp_path, monkeypatch):
+    """As process 1 of 2 (jax.process_index patched), the metrics log writes no file but still
+    stops on a non-finite value; as process 0 it writes. (train.py's whole loop under two real
+    processes, checkpoints, figures and the teacher export included: test_multiprocess.py, which
+    checks that process 1's work directory is never created.)"""
+    good = {"loss": jnp.asarray(1.0, F32), "grad_norm": jnp.asarray(1.0, F32)}
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    log = train.MetricsLog(_bare_run(tmp_path))
+    log.append(1, good)
+    log.flush(None)
+    assert not list(tmp_path.iterdir())
+    log.append(2, {**good, "loss": jnp.asarray(np.nan, F32)})
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+        log.flush(None)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    log.append(3, good)
+    log.flush(None)
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
