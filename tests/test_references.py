@@ -189,6 +189,7 @@ def test_auxiliary_gradient_matches_finite_differences():
     params, unravel = ravel_pytree(eqx.filter(nets[0], eqx.is_inexact_array))
     static = eqx.filter(nets[0], eqx.is_inexact_array, inverse=True)
 
+    @jax.jit
     def loss(p):
         aux = eqx.combine(unravel(p), static)
         return mmd.auxiliary_loss(aux, generator=nets[1], teacher=nets[2], inputs=inputs, cfg=cfg)[
