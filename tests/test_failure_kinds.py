@@ -473,7 +473,7 @@ def test_every_device_and_step_draws_its_own_noise_times_and_label_dropout(name)
     state = mmd.init_train_state(params=params, optimizer=opt, aux_optimizer=aux_opt)
     batch = 16 * minibatches
     x, labels = jnp.zeros((batch, 2), F32), jnp.ones(batch, jnp.int32)
-    levels = []
+    levels, masks = [], []
     for i in range(2):
         CALLS.clear()
         step(state, frozen, x, labels, jax.random.key(i))
@@ -483,10 +483,11 @@ def test_every_device_and_step_draws_its_own_noise_times_and_label_dropout(name)
         assert len(levels[-1]) >= batch
         z_rows = {tuple(row) for z, _, _ in CALLS for row in z.reshape(len(z), -1).tolist()}
         assert len(z_rows) >= batch
-        if name == "teacher":
-            masks = {tuple(label.tolist()) for _, _, label in CALLS}
-            assert len(masks) > 1 and any(3 in m for m in masks)
+        masks.append({tuple(label.tolist()) for _, _, label in CALLS})
     assert len(levels[0] & levels[1]) <= 1  # at most lam(1), where t = min(s + d, 1) caps
+    if name == "teacher":  # the devices' dropout masks differ, and differ from step to step
+        assert all(len(m) > 1 and any(3 in mask for mask in m) for m in masks)
+        assert masks[0] != masks[1]
 
 
 # --------------------------------------------------- 8. data lost or duplicated across processes
