@@ -58,13 +58,28 @@ def test_frechet_distance_of_translation_is_squared_mean_difference():
 
 
 def test_feature_stats_from_samples_give_population_frechet_distance():
-    # Two sample sets from the same Gaussian: FID -> 0 as n grows; sqrt-n consistency at n = 20000.
+    """Samples of two different Gaussians: the distance between their feature_stats approaches the
+    closed-form distance between the populations (scipy's sqrtm); feature_stats equals numpy's
+    mean and unbiased (ddof 1) covariance."""
     rng = np.random.default_rng(3)
-    mu, cov = _random_stats(rng, 8)
-    chol = np.linalg.cholesky(cov)
-    draw = lambda: (mu + rng.normal(size=(20000, 8)) @ chol.T).astype(np.float32)  # noqa: E731
-    fid = ev.frechet_distance(*ev.feature_stats(draw()), *ev.feature_stats(draw()))
-    assert 0 <= fid < 0.01 * np.trace(cov)
+    (mu1, cov1), (mu2, cov2) = _random_stats(rng, 8), _random_stats(rng, 8)
+    root = scipy.linalg.sqrtm(cov1 @ cov2).real
+    population = np.sum((mu1 - mu2) ** 2) + np.trace(cov1 + cov2) - 2 * np.trace(root)
+
+    def draw(mu, cov, n):
+        return (mu + rng.normal(size=(n, 8)) @ np.linalg.cholesky(cov).T).astype(np.float32)
+
+    fid = ev.frechet_distance(
+        *ev.feature_stats(draw(mu1, cov1, 20000)), *ev.feature_stats(draw(mu2, cov2, 20000))
+    )
+    assert population > np.trace(cov1)  # mean and covariance both contribute
+    assert fid == pytest.approx(population, rel=0.03)
+    few = draw(mu1, cov1, 5)
+    mean, cov = ev.feature_stats(few)
+    few = few.astype(np.float64)
+    np.testing.assert_allclose(mean, few.sum(0) / 5, rtol=1e-12)
+    centred = few - few.sum(0) / 5
+    np.testing.assert_allclose(cov, centred.T @ centred / 4, rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="non-finite"):
         ev.feature_stats(np.full((3, 8), np.nan, np.float32))
 

@@ -160,9 +160,19 @@ def test_unconditional_model_has_only_the_null_row():
     config = dataclasses.replace(TINY, num_classes=0)
     model = uvit.make_model(config, key=jax.random.key(0))
     assert model.net.embedding.classes.shape == (1, config.emb_width)
-    z, lam, label = inputs(config, 2, jax.random.key(1))
-    assert bool(jnp.all(label == 0))
-    assert bool(jnp.all(jnp.isfinite(apply(model, z, lam, label))))
+    # The one row is what label 0 (the null label) adds to the conditioning, and it reaches the
+    # output.
+    model = perturbed_model(config, jax.random.key(0))
+    z, lam, _ = inputs(config, 2, jax.random.key(1))
+    label = jnp.zeros(2, jnp.int32)
+    emb = model.net.embedding
+    without = eqx.tree_at(lambda e: e.classes, emb, jnp.zeros_like(emb.classes))
+    np.testing.assert_allclose(
+        emb(lam, label), without(lam, label) + emb.classes[:1], rtol=1e-6, atol=1e-6
+    )
+    moved = eqx.tree_at(lambda m: m.net.embedding.classes, model, emb.classes + 1.0)
+    out, out_moved = apply(model, z, lam, label), apply(moved, z, lam, label)
+    assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.max(jnp.abs(out_moved - out))) > 1e-3
 
 
 def test_v_to_x_wrapper_is_exact():
