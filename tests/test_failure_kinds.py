@@ -12,7 +12,7 @@ deliberately broken copy of the code it covers (named in its commit) and failed 
 | 4 | denoiser at low noise | diffusers #6833 | `lowest_noise` | passes |
 | 5 | learning rate off by one | optax #415 | `update_i` | passes |
 | 6 | non-finite gradients | pytorch #46849, optax #1752 | `non_finite` | passes (stops) |
-| 7 | same noise on every shard | (replicated key in shard_map) | `every_device` | passes |
+| 7 | same noise on every shard | markean/aimz #292 | `every_device` | passes |
 | 8 | data lost or duplicated | google/grain #953, #1129 | `equally_often` | passes |
 | 9 | several processes write | NVIDIA/apex #886 | `only_process` | passes |
 | 10 | FID depends on storage | pytorch-fid #63 | `stored` | passes |
