@@ -57,7 +57,7 @@ def _start(process_id: int, num_processes: int, port: int, root: pathlib.Path) -
 
 
 def _leaves(checkpoint: pathlib.Path) -> list[np.ndarray]:
-    return list(train.read_leaves(checkpoint, "params").values())
+    return list(checkpoint.read_leaves(checkpoint, "params").values())
 
 
 def test_two_processes_equal_one_process(tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import checkpoint
 import data
 import eval as evaluation
 import mmd
@@ -76,7 +77,7 @@ def args(npz, workdir, variant, *extra):
 
 def leaves(path, group="params"):
     """A checkpoint group's leaves, in order."""
-    return list(train.read_leaves(path, group).values())
+    return list(checkpoint.read_leaves(path, group).values())
 
 
 def metrics(workdir):
@@ -86,7 +87,7 @@ def metrics(workdir):
 def check_outputs(workdir, variant):
     """Checkpoints of every step, one finite metrics line per step, a sample grid of 20 images in 10
     columns."""
-    assert [p.name for p in train._checkpoints(workdir)] == [
+    assert [p.name for p in train.list_checkpoints(workdir)] == [
         f"ckpt_{s:08d}.eqx" for s in range(1, STEPS + 1)
     ]
     records = metrics(workdir)
@@ -152,16 +153,16 @@ def test_teacher_run(teacher):
     # from either file. The average differs from the last parameters (decay min(0.999, (1+t)/(10+t))
     # > 0).
     final = teacher / "checkpoints" / f"ckpt_{STEPS:08d}.eqx"
-    assert train.read_meta(teacher / "teacher.eqx")["ema"]
+    assert checkpoint.read_meta(teacher / "teacher.eqx")["ema"]
     for a, b in zip(leaves(teacher / "teacher.eqx"), leaves(final, "ema"), strict=True):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, raw) for a, raw in zip(leaves(final, "ema"), leaves(final)))
-    nu = {p: x for p, x in train.read_leaves(final, "opt_state").items() if ".nu." in p}
+    nu = {p: x for p, x in checkpoint.read_leaves(final, "opt_state").items() if ".nu." in p}
     assert len(nu) == len(leaves(final))
     for a, b in zip(leaves(teacher / "teacher.eqx", "nu"), nu.values(), strict=True):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(a.astype(np.float32), b, rtol=2**-8)
-    assert train.read_meta(teacher / "teacher.eqx")["adam"]["count"] == STEPS
+    assert checkpoint.read_meta(teacher / "teacher.eqx")["adam"]["count"] == STEPS
     model, config, _ = train.load_checkpoint(teacher / "teacher.eqx")
     assert config.variant == "teacher" and config.steps == STEPS
     x = model(jnp.zeros((2, 8, 8, 1)), jnp.array([0.0, 1.0]), jnp.array([1, 10]))
@@ -197,7 +198,7 @@ def test_resume_matches_uninterrupted_run(auto_run, alternating, npz, tmp_path, 
     monkeypatch.setattr(train, "CHECKPOINT_DIR", auto_run[0] / "checkpoints")
     workdir = tmp_path / "resumed"
     shutil.copytree(alternating, workdir)
-    for path in train._checkpoints(workdir)[2:]:
+    for path in train.list_checkpoints(workdir)[2:]:
         path.unlink()
     train.main(args(npz, workdir, "alternating", "--resume"))
     final = f"checkpoints/ckpt_{STEPS:08d}.eqx"
@@ -298,7 +299,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(npz, tmp_path):
     workdir = tmp_path / "diverge"
     with pytest.raises(FloatingPointError, match=r"non-finite .* at step 2 .*ckpt_00000001\.eqx"):
         train.main(args(npz, workdir, "teacher", "--teacher-lr", "1e30", "--teacher-warmup", "1"))
-    assert [p.name for p in train._checkpoints(workdir)] == ["ckpt_00000001.eqx"]
+    assert [p.name for p in train.list_checkpoints(workdir)] == ["ckpt_00000001.eqx"]
     assert all(
         np.all(np.isfinite(x)) for x in leaves(workdir / "checkpoints" / "ckpt_00000001.eqx")
     )
@@ -306,7 +307,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(npz, tmp_path):
 
 def test_mismatched_teacher_lists_leaves(npz, teacher, tmp_path):
     with pytest.raises(
-        train.CheckpointError,
+        checkpoint.CheckpointError,
         match=r"(?s)leaves differ.*stem\.weight: checkpoint float32\[3, 3, 1, 8\], "
         r"configured float32\[3, 3, 1, 16\]",
     ):
@@ -538,7 +539,7 @@ def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(
     and the final state equals the uninterrupted teacher run's (the `teacher` fixture: same options,
     8 devices)."""
     workdir, calls, printed = tmp_path / "stopped", [], io.StringIO()
-    real_global_batch = train._global_batch
+    real_global_batch = train.global_batch
 
     def global_batch(*a):
         calls.append(1)
@@ -546,10 +547,10 @@ def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(
             os.kill(os.getpid(), signal.SIGINT)
         return real_global_batch(*a)
 
-    monkeypatch.setattr(train, "_global_batch", global_batch)
+    monkeypatch.setattr(train, "global_batch", global_batch)
     with contextlib.redirect_stdout(printed), pytest.raises(train.Interrupted):
         train.main(args(npz, workdir, "teacher"))
-    names = [p.name for p in train._checkpoints(workdir)]
+    names = [p.name for p in train.list_checkpoints(workdir)]
     assert names == ["ckpt_00000001.eqx", "ckpt_00000002.eqx"]
     (line,) = [line for line in printed.getvalue().splitlines() if line.startswith("Interrupted")]
     checkpoint = workdir / "checkpoints" / "ckpt_00000002.eqx"
@@ -557,7 +558,7 @@ def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(
     command = shlex.split(line.split("Resume: ")[1])
     assert command[:2] == shlex.split(train.python_command("train.py"))
     assert command[-1] == "--resume"
-    monkeypatch.setattr(train, "_global_batch", real_global_batch)
+    monkeypatch.setattr(train, "global_batch", real_global_batch)
     train.main(command[2:])
     final = f"checkpoints/ckpt_{STEPS:08d}.eqx"
     for group in ("params", "opt_state", "ema"):
@@ -599,8 +600,8 @@ def test_sigint_in_a_subprocess_exits_130_with_a_checkpoint_and_no_carriage_retu
     assert "\r" not in text
     (line,) = [line for line in text.splitlines() if line.startswith("Interrupted at step ")]
     step = int(line.split()[3].rstrip(";"))
-    assert [p.name for p in train._checkpoints(workdir)] == [f"ckpt_{step:08d}.eqx"]
-    assert train.read_meta(train._checkpoints(workdir)[0])["step"] == step
+    assert [p.name for p in train.list_checkpoints(workdir)] == [f"ckpt_{step:08d}.eqx"]
+    assert checkpoint.read_meta(train.list_checkpoints(workdir)[0])["step"] == step
 
 
 @pytest.mark.parametrize(
@@ -758,7 +759,7 @@ def test_teacher_may_be_a_run_directory_and_must_be_a_teacher(teacher, alternati
         train.ensure_teacher(dataclasses.replace(config, teacher=str(tmp_path / "unfinished")))
     student = alternating / "checkpoints" / f"ckpt_{STEPS:08d}.eqx"
     with pytest.raises(
-        train.CheckpointError, match="is a checkpoint of a alternating run, not of a teacher"
+        checkpoint.CheckpointError, match="is a checkpoint of a alternating run, not of a teacher"
     ):
         train.check_teacher(dataclasses.replace(config, teacher=str(student)))
 
@@ -777,7 +778,7 @@ def test_every_flipped_byte_and_truncation_is_detected_or_harmless(teacher, tmp_
     nothing that is read or raises a one-line CheckpointError naming the file; every flipped byte
     inside a member is caught. A truncated file or another format raise one too."""
     original = teacher / "teacher.eqx"
-    expected = {g: train.read_leaves(original, g) for g in ("params", "nu")}
+    expected = {g: checkpoint.read_leaves(original, g) for g in ("params", "nu")}
     raw = original.read_bytes()
     archive = zipfile.ZipFile(original)
     data_ranges = [
@@ -795,11 +796,11 @@ def test_every_flipped_byte_and_truncation_is_detected_or_harmless(teacher, tmp_
         try:
             for group, leaves_ in expected.items():
                 for a, b in zip(
-                    train.read_leaves(damaged, group).values(), leaves_.values(), strict=True
+                    checkpoint.read_leaves(damaged, group).values(), leaves_.values(), strict=True
                 ):
                     np.testing.assert_array_equal(a, b)
             harmless.add(position)
-        except train.CheckpointError as e:
+        except checkpoint.CheckpointError as e:
             assert str(e).startswith(f"{damaged}") and "\n" not in str(e)
     # Every flipped byte of meta.json, params.eqx and nu.eqx is caught (CRC-32).
     assert not harmless & in_data
@@ -813,7 +814,7 @@ def test_every_flipped_byte_and_truncation_is_detected_or_harmless(teacher, tmp_
                 archive.writestr("meta.json", json.dumps({"format": "other"}))
         else:
             damaged.write_bytes(content)
-        with pytest.raises(train.CheckpointError, match=f"damaged.eqx.*{message}"):
+        with pytest.raises(checkpoint.CheckpointError, match=f"damaged.eqx.*{message}"):
             train.load_checkpoint(damaged)
 
 
@@ -831,9 +832,10 @@ def test_resume_skips_a_damaged_checkpoint_and_tolerates_leftovers(teacher, npz,
     leftover = workdir / "checkpoints" / f".ckpt_{STEPS:08d}.eqx.123.{'0' * 32}.tmp"
     leftover.write_bytes(b"partial")
     with pytest.raises(
-        train.CheckpointError, match=r"ckpt_00000004.eqx: params.eqx cannot be read .*Bad CRC-32"
+        checkpoint.CheckpointError,
+        match=r"ckpt_00000004.eqx: params.eqx cannot be read .*Bad CRC-32",
     ):
-        train.read_leaves(newest, "params")
+        checkpoint.read_leaves(newest, "params")
     train.main(args(npz, workdir, "teacher", "--resume"))
     out = " ".join(capsys.readouterr().out.split())
     assert "Skipping damaged checkpoint ckpt_00000004.eqx (kept for inspection)" in out
@@ -865,7 +867,7 @@ def test_sigkill_between_writing_and_renaming_a_checkpoint_then_resume(teacher, 
         check=False,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert [p.name for p in train._checkpoints(workdir)] == [
+    assert [p.name for p in train.list_checkpoints(workdir)] == [
         "ckpt_00000001.eqx",
         "ckpt_00000002.eqx",
     ]
@@ -880,11 +882,11 @@ def test_sigkill_between_writing_and_renaming_a_checkpoint_then_resume(teacher, 
 def test_resume_with_no_intact_checkpoint_says_so(teacher, npz, tmp_path, never_compile):
     workdir = tmp_path / "all-damaged"
     shutil.copytree(teacher, workdir)
-    for path in train._checkpoints(workdir):
+    for path in train.list_checkpoints(workdir):
         path.write_bytes(path.read_bytes()[:1000])  # truncated
-    with pytest.raises(train.CheckpointError, match=r"no intact checkpoint in .*damaged/"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"no intact checkpoint in .*damaged/"):
         train.main(args(npz, workdir, "teacher", "--resume"))
-    assert len(train._checkpoints(workdir)) == STEPS  # kept for inspection
+    assert len(train.list_checkpoints(workdir)) == STEPS  # kept for inspection
 
 
 def test_printed_commands_run_from_the_working_directory(tmp_path, monkeypatch):
