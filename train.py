@@ -1150,9 +1150,9 @@ def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
 class Interrupted(Exception):
     """SIGINT or SIGTERM stopped training after a step; `checkpoint` holds that step."""
 
-    def __init__(self, step: int, checkpoint: pathlib.Path):
-        super().__init__(f"stopped at step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, path: pathlib.Path):
+        super().__init__(f"stopped at step {step}; checkpoint {path}")
+        self.step, self.checkpoint = step, path
 
 
 class StopSignals:
@@ -1346,10 +1346,10 @@ def train(config: Config) -> pathlib.Path:
             log.append(step, metrics)
             stopping = stop.requested  # read once: a later signal stops after the next step
             end = step == config.steps or stopping
-            checkpoint = step % config.checkpoint_every == 0 or end
-            if i == start or step % config.log_every == 0 or checkpoint:
+            save_now = step % config.checkpoint_every == 0 or end
+            if i == start or step % config.log_every == 0 or save_now:
                 progress.show(step, log.flush(last_good))
-            if checkpoint:
+            if save_now:
                 last_good = _save(run, state, step)
             if grids and (step % config.sample_every == 0 or end):
                 write_samples(run, _network(state), step=step, network=grid_title)

@@ -188,7 +188,7 @@ def _worker(process_id: int, num_processes: int, port: int, root: pathlib.Path) 
             "2",
             "--batch-size",
             str(BATCH),
-            "--num-samples",
+            "--grid-size",
             "10",
         ]
     )

@@ -65,7 +65,7 @@ def args(npz, workdir, variant, *extra):
         str(STEPS),
         "--sample-every",
         "100",
-        "--num-samples",
+        "--grid-size",
         "20",
         "--teacher-k",
         "4",
@@ -373,6 +373,67 @@ def test_help_lists_every_field_with_its_default(capsys):
     assert "(default: none)" in text and "(default: None)" not in text  # as `--steps none` is typed
 
 
+def test_help_lists_the_options_in_sections(capsys):
+    """`--help` groups the options: run, data, teacher, the paper's distillation options, the
+    study's options, output, model; each section lists its own fields."""
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    titles = [f"{title}:" for title in train.GROUPS.values()]
+    starts = [text.index(title) for title in titles]
+    assert starts == sorted(starts)  # the sections in GROUPS' order
+    sections = dict(zip(train.GROUPS, [text[a:b] for a, b in zip(starts, starts[1:] + [None])]))
+    assert (
+        "--instant-form" in sections["distillation"]
+        and "--precond-steps" in sections["distillation"]
+    )
+    assert all(
+        f"--{name}" in sections["study"]
+        for name in (
+            "aux-steps",
+            "b1",
+            "student-ema",
+            "time-sampling",
+            "center",
+            "precond-eps-mode",
+        )
+    )
+    assert "--config FILE" in sections["run"] and "--model-widths" in sections["model"]
+    assert "--grid-size" in sections["output"] and "--num-samples NUM_SAMPLES" not in text
+
+
+def test_config_file_replays_a_run_and_later_options_override_it(teacher, tmp_path):
+    """`--config WORKDIR/config.json --steps 2` runs the recorded run again for 2 steps in a new
+    workdir: every other setting as recorded (the warm-up recomputed for the new length)."""
+    recorded = train.read_config(teacher / "config.json")
+    replay = tmp_path / "replay"
+    argv = ["--config", str(teacher / "config.json"), "--steps", "2", "--workdir", str(replay)]
+    config = train.parse_config(argv)
+    assert (config.steps, config.workdir, config.resume) == (2, str(replay), False)
+    same = dataclasses.replace(config, steps=recorded.steps, workdir=recorded.workdir)
+    assert dataclasses.replace(same, warmup=recorded.warmup) == recorded
+    train.main(argv)
+    assert [p.name for p in train.list_checkpoints(replay)] == [
+        "ckpt_00000001.eqx",
+        "ckpt_00000002.eqx",
+    ]
+    assert train.read_config(replay / "config.json") == config
+    # without --workdir the replay goes beside the recorded run, never into it
+    assert train.parse_config(argv[:4]).workdir == f"{recorded.workdir}-replay"
+    with pytest.raises(FileNotFoundError, match="no configuration file"):
+        train.parse_config(["--config", str(tmp_path / "absent.json")])
+
+
+def test_configs_of_earlier_versions_load_under_the_new_names():
+    """`checkpoint.RENAMED`: the shipped teacher's config says `teacher_sample_steps` and
+    `num_samples` (the grid's size), read as `teacher_k` and `grid_size`."""
+    meta = checkpoint.read_meta(train.default_teacher_path("mnist"))
+    assert {"teacher_sample_steps", "num_samples"} <= set(meta["config"])
+    config = train.config_from_dict(meta["config"])
+    assert config.teacher_k == meta["config"]["teacher_sample_steps"]
+    assert config.grid_size == meta["config"]["num_samples"]
+
+
 def test_config_round_trips_through_json_and_cli():
     config = train.parse_config(
         [
@@ -553,8 +614,8 @@ def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(
     names = [p.name for p in train.list_checkpoints(workdir)]
     assert names == ["ckpt_00000001.eqx", "ckpt_00000002.eqx"]
     (line,) = [line for line in printed.getvalue().splitlines() if line.startswith("Interrupted")]
-    checkpoint = workdir / "checkpoints" / "ckpt_00000002.eqx"
-    assert f"at step 2; checkpoint {checkpoint}. Resume: " in line
+    saved = workdir / "checkpoints" / "ckpt_00000002.eqx"
+    assert f"at step 2; checkpoint {saved}. Resume: " in line
     command = shlex.split(line.split("Resume: ")[1])
     assert command[:2] == shlex.split(train.python_command("train.py"))
     assert command[-1] == "--resume"
