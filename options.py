@@ -5,7 +5,7 @@ train.py's `Config`, eval.py's `EvalConfig` and the experiments' settings are al
 
     @dataclasses.dataclass(frozen=True)
     class Settings:
-        steps: int = field(100, "training steps", group="run")
+        steps: int = field(100, "training steps")
 
     parser = argparse.ArgumentParser()
     add_options(parser, Settings, Settings())   # --steps STEPS (default: 100)
@@ -16,13 +16,13 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
 def field(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field with its help text; `extra` metadata: `choices`, `flag` (the option's name
-    when not `--<field-name>`), `required`, `group` (the --help section)."""
+    when not `--<field-name>`), `required`."""
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
@@ -75,39 +75,26 @@ def add_options(
     cls: type,
     defaults: Any,
     *,
-    groups: Mapping[str, str] | None = None,
+    groups: Mapping[str, tuple[str, Sequence[str]]] | None = None,
     prefix: str = "",
-    group: str | None = None,
 ) -> dict[str, Any]:
     """One option per dataclass field (nested dataclasses as `--model-<field>`), defaults shown but
     suppressed, so that only the options actually given come back as overrides. `groups` maps a
-    field's `group` to a --help section title, in the order the sections are listed; returns the
-    sections by name."""
-    sections = {}
-    if groups is not None:
-        sections = {name: parser.add_argument_group(title) for name, title in groups.items()}
-    _add_fields(parser, sections, cls, defaults, prefix=prefix, group=group)
-    return sections
-
-
-def _add_fields(
-    parser: argparse.ArgumentParser,
-    sections: dict[str, Any],
-    cls: type,
-    defaults: Any,
-    *,
-    prefix: str,
-    group: str | None,
-) -> None:
+    section's name to its --help title and fields, in the order the sections are listed; returns
+    the sections (argument groups) by name."""
+    sections, where = {}, {}
+    for name, (title, names) in (groups or {}).items():
+        sections[name] = parser.add_argument_group(title)
+        where.update(dict.fromkeys(names, sections[name]))
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         dest, default = prefix + f.name, getattr(defaults, f.name)
-        section = f.metadata.get("group", group)
+        target = where.get(f.name, parser)
         if dataclasses.is_dataclass(default):  # the preset's model family gives the options
-            _add_fields(parser, sections, type(default), default, prefix=dest + ".", group=section)
-            continue
-        target = sections.get(section, parser)
-        _option(target, f, hints[f.name], dest=dest, default=default)
+            add_options(target, type(default), default, prefix=dest + ".")
+        else:
+            _option(target, f, hints[f.name], dest=dest, default=default)
+    return sections
 
 
 def apply(base: Any, overrides: Mapping[str, Any]) -> Any:

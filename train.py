@@ -142,16 +142,43 @@ DISTILL_WARMUP_FRACTION = 0.1
 # Configuration
 
 GROUPS = {
-    "run": "run: what to train, where, how long",
-    "data": "data",
-    "teacher": "teacher: training the diffusion model (also the auto-trained teacher)",
-    "distillation": "distillation: the paper's options (Algorithms 2 and 3, Appendix B)",
-    "study": "study options: not in the paper; kept for the measurements in experiments/ "
-    "(experiments/decisions.md); their defaults are the paper's method",
-    "output": "output: logging, sample grids, checkpoints",
-    "model": "model: the network (defaults: the preset's)",
+    "run": (
+        "run: what to train, where, how long",
+        "variant preset workdir resume seed num_devices steps batch_size".split(),
+    ),
+    "data": (
+        "data",
+        "data data_resolution".split(),
+    ),
+    "teacher": (
+        "teacher: training the diffusion model (also the auto-trained teacher)",
+        (
+            "teacher_steps teacher_batch_size teacher_lr teacher_warmup teacher_b1 teacher_b2 "
+            "teacher_ema label_dropout shift teacher_k"
+        ).split(),
+    ),
+    "distillation": (
+        "distillation: the paper's options (Algorithms 2 and 3, Appendix B)",
+        (
+            "teacher k distill_steps distill_batch_size lr aux_lr warmup weighting guidance "
+            "clip zs regularize_aux instant_form precond_steps precond_eps"
+        ).split(),
+    ),
+    "study": (
+        "study options: not in the paper, kept for the study's measurements "
+        "(experiments/decisions.md); the defaults are the paper's",
+        "aux_steps b1 student_ema time_sampling center center_steps precond_eps_mode".split(),
+    ),
+    "output": (
+        "output: logging, sample grids, checkpoints",
+        "log_every sample_every checkpoint_every keep_checkpoints grid_size".split(),
+    ),
+    "model": (
+        "model: the network (defaults: the preset's)",
+        "model".split(),
+    ),
 }
-"""The sections of `python train.py --help`, in order: each Config field names its `group`."""
+"""The sections of `python train.py --help`, in order: (title, the Config fields listed there)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,38 +186,30 @@ class Config:
     """Every setting of a run; `PRESETS` holds named instances, the command line overrides any
     field (`--config FILE` first replays a saved config.json)."""
 
-    variant: str = field("instant", "what to train", choices=mmd.VARIANTS, group="run")
-    preset: str = field(
-        "mnist", "the starting configuration, a name in PRESETS (listed below)", group="run"
-    )
-    workdir: str | None = field(
-        None, "output directory (none: runs/<preset>-<variant>)", group="run"
-    )
+    variant: str = field("instant", "what to train", choices=mmd.VARIANTS)
+    preset: str = field("mnist", "the starting configuration, a name in PRESETS (listed below)")
+    workdir: str | None = field(None, "output directory (none: runs/<preset>-<variant>)")
     resume: bool = field(
         False,
         "continue from the workdir's latest checkpoint (starts fresh if it has none)",
         group="run",
     )
-    seed: int = field(0, "seed of initialisation, data order and every random draw", group="run")
-    num_devices: int = field(
-        0, "use the first N local devices (0: all devices of all processes)", group="run"
-    )
-    steps: int | None = field(
-        None, "training steps (none: teacher_steps or distill_steps)", group="run"
-    )
+    seed: int = field(0, "seed of initialisation, data order and every random draw")
+    num_devices: int = field(0, "use the first N local devices (0: all devices of all processes)")
+    steps: int | None = field(None, "training steps (none: teacher_steps or distill_steps)")
     batch_size: int | None = field(
-        None, "global batch size (none: teacher_batch_size or distill_batch_size)", group="run"
+        None, "global batch size (none: teacher_batch_size or distill_batch_size)"
     )
-    data: str = field("mnist", f"data source, one of {', '.join(data.SOURCES)}", group="data")
+    data: str = field("mnist", f"data source, one of {', '.join(data.SOURCES)}")
     data_resolution: int | None = field(
-        None, "downsample the data to this side length (none: native)", group="data"
+        None, "downsample the data to this side length (none: native)"
     )
-    teacher_steps: int = field(18_000, "steps of teacher training", group="teacher")
-    teacher_batch_size: int = field(128, "batch size of teacher training", group="teacher")
-    teacher_lr: float = field(1e-3, "teacher's peak learning rate", group="teacher")
-    teacher_warmup: int = field(100, "teacher's linear warm-up steps", group="teacher")
-    teacher_b1: float = field(0.9, "teacher's Adam beta1", group="teacher")
-    teacher_b2: float = field(0.99, "teacher's Adam beta2 (its nu gives Lambda)", group="teacher")
+    teacher_steps: int = field(18_000, "steps of teacher training")
+    teacher_batch_size: int = field(128, "batch size of teacher training")
+    teacher_lr: float = field(1e-3, "teacher's peak learning rate")
+    teacher_warmup: int = field(100, "teacher's linear warm-up steps")
+    teacher_b1: float = field(0.9, "teacher's Adam beta1")
+    teacher_b2: float = field(0.99, "teacher's Adam beta2 (its nu gives Lambda)")
     teacher_ema: float = field(
         0.999,
         "decay of the teacher's parameter average, warmed up as min(decay, (1+t)/(10+t)); "
@@ -198,7 +217,7 @@ class Config:
         group="teacher",
     )
     label_dropout: float = field(
-        0.1, "probability of replacing a label by the null label (guidance)", group="teacher"
+        0.1, "probability of replacing a label by the null label (guidance)"
     )
     shift: float | None = field(
         None,
@@ -206,22 +225,20 @@ class Config:
         "resolution), Simple Diffusion's; config.json records the value used)",
         group="teacher",
     )
-    teacher_k: int = field(64, "sampling steps of the teacher's sample grids", group="teacher")
+    teacher_k: int = field(64, "sampling steps of the teacher's sample grids")
     teacher: str = field(
         "auto",
         "teacher checkpoint or teacher run directory (auto: checkpoints/<preset>_teacher.eqx, "
         "trained first if absent); config.json records the file used",
         group="distillation",
     )
-    k: int = field(8, "the student's sampling steps", group="distillation")
-    distill_steps: int = field(1000, "steps of distillation", group="distillation")
+    k: int = field(8, "the student's sampling steps")
+    distill_steps: int = field(1000, "steps of distillation")
     distill_batch_size: int = field(
-        32, "batch size of distillation (instant: both minibatches together)", group="distillation"
+        32, "batch size of distillation (instant: both minibatches together)"
     )
-    lr: float = field(1e-4, "generator's peak learning rate", group="distillation")
-    aux_lr: float = field(
-        1e-4, "auxiliary's peak learning rate (alternating)", group="distillation"
-    )
+    lr: float = field(1e-4, "generator's peak learning rate")
+    aux_lr: float = field(1e-4, "auxiliary's peak learning rate (alternating)")
     warmup: int = field(
         1000,
         "distillation warm-up updates as the paper's; the run uses min(WARMUP, 10%% of the "
@@ -229,19 +246,11 @@ class Config:
         "config.json",
         group="distillation",
     )
-    weighting: str = field(
-        "edm", "loss weighting w(lambda)", choices=mmd.WEIGHTINGS, group="distillation"
-    )
-    guidance: float = field(
-        0.0, "classifier-free guidance weight w of the teacher", group="distillation"
-    )
-    clip: bool = field(
-        False, "clip the guided teacher's prediction to [-1, 1]", group="distillation"
-    )
-    zs: str = field("conditional", "how z_s is drawn", choices=mmd.ZS_MODES, group="distillation")
-    regularize_aux: bool = field(
-        True, "the auxiliary's teacher regulariser (alternating)", group="distillation"
-    )
+    weighting: str = field("edm", "loss weighting w(lambda)", choices=mmd.WEIGHTINGS)
+    guidance: float = field(0.0, "classifier-free guidance weight w of the teacher")
+    clip: bool = field(False, "clip the guided teacher's prediction to [-1, 1]")
+    zs: str = field("conditional", "how z_s is drawn", choices=mmd.ZS_MODES)
+    regularize_aux: bool = field(True, "the auxiliary's teacher regulariser (alternating)")
     instant_form: str = field(
         "symmetric",
         "instant objective: symmetric G1^T Lambda G2, or one_sided (Algorithm 3 as printed, eq. 8)",
@@ -253,9 +262,7 @@ class Config:
         "estimate Lambda from N fresh teacher gradients (0: the teacher's Adam state)",
         group="distillation",
     )
-    precond_eps: float = field(
-        1e-8, "eps of Lambda = 1 / (sqrt(nu_hat) + eps)", group="distillation"
-    )
+    precond_eps: float = field(1e-8, "eps of Lambda = 1 / (sqrt(nu_hat) + eps)")
     aux_steps: int = field(
         1,
         "auxiliary updates per generator update (alternating; --steps counts both kinds). The "
@@ -290,7 +297,7 @@ class Config:
         group="study",
     )
     center_steps: int = field(
-        16, "real-data batches averaged for center=fixed (when precond_steps is 0)", group="study"
+        16, "real-data batches averaged for center=fixed (when precond_steps is 0)"
     )
     precond_eps_mode: str = field(
         "fixed",
@@ -300,15 +307,11 @@ class Config:
         group="study",
     )
     log_every: int = field(
-        10, "fetch metrics, check them and update the progress bar every N steps", group="output"
+        10, "fetch metrics, check them and update the progress bar every N steps"
     )
-    sample_every: int = field(
-        200, "write a sample grid every N steps (and at the end)", group="output"
-    )
-    checkpoint_every: int = field(
-        200, "write a checkpoint every N steps (and at the end)", group="output"
-    )
-    keep_checkpoints: int = field(3, "how many recent checkpoints to keep", group="output")
+    sample_every: int = field(200, "write a sample grid every N steps (and at the end)")
+    checkpoint_every: int = field(200, "write a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = field(3, "how many recent checkpoints to keep")
     grid_size: int = field(
         50,
         "images per sample grid (labels i %% num_classes: one class per column); eval.py's "
