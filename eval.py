@@ -262,21 +262,47 @@ def draw_points(
     return points
 
 
-def save_points_figure(
-    panels: dict[str, Float[np.ndarray, "n 2"]],
-    distances: dict[str, float],
-    path: Path,
+NUM_POINTS = 2000  # points per scatter plot and energy distance of a 2-D run's figure
+
+
+def points_figure(
+    samples: dict[str, Float[np.ndarray, "n 2"]],
     *,
+    data_source: str,
+    seed: int,
+    path: Path | None,
     title: str,
-) -> None:
-    """Scatter plots of 2-D point sets side by side, each titled with its energy distance."""
-    fig = Figure(figsize=(16, 4.6))
-    for ax, (name, x) in zip(fig.subplots(1, len(panels)), panels.items()):
-        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
-        ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal")
-        ax.set_title(f"{name}\nenergy distance {distances[name]:.4f}", fontsize=10)
-    fig.suptitle(title, fontsize=11)
-    save_figure(fig, path, dpi=80)
+    echo: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Energy distances of 2-D point sets to `NUM_POINTS` fresh points of `data_source` (its test
+    split), echoed as lines, and (with `path`) their scatter plots beside the fresh data's, each
+    titled with its distance; a Gaussian of the data's mean and covariance is the yardstick.
+    Returns the distances by name."""
+    test = data.load(data_source, split="test").images  # fresh: not the training split
+    fresh, reference = test[:NUM_POINTS], test[NUM_POINTS : 2 * NUM_POINTS]
+    rng = np.random.default_rng(seed)
+    gaussian = rng.multivariate_normal(fresh.mean(0), np.cov(fresh.T), size=NUM_POINTS)
+    panels = {"data (fresh)": fresh, **samples}
+    distances = {name: energy_distance(x, reference) for name, x in panels.items()}
+    scale = energy_distance(gaussian, reference)
+    yardstick = f"a Gaussian with the data's mean and covariance: {scale:.4f}"
+    echo(f"Energy distance to {NUM_POINTS} fresh points ({NUM_POINTS} samples each; {yardstick}):")
+    for name, value in distances.items():
+        echo(f"  {name:32s} {value:.4f}")
+    if path is not None:
+        fig = Figure(figsize=(16, 4.6))
+        for ax, (name, x) in zip(fig.subplots(1, len(panels)), panels.items()):
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
+            ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal")
+            ax.set_title(f"{name}\nenergy distance {distances[name]:.4f}", fontsize=10)
+        fig.suptitle(f"{title}\n(energy distance of {yardstick})", fontsize=11)
+        save_figure(fig, path, dpi=80)
+    return distances
+
+
+def grid_columns(num_classes: int) -> int | None:
+    """Columns of a sample grid: one class per column when there are 2 to 16 classes."""
+    return num_classes if 1 < num_classes <= 16 else None
 
 
 PANELS = {
@@ -645,7 +671,7 @@ def write_results(
 # Command line: evaluate a checkpoint, tabulate results.
 
 GRID_SAMPLES = 100
-# Inception-v3 images/s per CPU core (`python bench.py inception`: 8-20 images/s on 2 cores).
+# Inception-v3 images/s per CPU core (`python -m experiments inception`: 8-20 on 2 cores).
 CPU_FEATURE_RATE = 4.0
 
 
@@ -942,7 +968,7 @@ def _sample(
         progress="sampling",
     )
     labels = np.arange(config.num_samples) % num_classes if num_classes else None
-    columns = num_classes if 1 < num_classes <= 16 else None
+    columns = grid_columns(num_classes)
     save_image_grid(images[:GRID_SAMPLES], plan.out / f"{plan.stem}.png", columns=columns)
     if config.save_samples:
         no_labels = np.zeros(len(images), int)

@@ -71,7 +71,7 @@ def _option(target: Any, f: dataclasses.Field, hint: Any, *, dest: str, default:
 
 
 def add_options(
-    parser: argparse.ArgumentParser,
+    parser: Any,
     cls: type,
     defaults: Any,
     *,
@@ -79,7 +79,8 @@ def add_options(
     prefix: str = "",
 ) -> dict[str, Any]:
     """One option per dataclass field (nested dataclasses as `--model-<field>`), defaults shown but
-    suppressed, so that only the options actually given come back as overrides. `groups` maps a
+    suppressed, so that only the options actually given come back as overrides. `parser`: an
+    `argparse.ArgumentParser` or one of its argument groups. `groups` maps a
     section's name to its --help title and fields, in the order the sections are listed; returns
     the sections (argument groups) by name."""
     sections, where = {}, {}

@@ -1,101 +1,37 @@
 """Training: the teacher and both distillation variants (alternating, instant), one command,
 resumable, data-parallel over every local device (and every host).
 
-    python train.py --variant instant               # the whole job on MNIST (see "The default run")
+    python train.py --variant instant               # the whole job on MNIST (the default run)
     python train.py --variant teacher --workdir runs/my-teacher --steps 3000
     python train.py --variant alternating --teacher runs/my-teacher/teacher.eqx --k 4
     python train.py --variant instant --resume      # continue from the last checkpoint
-    python train.py --preset imagenet64 --data imagenet64:/data/imagenet64 --teacher T.eqx \
-        --variant instant
+    python train.py --config runs/x/config.json --steps 5   # replay a run (options override it)
     python train.py --preset ring2d --variant alternating   # 2-D walkthrough: a minute on a CPU
-    python train.py --help                          # every option and its default (with --preset:
-                                                    # that preset's)
+    python train.py --help                          # every option, in sections, and its default
 
-Configuration. `Config` (a frozen dataclass) holds every setting; `PRESETS` holds named starting
-points (`mnist`, the default; `tiny`, an 8x8 smoke test; `imagenet64`, `imagenet128`, whose U-ViTs
-are uvit's presets; `ring2d`, an MLP on 2-D rings whose run writes `points.png` instead of sample
-grids, see `is_points`). Every field is a command-line option generated from the dataclass
-(`--batch-size`, `--model-widths 96 192 --model-blocks 1 1`, `--clip/--no-clip`, ...); the resolved
-configuration is written to `WORKDIR/config.json` and into every checkpoint.
-`--steps`/`--batch-size` default to the preset's `teacher_*` or `distill_*` values for the chosen
-variant.
+Read top to bottom: configuration (`Config`, `PRESETS`, `resolve`), set-up (every input checked
+before a file is written), the loop (`train`), checkpoints (the file format is checkpoint.py's), the
+command line. Sampling, sample grids and figures are eval.py's.
 
-The default run. `python train.py --variant instant` distils the preset's teacher
-`checkpoints/mnist_teacher.eqx` (next to this file; the project ships it, trained by `python
-train.py --variant teacher`: 18,000 steps at batch 128, about 3 minutes on one H200 GPU). It takes
-the preconditioner Lambda from the teacher's Adam state and distils an 8-step student: on an
-unloaded 2-core CPU (2.4M-parameter U-ViT) an instant step at batch 32 takes ~1.2 s, so 1000 steps
-take ~20 minutes plus compilation and sample grids. If the teacher file is absent the run says so,
-trains the teacher first (in `WORKDIR/teacher/`, `teacher_steps` steps; a teacher step at batch 128
-takes ~2 s on that CPU, so about 10 hours: use a GPU, or `--teacher-steps`) and caches it there.
+The default run distils the shipped teacher `checkpoints/mnist_teacher.eqx` (18,000 steps at batch
+128, about 3 minutes on one H200) into an 8-step student: 1000 instant steps at batch 32 take about
+20 minutes on a 2-core CPU. Without the teacher file the run trains it first (`--teacher auto`).
+The work directory (`--workdir`, default `runs/<preset>-<variant>`) holds config.json (the resolved
+configuration, replayable with `--config`), metrics.jsonl (one JSON object per step), the last
+`keep_checkpoints` checkpoints, sample grids with a fixed key (`samples/`; students: k steps), the
+loss curves (loss.png), and for a teacher run its export teacher.eqx (parameter average, Adam's nu).
 
-Work directory (`--workdir`, default `runs/<preset>-<variant>`):
-    config.json               the resolved configuration
-    metrics.jsonl             one JSON object per step: loss (instant: the value G1^T Lambda G2;
-                              alternating: `aux_loss` on auxiliary steps, `generator_loss` on
-                              generator steps, plus the moment gap), grad_norm, lr, images_per_s
-                              (over the logging window), time
-    checkpoints/ckpt_<step>.eqx   the last `keep_checkpoints` checkpoints
-    samples/step_<step>.png   titled sample grids with a fixed key, one class per column (students:
-                              k steps; step 0 is the teacher sampled with the student's k steps)
-    samples/teacher_vs_student.png
-                              (distillation) the teacher and the final student, both with k steps,
-                              from the same noise and labels
-    loss.png                  the curves of metrics.jsonl (titled panels, running means), redrawn
-                              at every checkpoint
-    points.png                (ring2d: 2-D points) scatter plots of data, teacher and student
-                              with their energy distances to fresh data, instead of sample grids
-    teacher.eqx               (teacher runs) what distillation needs: parameters, Adam's nu
-                              (bfloat16), count
+Update i uses `fold_in(train_key, i)` and the data stream's i-th global batch, and checkpoints hold
+the optimiser states and the iterator position, so `--resume` gives the parameters of an
+uninterrupted run, on any device count. Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint
+and prints the command that resumes (exit 130); a non-finite loss stops the run naming its step. A
+multi-process job (`JAX_COORDINATOR_ADDRESS`, SLURM, Open MPI, a TPU slice) initialises
+`jax.distributed` first; process 0 alone writes files; `--batch-size` is the global batch.
 
-Checkpoints are single zip files, written to a temporary name and renamed: `meta.json` (format,
-step, configuration, PRNG key, data-iterator state, a manifest of every leaf's path, shape and
-dtype) and one `<group>.eqx` member per pytree (`params`, `opt_state`, `aux_params`,
-`aux_opt_state`; teacher exports: `params`, `nu`) written with `eqx.tree_serialise_leaves`.
-`load_checkpoint(path)` rebuilds the model. Every member is read whole, so zip's CRC-32 catches a
-damaged byte: a damaged or incompatible file is one error line naming it. `--teacher` takes a
-checkpoint or a teacher run's directory.
-
-Restarts. Inputs a later stage cannot take (channels other than 1 or 3, data that does not fit the
-model, a teacher of another model, guidance on a teacher trained with label dropout 0) are refused
-before anything is written (`check_inputs`). `--resume` continues from the newest checkpoint that
-reads back intact (naming the ones it skipped) and tolerates what a kill leaves: metric lines after
-that checkpoint or cut short are dropped, missing ones are reported, temporary files are removed.
-
-Reproducibility. Update i (0-based) uses the key `fold_in(train_key, i)` and the data stream's i-th
-global batch, and checkpoints hold the optimiser states and the iterator position, so `--resume`
-gives the same parameters as an uninterrupted run; results do not depend on the device count (up to
-float summation order). Metrics are fetched every `log_every` steps and before every checkpoint; a
-non-finite loss or gradient norm stops the run naming its step, and since no checkpoint is written
-unchecked, the last one is good.
-
-Stopping and resuming. Ctrl-C (SIGINT) or SIGTERM lets the current step finish, writes a checkpoint
-(and sample grids) at that step and prints where it is and the command that resumes (exit status
-130); a second Ctrl-C aborts at once, leaving the previous checkpoint. `--resume` restores
-everything from the work directory's last checkpoint (parameters, optimiser states, the parameter
-average, PRNG key, data position) and the saved configuration; the steps after that checkpoint are
-recomputed, with the same result. A finished run prints a summary: steps, wall time, final loss, the
-files written and the next command. Progress is a bar on a terminal, otherwise (a log file) a plain
-line about 50 times a run.
-
-Multi-host. When the environment shows a multi-process job (`JAX_COORDINATOR_ADDRESS`,
-`SLURM_NTASKS` > 1, `OMPI_COMM_WORLD_SIZE` > 1, or a multi-host TPU slice's `TPU_WORKER_HOSTNAMES`),
-`jax.distributed.initialize()` runs first (it reads the rest of that environment). Each process
-reads its own slice of every global batch; process 0 alone writes files. `--batch-size` is the
-global batch.
-
-Optimisers. Teacher: clip 1, Adam(b1=0.9, b2=0.99, eps=1e-8), linear warm-up then constant
-(mmd.teacher_optimizer), and a moving average of the parameters (`teacher_ema`, decay min(0.999,
-(1+t)/(10+t))) that the export, the sample grids and distillation use; Lambda comes from Adam's `nu`
-of the raw parameters' gradients. Distillation (paper Appendix B): clip 1, Adam(b1=0, b2=0.99,
-eps=1e-12; `--b1` sets b1 for both), warm-up then linear decay to 0. The paper warms up over
-1000 steps of runs up to 200k; here the warm-up is min(`warmup`, 10% of the generator's updates),
-so that a short run is not mostly warm-up; config.json records the value used. With
-`alternating` each cycle of `aux_steps` + 1 steps (default 2) updates the auxiliary `aux_steps`
-times, then the generator; each schedule spans its own updates. The peak rates (not given in the
-paper) are our choice: 1e-4 for generator and auxiliary on MNIST. The paper keeps no moving average
-of the student; `--student-ema DECAY` keeps one (warmed up as the teacher's, counting generator
-updates) and samples and evaluates it instead of the raw generator.
+Optimisers: the teacher clip 1, Adam(0.9, 0.99), warm-up then constant, with a parameter average
+(`teacher_ema`) that exports, grids and distillation use; distillation (Appendix B) clip 1,
+Adam(b1=0, b2=0.99, eps=1e-12), warm-up then linear decay to 0, the warm-up capped at 10% of the
+generator's updates (`resolve`), peak rates 1e-4 (our choice).
 """
 
 import argparse
@@ -1059,7 +995,7 @@ def write_samples(run: Run, params: PyTree, *, step: int, network: str) -> pathl
         eval.save_titled_grids(
             [(f"{name}, {k} sampling steps", images)],
             path,
-            columns=_columns(run.config),
+            columns=eval.grid_columns(run.config.model.num_classes),
             title=f"{run.workdir}: {when}",
         )
     return path
@@ -1080,22 +1016,17 @@ def write_comparison(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
         eval.save_titled_grids(
             panels,
             path,
-            columns=_columns(run.config),
+            columns=eval.grid_columns(run.config.model.num_classes),
             title=f"{run.workdir}: same noise and labels (label = column)",
         )
     return path
 
 
-def _columns(config: Config) -> int | None:
-    return config.model.num_classes if 1 < config.model.num_classes <= 16 else None
-
-
 POINTS_FIGURE = "points.png"  # the 2-D walkthrough's figure, in the workdir
-NUM_POINTS = 2000  # points per scatter plot and energy distance
 
 
 def sample_points(run: Run, params: PyTree, *, num_steps: int) -> Float[np.ndarray, "n d"]:
-    """`draw_points` of the run's fixed sample key, `NUM_POINTS` of them."""
+    """`eval.draw_points` of the run's fixed sample key, `eval.NUM_POINTS` of them."""
     params = jax.tree.map(lambda a: a.addressable_data(0), params)  # as in `sample_images`
     model = eqx.combine(params, run.static)
     return eval.draw_points(
@@ -1105,21 +1036,15 @@ def sample_points(run: Run, params: PyTree, *, num_steps: int) -> Float[np.ndarr
         num_classes=run.config.model.num_classes,
         shift=run.config.shift,
         num_steps=num_steps,
-        num_points=NUM_POINTS,
+        num_points=eval.NUM_POINTS,
     )
 
 
 def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
-    """`points.png`: scatter plots of fresh data (the test split), the teacher with the student's k
-    and with `teacher_k` steps, and the student with k steps, each titled with its energy distance
-    to the data (printed too); a Gaussian of the data's mean and covariance is the yardstick."""
+    """`points.png` (`eval.points_figure`): the teacher with the student's k and with `teacher_k`
+    steps, and the student with k steps, against fresh data."""
     config, k = run.config, run.config.k
-    test = data.load(config.data, split="test").images  # fresh: not the training split
-    fresh, reference = test[:NUM_POINTS], test[NUM_POINTS : 2 * NUM_POINTS]
-    rng = np.random.default_rng(config.seed)
-    gaussian = rng.multivariate_normal(fresh.mean(0), np.cov(fresh.T), size=NUM_POINTS)
-    panels = {
-        "data (fresh)": fresh,
+    samples = {
         f"teacher, {k} steps": sample_points(run, run.frozen.teacher, num_steps=k),
         f"teacher, {config.teacher_k} steps": sample_points(
             run, run.frozen.teacher, num_steps=config.teacher_k
@@ -1128,21 +1053,15 @@ def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
             run, params, num_steps=k
         ),
     }
-    distances = {name: eval.energy_distance(x, reference) for name, x in panels.items()}
-    scale = eval.energy_distance(gaussian, reference)
-    _print(
-        f"Energy distance to {NUM_POINTS} fresh points ({NUM_POINTS} samples each; a Gaussian "
-        f"with the data's mean and covariance: {scale:.4f}):"
-    )
-    for name, value in distances.items():
-        _print(f"  {name:32s} {value:.4f}")
     path = run.workdir / POINTS_FIGURE
-    if jax.process_index() == 0:
-        title = (
-            f"{run.workdir}: {config.variant} distillation, {step} steps\n(energy distance of a "
-            f"Gaussian with the data's mean and covariance: {scale:.4f})"
-        )
-        eval.save_points_figure(panels, distances, path, title=title)
+    eval.points_figure(
+        samples,
+        data_source=config.data,
+        seed=config.seed,
+        path=path if jax.process_index() == 0 else None,
+        title=f"{run.workdir}: {config.variant} distillation, {step} steps",
+        echo=_print,
+    )
     return path
 
 

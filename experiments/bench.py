@@ -43,6 +43,7 @@ import eval as evaluation
 import inception
 import mmd
 import options
+import train
 import uvit
 from mmd import alpha_sigma
 
@@ -232,7 +233,7 @@ def bench_speed(
     model = uvit.make_model(config, key=k_model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     shape = (config.resolution, config.resolution, config.channels)
-    shift = mmd.resolution_shift(config.resolution)
+    shift = train.resolve(train.Config(model=config)).shift  # the default schedule's
     common = dict(static=static, params=params, shift=shift, num_classes=config.num_classes)
 
     def timed(variant: str, n: int) -> dict[str, float]:
@@ -319,12 +320,13 @@ def plain_samples(
     model: Callable,
     model_config: uvit.UViTConfig,
     *,
+    shift: float,
     seed: int,
     num_samples: int,
     batch_size: int,
     num_steps: int,
 ) -> UInt8[np.ndarray, "n h w c"]:
-    """`train.generate`'s `num_samples` images (uint8, NHWC at the model's resolution and channels)
+    """`eval.generate`'s `num_samples` images (uint8, NHWC at the model's resolution and channels)
     of a U-ViT sampled with `num_steps` steps, without guidance, clipping or extra sampling noise
     (gamma 0); sample i has label `i % num_classes` and key `fold_in(key(seed), i)`."""
     return evaluation.generate(
@@ -334,7 +336,7 @@ def plain_samples(
         batch_size=batch_size,
         num_classes=model_config.num_classes,
         num_steps=num_steps,
-        shift=mmd.resolution_shift(model_config.resolution),
+        shift=shift,
         guidance=0.0,
         clip=False,
         gamma=0.0,
@@ -351,12 +353,12 @@ def bench_sampling(
     batch_sizes: Sequence[int],
     repeats: int,
 ) -> dict:
-    """Images/s of train.generate (`num_samples` samples, `num_steps` steps, guidance 0) at each
+    """Images/s of eval.generate (`num_samples` samples, `num_steps` steps, guidance 0) at each
     batch size, and one batch's GFLOP/s against the float32 matmul rate (`against_matmul`)."""
     load_before = os.getloadavg()[0]
-    model, run, _ = evaluation.load_model(teacher)
+    model, run, _ = train.load_checkpoint(teacher)
     shape = (run.model.resolution, run.model.resolution, run.model.channels)
-    shift = mmd.resolution_shift(run.model.resolution)
+    shift = run.shift
     result = {
         "num_steps": num_steps,
         "num_samples": num_samples,
@@ -381,7 +383,13 @@ def bench_sampling(
         flops = compiled_flops(sampler, keys)
         timed = against_matmul(sampler, keys, flops=flops, repeats=repeats)
         generate = functools.partial(
-            plain_samples, model, run.model, seed=0, batch_size=batch, num_steps=num_steps
+            plain_samples,
+            model,
+            run.model,
+            shift=shift,
+            seed=0,
+            batch_size=batch,
+            num_steps=num_steps,
         )
         generate(num_samples=batch)  # compiles
         start = time.perf_counter()

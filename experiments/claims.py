@@ -818,7 +818,7 @@ def run_workers(config: "QualityBench", *, deadline: float | None) -> None:
 
 
 def settings_argv(settings: Any) -> list[str]:
-    """The command-line options that reproduce a settings dataclass (train._add_options' flags)."""
+    """The command-line options that reproduce a settings dataclass (options.add_options' flags)."""
     argv = []
     for f in dataclasses.fields(settings):
         value, flag = getattr(settings, f.name), f.metadata.get("flag") or options.flag(f.name)

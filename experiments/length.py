@@ -119,7 +119,13 @@ def points_scores(
     key = jax.random.key(seed)
     try:
         points = evaluation.draw_points(
-            model, config, key, num_steps=num_steps, num_points=num_samples
+            model,
+            key,
+            dim=config.model.dim,
+            num_classes=config.model.num_classes,
+            shift=config.shift,
+            num_steps=num_steps,
+            num_points=num_samples,
         )
     except FloatingPointError as error:
         raise FloatingPointError(f"{checkpoint}: {error}; leave it out with --steps") from error

@@ -21,6 +21,7 @@ import data
 import eval as evaluation
 import inception
 import options
+import train
 from experiments import bench
 from experiments.bench import TEACHER, Counts, write_json
 
@@ -73,7 +74,7 @@ def bench_proxy(
     0), `num_samples` each against as many MNIST test digits (a fixed random subset); the
     real-vs-real floor (as many training digits) and Spearman's rank correlation of the proxies with
     FID. Rows are cached as JSON in `out` (a rerun skips them); writes `out/eval-proxy.md`."""
-    model, run, _ = evaluation.load_model(teacher)
+    model, run, _ = train.load_checkpoint(teacher)
     test, train_set = data.load("mnist", split="test"), data.load("mnist", split="train")
     pick = np.sort(np.random.default_rng(seed).permutation(len(test))[:num_samples])
     real_images = test.images[pick]
@@ -94,6 +95,7 @@ def bench_proxy(
             images = bench.plain_samples(
                 model,
                 run.model,
+                shift=run.shift,
                 seed=seed,
                 num_samples=num_samples,
                 batch_size=batch_size,

@@ -25,7 +25,7 @@ def names(rows):
     return [row.name for row in rows]
 
 
-def test_small_budget_is_the_issue_rows_headline_first():
+def test_small_budget_is_the_headline_rows_first():
     rows = claims.quality_rows("small")
     teachers = {(r.steps, r.guidance, r.gamma) for r in rows if r.variant == "teacher"}
     assert teachers == {(8, 0, 0), (32, 0, 0), (128, 0, 0), (512, 0, 0), (512, 0.1, 0)}

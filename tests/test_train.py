@@ -700,7 +700,7 @@ def test_config_errors_are_one_line_before_anything_is_written(npz, tmp_path, ca
     assert not workdir.exists()
 
 
-# --- Nothing lost, nothing silent (issue 14) ------------------------------------------------------
+# --- Nothing lost, nothing silent ---------------------------------------------------------------
 
 
 def with_meta(src, dst, **changes):
@@ -745,7 +745,7 @@ def never_compile(monkeypatch):
 def test_inputs_later_stages_cannot_take_are_refused_before_anything_is_written(
     npz, teacher, tmp_path, monkeypatch, never_compile
 ):
-    """The issue's 4-channel npz (sample grids and Inception take 1 or 3 channels), and data or a
+    """A 4-channel npz (sample grids and Inception take 1 or 3 channels), and data or a
     teacher that does not fit the model: each refused with its message, no work dir created."""
     rgba = tmp_path / "rgba.npz"
     np.savez(rgba, x=np.zeros((64, 8, 8, 4), np.uint8), y=np.arange(64) % 10)
