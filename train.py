@@ -1227,12 +1227,15 @@ def _network(state: mmd.TrainState) -> PyTree:
 
 
 def start_line(run: Run, *, start: int) -> str:
-    """The line that opens a run: steps, devices, batch, work directory, and what samples use."""
+    """The line that opens a run: steps, devices, batch, the warm-up used (distillation: capped by
+    `resolve`), work directory, and what samples use."""
     config, n, decay = run.config, len(run.devices), _ema_decay(run.config)
     average = f" Samples use the parameter average (decay {decay})." if decay > 0 else ""
+    warmup = config.teacher_warmup if config.variant == "teacher" else config.warmup
     return (
         f"{config.variant}: steps {start}..{config.steps} on {n} device{'s' if n > 1 else ''}, "
-        f"batch {config.batch_size}, in {run.workdir} (the first step compiles).{average}"
+        f"batch {config.batch_size}, warm-up {warmup} updates, in {run.workdir} (the first step "
+        f"compiles).{average}"
     )
 
 

@@ -379,7 +379,7 @@ def test_help_lists_the_options_in_sections(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = capsys.readouterr().out
-    titles = [f"{title}:" for title in train.GROUPS.values()]
+    titles = [f"{title}:" for title, _ in train.GROUPS.values()]
     starts = [text.index(title) for title in titles]
     assert starts == sorted(starts)  # the sections in GROUPS' order
     sections = dict(zip(train.GROUPS, [text[a:b] for a, b in zip(starts, starts[1:] + [None])]))
@@ -422,6 +422,17 @@ def test_config_file_replays_a_run_and_later_options_override_it(teacher, tmp_pa
     assert train.parse_config(argv[:4]).workdir == f"{recorded.workdir}-replay"
     with pytest.raises(FileNotFoundError, match="no configuration file"):
         train.parse_config(["--config", str(tmp_path / "absent.json")])
+
+
+def test_the_default_run_states_the_warmup_it_uses(capsys):
+    """The paper's 1000 warm-up updates are capped at 10% of the generator's updates: the default
+    run (1000 steps) warms up over 100, which --help and the resolved configuration state."""
+    assert train.parse_config([]).warmup == 100
+    assert train.parse_config(["--steps", "20000"]).warmup == 1000
+    assert train.parse_config(["--variant", "alternating"]).warmup == 50  # 500 generator updates
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert "(the default run: 100)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_configs_of_earlier_versions_load_under_the_new_names():
