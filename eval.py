@@ -680,16 +680,14 @@ _field = options.field
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Every setting of `evaluate`; the command line has one option per field (`--k` for
-    `num_steps`)."""
+    """Every setting of `evaluate`; the command line has one option per field."""
 
     checkpoint: str | None = _field(
         None, "a ckpt_*.eqx or teacher.eqx written by train.py", required=True
     )
-    num_steps: int | None = _field(
+    k: int | None = _field(
         None,
         "sampling steps (none: a student's trained k; a teacher's teacher_k, 64 for mnist)",
-        flag="--k",
     )
     guidance: float = _field(0.0, "classifier-free guidance weight w")
     clip: bool = _field(False, "clip the guided prediction to [-1, 1]")
@@ -733,12 +731,12 @@ class EvalConfig:
             )
         if (
             self.batch_size < 1
-            or (self.num_steps is not None and self.num_steps < 1)
+            or (self.k is not None and self.k < 1)
             or self.precision_recall_k < 1
         ):
             raise ValueError(
                 f"--batch-size, --k and --precision-recall-k must be >= 1, got {self.batch_size}, "
-                f"{self.num_steps}, {self.precision_recall_k}"
+                f"{self.k}, {self.precision_recall_k}"
             )
         if not all(math.isfinite(v) for v in (self.guidance, self.gamma)):
             raise ValueError(
@@ -813,13 +811,13 @@ def _feature_estimate(num_images: int) -> str:
     )
 
 
-def result_stem(config: EvalConfig, num_steps: int) -> str:
+def result_stem(config: EvalConfig, k: int) -> str:
     """The file name (no suffix) of `evaluate`'s JSON result and sample grid for `config` sampled
-    with `num_steps` steps, in `config.out`."""
+    with `k` steps, in `config.out`."""
     clip = "_clip" if config.clip else ""
     count = "" if config.reference_count is None else f"_ref{config.reference_count}"
     return (
-        f"{Path(config.checkpoint).stem}_steps{num_steps}_w{config.guidance:g}"
+        f"{Path(config.checkpoint).stem}_steps{k}_w{config.guidance:g}"
         f"_gamma{config.gamma:g}{clip}_n{config.num_samples}_seed{config.seed}{count}"
     )
 
@@ -903,7 +901,7 @@ def _mnist_metrics(
 class _Plan(NamedTuple):
     """What `evaluate` resolved from its configuration and the checkpoint before sampling."""
 
-    num_steps: int
+    k: int
     shape: tuple[int, int, int]
     num_classes: int
     shift: float
@@ -923,25 +921,25 @@ def _plan(config: EvalConfig, run: dict[str, Any]) -> _Plan:
         label_dropout=None if student else run["label_dropout"],
         where=str(config.checkpoint),
     )
-    num_steps = config.num_steps or (run["k"] if student else run["teacher_k"])
+    k = config.k or (run["k"] if student else run["teacher_k"])
     shape = (model.resolution, model.resolution, model.channels)
-    if student and num_steps != run["k"]:
+    if student and k != run["k"]:
         tqdm.write(
             f"Note: this {run['variant']} student was trained for k={run['k']} steps; sampling it "
-            f"with {num_steps} queries noise levels it never saw."
+            f"with {k} queries noise levels it never saw."
         )
     mnist = config.mnist_metrics and _is_mnist(shape, model.num_classes)
     if mnist:
         mnist_protocol()  # fail before sampling if the classifier's weights are missing
     return _Plan(
-        num_steps=num_steps,
+        k=k,
         shape=shape,
         num_classes=model.num_classes,
         shift=run["shift"],  # train.py stores the value it used (its `resolve`)
         reference=config.reference or run["data"],
         mnist=mnist,
         out=Path(config.out) if config.out else Path(config.checkpoint).parent / "eval",
-        stem=result_stem(config, num_steps),
+        stem=result_stem(config, k),
     )
 
 
@@ -957,7 +955,7 @@ def _sample(
         num_samples=config.num_samples,
         batch_size=config.batch_size,
         num_classes=num_classes,
-        num_steps=plan.num_steps,
+        num_steps=plan.k,
         shift=plan.shift,
         guidance=config.guidance,
         clip=config.clip,
@@ -1004,7 +1002,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     estimate = f"; then {_feature_estimate(config.num_samples)} (and once the reference's)"
     tqdm.write(
         f"{run['variant']} {config.checkpoint} (step {meta['step']}): {config.num_samples} "
-        f"samples, {plan.num_steps} steps, guidance {config.guidance:g}, gamma {config.gamma:g}, "
+        f"samples, {plan.k} steps, guidance {config.guidance:g}, gamma {config.gamma:g}, "
         f"seed {config.seed}, batch {config.batch_size} on {jax.local_device_count()} "
         f"{jax.local_devices()[0].platform} devices{estimate if config.fid else ''}."
     )
@@ -1040,7 +1038,7 @@ def _report(
         "num_samples": config.num_samples,
         "precision_recall_k": config.precision_recall_k,
         "feature_protocol": inception.FEATURE_PROTOCOL,
-        "steps": plan.num_steps,
+        "steps": plan.k,
         "trained_k": run["k"] if run["variant"] != "teacher" else None,
         "network": checkpoint.network_kind(meta),
         "guidance": config.guidance,

@@ -483,7 +483,7 @@ class SamplingBench(Counts):
     """Settings of `python -m experiments sampling`."""
 
     teacher: str = options.field(TEACHER, "teacher checkpoint to sample")
-    num_steps: int = options.field(8, "sampling steps", flag="--k")
+    k: int = options.field(8, "sampling steps")
     num_samples: int = options.field(1000, "samples per batch size")
     batch_sizes: tuple[int, ...] = options.field((50, 200, 500), "global batch sizes, one row each")
     repeats: int = options.field(2, "timed runs after a warm-up (median)")
@@ -520,7 +520,7 @@ def run_sampling(config: SamplingBench) -> dict:
     """The `sampling` subcommand."""
     return bench_sampling(
         teacher=pathlib.Path(config.teacher),
-        num_steps=config.num_steps,
+        num_steps=config.k,
         num_samples=config.num_samples,
         batch_sizes=config.batch_sizes,
         repeats=config.repeats,

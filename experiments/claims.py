@@ -242,7 +242,7 @@ def evaluate_row(row: Row, checkpoint: pathlib.Path, *, config: "QualityBench") 
             seed=config.seed,
             # absolute: the result records its sample grid's path
             out=str(pathlib.Path(config.out).resolve() / "eval" / run_name(row, config)),
-            num_steps=row.steps if teacher else None,
+            k=row.steps if teacher else None,
             guidance=row.guidance,
             gamma=row.gamma,
             fid=config.fid,

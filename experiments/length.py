@@ -75,7 +75,7 @@ def checkpoint_scores(
     for checkpoint in _checkpoints_by_step(workdir, steps).values():
         config = evaluation.EvalConfig(
             checkpoint=str(checkpoint),
-            num_steps=read_meta(checkpoint)["config"]["k"],  # the student's own k
+            k=read_meta(checkpoint)["config"]["k"],  # the student's own k
             num_samples=num_samples,
             seed=seed,
             fid=fid,
@@ -83,7 +83,7 @@ def checkpoint_scores(
             out=str(workdir / "eval"),
             reference_count=reference_count,
         )
-        done = workdir / "eval" / f"{evaluation.result_stem(config, config.num_steps)}.json"
+        done = workdir / "eval" / f"{evaluation.result_stem(config, config.k)}.json"
         record = json.loads(done.read_text()) if newer(done, than=checkpoint) else None
         if record is None or (fid and record.get("fid") is None):  # --fid needs an FID record
             record = evaluation.evaluate(config)

@@ -155,8 +155,8 @@ class ProxyBench(Counts):
     """Settings of `python -m experiments proxy`."""
 
     teacher: str = options.field(TEACHER, "teacher checkpoint to sample")
-    num_steps: tuple[int, ...] = options.field(
-        (2, 4, 8, 16, 64), "the teacher's sampling steps, one row each", flag="--k"
+    k: tuple[int, ...] = options.field(
+        (2, 4, 8, 16, 64), "the teacher's sampling steps, one row each"
     )
     num_samples: int = options.field(500, "samples per row")
     batch_size: int = options.field(100, "global batch of sampling and Inception")
@@ -168,7 +168,7 @@ def run_proxy(config: ProxyBench) -> str:
     """The `proxy` subcommand: the report's Markdown."""
     return bench_proxy(
         teacher=pathlib.Path(config.teacher),
-        steps=config.num_steps,
+        steps=config.k,
         num_samples=config.num_samples,
         batch_size=config.batch_size,
         seed=config.seed,

@@ -504,8 +504,8 @@ def test_each_subcommand_parses_into_its_dataclass():
         "model": (bench.ModelBench(preset="mnist", batch_size=128, repeats=10, seed=0), []),
         "speed": (bench.SpeedBench(batch_size=64, repeats=5, sample_batch=16), []),
         "inception": (bench.InceptionBench(batch_size=32, repeats=3, out=None), []),
-        "sampling": (bench.SamplingBench(num_steps=8, batch_sizes=(50, 200, 500)), []),
-        "proxy": (proxy.ProxyBench(num_steps=(2, 4, 8, 16, 64), out="runs/eval-proxy"), []),
+        "sampling": (bench.SamplingBench(k=8, batch_sizes=(50, 200, 500)), []),
+        "proxy": (proxy.ProxyBench(k=(2, 4, 8, 16, 64), out="runs/eval-proxy"), []),
         "quality": (claims.QualityBench(budget="small", out=None, time_limit=None), []),
     }
     for name, (expected, argv) in defaults.items():
@@ -515,7 +515,7 @@ def test_each_subcommand_parses_into_its_dataclass():
         "speed": (["--sample-batch", "4"], {"sample_batch": 4}),
         "inception": (["--batch-size", "16"], {"batch_size": 16}),
         "sampling": (["--batch-sizes", "8", "16"], {"batch_sizes": (8, 16)}),
-        "proxy": (["--k", "1", "2"], {"num_steps": (1, 2)}),
+        "proxy": (["--k", "1", "2"], {"k": (1, 2)}),
         "quality": (
             ["--budget", "full", "--rows", "teacher-8-w0", "--time-limit", "1.5"],
             {"budget": "full", "rows": ("teacher-8-w0",), "time_limit": 1.5},
