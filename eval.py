@@ -64,15 +64,306 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from jaxtyping import Array, Bool, Float, Float32, Float64, Int, Shaped, UInt8
+from jaxtyping import Array, Bool, Float, Float32, Float64, Int, PRNGKeyArray, Shaped, UInt8
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
 import data
 import inception
 import mmd
 import mnist_classifier
-import train
+import options
+import uvit
 from mnist_classifier import mnist_classify, mnist_features
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: images and 2-D points from `mmd.sample`; image grids and figures.
+
+
+def to_uint8(x: Float[np.ndarray, "*s"]) -> UInt8[np.ndarray, "*s"]:
+    """[-1, 1] -> {0..255} as `clip(floor(127.5 x + 128), 0, 255)` in float64 (EDM's rounding)."""
+    if not np.all(np.isfinite(x)):
+        raise FloatingPointError(
+            f"{np.size(x) - np.isfinite(x).sum()} non-finite sample values: the model "
+            "or sampler diverged (check the checkpoint, guidance and clipping)"
+        )
+    return np.clip(np.floor(127.5 * x.astype(np.float64) + 128.0), 0, 255).astype(np.uint8)
+
+
+@eqx.filter_jit
+def _sample_batch(
+    denoiser: Any, keys: mmd.Keys, labels: Int[Array, " b"], settings: dict[str, Any]
+) -> Float[Array, "b *dims"]:
+    """`mmd.sample` on one sharded batch; `settings` (Python scalars and the shape) are static."""
+    return mmd.sample(denoiser, keys, labels=labels, **settings)
+
+
+def generate(
+    denoiser: Callable,
+    key: PRNGKeyArray,
+    *,
+    num_samples: int,
+    batch_size: int,
+    num_classes: int,
+    num_steps: int,
+    shift: float,
+    guidance: float,
+    clip: bool,
+    gamma: float,
+    null_label: int | None = None,
+    image_shape: tuple[int, int, int],
+    devices: Sequence[jax.Device] | None = None,
+    progress: str | None = None,
+) -> UInt8[np.ndarray, "n h w c"]:
+    """`num_samples` uint8 images from `mmd.sample`, identical for any batch size and device count.
+
+    Sample `i` uses the key `fold_in(key, i)` and the label `i % num_classes` (class-balanced;
+    `num_classes=0` means an unconditional model and every label is 0). The sampler settings go to
+    `mmd.sample` unchanged. Batches are split over `devices` (default: all local devices). With a
+    network denoiser, bit-identity across per-device batch sizes also needs kernels whose
+    per-example results do not depend on the batch size; XLA's usually do, and a change is a
+    last-bit float effect.
+    """
+    if num_samples < 1 or batch_size < 1 or num_classes < 0:
+        raise ValueError(
+            f"need num_samples >= 1, batch_size >= 1, num_classes >= 0; got "
+            f"{num_samples}, {batch_size}, {num_classes}"
+        )
+    mesh = mmd.data_mesh(list(devices or jax.local_devices()))
+    denoiser = data.replicate(denoiser, mesh)
+    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+
+    def make_inputs(indices: Int[np.ndarray, " b"]) -> tuple[mmd.Keys, Int[Array, " b"]]:
+        labels = indices % num_classes if num_classes else np.zeros_like(indices)
+        return fold(key, jnp.asarray(indices, jnp.uint32)), jnp.asarray(labels, jnp.int32)
+
+    def run(keys: mmd.Keys, labels: Int[Array, " b"]) -> Float[Array, "b h w c"]:
+        settings = dict(
+            shape=(labels.shape[0], *image_shape),
+            num_steps=num_steps,
+            shift=shift,
+            guidance=guidance,
+            clip=clip,
+            gamma=gamma,
+            null_label=null_label,
+        )
+        return _sample_batch(denoiser, keys, labels, settings)
+
+    samples = data.map_batches(
+        run, make_inputs, num=num_samples, batch_size=batch_size, mesh=mesh, progress=progress
+    )
+    return to_uint8(samples)
+
+
+def tile(
+    images: UInt8[np.ndarray, "n h w c"], *, columns: int | None = None
+) -> UInt8[np.ndarray, "H W c"]:
+    """Images row-major in one array (`columns` default: ceil(sqrt(n))), empty cells black."""
+    if images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = -(-n // columns)
+    grid = np.zeros((rows * columns, h, w, c), np.uint8)
+    grid[:n] = images
+    grid = grid.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4)
+    return grid.reshape(rows * h, columns * w, c)
+
+
+def save_image_grid(
+    images: UInt8[np.ndarray, "n h w c"], path: str | os.PathLike, *, columns: int | None = None
+) -> None:
+    """Tile images row-major into one PNG, pixel for pixel (`tile`), written atomically."""
+    grid = tile(images, columns=columns)
+    picture = Image.fromarray(grid[:, :, 0] if grid.shape[-1] == 1 else grid)
+    with data.atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int) -> None:
+    """Lay out a matplotlib figure and write it as PNG, atomically."""
+    fig.tight_layout()
+    with data.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def save_titled_grids(
+    panels: Sequence[tuple[str, UInt8[np.ndarray, "n h w c"]]],
+    path: Path,
+    *,
+    title: str,
+    columns: int | None,
+) -> None:
+    """Image grids side by side, each under its own title, and an overall title; PNG, atomically."""
+    height, width = tile(panels[0][1], columns=columns).shape[:2]
+    fig = Figure(figsize=(5.0 * len(panels), 5.0 * height / width + 0.9))
+    for ax, (name, images) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        grid = tile(images, columns=columns)
+        ax.imshow(
+            grid[:, :, 0] if grid.shape[-1] == 1 else grid,
+            cmap="gray",
+            vmin=0,
+            vmax=255,
+            interpolation="nearest",
+        )
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path, dpi=100)
+
+
+def energy_distance(a: Float[np.ndarray, "n d"], b: Float[np.ndarray, "m d"]) -> float:
+    """Energy distance `2 E|a-b| - E|a-a'| - E|b-b'|` (Szekely & Rizzo; the V-statistic, pairs with
+    themselves included), in float64: 0 for equal samples, > 0 in expectation when the laws differ;
+    in the units of the points."""
+
+    def mean_distance(x: np.ndarray, y: np.ndarray) -> float:
+        total = 0.0
+        for i in range(0, len(x), 2048):  # row blocks: 20,000 points stay within 330 MB
+            rows = x[i : i + 2048]
+            squared = (rows * rows).sum(1)[:, None] + (y * y).sum(1)[None] - 2 * rows @ y.T
+            total += float(np.sqrt(np.maximum(squared, 0.0)).sum())
+        return total / (len(x) * len(y))
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return 2 * mean_distance(a, b) - mean_distance(a, a) - mean_distance(b, b)
+
+
+def draw_points(
+    model: uvit.MLPDenoiser,
+    key: PRNGKeyArray,
+    *,
+    dim: int,
+    num_classes: int,
+    shift: float,
+    num_steps: int,
+    num_points: int,
+) -> Float[np.ndarray, "n d"]:
+    """`num_points` unguided `num_steps`-step samples of a 2-D model from `key`, labels `i %
+    num_classes` (the rings data's classes are equally likely); raises FloatingPointError for
+    non-finite samples."""
+    labels = jnp.arange(num_points, dtype=jnp.int32) % max(num_classes, 1)
+    settings = dict(
+        shape=(num_points, dim),
+        num_steps=num_steps,
+        shift=shift,
+        guidance=0.0,
+        clip=False,
+        gamma=0.0,
+        null_label=num_classes,
+    )
+    keys = jax.random.split(key, num_points)
+    points = np.asarray(_sample_batch(model, keys, labels, settings))
+    if not np.all(np.isfinite(points)):
+        raise FloatingPointError("non-finite samples: the model or sampler diverged")
+    return points
+
+
+NUM_POINTS = 2000  # points per scatter plot and energy distance of a 2-D run's figure
+
+
+def points_figure(
+    samples: dict[str, Float[np.ndarray, "n 2"]],
+    *,
+    data_source: str,
+    seed: int,
+    path: Path | None,
+    title: str,
+    echo: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Energy distances of 2-D point sets to `NUM_POINTS` fresh points of `data_source` (its test
+    split), echoed as lines, and (with `path`) their scatter plots beside the fresh data's, each
+    titled with its distance; a Gaussian of the data's mean and covariance is the yardstick.
+    Returns the distances by name."""
+    test = data.load(data_source, split="test").images  # fresh: not the training split
+    fresh, reference = test[:NUM_POINTS], test[NUM_POINTS : 2 * NUM_POINTS]
+    rng = np.random.default_rng(seed)
+    gaussian = rng.multivariate_normal(fresh.mean(0), np.cov(fresh.T), size=NUM_POINTS)
+    panels = {"data (fresh)": fresh, **samples}
+    distances = {name: energy_distance(x, reference) for name, x in panels.items()}
+    scale = energy_distance(gaussian, reference)
+    yardstick = f"a Gaussian with the data's mean and covariance: {scale:.4f}"
+    echo(f"Energy distance to {NUM_POINTS} fresh points ({NUM_POINTS} samples each; {yardstick}):")
+    for name, value in distances.items():
+        echo(f"  {name:32s} {value:.4f}")
+    if path is not None:
+        fig = Figure(figsize=(16, 4.6))
+        for ax, (name, x) in zip(fig.subplots(1, len(panels)), panels.items()):
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
+            ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal")
+            ax.set_title(f"{name}\nenergy distance {distances[name]:.4f}", fontsize=10)
+        fig.suptitle(f"{title}\n(energy distance of {yardstick})", fontsize=11)
+        save_figure(fig, path, dpi=80)
+    return distances
+
+
+def grid_columns(num_classes: int) -> int | None:
+    """Columns of a sample grid: one class per column when there are 2 to 16 classes."""
+    return num_classes if 1 < num_classes <= 16 else None
+
+
+PANELS = {
+    "loss": "teacher loss (v-prediction, weighted MSE)",
+    "aux_loss": "auxiliary loss L(phi) (auxiliary updates)",
+    "moment_gap": "moment gap: mean w ||x_aux - x_teacher||^2",
+    "grad_norm": "gradient norm (before clipping to 1)",
+    "lr": "learning rate",
+}
+
+
+def plot_losses(metrics_path: Path, out: Path, *, variant: str) -> None:
+    """loss.png from metrics.jsonl: one titled panel per quantity a reader of the paper knows
+    (instant: the monitor G1^T Lambda G2; alternating: the moment gap and auxiliary loss; teacher:
+    its loss), each as single-step values (faint) and their running mean, on a scale where the
+    mean's trend shows; the gradient norm and learning rate last. The instant variant's surrogate
+    (a number whose gradient is L_2b's) is not shown: its value means nothing."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    monitor = {"loss": "instant monitor G1ᵀ Λ G2 (Algorithm 3)"}
+    labels = PANELS | (monitor if variant == "instant" else {})
+    names = [n for n in labels if any(n in r for r in records)]
+    if not names:
+        return
+    fig = Figure(figsize=(7.5, 2.3 * len(names)))
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, name in zip(axes, names):
+        _plot_panel(
+            ax,
+            np.array([r["step"] for r in records if name in r]),
+            np.array([r[name] for r in records if name in r], dtype=np.float64),
+            name=name,
+            linear=variant == "instant" and name == "loss",
+        )
+        ax.set_title(labels[name], fontsize=9, loc="left")
+    axes[-1].set_xlabel("training step")
+    fig.suptitle(f"{variant} run {metrics_path.parent}", fontsize=10)
+    save_figure(fig, out, dpi=100)
+
+
+def _plot_panel(ax: Any, steps: np.ndarray, values: np.ndarray, *, name: str, linear: bool) -> None:
+    """Faint single-step values and their running mean; a log scale for positive values unless
+    `linear` (the instant monitor, whose one-step values turn negative), with y limits that fit
+    the running mean, not the noise."""
+    if name == "lr":
+        ax.plot(steps, values, ".", ms=2)
+        return
+    width = max(1, len(values) // 20)
+    mean = np.convolve(values, np.ones(width) / width, mode="valid")
+    ax.plot(steps, values, ".", ms=2, alpha=0.3, label="single step")
+    ax.plot(steps[width - 1 :], mean, lw=1.5, label=f"running mean of {width} steps")
+    positive = np.all(values[np.isfinite(values)] > 0) and not linear
+    ax.set_yscale("log" if positive else "linear")
+    ax.yaxis.set_minor_formatter(NullFormatter())  # labels at powers of 10 only: no overlaps
+    finite = mean[np.isfinite(mean)]
+    if finite.size and not positive:  # signed one-step estimates: zoom on the running mean
+        low, high = finite.min(), finite.max()
+        pad = 0.1 * (high - low) or abs(high) or 1.0
+        ax.set_ylim(low - pad, high + pad)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+
 
 # ----------------------------------------------------------------------------------------------
 # Inception features, batches sharded over devices.
@@ -380,25 +671,23 @@ def write_results(
 # Command line: evaluate a checkpoint, tabulate results.
 
 GRID_SAMPLES = 100
-# Inception-v3 images/s per CPU core (`python bench.py inception`: 8-20 images/s on 2 cores).
+# Inception-v3 images/s per CPU core (`python -m experiments inception`: 8-20 on 2 cores).
 CPU_FEATURE_RATE = 4.0
 
 
-_field = train._field  # one field helper for every CLI dataclass
+_field = options.field
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Every setting of `evaluate`; the command line has one option per field (`--k` for
-    `num_steps`)."""
+    """Every setting of `evaluate`; the command line has one option per field."""
 
     checkpoint: str | None = _field(
         None, "a ckpt_*.eqx or teacher.eqx written by train.py", required=True
     )
-    num_steps: int | None = _field(
+    k: int | None = _field(
         None,
         "sampling steps (none: a student's trained k; a teacher's teacher_k, 64 for mnist)",
-        flag="--k",
     )
     guidance: float = _field(0.0, "classifier-free guidance weight w")
     clip: bool = _field(False, "clip the guided prediction to [-1, 1]")
@@ -442,12 +731,12 @@ class EvalConfig:
             )
         if (
             self.batch_size < 1
-            or (self.num_steps is not None and self.num_steps < 1)
+            or (self.k is not None and self.k < 1)
             or self.precision_recall_k < 1
         ):
             raise ValueError(
                 f"--batch-size, --k and --precision-recall-k must be >= 1, got {self.batch_size}, "
-                f"{self.num_steps}, {self.precision_recall_k}"
+                f"{self.k}, {self.precision_recall_k}"
             )
         if not all(math.isfinite(v) for v in (self.guidance, self.gamma)):
             raise ValueError(
@@ -461,9 +750,9 @@ class EvalConfig:
             )
 
 
-def load_model(path: str | os.PathLike) -> tuple[Callable, Any, dict[str, Any]]:
-    """`(denoiser, train.Config, meta)` of a train.py checkpoint, with messages that say what to
-    pass instead."""
+def load_model(path: str | os.PathLike) -> tuple[Callable, dict[str, Any], dict[str, Any]]:
+    """`(denoiser, configuration, meta)` of a train.py checkpoint (`checkpoint.load_network`: the
+    configuration as its config.json holds it), with messages that say what to pass instead."""
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob("**/*.eqx"))
@@ -477,7 +766,7 @@ def load_model(path: str | os.PathLike) -> tuple[Callable, Any, dict[str, Any]]:
             f"--checkpoint {path} does not exist: pass a ckpt_*.eqx or teacher.eqx "
             "written by train.py (runs/<preset>-<variant>/checkpoints/, checkpoints/)"
         )
-    return train.load_checkpoint(path)
+    return checkpoint.load_network(path)
 
 
 def reference_images(
@@ -498,7 +787,7 @@ def reference_images(
             f"makes {model_shape}: pass --reference with a data source of the model's image shape"
         )
     if images.dtype != np.uint8:
-        images = train.to_uint8(images)  # float [-1, 1] sources, quantised like the samples
+        images = to_uint8(images)  # float [-1, 1] sources, quantised like the samples
     digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.rsplit("/", 1)[-1]).strip("_.-") or "data"
     return images, f"{slug}-{split}-{images.shape[1]}px-{images.shape[0]}-{digest}"
@@ -522,13 +811,13 @@ def _feature_estimate(num_images: int) -> str:
     )
 
 
-def result_stem(config: EvalConfig, num_steps: int) -> str:
+def result_stem(config: EvalConfig, k: int) -> str:
     """The file name (no suffix) of `evaluate`'s JSON result and sample grid for `config` sampled
-    with `num_steps` steps, in `config.out`."""
+    with `k` steps, in `config.out`."""
     clip = "_clip" if config.clip else ""
     count = "" if config.reference_count is None else f"_ref{config.reference_count}"
     return (
-        f"{Path(config.checkpoint).stem}_steps{num_steps}_w{config.guidance:g}"
+        f"{Path(config.checkpoint).stem}_steps{k}_w{config.guidance:g}"
         f"_gamma{config.gamma:g}{clip}_n{config.num_samples}_seed{config.seed}{count}"
     )
 
@@ -612,8 +901,9 @@ def _mnist_metrics(
 class _Plan(NamedTuple):
     """What `evaluate` resolved from its configuration and the checkpoint before sampling."""
 
-    num_steps: int
+    k: int
     shape: tuple[int, int, int]
+    num_classes: int
     shift: float
     reference: str
     mnist: bool
@@ -621,49 +911,51 @@ class _Plan(NamedTuple):
     stem: str
 
 
-def _plan(config: EvalConfig, run: Any) -> _Plan:
-    """Resolve steps, shape, shift, reference and output names; refuse what scoring cannot do."""
-    student = run.variant != "teacher"
+def _plan(config: EvalConfig, run: dict[str, Any]) -> _Plan:
+    """Resolve steps, shape, shift, reference and output names from the run's stored configuration
+    (`run`); refuse what scoring cannot do."""
+    student, model = run["variant"] != "teacher", checkpoint.model_config(run["model"])
     mmd.check_guidance(
         guidance=config.guidance,
-        num_classes=run.model.num_classes,
-        label_dropout=None if student else run.label_dropout,
+        num_classes=model.num_classes,
+        label_dropout=None if student else run["label_dropout"],
         where=str(config.checkpoint),
     )
-    num_steps = config.num_steps or (run.k if student else run.teacher_k)
-    shape = (run.model.resolution, run.model.resolution, run.model.channels)
-    if student and num_steps != run.k:
+    k = config.k or (run["k"] if student else run["teacher_k"])
+    shape = (model.resolution, model.resolution, model.channels)
+    if student and k != run["k"]:
         tqdm.write(
-            f"Note: this {run.variant} student was trained for k={run.k} steps; sampling it "
-            f"with {num_steps} queries noise levels it never saw."
+            f"Note: this {run['variant']} student was trained for k={run['k']} steps; sampling it "
+            f"with {k} queries noise levels it never saw."
         )
-    mnist = config.mnist_metrics and _is_mnist(shape, run.model.num_classes)
+    mnist = config.mnist_metrics and _is_mnist(shape, model.num_classes)
     if mnist:
         mnist_protocol()  # fail before sampling if the classifier's weights are missing
     return _Plan(
-        num_steps=num_steps,
+        k=k,
         shape=shape,
-        shift=mmd.resolution_shift(run.model.resolution) if run.shift is None else run.shift,
-        reference=config.reference or run.data,
+        num_classes=model.num_classes,
+        shift=run["shift"],  # train.py stores the value it used (its `resolve`)
+        reference=config.reference or run["data"],
         mnist=mnist,
         out=Path(config.out) if config.out else Path(config.checkpoint).parent / "eval",
-        stem=result_stem(config, num_steps),
+        stem=result_stem(config, k),
     )
 
 
 def _sample(
-    config: EvalConfig, model: Callable, run: Any, plan: _Plan
+    config: EvalConfig, model: Callable, plan: _Plan
 ) -> tuple[UInt8[np.ndarray, "n h w c"], Int[np.ndarray, " n"] | None]:
     """Draw `config.num_samples` images (sample i has label i % num_classes); write their grid PNG
     and, with `save_samples`, an npz."""
-    num_classes = run.model.num_classes
-    images = train.generate(
+    num_classes = plan.num_classes
+    images = generate(
         model,
         jax.random.key(config.seed),
         num_samples=config.num_samples,
         batch_size=config.batch_size,
         num_classes=num_classes,
-        num_steps=plan.num_steps,
+        num_steps=plan.k,
         shift=plan.shift,
         guidance=config.guidance,
         clip=config.clip,
@@ -674,8 +966,8 @@ def _sample(
         progress="sampling",
     )
     labels = np.arange(config.num_samples) % num_classes if num_classes else None
-    columns = num_classes if 1 < num_classes <= 16 else None
-    train.save_image_grid(images[:GRID_SAMPLES], plan.out / f"{plan.stem}.png", columns=columns)
+    columns = grid_columns(num_classes)
+    save_image_grid(images[:GRID_SAMPLES], plan.out / f"{plan.stem}.png", columns=columns)
     if config.save_samples:
         no_labels = np.zeros(len(images), int)
         with data.atomic_path(plan.out / f"{plan.stem}_samples.npz") as tmp, open(tmp, "wb") as f:
@@ -709,13 +1001,13 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         )
     estimate = f"; then {_feature_estimate(config.num_samples)} (and once the reference's)"
     tqdm.write(
-        f"{run.variant} {config.checkpoint} (step {meta['step']}): {config.num_samples} samples, "
-        f"{plan.num_steps} steps, guidance {config.guidance:g}, gamma {config.gamma:g}, seed "
-        f"{config.seed}, batch {config.batch_size} on {jax.local_device_count()} "
+        f"{run['variant']} {config.checkpoint} (step {meta['step']}): {config.num_samples} "
+        f"samples, {plan.k} steps, guidance {config.guidance:g}, gamma {config.gamma:g}, "
+        f"seed {config.seed}, batch {config.batch_size} on {jax.local_device_count()} "
         f"{jax.local_devices()[0].platform} devices{estimate if config.fid else ''}."
     )
     t0 = time.perf_counter()
-    images, labels = _sample(config, model, run, plan)
+    images, labels = _sample(config, model, plan)
     timings = {"sampling": time.perf_counter() - t0}
     metrics: dict[str, Any] = dict.fromkeys(
         ("fid", "precision", "recall", "reference", "fd_mnist", "label_accuracy")
@@ -733,35 +1025,33 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
 
 def _report(
-    config: EvalConfig, run: Any, meta: dict, metrics: dict, timings: dict, *, plan: _Plan
+    config: EvalConfig, run: dict, meta: dict, metrics: dict, timings: dict, *, plan: _Plan
 ) -> dict[str, Any]:
     """Write the JSON result of `evaluate` and print its one-line summary; return the record."""
     results = {
         "checkpoint": str(config.checkpoint),
         "step": meta["step"],
-        "variant": run.variant,
-        "preset": run.preset,
-        "data": run.data,
+        "variant": run["variant"],
+        "preset": run["preset"],
+        "data": run["data"],
         **metrics,
         "num_samples": config.num_samples,
         "precision_recall_k": config.precision_recall_k,
         "feature_protocol": inception.FEATURE_PROTOCOL,
-        "steps": plan.num_steps,
-        "trained_k": run.k if run.variant != "teacher" else None,
-        "network": train.network_kind(meta),
+        "steps": plan.k,
+        "trained_k": run["k"] if run["variant"] != "teacher" else None,
+        "network": checkpoint.network_kind(meta),
         "guidance": config.guidance,
         "clip": config.clip,
         "gamma": config.gamma,
         "shift": plan.shift,
         "seed": config.seed,
         "batch_size": config.batch_size,
-        "num_classes": run.model.num_classes,
+        "num_classes": plan.num_classes,
         "image_shape": list(plan.shape),
         "samples_per_s": config.num_samples / timings["sampling"],
         "sample_grid": str(plan.out / f"{plan.stem}.png"),
-        "config": json.loads(
-            json.dumps(dataclasses.asdict(run))
-        ),  # tuples as lists, as in the file
+        "config": run,
     }
     record = write_results(plan.out / f"{plan.stem}.json", results, timings=timings)
     parts = [
@@ -860,7 +1150,7 @@ def parser() -> argparse.ArgumentParser:
         "upwards at small sample "
         "counts: compare only numbers with the same --num-samples.",
     )
-    train._add_options(p, EvalConfig, EvalConfig())
+    options.add_options(p, EvalConfig, EvalConfig())
     return p
 
 

@@ -12,8 +12,8 @@ network.
   same input are run as one wider convolution (`_fused_1x1`), which lets XLA's CPU kernels use
   larger matrix products; 1x1 layers are plain matrix products, and unpadded ("valid") layers get
   one row and column of zeros that their kept outputs never read (XLA's CPU convolution is up to 3x
-  faster with padding; docs/results/eval-speed.md). Convolutions run at `Precision.HIGHEST` (no TF32
-  on GPUs).
+  faster with padding; experiments/results/eval-speed.md). Convolutions run at
+  `Precision.HIGHEST` (no TF32 on GPUs).
 - **Input.** uint8 NHWC, 1 (replicated) or 3 channels, scaled `x / 128 - 1`. Images of any size
   other than 299x299 are resized per channel with Pillow's bicubic filter on float32 values, clipped
   to [0, 255] and not re-quantised (clean-fid's "clean" resize, Parmar et al. 2022); 299x299 images

@@ -1,107 +1,42 @@
 """Training: the teacher and both distillation variants (alternating, instant), one command,
 resumable, data-parallel over every local device (and every host).
 
-    python train.py --variant instant               # the whole job on MNIST (see "The default run")
+    python train.py --variant instant               # the whole job on MNIST (the default run)
     python train.py --variant teacher --workdir runs/my-teacher --steps 3000
     python train.py --variant alternating --teacher runs/my-teacher/teacher.eqx --k 4
     python train.py --variant instant --resume      # continue from the last checkpoint
-    python train.py --preset imagenet64 --data imagenet64:/data/imagenet64 --teacher T.eqx \
-        --variant instant
+    python train.py --config runs/x/config.json --steps 5   # replay a run (options override it)
     python train.py --preset ring2d --variant alternating   # 2-D walkthrough: a minute on a CPU
-    python train.py --help                          # every option and its default (with --preset:
-                                                    # that preset's)
+    python train.py --help                          # every option, in sections, and its default
 
-Configuration. `Config` (a frozen dataclass) holds every setting; `PRESETS` holds named starting
-points (`mnist`, the default; `tiny`, an 8x8 smoke test; `imagenet64`, `imagenet128`, whose U-ViTs
-are uvit's presets; `ring2d`, an MLP on 2-D rings whose run writes `points.png` instead of sample
-grids, see `is_points`). Every field is a command-line option generated from the dataclass
-(`--batch-size`, `--model-widths 96 192 --model-blocks 1 1`, `--clip/--no-clip`, ...); the resolved
-configuration is written to `WORKDIR/config.json` and into every checkpoint.
-`--steps`/`--batch-size` default to the preset's `teacher_*` or `distill_*` values for the chosen
-variant.
+Read top to bottom: configuration (`Config`, `PRESETS`, `resolve`), set-up (every input checked
+before a file is written), the loop (`train`), checkpoints (the file format is checkpoint.py's), the
+command line. Sampling, sample grids and figures are eval.py's.
 
-The default run. `python train.py --variant instant` distils the preset's teacher
-`checkpoints/mnist_teacher.eqx` (next to this file; the project ships it, trained by `python
-train.py --variant teacher`: 18,000 steps at batch 128, about 3 minutes on one H200 GPU). It takes
-the preconditioner Lambda from the teacher's Adam state and distils an 8-step student: on an
-unloaded 2-core CPU (2.4M-parameter U-ViT) an instant step at batch 32 takes ~1.2 s, so 1000 steps
-take ~20 minutes plus compilation and sample grids. If the teacher file is absent the run says so,
-trains the teacher first (in `WORKDIR/teacher/`, `teacher_steps` steps; a teacher step at batch 128
-takes ~2 s on that CPU, so about 10 hours: use a GPU, or `--teacher-steps`) and caches it there.
+The default run distils the shipped teacher `checkpoints/mnist_teacher.eqx` (18,000 steps at batch
+128, about 3 minutes on one H200) into an 8-step student: 1000 instant steps at batch 32 take about
+20 minutes on a 2-core CPU. Without the teacher file the run trains it first (`--teacher auto`).
+The work directory (`--workdir`, default `runs/<preset>-<variant>`) holds config.json (the resolved
+configuration, replayable with `--config`), metrics.jsonl (one JSON object per step), the last
+`keep_checkpoints` checkpoints, sample grids with a fixed key (`samples/`; students: k steps), the
+loss curves (loss.png), and for a teacher run its export teacher.eqx (parameter average, Adam's nu).
 
-Work directory (`--workdir`, default `runs/<preset>-<variant>`):
-    config.json               the resolved configuration
-    metrics.jsonl             one JSON object per step: loss (instant: the value G1^T Lambda G2;
-                              alternating: `aux_loss` on auxiliary steps, `generator_loss` on
-                              generator steps, plus the moment gap), grad_norm, lr, images_per_s
-                              (over the logging window), time
-    checkpoints/ckpt_<step>.eqx   the last `keep_checkpoints` checkpoints
-    samples/step_<step>.png   titled sample grids with a fixed key, one class per column (students:
-                              k steps; step 0 is the teacher sampled with the student's k steps)
-    samples/teacher_vs_student.png
-                              (distillation) the teacher and the final student, both with k steps,
-                              from the same noise and labels
-    loss.png                  the curves of metrics.jsonl (titled panels, running means), redrawn
-                              at every checkpoint
-    points.png                (ring2d: 2-D points) scatter plots of data, teacher and student
-                              with their energy distances to fresh data, instead of sample grids
-    teacher.eqx               (teacher runs) what distillation needs: parameters, Adam's nu
-                              (bfloat16), count
+Update i uses `fold_in(train_key, i)` and the data stream's i-th global batch, and checkpoints hold
+the optimiser states and the iterator position, so `--resume` gives the parameters of an
+uninterrupted run, on any device count. Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint
+and prints the command that resumes (exit 130); a non-finite loss stops the run naming its step. A
+multi-process job (`JAX_COORDINATOR_ADDRESS`, SLURM, Open MPI, a TPU slice) initialises
+`jax.distributed` first; process 0 alone writes files; `--batch-size` is the global batch.
 
-Checkpoints are single zip files, written to a temporary name and renamed: `meta.json` (format,
-step, configuration, PRNG key, data-iterator state, a manifest of every leaf's path, shape and
-dtype) and one `<group>.eqx` member per pytree (`params`, `opt_state`, `aux_params`,
-`aux_opt_state`; teacher exports: `params`, `nu`) written with `eqx.tree_serialise_leaves`.
-`load_checkpoint(path)` rebuilds the model. Every member is read whole, so zip's CRC-32 catches a
-damaged byte: a damaged or incompatible file is one error line naming it. `--teacher` takes a
-checkpoint or a teacher run's directory.
-
-Restarts. Inputs a later stage cannot take (channels other than 1 or 3, data that does not fit the
-model, a teacher of another model, guidance on a teacher trained with label dropout 0) are refused
-before anything is written (`check_inputs`). `--resume` continues from the newest checkpoint that
-reads back intact (naming the ones it skipped) and tolerates what a kill leaves: metric lines after
-that checkpoint or cut short are dropped, missing ones are reported, temporary files are removed.
-
-Reproducibility. Update i (0-based) uses the key `fold_in(train_key, i)` and the data stream's i-th
-global batch, and checkpoints hold the optimiser states and the iterator position, so `--resume`
-gives the same parameters as an uninterrupted run; results do not depend on the device count (up to
-float summation order). Metrics are fetched every `log_every` steps and before every checkpoint; a
-non-finite loss or gradient norm stops the run naming its step, and since no checkpoint is written
-unchecked, the last one is good.
-
-Stopping and resuming. Ctrl-C (SIGINT) or SIGTERM lets the current step finish, writes a checkpoint
-(and sample grids) at that step and prints where it is and the command that resumes (exit status
-130); a second Ctrl-C aborts at once, leaving the previous checkpoint. `--resume` restores
-everything from the work directory's last checkpoint (parameters, optimiser states, the parameter
-average, PRNG key, data position) and the saved configuration; the steps after that checkpoint are
-recomputed, with the same result. A finished run prints a summary: steps, wall time, final loss, the
-files written and the next command. Progress is a bar on a terminal, otherwise (a log file) a plain
-line about 50 times a run.
-
-Multi-host. When the environment shows a multi-process job (`JAX_COORDINATOR_ADDRESS`,
-`SLURM_NTASKS` > 1, `OMPI_COMM_WORLD_SIZE` > 1, or a multi-host TPU slice's `TPU_WORKER_HOSTNAMES`),
-`jax.distributed.initialize()` runs first (it reads the rest of that environment). Each process
-reads its own slice of every global batch; process 0 alone writes files. `--batch-size` is the
-global batch.
-
-Optimisers. Teacher: clip 1, Adam(b1=0.9, b2=0.99, eps=1e-8), linear warm-up then constant
-(mmd.teacher_optimizer), and a moving average of the parameters (`teacher_ema`, decay min(0.999,
-(1+t)/(10+t))) that the export, the sample grids and distillation use; Lambda comes from Adam's `nu`
-of the raw parameters' gradients. Distillation (paper Appendix B): clip 1, Adam(b1=0, b2=0.99,
-eps=1e-12; `--b1` sets b1 for both), warm-up then linear decay to 0. The paper warms up over
-1000 steps of runs up to 200k; here the warm-up is min(`warmup`, 10% of the generator's updates),
-so that a short run is not mostly warm-up; config.json records the value used. With
-`alternating` each cycle of `aux_steps` + 1 steps (default 2) updates the auxiliary `aux_steps`
-times, then the generator; each schedule spans its own updates. The peak rates (not given in the
-paper) are our choice: 1e-4 for generator and auxiliary on MNIST. The paper keeps no moving average
-of the student; `--student-ema DECAY` keeps one (warmed up as the teacher's, counting generator
-updates) and samples and evaluates it instead of the raw generator.
+Optimisers: the teacher clip 1, Adam(0.9, 0.99), warm-up then constant, with a parameter average
+(`teacher_ema`) that exports, grids and distillation use; distillation (Appendix B) clip 1,
+Adam(b1=0, b2=0.99, eps=1e-12), warm-up then linear decay to 0, the warm-up capped at 10% of the
+generator's updates (`resolve`), peak rates 1e-4 (our choice).
 """
 
 import argparse
 import dataclasses
 import functools
-import io
 import json
 import math
 import os
@@ -112,9 +47,7 @@ import signal
 import sys
 import threading
 import time
-import types
 import typing
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -127,145 +60,204 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, UInt8
-from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
-from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
 import data
+import eval
 import mmd
+import options
 import uvit
+from options import field
 
-CHECKPOINT_FORMAT = "mmd-jax-checkpoint-1"
 CHECKPOINT_DIR = pathlib.Path(__file__).resolve().parent / "checkpoints"
 DISTILL_WARMUP_FRACTION = 0.1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed, or does not fit the configured model."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
-
-def _field(default: Any, help: str, **extra: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
+GROUPS = {
+    "run": (
+        "run: what to train, where, how long",
+        "variant preset workdir resume seed num_devices steps batch_size".split(),
+    ),
+    "data": (
+        "data",
+        "data data_resolution".split(),
+    ),
+    "teacher": (
+        "teacher: training the diffusion model (also the auto-trained teacher)",
+        (
+            "teacher_steps teacher_batch_size teacher_lr teacher_warmup teacher_b1 teacher_b2 "
+            "teacher_ema label_dropout shift teacher_k"
+        ).split(),
+    ),
+    "distillation": (
+        "distillation: the paper's options (Algorithms 2 and 3, Appendix B)",
+        (
+            "teacher k distill_steps distill_batch_size lr aux_lr warmup weighting guidance "
+            "clip zs regularize_aux instant_form precond_steps precond_eps"
+        ).split(),
+    ),
+    "study": (
+        "study options: not in the paper, kept for the study's measurements "
+        "(experiments/decisions.md); the defaults are the paper's",
+        "aux_steps b1 student_ema time_sampling center center_steps precond_eps_mode".split(),
+    ),
+    "output": (
+        "output: logging, sample grids, checkpoints",
+        "log_every sample_every checkpoint_every keep_checkpoints grid_size".split(),
+    ),
+    "model": (
+        "model: the network (defaults: the preset's)",
+        "model".split(),
+    ),
+}
+"""The sections of `python train.py --help`, in order: (title, the Config fields listed there)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every setting of a run; `PRESETS` holds named instances, the command line overrides any
-    field."""
+    field (`--config FILE` first replays a saved config.json)."""
 
-    variant: str = _field("instant", "what to train", choices=mmd.VARIANTS)
-    preset: str = _field("mnist", "the starting configuration, a name in PRESETS (listed below)")
-    data: str = _field("mnist", f"data source, one of {', '.join(data.SOURCES)}")
-    data_resolution: int | None = _field(
-        None, "downsample the data to this side length (none: native)"
+    variant: str = field("instant", "what to train", choices=mmd.VARIANTS)
+    preset: str = field("mnist", "the starting configuration, a name in PRESETS (listed below)")
+    workdir: str | None = field(None, "output directory (none: runs/<preset>-<variant>)")
+    resume: bool = field(
+        False,
+        "continue from the workdir's latest checkpoint (starts fresh if it has none)",
+        group="run",
     )
-    model: uvit.UViTConfig | uvit.MLPConfig = _field(
-        uvit.MNIST, "the network: a U-ViT (images) or an MLP (2-D points, preset ring2d)"
-    )
-    workdir: str | None = _field(None, "output directory (none: runs/<preset>-<variant>)")
-    resume: bool = _field(
-        False, "continue from the workdir's latest checkpoint (starts fresh if it has none)"
-    )
-    seed: int = _field(0, "seed of initialisation, data order and every random draw")
-    num_devices: int = _field(0, "use the first N local devices (0: all devices of all processes)")
-    steps: int | None = _field(None, "training steps (none: teacher_steps or distill_steps)")
-    batch_size: int | None = _field(
+    seed: int = field(0, "seed of initialisation, data order and every random draw")
+    num_devices: int = field(0, "use the first N local devices (0: all devices of all processes)")
+    steps: int | None = field(None, "training steps (none: teacher_steps or distill_steps)")
+    batch_size: int | None = field(
         None, "global batch size (none: teacher_batch_size or distill_batch_size)"
     )
-    # Teacher training.
-    teacher_steps: int = _field(
-        18_000, "steps of teacher training (also used for the auto-trained teacher)"
+    data: str = field("mnist", f"data source, one of {', '.join(data.SOURCES)}")
+    data_resolution: int | None = field(
+        None, "downsample the data to this side length (none: native)"
     )
-    teacher_batch_size: int = _field(128, "batch size of teacher training")
-    teacher_lr: float = _field(1e-3, "teacher's peak learning rate")
-    teacher_warmup: int = _field(100, "teacher's linear warm-up steps")
-    teacher_b1: float = _field(0.9, "teacher's Adam beta1")
-    teacher_b2: float = _field(0.99, "teacher's Adam beta2 (its nu gives Lambda)")
-    teacher_ema: float = _field(
+    teacher_steps: int = field(18_000, "steps of teacher training")
+    teacher_batch_size: int = field(128, "batch size of teacher training")
+    teacher_lr: float = field(1e-3, "teacher's peak learning rate")
+    teacher_warmup: int = field(100, "teacher's linear warm-up steps")
+    teacher_b1: float = field(0.9, "teacher's Adam beta1")
+    teacher_b2: float = field(0.99, "teacher's Adam beta2 (its nu gives Lambda)")
+    teacher_ema: float = field(
         0.999,
-        "decay of the teacher's parameter average, warmed up as min(decay, "
-        "(1+t)/(10+t)); exports and sample grids use it (0: none)",
+        "decay of the teacher's parameter average, warmed up as min(decay, (1+t)/(10+t)); "
+        "exports, sample grids and distillation use it (0: none)",
+        group="teacher",
     )
-    label_dropout: float = _field(
+    label_dropout: float = field(
         0.1, "probability of replacing a label by the null label (guidance)"
     )
-    shift: float | None = _field(
-        None, "log-SNR shift (none: 2 log(64 / resolution), Simple Diffusion's)"
+    shift: float | None = field(
+        None,
+        "log-SNR shift of the noise schedule, teacher and students (none: 2 log(64 / "
+        "resolution), Simple Diffusion's; config.json records the value used)",
+        group="teacher",
     )
-    teacher_k: int = _field(64, "sampling steps of the teacher's sample grids")
-    # Distillation.
-    teacher: str = _field(
+    teacher_k: int = field(64, "sampling steps of the teacher's sample grids")
+    teacher: str = field(
         "auto",
-        "teacher checkpoint (auto: checkpoints/<preset>_teacher.eqx, "
+        "teacher checkpoint or teacher run directory (auto: checkpoints/<preset>_teacher.eqx, "
         "trained first if absent); config.json records the file used",
+        group="distillation",
     )
-    k: int = _field(8, "the student's sampling steps")
-    distill_steps: int = _field(1000, "steps of distillation")
-    distill_batch_size: int = _field(
+    k: int = field(8, "the student's sampling steps")
+    distill_steps: int = field(1000, "steps of distillation")
+    distill_batch_size: int = field(
         32, "batch size of distillation (instant: both minibatches together)"
     )
-    lr: float = _field(1e-4, "generator's peak learning rate")
-    aux_lr: float = _field(1e-4, "auxiliary's peak learning rate (alternating)")
-    aux_steps: int = _field(
-        1, "auxiliary updates per generator update (alternating; --steps counts both kinds)"
-    )
-    b1: float = _field(0.0, "Adam's beta1 of generator and auxiliary (the paper's: 0)")
-    student_ema: float = _field(
-        0.0,
-        "decay of a moving average of the generator's parameters, min(DECAY, (1+t)/(10+t)) at "
-        "generator update t (so about the last 1/9 of the updates until DECAY is reached); "
-        "sample grids and eval.py use it (0: none, the paper's)",
-    )
-    warmup: int = _field(
+    lr: float = field(1e-4, "generator's peak learning rate")
+    aux_lr: float = field(1e-4, "auxiliary's peak learning rate (alternating)")
+    warmup: int = field(
         1000,
-        "distillation warm-up steps, capped at 10%% of the (generator's) "
-        "updates; config.json records the value used",
+        "distillation warm-up updates as the paper's; the run uses min(WARMUP, 10%% of the "
+        "generator's updates) (the default run: 100), printed at the start and recorded in "
+        "config.json",
+        group="distillation",
     )
-    weighting: str = _field("edm", "loss weighting w(lambda)", choices=mmd.WEIGHTINGS)
-    guidance: float = _field(0.0, "classifier-free guidance weight w of the teacher")
-    clip: bool = _field(False, "clip the guided teacher's prediction to [-1, 1]")
-    zs: str = _field("conditional", "how z_s is drawn", choices=mmd.ZS_MODES)
-    time_sampling: str = _field(
-        "paper",
-        "the generator's level t: paper (t = min(s + U[0, 1/k], 1)) or grid (the sampler's level "
-        "just above s; k = 1: t = 1)",
-        choices=mmd.TIME_SAMPLINGS,
-    )
-    regularize_aux: bool = _field(True, "the auxiliary's teacher regulariser (alternating)")
-    center: str = _field(
-        "none", "data centring of the instant variant's gradients", choices=mmd.CENTERINGS
-    )
-    instant_form: str = _field(
+    weighting: str = field("edm", "loss weighting w(lambda)", choices=mmd.WEIGHTINGS)
+    guidance: float = field(0.0, "classifier-free guidance weight w of the teacher")
+    clip: bool = field(False, "clip the guided teacher's prediction to [-1, 1]")
+    zs: str = field("conditional", "how z_s is drawn", choices=mmd.ZS_MODES)
+    regularize_aux: bool = field(True, "the auxiliary's teacher regulariser (alternating)")
+    instant_form: str = field(
         "symmetric",
         "instant objective: symmetric G1^T Lambda G2, or one_sided (Algorithm 3 as printed, eq. 8)",
         choices=mmd.INSTANT_FORMS,
+        group="distillation",
     )
-    precond_steps: int = _field(
-        0, "estimate Lambda from N fresh teacher gradients (0: teacher's Adam state)"
+    precond_steps: int = field(
+        0,
+        "estimate Lambda from N fresh teacher gradients (0: the teacher's Adam state)",
+        group="distillation",
     )
-    precond_eps: float = _field(1e-8, "eps of Lambda = 1 / (sqrt(nu_hat) + eps)")
-    precond_eps_mode: str = _field(
-        "fixed",
-        "fixed: eps as given (the paper's); median: eps times the median sqrt(nu_hat)",
-        choices=mmd.EPS_MODES,
+    precond_eps: float = field(1e-8, "eps of Lambda = 1 / (sqrt(nu_hat) + eps)")
+    aux_steps: int = field(
+        1,
+        "auxiliary updates per generator update (alternating; --steps counts both kinds). The "
+        "paper's: 1; 3 removed the alternating students' mid-run transients but not their ends",
+        group="study",
     )
-    center_steps: int = _field(
+    b1: float = field(
+        0.0,
+        "Adam's beta1 of generator and auxiliary. The paper's: 0; 0.9 left the ends within the "
+        "seed-to-seed spread and destabilised k = 1",
+        group="study",
+    )
+    student_ema: float = field(
+        0.0,
+        "decay of a moving average of the generator (min(DECAY, (1+t)/(10+t)) at generator "
+        "update t), sampled and evaluated instead of it. The paper keeps none (0); 0.999 moved "
+        "the ends by about a sampling seed's change",
+        group="study",
+    )
+    time_sampling: str = field(
+        "paper",
+        "the generator's level t: paper (t = min(s + U[0, 1/k], 1)) or grid (the sampler's level "
+        "just above s; k = 1: t = 1). grid halved the 1-step student's distance",
+        choices=mmd.TIME_SAMPLINGS,
+        group="study",
+    )
+    center: str = field(
+        "none",
+        "data centring of the instant variant's gradients. batch cured the flat-weighted "
+        "student's drift, did not help edm",
+        choices=mmd.CENTERINGS,
+        group="study",
+    )
+    center_steps: int = field(
         16, "real-data batches averaged for center=fixed (when precond_steps is 0)"
     )
-    # Output.
-    log_every: int = _field(
+    precond_eps_mode: str = field(
+        "fixed",
+        "fixed: eps as given (the paper's); median: eps times the median sqrt(nu_hat). median "
+        "x 1 gave no gain",
+        choices=mmd.EPS_MODES,
+        group="study",
+    )
+    log_every: int = field(
         10, "fetch metrics, check them and update the progress bar every N steps"
     )
-    sample_every: int = _field(200, "write a sample grid every N steps (and at the end)")
-    checkpoint_every: int = _field(200, "write a checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = _field(3, "how many recent checkpoints to keep")
-    num_samples: int = _field(
-        50, "images per sample grid (labels i %% num_classes: one class per column)"
+    sample_every: int = field(200, "write a sample grid every N steps (and at the end)")
+    checkpoint_every: int = field(200, "write a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = field(3, "how many recent checkpoints to keep")
+    grid_size: int = field(
+        50,
+        "images per sample grid (labels i %% num_classes: one class per column); eval.py's "
+        "--num-samples is the scored sample count",
+        group="output",
+    )
+    model: uvit.UViTConfig | uvit.MLPConfig = field(
+        uvit.MNIST,
+        "the network: a U-ViT (images) or an MLP (2-D points, preset ring2d)",
+        group="model",
     )
 
     def __post_init__(self):
@@ -278,26 +270,23 @@ class Config:
             "keep_checkpoints",
             "k",
             "teacher_k",
-            "num_samples",
+            "grid_size",
             "aux_steps",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
+                raise ValueError(f"{options.flag(name)} must be >= 1, got {value}")
         for name in ("precond_steps", "num_devices"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{options.flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("b1", "teacher_ema", "student_ema"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+                raise ValueError(
+                    f"{options.flag(name)} must be in [0, 1), got {getattr(self, name)}"
+                )
         if self.variant not in mmd.VARIANTS:
             valid = ", ".join(mmd.VARIANTS)
             raise ValueError(f"unknown --variant {self.variant!r}; valid: {valid}")
-
-
-def _flag(name: str) -> str:
-    """The command-line option of a Config field (`data_resolution` -> `--data-resolution`)."""
-    return "--" + name.replace(".", "-").replace("_", "-")
 
 
 TINY = uvit.UViTConfig(
@@ -331,7 +320,7 @@ _IMAGENET64 = Config(
     sample_every=5000,
     checkpoint_every=5000,
     teacher_k=256,
-    num_samples=100,
+    grid_size=100,
 )
 
 PRESETS = {
@@ -380,8 +369,6 @@ PRESETS = {
 """Named configurations. ImageNet values follow the paper (batch 2048, 200k distillation steps);
 their learning rates are our choice and untested at that scale."""
 
-# Fields renamed since checkpoints were first written (the shipped teacher's config has old names).
-RENAMED = {"teacher_sample_steps": "teacher_k"}
 
 # Settings that may change when a run is resumed: they do not affect the numbers it computes.
 RUN_FIELDS = (
@@ -433,37 +420,11 @@ def config_to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
-def _from_dict(cls: type, values: dict) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} fields {unknown}: written by another version of this code?"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in values.items():
-        if dataclasses.is_dataclass(hints[name]):
-            value = _from_dict(hints[name], value)
-        elif isinstance(value, dict):  # a union of dataclasses: the one with these fields
-            value = _from_dict(_dataclass_of(hints[name], set(value)), value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _dataclass_of(hint: Any, names: set[str]) -> type:
-    """The dataclass in a union annotation (`UViTConfig | MLPConfig`) that has all these fields."""
-    for cls in typing.get_args(hint):
-        if names <= {f.name for f in dataclasses.fields(cls)}:
-            return cls
-    raise ValueError(f"no {hint} has the fields {sorted(names)}: written by another version?")
-
-
 def config_from_dict(values: dict) -> Config:
-    """Inverse of `config_to_dict`; reads the names of earlier versions too (`RENAMED`)."""
-    return _from_dict(Config, {RENAMED.get(name, name): value for name, value in values.items()})
+    """Inverse of `config_to_dict`; reads the names of earlier versions too
+    (`checkpoint.RENAMED`)."""
+    renamed = {checkpoint.RENAMED.get(name, name): value for name, value in values.items()}
+    return options.from_dict(Config, renamed)
 
 
 def _config_differences(a: Config, b: Config, *, ignore: Sequence[str] = ()) -> list[str]:
@@ -479,14 +440,27 @@ def _config_differences(a: Config, b: Config, *, ignore: Sequence[str] = ()) -> 
     return out
 
 
-def _workdir_config(workdir: pathlib.Path) -> Config | None:
-    path = workdir / "config.json"
-    if not path.exists():
-        return None
+def read_config(path: str | os.PathLike) -> Config:
+    """A run's config.json (or any file of `config_to_dict`'s form) as a `Config`."""
+    path = pathlib.Path(path)
     try:
         return config_from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no configuration file {path}: pass a run's config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}); restore it, or use another --workdir") from e
+        raise ValueError(f"{path} is unreadable ({e}); restore it, or use another file") from e
+
+
+def _workdir_config(workdir: pathlib.Path) -> Config | None:
+    path = workdir / "config.json"
+    return read_config(path) if path.exists() else None
+
+
+def replay_config(path: str | os.PathLike) -> Config:
+    """The configuration of `--config FILE`: the run FILE records (a config.json), to be run again
+    in `<its workdir>-replay` (its own workdir holds its checkpoints), not resumed."""
+    config = read_config(path)
+    return dataclasses.replace(config, workdir=f"{config.workdir}-replay", resume=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,7 +483,7 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
-def _global_batch(
+def global_batch(
     batch: tuple[np.ndarray, np.ndarray], sharding: NamedSharding
 ) -> tuple[Float[Array, "b *dims"], Int[Array, " b"]]:
     """This process's slice of a global batch -> one global array sharded over "data"."""
@@ -559,7 +533,7 @@ def check_teacher(config: Config) -> None:
     """Refuse a teacher that cannot serve this distillation: unreadable, not a teacher, another
     model, or guidance on a teacher whose null label never trained (`mmd.check_guidance`). A
     teacher still to be trained (`--teacher auto`) is checked against this configuration."""
-    path = _teacher_file(config)
+    path = teacher_file(config)
     if not path.is_file():
         mmd.check_guidance(
             guidance=config.guidance,
@@ -568,15 +542,16 @@ def check_teacher(config: Config) -> None:
             where=f"the teacher to be trained for {path}",
         )
         return
-    meta = read_meta(path)
-    saved = _saved_config(path, meta)
+    meta = checkpoint.read_meta(path)
+    saved = saved_config(path, meta)
     if saved.variant != "teacher":
-        raise CheckpointError(
+        raise checkpoint.CheckpointError(
             f"{path} is a checkpoint of a {saved.variant} run, not of a teacher; "
             "pass --teacher a teacher.eqx or a ckpt_*.eqx of a --variant teacher "
             "run"
         )
-    _check_manifest(path, meta, _network_group(meta), model_skeleton(config.model)[0])
+    params_like = checkpoint.model_skeleton(config.model)[0]
+    checkpoint.check_manifest(path, meta, checkpoint.network_group(meta), params_like)
     differ = [
         f.name
         for f in dataclasses.fields(config.model)
@@ -587,7 +562,7 @@ def check_teacher(config: Config) -> None:
         options = " ".join(
             f"--model-{n.replace('_', '-')} {getattr(saved.model, n)}" for n in differ
         )
-        raise CheckpointError(
+        raise checkpoint.CheckpointError(
             f"{path} was trained with another model ({', '.join(differ)}): pass {options}"
         )
     mmd.check_guidance(
@@ -706,7 +681,7 @@ def fresh_statistics(
 
     def teacher_grads() -> Iterator[PyTree]:
         for i in tqdm(range(n), desc="teacher gradients", disable=not _show_bars()):
-            x, labels = _global_batch(next(batches), sharding)
+            x, labels = global_batch(next(batches), sharding)
             g_teacher, g_real = grad_fn(teacher, x, labels, jax.random.fold_in(key, i))
             real_sum[:] = [g_real if not real_sum else jax.tree.map(jnp.add, real_sum[0], g_real)]
             yield g_teacher
@@ -782,7 +757,7 @@ def check_run(config: Config) -> tuple[jax.sharding.Mesh, list[pathlib.Path]]:
         raise ValueError(f"--num-devices {config.num_devices}: {error}") from error
     check_batch(config, mesh.devices.size)
     workdir = pathlib.Path(config.workdir)
-    existing = _checkpoints(workdir)
+    existing = list_checkpoints(workdir)
     if existing and not config.resume:
         raise ValueError(
             f"{workdir} already holds checkpoints; pass --resume to continue that run, or choose "
@@ -795,7 +770,7 @@ def check_run(config: Config) -> tuple[jax.sharding.Mesh, list[pathlib.Path]]:
             f"{workdir}/config.json differs from this configuration in {changed}; "
             "use another --workdir"
         )
-    if config.variant != "teacher" and not _teacher_file(config).is_file():
+    if config.variant != "teacher" and not teacher_file(config).is_file():
         raise FileNotFoundError(
             f"teacher checkpoint {config.teacher} not found; train it first "
             "(`python train.py --teacher auto` does) or pass --teacher PATH"
@@ -803,7 +778,7 @@ def check_run(config: Config) -> tuple[jax.sharding.Mesh, list[pathlib.Path]]:
     return mesh, existing
 
 
-def _teacher_file(config: Config) -> pathlib.Path:
+def teacher_file(config: Config) -> pathlib.Path:
     """The file `--teacher` names: a checkpoint, a teacher run's directory (its teacher.eqx), or for
     `auto` the preset's cached teacher (which may not exist yet)."""
     default = default_teacher_path(config.preset)
@@ -817,7 +792,7 @@ def _teacher_file(config: Config) -> pathlib.Path:
     if path.is_dir():
         if (path / "teacher.eqx").is_file():
             return path / "teacher.eqx"
-        found = _checkpoints(path)
+        found = list_checkpoints(path)
         unfinished = f" (the run is unfinished: resume it, or pass {found[-1]})" if found else ""
         raise FileNotFoundError(
             f"teacher directory {path} holds no teacher.eqx{unfinished}; {usage}"
@@ -906,8 +881,8 @@ def _initial_params(config: Config, *, key: PRNGKeyArray) -> tuple[PyTree, PyTre
     if config.variant == "teacher":
         params, static = eqx.partition(uvit.make_model(config.model, key=key), eqx.is_inexact_array)
         return params, None, static
-    params, precond = load_teacher(_teacher_file(config), config)
-    return params, precond, model_skeleton(config.model)[1]
+    params, precond = load_teacher(teacher_file(config), config)
+    return params, precond, checkpoint.model_skeleton(config.model)[1]
 
 
 def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
@@ -972,138 +947,6 @@ def set_up(config: Config) -> tuple[Run, mmd.TrainState]:
 # Sampling, images and figures
 
 
-def to_uint8(x: Float[np.ndarray, "*s"]) -> UInt8[np.ndarray, "*s"]:
-    """[-1, 1] -> {0..255} as `clip(floor(127.5 x + 128), 0, 255)` in float64 (EDM's rounding)."""
-    if not np.all(np.isfinite(x)):
-        raise FloatingPointError(
-            f"{np.size(x) - np.isfinite(x).sum()} non-finite sample values: the model "
-            "or sampler diverged (check the checkpoint, guidance and clipping)"
-        )
-    return np.clip(np.floor(127.5 * x.astype(np.float64) + 128.0), 0, 255).astype(np.uint8)
-
-
-@eqx.filter_jit
-def _sample_batch(
-    denoiser: Any, keys: mmd.Keys, labels: Int[Array, " b"], settings: dict[str, Any]
-) -> Float[Array, "b *dims"]:
-    """`mmd.sample` on one sharded batch; `settings` (Python scalars and the shape) are static."""
-    return mmd.sample(denoiser, keys, labels=labels, **settings)
-
-
-def generate(
-    denoiser: Callable,
-    key: PRNGKeyArray,
-    *,
-    num_samples: int,
-    batch_size: int,
-    num_classes: int,
-    num_steps: int,
-    shift: float,
-    guidance: float,
-    clip: bool,
-    gamma: float,
-    null_label: int | None = None,
-    image_shape: tuple[int, int, int],
-    devices: Sequence[jax.Device] | None = None,
-    progress: str | None = None,
-) -> UInt8[np.ndarray, "n h w c"]:
-    """`num_samples` uint8 images from `mmd.sample`, identical for any batch size and device count.
-
-    Sample `i` uses the key `fold_in(key, i)` and the label `i % num_classes` (class-balanced;
-    `num_classes=0` means an unconditional model and every label is 0). The sampler settings go to
-    `mmd.sample` unchanged. Batches are split over `devices` (default: all local devices). With a
-    network denoiser, bit-identity across per-device batch sizes also needs kernels whose
-    per-example results do not depend on the batch size; XLA's usually do, and a change is a
-    last-bit float effect.
-    """
-    if num_samples < 1 or batch_size < 1 or num_classes < 0:
-        raise ValueError(
-            f"need num_samples >= 1, batch_size >= 1, num_classes >= 0; got "
-            f"{num_samples}, {batch_size}, {num_classes}"
-        )
-    mesh = mmd.data_mesh(list(devices or jax.local_devices()))
-    denoiser = data.replicate(denoiser, mesh)
-    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
-
-    def make_inputs(indices: Int[np.ndarray, " b"]) -> tuple[mmd.Keys, Int[Array, " b"]]:
-        labels = indices % num_classes if num_classes else np.zeros_like(indices)
-        return fold(key, jnp.asarray(indices, jnp.uint32)), jnp.asarray(labels, jnp.int32)
-
-    def run(keys: mmd.Keys, labels: Int[Array, " b"]) -> Float[Array, "b h w c"]:
-        settings = dict(
-            shape=(labels.shape[0], *image_shape),
-            num_steps=num_steps,
-            shift=shift,
-            guidance=guidance,
-            clip=clip,
-            gamma=gamma,
-            null_label=null_label,
-        )
-        return _sample_batch(denoiser, keys, labels, settings)
-
-    samples = data.map_batches(
-        run, make_inputs, num=num_samples, batch_size=batch_size, mesh=mesh, progress=progress
-    )
-    return to_uint8(samples)
-
-
-def tile(
-    images: UInt8[np.ndarray, "n h w c"], *, columns: int | None = None
-) -> UInt8[np.ndarray, "H W c"]:
-    """Images row-major in one array (`columns` default: ceil(sqrt(n))), empty cells black."""
-    if images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels (NHWC), got shape {images.shape}")
-    n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = -(-n // columns)
-    grid = np.zeros((rows * columns, h, w, c), np.uint8)
-    grid[:n] = images
-    grid = grid.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4)
-    return grid.reshape(rows * h, columns * w, c)
-
-
-def save_image_grid(
-    images: UInt8[np.ndarray, "n h w c"], path: str | os.PathLike, *, columns: int | None = None
-) -> None:
-    """Tile images row-major into one PNG, pixel for pixel (`tile`), written atomically."""
-    grid = tile(images, columns=columns)
-    picture = Image.fromarray(grid[:, :, 0] if grid.shape[-1] == 1 else grid)
-    with data.atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int) -> None:
-    """Lay out a matplotlib figure and write it as PNG, atomically."""
-    fig.tight_layout()
-    with data.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-
-
-def save_titled_grids(
-    panels: Sequence[tuple[str, UInt8[np.ndarray, "n h w c"]]],
-    path: pathlib.Path,
-    *,
-    title: str,
-    columns: int | None,
-) -> None:
-    """Image grids side by side, each under its own title, and an overall title; PNG, atomically."""
-    height, width = tile(panels[0][1], columns=columns).shape[:2]
-    fig = Figure(figsize=(5.0 * len(panels), 5.0 * height / width + 0.9))
-    for ax, (name, images) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        grid = tile(images, columns=columns)
-        ax.imshow(
-            grid[:, :, 0] if grid.shape[-1] == 1 else grid,
-            cmap="gray",
-            vmin=0,
-            vmax=255,
-            interpolation="nearest",
-        )
-        ax.set_title(name, fontsize=9)
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=10)
-    save_figure(fig, path, dpi=100)
-
-
 def _ema_decay(config: Config) -> float:
     """The decay of the trained model's parameter average (0: none kept)."""
     return config.teacher_ema if config.variant == "teacher" else config.student_ema
@@ -1119,16 +962,16 @@ def _sampler_name(config: Config, network: str) -> tuple[str, int]:
 
 
 def sample_images(run: Run, params: PyTree, *, network: str) -> UInt8[np.ndarray, "n h w c"]:
-    """`num_samples` images of the run's fixed sample key (same noise and labels every time)."""
+    """`grid_size` images of the run's fixed sample key (same noise and labels every time)."""
     config = run.config
     # Each process samples on its own devices from its own copy of the (replicated) parameters: a
     # transfer from another process's devices is not supported on CPU.
     params = jax.tree.map(lambda a: a.addressable_data(0), params)
-    return generate(
+    return eval.generate(
         eqx.combine(params, run.static),
         run.sample_key,
-        num_samples=config.num_samples,
-        batch_size=config.num_samples,
+        num_samples=config.grid_size,
+        batch_size=config.grid_size,
         num_classes=config.model.num_classes,
         num_steps=_sampler_name(config, network)[1],
         shift=config.shift,
@@ -1149,10 +992,10 @@ def write_samples(run: Run, params: PyTree, *, step: int, network: str) -> pathl
         name, k = _sampler_name(run.config, network)
         start = step == 0 and network == "teacher"
         when = "step 0, before distillation" if start else f"after {step} training steps"
-        save_titled_grids(
+        eval.save_titled_grids(
             [(f"{name}, {k} sampling steps", images)],
             path,
-            columns=_columns(run.config),
+            columns=eval.grid_columns(run.config.model.num_classes),
             title=f"{run.workdir}: {when}",
         )
     return path
@@ -1170,83 +1013,38 @@ def write_comparison(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
         name, k = _sampler_name(run.config, "student")
         after = f"{name}, {k} steps, after {step} training steps"
         panels = [(f"teacher, {k} steps (before distillation)", teacher), (after, student)]
-        save_titled_grids(
+        eval.save_titled_grids(
             panels,
             path,
-            columns=_columns(run.config),
+            columns=eval.grid_columns(run.config.model.num_classes),
             title=f"{run.workdir}: same noise and labels (label = column)",
         )
     return path
 
 
-def _columns(config: Config) -> int | None:
-    return config.model.num_classes if 1 < config.model.num_classes <= 16 else None
-
-
 POINTS_FIGURE = "points.png"  # the 2-D walkthrough's figure, in the workdir
-NUM_POINTS = 2000  # points per scatter plot and energy distance
-
-
-def energy_distance(a: Float[np.ndarray, "n d"], b: Float[np.ndarray, "m d"]) -> float:
-    """Energy distance `2 E|a-b| - E|a-a'| - E|b-b'|` (Szekely & Rizzo; the V-statistic, pairs with
-    themselves included), in float64: 0 for equal samples, > 0 in expectation when the laws differ;
-    in the units of the points."""
-
-    def mean_distance(x: np.ndarray, y: np.ndarray) -> float:
-        total = 0.0
-        for i in range(0, len(x), 2048):  # row blocks: 20,000 points stay within 330 MB
-            rows = x[i : i + 2048]
-            squared = (rows * rows).sum(1)[:, None] + (y * y).sum(1)[None] - 2 * rows @ y.T
-            total += float(np.sqrt(np.maximum(squared, 0.0)).sum())
-        return total / (len(x) * len(y))
-
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return 2 * mean_distance(a, b) - mean_distance(a, a) - mean_distance(b, b)
-
-
-def draw_points(
-    model: uvit.MLPDenoiser, config: Config, key: PRNGKeyArray, *, num_steps: int, num_points: int
-) -> Float[np.ndarray, "n d"]:
-    """`num_points` unguided `num_steps`-step samples of a 2-D model from `key`, labels `i %
-    num_classes` (the rings data's classes are equally likely); raises FloatingPointError for
-    non-finite samples."""
-    labels = jnp.arange(num_points, dtype=jnp.int32) % max(config.model.num_classes, 1)
-    settings = dict(
-        shape=(num_points, config.model.dim),
-        num_steps=num_steps,
-        shift=config.shift,
-        guidance=0.0,
-        clip=False,
-        gamma=0.0,
-        null_label=config.model.num_classes,
-    )
-    keys = jax.random.split(key, num_points)
-    points = np.asarray(_sample_batch(model, keys, labels, settings))
-    if not np.all(np.isfinite(points)):
-        raise FloatingPointError("non-finite samples: the model or sampler diverged")
-    return points
 
 
 def sample_points(run: Run, params: PyTree, *, num_steps: int) -> Float[np.ndarray, "n d"]:
-    """`draw_points` of the run's fixed sample key, `NUM_POINTS` of them."""
+    """`eval.draw_points` of the run's fixed sample key, `eval.NUM_POINTS` of them."""
     params = jax.tree.map(lambda a: a.addressable_data(0), params)  # as in `sample_images`
     model = eqx.combine(params, run.static)
-    return draw_points(
-        model, run.config, run.sample_key, num_steps=num_steps, num_points=NUM_POINTS
+    return eval.draw_points(
+        model,
+        run.sample_key,
+        dim=run.config.model.dim,
+        num_classes=run.config.model.num_classes,
+        shift=run.config.shift,
+        num_steps=num_steps,
+        num_points=eval.NUM_POINTS,
     )
 
 
 def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
-    """`points.png`: scatter plots of fresh data (the test split), the teacher with the student's k
-    and with `teacher_k` steps, and the student with k steps, each titled with its energy distance
-    to the data (printed too); a Gaussian of the data's mean and covariance is the yardstick."""
+    """`points.png` (`eval.points_figure`): the teacher with the student's k and with `teacher_k`
+    steps, and the student with k steps, against fresh data."""
     config, k = run.config, run.config.k
-    test = data.load(config.data, split="test").images  # fresh: not the training split
-    fresh, reference = test[:NUM_POINTS], test[NUM_POINTS : 2 * NUM_POINTS]
-    rng = np.random.default_rng(config.seed)
-    gaussian = rng.multivariate_normal(fresh.mean(0), np.cov(fresh.T), size=NUM_POINTS)
-    panels = {
-        "data (fresh)": fresh,
+    samples = {
         f"teacher, {k} steps": sample_points(run, run.frozen.teacher, num_steps=k),
         f"teacher, {config.teacher_k} steps": sample_points(
             run, run.frozen.teacher, num_steps=config.teacher_k
@@ -1255,88 +1053,16 @@ def write_points_figure(run: Run, params: PyTree, *, step: int) -> pathlib.Path:
             run, params, num_steps=k
         ),
     }
-    distances = {name: energy_distance(x, reference) for name, x in panels.items()}
-    scale = energy_distance(gaussian, reference)
-    _print(
-        f"Energy distance to {NUM_POINTS} fresh points ({NUM_POINTS} samples each; a Gaussian "
-        f"with the data's mean and covariance: {scale:.4f}):"
-    )
-    for name, value in distances.items():
-        _print(f"  {name:32s} {value:.4f}")
     path = run.workdir / POINTS_FIGURE
-    if jax.process_index() == 0:
-        fig = Figure(figsize=(16, 4.6))
-        for ax, (name, x) in zip(fig.subplots(1, len(panels)), panels.items()):
-            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
-            ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal")
-            ax.set_title(f"{name}\nenergy distance {distances[name]:.4f}", fontsize=10)
-        fig.suptitle(
-            f"{run.workdir}: {config.variant} distillation, {step} steps\n(energy distance of a "
-            f"Gaussian with the data's mean and covariance: {scale:.4f})",
-            fontsize=11,
-        )
-        save_figure(fig, path, dpi=80)
+    eval.points_figure(
+        samples,
+        data_source=config.data,
+        seed=config.seed,
+        path=path if jax.process_index() == 0 else None,
+        title=f"{run.workdir}: {config.variant} distillation, {step} steps",
+        echo=_print,
+    )
     return path
-
-
-PANELS = {
-    "loss": "teacher loss (v-prediction, weighted MSE)",
-    "aux_loss": "auxiliary loss L(phi) (auxiliary updates)",
-    "moment_gap": "moment gap: mean w ||x_aux - x_teacher||^2",
-    "grad_norm": "gradient norm (before clipping to 1)",
-    "lr": "learning rate",
-}
-
-
-def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path, *, variant: str) -> None:
-    """loss.png from metrics.jsonl: one titled panel per quantity a reader of the paper knows
-    (instant: the monitor G1^T Lambda G2; alternating: the moment gap and auxiliary loss; teacher:
-    its loss), each as single-step values (faint) and their running mean, on a scale where the
-    mean's trend shows; the gradient norm and learning rate last. The instant variant's surrogate
-    (a number whose gradient is L_2b's) is not shown: its value means nothing."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    monitor = {"loss": "instant monitor G1ᵀ Λ G2 (Algorithm 3)"}
-    labels = PANELS | (monitor if variant == "instant" else {})
-    names = [n for n in labels if any(n in r for r in records)]
-    if not names:
-        return
-    fig = Figure(figsize=(7.5, 2.3 * len(names)))
-    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, name in zip(axes, names):
-        _plot_panel(
-            ax,
-            np.array([r["step"] for r in records if name in r]),
-            np.array([r[name] for r in records if name in r], dtype=np.float64),
-            name=name,
-            linear=variant == "instant" and name == "loss",
-        )
-        ax.set_title(labels[name], fontsize=9, loc="left")
-    axes[-1].set_xlabel("training step")
-    fig.suptitle(f"{variant} run {metrics_path.parent}", fontsize=10)
-    save_figure(fig, out, dpi=100)
-
-
-def _plot_panel(ax: Any, steps: np.ndarray, values: np.ndarray, *, name: str, linear: bool) -> None:
-    """Faint single-step values and their running mean; a log scale for positive values unless
-    `linear` (the instant monitor, whose one-step values turn negative), with y limits that fit
-    the running mean, not the noise."""
-    if name == "lr":
-        ax.plot(steps, values, ".", ms=2)
-        return
-    width = max(1, len(values) // 20)
-    mean = np.convolve(values, np.ones(width) / width, mode="valid")
-    ax.plot(steps, values, ".", ms=2, alpha=0.3, label="single step")
-    ax.plot(steps[width - 1 :], mean, lw=1.5, label=f"running mean of {width} steps")
-    positive = np.all(values[np.isfinite(values)] > 0) and not linear
-    ax.set_yscale("log" if positive else "linear")
-    ax.yaxis.set_minor_formatter(NullFormatter())  # labels at powers of 10 only: no overlaps
-    finite = mean[np.isfinite(mean)]
-    if finite.size and not positive:  # signed one-step estimates: zoom on the running mean
-        low, high = finite.min(), finite.max()
-        pad = 0.1 * (high - low) or abs(high) or 1.0
-        ax.set_ylim(low - pad, high + pad)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1346,9 +1072,9 @@ def _plot_panel(ax: Any, steps: np.ndarray, values: np.ndarray, *, name: str, li
 class Interrupted(Exception):
     """SIGINT or SIGTERM stopped training after a step; `checkpoint` holds that step."""
 
-    def __init__(self, step: int, checkpoint: pathlib.Path):
-        super().__init__(f"stopped at step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, path: pathlib.Path):
+        super().__init__(f"stopped at step {step}; checkpoint {path}")
+        self.step, self.checkpoint = step, path
 
 
 class StopSignals:
@@ -1501,12 +1227,15 @@ def _network(state: mmd.TrainState) -> PyTree:
 
 
 def start_line(run: Run, *, start: int) -> str:
-    """The line that opens a run: steps, devices, batch, work directory, and what samples use."""
+    """The line that opens a run: steps, devices, batch, the warm-up used (distillation: capped by
+    `resolve`), work directory, and what samples use."""
     config, n, decay = run.config, len(run.devices), _ema_decay(run.config)
     average = f" Samples use the parameter average (decay {decay})." if decay > 0 else ""
+    warmup = config.teacher_warmup if config.variant == "teacher" else config.warmup
     return (
         f"{config.variant}: steps {start}..{config.steps} on {n} device{'s' if n > 1 else ''}, "
-        f"batch {config.batch_size}, in {run.workdir} (the first step compiles).{average}"
+        f"batch {config.batch_size}, warm-up {warmup} updates, in {run.workdir} (the first step "
+        f"compiles).{average}"
     )
 
 
@@ -1531,7 +1260,7 @@ def train(config: Config) -> pathlib.Path:
     stopping, in_flight = False, None
     with StopSignals() as stop, Progress(config, start) as progress:
         for i in range(start, config.steps):
-            x, labels = _global_batch(next(run.batches), run.batch_sharding)
+            x, labels = global_batch(next(run.batches), run.batch_sharding)
             key = jax.random.fold_in(run.train_key, i)
             step_fn = run.programs[i % len(run.programs)]  # alternating: auxiliary, ..., generator
             state, metrics = step_fn(state, run.frozen, x, labels, key)
@@ -1542,10 +1271,10 @@ def train(config: Config) -> pathlib.Path:
             log.append(step, metrics)
             stopping = stop.requested  # read once: a later signal stops after the next step
             end = step == config.steps or stopping
-            checkpoint = step % config.checkpoint_every == 0 or end
-            if i == start or step % config.log_every == 0 or checkpoint:
+            save_now = step % config.checkpoint_every == 0 or end
+            if i == start or step % config.log_every == 0 or save_now:
                 progress.show(step, log.flush(last_good))
-            if checkpoint:
+            if save_now:
                 last_good = _save(run, state, step)
             if grids and (step % config.sample_every == 0 or end):
                 write_samples(run, _network(state), step=step, network=grid_title)
@@ -1559,7 +1288,7 @@ def train(config: Config) -> pathlib.Path:
         _print(f"{run.workdir} already finished all {config.steps} steps.")
     final = last_good  # not a directory listing: only process 0 writes, maybe to its own disk
     if config.variant == "teacher" and jax.process_index() == 0:
-        export_teacher(final, run.workdir / "teacher.eqx")
+        checkpoint.export_teacher(final, run.workdir / "teacher.eqx")
     result = run.workdir / "teacher.eqx" if config.variant == "teacher" else final
     if jax.process_index() == 0:  # it lists process 0's files
         _print(summary(run, result, steps=step - start, seconds=time.perf_counter() - t_start))
@@ -1614,236 +1343,44 @@ def summary(run: Run, result: pathlib.Path, *, steps: int, seconds: float) -> st
 # Checkpoints: one zip file per checkpoint
 
 
-def _manifest(tree: PyTree) -> list[list]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [[jax.tree_util.keystr(p), list(x.shape), str(np.dtype(x.dtype))] for p, x in leaves]
-
-
-def _to_host(tree: PyTree) -> PyTree:
-    """numpy copies of (replicated) device arrays; reads this process's first shard, so works
-    multi-host."""
-    return jax.tree.map(
-        lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a),
-        tree,
-    )
-
-
-def save_checkpoint(path: str | os.PathLike, *, meta: dict, groups: dict[str, PyTree]) -> None:
-    """Write `meta` and the pytrees `groups` into one zip file, atomically."""
-    path = pathlib.Path(path)
-    groups = {name: _to_host(tree) for name, tree in groups.items() if tree is not None}
-    meta = {
-        **meta,
-        "format": CHECKPOINT_FORMAT,
-        "groups": {name: _manifest(t) for name, t in groups.items()},
-    }
-    with data.atomic_path(path) as tmp:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            archive.writestr("meta.json", json.dumps(meta, indent=1))
-            for name, tree in groups.items():
-                with archive.open(f"{name}.eqx", "w", force_zip64=True) as member:
-                    eqx.tree_serialise_leaves(member, tree)
-
-
-# What reading a damaged zip can raise: a bad CRC, header or size (BadZipFile, EOFError, OSError), a
-# flipped compression-method or flag bit (NotImplementedError, RuntimeError), garbage in a member.
-_DAMAGE = (
-    zipfile.BadZipFile,
-    zipfile.LargeZipFile,
-    KeyError,
-    OSError,
-    EOFError,
-    ValueError,
-    NotImplementedError,
-    RuntimeError,
-    UnicodeDecodeError,
-)
-
-
-def _member_bytes(path: pathlib.Path, member: str) -> bytes:
-    """One member of a checkpoint, read whole so that zip checks its CRC-32 (a flipped byte)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.read(member)
-    except _DAMAGE as e:
-        raise CheckpointError(
-            f"{path}: {member} cannot be read ({type(e).__name__}: {e}): damaged, or not a "
-            "checkpoint written by train.py (teacher.eqx, ckpt_*.eqx): pass one that is"
-        ) from e
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-    """A checkpoint's `meta.json` (step, configuration, manifest, ...)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        meta = json.loads(_member_bytes(path, "meta.json"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a checkpoint written by train.py ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(
-            f"{path} has format {found!r}, expected {CHECKPOINT_FORMAT!r}: not a "
-            "checkpoint of this version of train.py"
-        )
-    return meta
-
-
-def _saved_config(path: str | os.PathLike, meta: dict) -> Config:
+def saved_config(path: str | os.PathLike, meta: dict) -> Config:
     """The training configuration stored in a checkpoint's meta, with an error naming the file."""
     try:
         return config_from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(
+        raise checkpoint.CheckpointError(
             f"{path}: its configuration does not fit this version of train.py "
             f"({e}); use the version that wrote it"
         ) from e
 
 
-def load_group(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
-    """Read the pytree `name` of a checkpoint into the structure of `like` (arrays or
-    ShapeDtypeStructs), after checking every leaf's path, shape and dtype; a mismatch lists the
-    differing leaves."""
-    _check_manifest(path, read_meta(path), name, like)
-    return _read_member(path, name, like)
-
-
-def _check_manifest(path: str | os.PathLike, meta: dict, name: str, like: PyTree) -> None:
-    """Refuse a group whose leaves' paths, shapes or dtypes differ from `like`'s, listing them."""
-    if name not in meta["groups"]:
-        raise CheckpointError(f"{path} holds {sorted(meta['groups'])}, not {name!r}")
-    saved, expected = meta["groups"][name], _manifest(like)
-    if saved != expected:
-        saved_d, expected_d = ({p: f"{d}{s}" for p, s, d in m} for m in (saved, expected))
-        lines = [
-            f"  {p}: checkpoint {saved_d.get(p, 'absent')}, "
-            f"configured {expected_d.get(p, 'absent')}"
-            for p in list(expected_d) + [p for p in saved_d if p not in expected_d]
-            if saved_d.get(p) != expected_d.get(p)
-        ]
-        shown = lines[:20] + ([f"  ... and {len(lines) - 20} more"] if len(lines) > 20 else [])
-        raise CheckpointError(
-            f"{path}: {name!r} does not match the configured model ({len(lines)} leaves differ):\n"
-            + "\n".join(shown)
-            + "\nConfigure the architecture the checkpoint was trained with (see its meta.json "
-            "'config.model')."
-        )
-
-
-def _read_member(path: str | os.PathLike, name: str, like: PyTree) -> PyTree:
-    """The group `name` (CRC-checked) deserialised into the structure of `like`."""
-    path = pathlib.Path(path)
-    content = _member_bytes(path, f"{name}.eqx")
-    try:
-        return eqx.tree_deserialise_leaves(io.BytesIO(content), like)
-    except _DAMAGE as e:
-        raise CheckpointError(
-            f"{path}: {name}.eqx does not hold the leaves its manifest lists "
-            f"({e}); the file is damaged: use another checkpoint"
-        ) from e
-
-
-def read_leaves(path: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
-    """A checkpoint group's leaves by path (e.g. `[1][0].nu.net.stem.weight`), without building the
-    model."""
-    manifest = read_meta(path)["groups"][name]
-    like = [jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)) for _, shape, dtype in manifest]
-    return {p: np.asarray(x) for (p, _, _), x in zip(manifest, _read_member(path, name, like))}
-
-
-def _is_param(x: Any) -> bool:
-    return eqx.is_inexact_array(x) or (
-        isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact)
-    )
-
-
-def model_skeleton(model_config: uvit.UViTConfig | uvit.MLPConfig) -> tuple[PyTree, PyTree]:
-    """`(params as ShapeDtypeStructs, static)` of a model (U-ViT or MLP), without allocating it."""
-    shapes = eqx.filter_eval_shape(uvit.make_model, model_config, key=jax.random.key(0))
-    return eqx.partition(shapes, _is_param)
-
-
 def load_checkpoint(
     path: str | os.PathLike,
 ) -> tuple[uvit.Denoiser | uvit.MLPDenoiser, Config, dict]:
-    """`(model, config, meta)` from any checkpoint of train.py: the trained network (teacher or
-    student) as a `uvit.Denoiser` (its parameter average when the run kept one), the run's
-    configuration, and the metadata (step, ...)."""
-    meta = read_meta(path)
-    config = _saved_config(path, meta)
-    params_like, static = model_skeleton(config.model)
-    return eqx.combine(load_group(path, _network_group(meta), params_like), static), config, meta
+    """`(model, config, meta)` from any checkpoint of train.py: `checkpoint.load_network`, the
+    configuration as a `Config`."""
+    model, _, meta = checkpoint.load_network(path)
+    return model, saved_config(path, meta), meta
 
 
-def network_kind(meta: dict) -> str:
-    """What `load_checkpoint` returns for a checkpoint with this metadata: "parameter average" (kept
-    by its run, or exported from one) or "parameters"."""
-    average = _network_group(meta) == "ema" or meta.get("ema")
-    return "parameter average" if average else "parameters"
-
-
-def _network_group(meta: dict) -> str:
-    """The checkpoint group holding the network to use: the parameter average (a teacher's, or a
-    student's with `--student-ema`) when the run kept one."""
-    return "ema" if "ema" in meta["groups"] else "params"
-
-
-def export_teacher(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Write what distillation needs from a teacher training checkpoint: its parameters (their
-    moving average when the run kept one), Adam's `nu` (in bfloat16: Lambda = 1/sqrt(nu) to 0.2%,
-    far below the noise of an EMA estimate) and update count, and the configuration: half a full
-    checkpoint's size."""
-    meta = read_meta(checkpoint)
-    config = _saved_config(checkpoint, meta)
-    params_like, _ = model_skeleton(config.model)
-    optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=config.teacher_b1, b2=config.teacher_b2)
-    opt_state = load_group(checkpoint, "opt_state", jax.eval_shape(optimizer.init, params_like))
-    adam = mmd.adam_state(opt_state)
-    group = _network_group(meta)
-    save_checkpoint(
-        out,
-        meta={
-            "kind": "teacher",
-            "step": meta["step"],
-            "config": meta["config"],
-            "ema": group == "ema",
-            "adam": {"count": int(adam.count), "b2": config.teacher_b2},
-        },
-        groups={
-            "params": load_group(checkpoint, group, params_like),
-            "nu": jax.tree.map(lambda v: v.astype(jnp.bfloat16), adam.nu),
-        },
-    )
-
-
-def _checkpoints(workdir: pathlib.Path) -> list[pathlib.Path]:
+def list_checkpoints(workdir: pathlib.Path) -> list[pathlib.Path]:
     return sorted((workdir / "checkpoints").glob("ckpt_*.eqx"))
 
 
 def load_teacher(path: pathlib.Path, config: Config) -> tuple[PyTree, PyTree | None]:
     """`(teacher params, Lambda or None)`; Lambda from the checkpoint's Adam state when
     `precond_steps` is 0."""
-    params_like, _ = model_skeleton(config.model)
-    meta = read_meta(path)
-    params = load_group(path, _network_group(meta), params_like)
+    params_like, _ = checkpoint.model_skeleton(config.model)
+    meta = checkpoint.read_meta(path)
+    params = checkpoint.load_group(path, checkpoint.network_group(meta), params_like)
     if config.variant != "instant" or config.precond_steps:
         return params, None
-    if "nu" in meta["groups"]:
-        bf16_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params_like)
-        nu = jax.tree.map(lambda v: v.astype(jnp.float32), load_group(path, "nu", bf16_like))
-        count, b2 = meta["adam"]["count"], meta["adam"]["b2"]
-    elif "opt_state" in meta["groups"] and meta["config"]["variant"] == "teacher":
-        saved = _saved_config(path, meta)
-        optimizer = mmd.teacher_optimizer(peak_lr=1.0, b1=saved.teacher_b1, b2=saved.teacher_b2)
-        adam = mmd.adam_state(
-            load_group(path, "opt_state", jax.eval_shape(optimizer.init, params_like))
-        )
-        nu, count, b2 = adam.nu, adam.count, saved.teacher_b2
-    else:
-        raise CheckpointError(
+    adam = checkpoint.teacher_adam(path, meta, params_like)
+    if adam is None:
+        raise checkpoint.CheckpointError(
             f"{path} holds no teacher Adam state for Lambda; pass --precond-steps N to estimate it"
         )
+    nu, count, b2 = adam
     return params, mmd.preconditioner(
         nu, count=count, b2=b2, eps=config.precond_eps, eps_mode=config.precond_eps_mode
     )
@@ -1907,7 +1444,7 @@ def _save(run: Run, state: mmd.TrainState, step: int) -> pathlib.Path:
         "key": np.asarray(jax.random.key_data(run.train_key)).tolist(),
         "data_state": run.batches.get_state(),
     }
-    save_checkpoint(
+    checkpoint.save(
         path,
         meta=meta,
         groups={
@@ -1918,9 +1455,9 @@ def _save(run: Run, state: mmd.TrainState, step: int) -> pathlib.Path:
             "ema": state.ema,
         },
     )
-    for old in _checkpoints(workdir)[: -config.keep_checkpoints]:
+    for old in list_checkpoints(workdir)[: -config.keep_checkpoints]:
         old.unlink()
-    plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", variant=config.variant)
+    eval.plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", variant=config.variant)
     return path
 
 
@@ -1928,15 +1465,15 @@ def _restore(
     path: pathlib.Path, like: mmd.TrainState, batches: data.Batches
 ) -> tuple[mmd.TrainState, PRNGKeyArray]:
     """Training state, PRNG key and data position from a checkpoint of this run."""
-    meta = read_meta(path)
+    meta = checkpoint.read_meta(path)
     state = like._replace(
         step=jnp.asarray(meta["step"], jnp.int32),
-        **{name: load_group(path, name, getattr(like, name)) for name in meta["groups"]},
+        **{name: checkpoint.load_group(path, name, getattr(like, name)) for name in meta["groups"]},
     )
     try:
         batches.set_state(meta["data_state"])
     except data.DataError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        raise checkpoint.CheckpointError(f"{path}: {e}") from e
     return state, jax.random.wrap_key_data(jnp.asarray(meta["key"], jnp.uint32))
 
 
@@ -1947,9 +1484,9 @@ def _restore_newest(
     for path in reversed(paths):
         try:
             return path, *_restore(path, like, batches)
-        except CheckpointError as e:
+        except checkpoint.CheckpointError as e:
             _print(f"Skipping damaged checkpoint {path.name} (kept for inspection): {e}")
-    raise CheckpointError(
+    raise checkpoint.CheckpointError(
         f"no intact checkpoint in {paths[0].parent} (messages above); move the "
         "damaged files away to start the run afresh, or use another --workdir"
     )
@@ -1959,70 +1496,6 @@ def _restore_newest(
 # Command line
 
 
-def _option_type(hint: Any) -> tuple[Callable[[str], Any], bool, bool]:
-    """(parse one token, optional, is a tuple) for a field's annotation."""
-    args = typing.get_args(hint)
-    optional = isinstance(hint, types.UnionType) and type(None) in args
-    if optional:
-        (hint,) = [a for a in args if a is not type(None)]
-    if typing.get_origin(hint) is tuple:
-        return typing.get_args(hint)[0], optional, True
-    return hint, optional, False
-
-
-def _add_options(
-    parser: argparse.ArgumentParser, cls: type, defaults: Any, prefix: str = ""
-) -> None:
-    """One option per dataclass field (nested dataclasses as `--model-<field>`), defaults shown but
-    suppressed, so that only the options actually given come back as overrides."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        dest, default = prefix + f.name, getattr(defaults, f.name)
-        if dataclasses.is_dataclass(default):  # the preset's model family gives the options
-            _add_options(parser, type(default), default, prefix=dest + ".")
-            continue
-        flag = f.metadata.get("flag") or _flag(dest)
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        shown = "none" if default is None else shown  # as the option is typed (`--k none`)
-        required = f.metadata.get("required", False)
-        help_text = f.metadata.get("help", f"{cls.__name__}.{f.name}") + (
-            " (required)" if required else f" (default: {shown})"
-        )
-        kwargs: dict[str, Any] = dict(
-            dest=dest, default=argparse.SUPPRESS, help=help_text, required=required
-        )
-        parse, optional, is_tuple = _option_type(hints[f.name])
-        if parse is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        kwargs["type"] = (
-            (lambda s, parse=parse: None if s.lower() == "none" else parse(s))
-            if optional
-            else parse
-        )
-        kwargs["metavar"] = f.name.upper() + ("|none" if optional and not required else "")
-        if is_tuple:
-            kwargs["nargs"] = "+"
-        if "choices" in f.metadata:
-            kwargs.update(choices=f.metadata["choices"], metavar=None)
-        parser.add_argument(flag, **kwargs)
-
-
-def _apply(base: Any, overrides: dict[str, Any]) -> Any:
-    """`dataclasses.replace` with dotted names (`model.widths`) for nested dataclasses."""
-    nested: dict[str, dict[str, Any]] = {}
-    flat = {}
-    for name, value in overrides.items():
-        head, dot, rest = name.partition(".")
-        if dot:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            flat[name] = tuple(value) if isinstance(value, list) else value
-    for head, sub in nested.items():
-        flat[head] = _apply(getattr(base, head), sub)
-    return dataclasses.replace(base, **flat)
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a mistake prints one line and a pointer to --help, not the whole usage."""
 
@@ -2030,28 +1503,46 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"train.py: error: {message} (python train.py --help lists every option)\n")
 
 
-def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """The resolved configuration from the command line: preset, then (with --resume) the workdir's
-    saved configuration, then the options given. A resumed run may change only `RUN_FIELDS`."""
-    pre = _Parser(add_help=False)
-    pre.add_argument("--preset", default="mnist", choices=sorted(PRESETS))
-    known, _ = pre.parse_known_args(argv)
-    base = PRESETS[known.preset]
-    parser = _Parser(
+def parser(base: Config, *, origin: str) -> argparse.ArgumentParser:
+    """The command line: one option per `Config` field in the sections of `GROUPS`, defaults from
+    `base` (named by `origin`), and `--config FILE`."""
+    p = _Parser(
         description="Train a diffusion teacher or distil it with Moment Matching "
         "(alternating or instant).",
-        epilog=f"Presets: {', '.join(PRESETS)}. "
-        f"Defaults shown are those of --preset (here {known.preset}).",
+        epilog=f"Presets: {', '.join(PRESETS)}. Defaults shown are those of {origin}.",
     )
-    _add_options(parser, Config, base)
-    overrides = vars(parser.parse_args(argv))
-    config = resolve(_apply(base, overrides))
+    sections = options.add_options(p, Config, base, groups=GROUPS)
+    sections["run"].add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="replay the run that FILE (a run's config.json) records, in <its workdir>-replay "
+        "unless --workdir is given; the other options given override its values",
+    )
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """The resolved configuration from the command line: the preset (or `--config FILE`'s run),
+    then (with --resume) the workdir's saved configuration, then the options given. A resumed run
+    may change only `RUN_FIELDS`."""
+    pre = _Parser(add_help=False)
+    pre.add_argument("--preset", default="mnist", choices=sorted(PRESETS))
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        base, origin = PRESETS[known.preset], f"--preset {known.preset}"
+    else:
+        base, origin = replay_config(known.config), f"--config {known.config}"
+    overrides = vars(parser(base, origin=origin).parse_args(argv))
+    overrides.pop("config", None)
+    config = resolve(options.apply(base, overrides))
     saved = _workdir_config(pathlib.Path(config.workdir)) if config.resume else None
     if saved is None:
         check_variant_options(config)
         return config
     resumed = resolve(
-        _apply(saved, {k: v for k, v in overrides.items() if k.split(".")[0] in RUN_FIELDS})
+        options.apply(saved, {k: v for k, v in overrides.items() if k.split(".")[0] in RUN_FIELDS})
     )
     changed = _config_differences(saved, config, ignore=RUN_FIELDS)
     explicitly = [name for name in changed if name in overrides]
@@ -2059,8 +1550,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         steps = " (--steps cannot be extended: the learning rate decays to 0 at the saved --steps)"
         raise ValueError(
             f"--resume continues the run in {config.workdir} with its saved configuration, but "
-            f"these options differ from it: {', '.join(map(_flag, explicitly))}. Drop them, or "
-            f"start a new run in another --workdir{steps if 'steps' in explicitly else ''}."
+            f"these options differ from it: {', '.join(map(options.flag, explicitly))}. Drop them, "
+            f"or start a new run in another --workdir{steps if 'steps' in explicitly else ''}."
         )
     check_variant_options(resumed)
     return resumed
@@ -2071,7 +1562,7 @@ def ensure_teacher(config: Config) -> pathlib.Path:
     preset's default teacher (`--teacher auto`) is trained first (in WORKDIR/teacher) and cached
     when absent."""
     config = resolve(config)
-    path = _teacher_file(config)
+    path = teacher_file(config)
     if path.is_file():
         return path
     teacher_config = resolve(

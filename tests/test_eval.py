@@ -16,6 +16,7 @@ import scipy.linalg
 from PIL import Image
 from test_train import args as train_args  # train.py's tiny-preset command line
 
+import checkpoint
 import eval as ev
 import mmd
 import train
@@ -149,7 +150,7 @@ SAMPLER = dict(
 
 
 def _generate(batch_size: int, devices: list) -> np.ndarray:
-    return train.generate(
+    return ev.generate(
         _gaussian_denoiser,
         jax.random.key(7),
         num_samples=11,
@@ -176,7 +177,7 @@ def test_generate_is_invariant_to_batch_size_and_device_count():
             labels=jnp.array([i % 3]),
             **settings,
         )
-        np.testing.assert_array_equal(train.to_uint8(np.asarray(x))[0], reference[i])
+        np.testing.assert_array_equal(ev.to_uint8(np.asarray(x))[0], reference[i])
     # Labels are class balanced: pixel means follow the guided class means (the null class has mean
     # 0).
     pixel_means = reference.reshape(11, -1).mean(axis=1) / 127.5 - 1
@@ -186,9 +187,9 @@ def test_generate_is_invariant_to_batch_size_and_device_count():
 
 def test_to_uint8_rounding_and_non_finite_values():
     x = np.array([-1.5, -1.0, -0.999, 0.0, 1 / 255, 0.5, 1.0, 2.0])
-    np.testing.assert_array_equal(train.to_uint8(x), [0, 0, 0, 128, 128, 191, 255, 255])
+    np.testing.assert_array_equal(ev.to_uint8(x), [0, 0, 0, 128, 128, 191, 255, 255])
     with pytest.raises(FloatingPointError, match="non-finite"):
-        train.to_uint8(np.array([0.0, np.nan]))
+        ev.to_uint8(np.array([0.0, np.nan]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def test_save_image_grid_tiles_row_major(tmp_path):
     images = (
         np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 1), np.uint8) * 40
     )
-    train.save_image_grid(images, tmp_path / "grid.png", columns=3)
+    ev.save_image_grid(images, tmp_path / "grid.png", columns=3)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (4, 9)
     tiles = grid.reshape(2, 2, 3, 3).transpose(0, 2, 1, 3).reshape(6, 2, 3)
@@ -306,7 +307,7 @@ def tiny_run(tmp_path_factory):
     model, config, meta = train.load_checkpoint(teacher)
     student = root / "student.eqx"
     student_config = train.dataclasses.replace(config, variant="instant", k=3)
-    train.save_checkpoint(
+    checkpoint.save(
         student,
         meta={"kind": "instant", "step": 7, "config": train.config_to_dict(student_config)},
         groups={"params": eqx.filter(model, eqx.is_inexact_array)},
@@ -372,7 +373,7 @@ def test_cli_samples_a_teacher_with_its_settings(tiny_run, tmp_path):
             guidance=0.5,
             null_label=10,
         )
-        np.testing.assert_array_equal(_grid(record)[i], train.to_uint8(np.asarray(x))[0, :, :, 0])
+        np.testing.assert_array_equal(_grid(record)[i], ev.to_uint8(np.asarray(x))[0, :, :, 0])
 
 
 def test_cli_samples_depend_on_the_seed_only(tiny_run, tmp_path):

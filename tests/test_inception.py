@@ -29,7 +29,7 @@ def private_cache(tmp_path_factory, monkeypatch):
 def inception(tmp_path_factory):
     """The real weights: the user's verified cache if it holds them, else downloaded and converted
     once per
-    test session into a temporary cache."""
+    test run into a temporary cache."""
     cache = (
         USER_CACHE
         if (USER_CACHE / inc.WEIGHTS_FILE).exists()

@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import checkpoint
 import data
 import mmd
 import train
@@ -56,8 +57,8 @@ def _start(process_id: int, num_processes: int, port: int, root: pathlib.Path) -
     )
 
 
-def _leaves(checkpoint: pathlib.Path) -> list[np.ndarray]:
-    return list(train.read_leaves(checkpoint, "params").values())
+def _leaves(path: pathlib.Path) -> list[np.ndarray]:
+    return list(checkpoint.read_leaves(path, "params").values())
 
 
 def test_two_processes_equal_one_process(tmp_path):
@@ -188,7 +189,7 @@ def _worker(process_id: int, num_processes: int, port: int, root: pathlib.Path) 
             "2",
             "--batch-size",
             str(BATCH),
-            "--num-samples",
+            "--grid-size",
             "10",
         ]
     )

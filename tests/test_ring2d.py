@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 from scipy.stats import wasserstein_distance
 
-import bench
+import eval as evaluation
 import train
 import uvit
+from experiments import length as length_curves
 from toy import energy_distance
 
 
@@ -21,8 +22,10 @@ from toy import energy_distance
 def test_energy_distance_matches_brute_force(n, m, d):
     rng = np.random.default_rng(n)
     a, b = rng.normal(size=(n, d)), rng.normal(0.3, 2.0, size=(m, d))
-    assert train.energy_distance(a, b) == pytest.approx(energy_distance(a, b), rel=1e-9, abs=1e-12)
-    assert train.energy_distance(a, a) == pytest.approx(0.0, abs=1e-7)
+    assert evaluation.energy_distance(a, b) == pytest.approx(
+        energy_distance(a, b), rel=1e-9, abs=1e-12
+    )
+    assert evaluation.energy_distance(a, a) == pytest.approx(0.0, abs=1e-7)
 
 
 @pytest.mark.parametrize("n,d", [(1, 2), (9, 2), (500, 3)])
@@ -30,10 +33,12 @@ def test_radial_w1_is_scipys_wasserstein_distance_of_the_norms(n, d):
     rng = np.random.default_rng(n)
     a, b = rng.normal(size=(n, d)), rng.normal(0.2, 1.5, size=(n, d))
     norms = [np.linalg.norm(x, axis=1) for x in (a, b)]
-    assert bench.radial_w1(a, b) == pytest.approx(wasserstein_distance(*norms), rel=1e-12)
-    assert bench.radial_w1(a, a @ np.linalg.qr(rng.normal(size=(d, d)))[0]) < 1e-12  # rotation
+    assert length_curves.radial_w1(a, b) == pytest.approx(wasserstein_distance(*norms), rel=1e-12)
+    assert (
+        length_curves.radial_w1(a, a @ np.linalg.qr(rng.normal(size=(d, d)))[0]) < 1e-12
+    )  # rotation
     with pytest.raises(ValueError, match="equal sizes, got 9 and 10"):
-        bench.radial_w1(rng.normal(size=(9, d)), rng.normal(size=(10, d)))
+        length_curves.radial_w1(rng.normal(size=(9, d)), rng.normal(size=(10, d)))
 
 
 def test_mlp_config_round_trips_through_the_saved_configuration():
@@ -80,10 +85,12 @@ def test_ring2d_walkthrough_end_to_end(tmp_path, monkeypatch):
     assert distance["data (fresh)"] < yardstick, out  # sampling noise < a wrong (Gaussian) law
     assert distance["teacher, 32 steps"] < 0.25 * distance["teacher, 4 steps"], out
     assert distance["alternating student, 4 steps"] < 0.5 * distance["teacher, 4 steps"], out
-    # bench.py length on the same run: the rings' sharpness by checkpoint, cached, the teacher's
-    # references beside it, and sharper than the undistilled 4 steps.
-    report = bench.run_length(
-        bench.LengthBench(workdirs=(str(tmp_path / "run"),), num_samples=500, out=str(tmp_path))
+    # `python -m experiments length` on the same run: the rings' sharpness by checkpoint, cached,
+    # the teacher's references beside it, and sharper than the undistilled 4 steps.
+    report = length_curves.run_length(
+        length_curves.LengthBench(
+            workdirs=(str(tmp_path / "run"),), num_samples=500, out=str(tmp_path)
+        )
     )
     refs = dict(re.findall(r"^- teacher, (\d+) steps: w1_radius ([0-9.]+)\.$", report, re.M))
     last = float(re.search(r"last ([0-9.]+) at step 600", report).group(1))
@@ -93,8 +100,12 @@ def test_ring2d_walkthrough_end_to_end(tmp_path, monkeypatch):
     assert Image.open(tmp_path / "w1_radius_vs_distill_steps.png").format == "PNG"
     scored = []
     fake = {"w1_radius": 9.0}
-    monkeypatch.setattr(bench, "points_scores", lambda path, **kw: scored.append(path) or fake)
-    again = bench.LengthBench(workdirs=(str(tmp_path / "run"),), num_samples=500, out=str(tmp_path))
-    assert f"last {last:.4f} at step 600" in bench.run_length(again)
+    monkeypatch.setattr(
+        length_curves, "points_scores", lambda path, **kw: scored.append(path) or fake
+    )
+    again = length_curves.LengthBench(
+        workdirs=(str(tmp_path / "run"),), num_samples=500, out=str(tmp_path)
+    )
+    assert f"last {last:.4f} at step 600" in length_curves.run_length(again)
     # the student's score came from its cache; only the teacher's two references were recomputed
     assert [p.name for p in scored] == ["ring2d_teacher.eqx"] * 2

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import checkpoint
 import data
 import eval as evaluation
 import mmd
@@ -65,7 +66,7 @@ def args(npz, workdir, variant, *extra):
         str(STEPS),
         "--sample-every",
         "100",
-        "--num-samples",
+        "--grid-size",
         "20",
         "--teacher-k",
         "4",
@@ -77,7 +78,7 @@ def args(npz, workdir, variant, *extra):
 
 def leaves(path, group="params"):
     """A checkpoint group's leaves, in order."""
-    return list(train.read_leaves(path, group).values())
+    return list(checkpoint.read_leaves(path, group).values())
 
 
 def metrics(workdir):
@@ -87,7 +88,7 @@ def metrics(workdir):
 def check_outputs(workdir, variant):
     """Checkpoints of every step, one finite metrics line per step, a sample grid of 20 images in 10
     columns."""
-    assert [p.name for p in train._checkpoints(workdir)] == [
+    assert [p.name for p in train.list_checkpoints(workdir)] == [
         f"ckpt_{s:08d}.eqx" for s in range(1, STEPS + 1)
     ]
     records = metrics(workdir)
@@ -153,16 +154,16 @@ def test_teacher_run(teacher):
     # from either file. The average differs from the last parameters (decay min(0.999, (1+t)/(10+t))
     # > 0).
     final = teacher / "checkpoints" / f"ckpt_{STEPS:08d}.eqx"
-    assert train.read_meta(teacher / "teacher.eqx")["ema"]
+    assert checkpoint.read_meta(teacher / "teacher.eqx")["ema"]
     for a, b in zip(leaves(teacher / "teacher.eqx"), leaves(final, "ema"), strict=True):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, raw) for a, raw in zip(leaves(final, "ema"), leaves(final)))
-    nu = {p: x for p, x in train.read_leaves(final, "opt_state").items() if ".nu." in p}
+    nu = {p: x for p, x in checkpoint.read_leaves(final, "opt_state").items() if ".nu." in p}
     assert len(nu) == len(leaves(final))
     for a, b in zip(leaves(teacher / "teacher.eqx", "nu"), nu.values(), strict=True):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(a.astype(np.float32), b, rtol=2**-8)
-    assert train.read_meta(teacher / "teacher.eqx")["adam"]["count"] == STEPS
+    assert checkpoint.read_meta(teacher / "teacher.eqx")["adam"]["count"] == STEPS
     model, config, _ = train.load_checkpoint(teacher / "teacher.eqx")
     assert config.variant == "teacher" and config.steps == STEPS
     x = model(jnp.zeros((2, 8, 8, 1)), jnp.array([0.0, 1.0]), jnp.array([1, 10]))
@@ -198,7 +199,7 @@ def test_resume_matches_uninterrupted_run(auto_run, alternating, npz, tmp_path, 
     monkeypatch.setattr(train, "CHECKPOINT_DIR", auto_run[0] / "checkpoints")
     workdir = tmp_path / "resumed"
     shutil.copytree(alternating, workdir)
-    for path in train._checkpoints(workdir)[2:]:
+    for path in train.list_checkpoints(workdir)[2:]:
         path.unlink()
     train.main(args(npz, workdir, "alternating", "--resume"))
     final = f"checkpoints/ckpt_{STEPS:08d}.eqx"
@@ -301,7 +302,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(npz, tmp_path):
     workdir = tmp_path / "diverge"
     with pytest.raises(FloatingPointError, match=r"non-finite .* at step 2 .*ckpt_00000001\.eqx"):
         train.main(args(npz, workdir, "teacher", "--teacher-lr", "1e30", "--teacher-warmup", "1"))
-    assert [p.name for p in train._checkpoints(workdir)] == ["ckpt_00000001.eqx"]
+    assert [p.name for p in train.list_checkpoints(workdir)] == ["ckpt_00000001.eqx"]
     assert all(
         np.all(np.isfinite(x)) for x in leaves(workdir / "checkpoints" / "ckpt_00000001.eqx")
     )
@@ -309,7 +310,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(npz, tmp_path):
 
 def test_mismatched_teacher_lists_leaves(npz, teacher, tmp_path):
     with pytest.raises(
-        train.CheckpointError,
+        checkpoint.CheckpointError,
         match=r"(?s)leaves differ.*stem\.weight: checkpoint float32\[3, 3, 1, 8\], "
         r"configured float32\[3, 3, 1, 16\]",
     ):
@@ -373,6 +374,78 @@ def test_help_lists_every_field_with_its_default(capsys):
         "(default: 200)" in text and "(default: 8)" in text
     )  # tiny's teacher_steps and model resolution
     assert "(default: none)" in text and "(default: None)" not in text  # as `--steps none` is typed
+
+
+def test_help_lists_the_options_in_sections(capsys):
+    """`--help` groups the options: run, data, teacher, the paper's distillation options, the
+    study's options, output, model; each section lists its own fields."""
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    titles = [f"{title}:" for title, _ in train.GROUPS.values()]
+    starts = [text.index(title) for title in titles]
+    assert starts == sorted(starts)  # the sections in GROUPS' order
+    sections = dict(zip(train.GROUPS, [text[a:b] for a, b in zip(starts, starts[1:] + [None])]))
+    assert (
+        "--instant-form" in sections["distillation"]
+        and "--precond-steps" in sections["distillation"]
+    )
+    assert all(
+        f"--{name}" in sections["study"]
+        for name in (
+            "aux-steps",
+            "b1",
+            "student-ema",
+            "time-sampling",
+            "center",
+            "precond-eps-mode",
+        )
+    )
+    assert "--config FILE" in sections["run"] and "--model-widths" in sections["model"]
+    assert "--grid-size" in sections["output"] and "--num-samples NUM_SAMPLES" not in text
+
+
+def test_config_file_replays_a_run_and_later_options_override_it(teacher, tmp_path):
+    """`--config WORKDIR/config.json --steps 2` runs the recorded run again for 2 steps in a new
+    workdir: every other setting as recorded (the warm-up recomputed for the new length)."""
+    recorded = train.read_config(teacher / "config.json")
+    replay = tmp_path / "replay"
+    argv = ["--config", str(teacher / "config.json"), "--steps", "2", "--workdir", str(replay)]
+    config = train.parse_config(argv)
+    assert (config.steps, config.workdir, config.resume) == (2, str(replay), False)
+    same = dataclasses.replace(config, steps=recorded.steps, workdir=recorded.workdir)
+    assert dataclasses.replace(same, warmup=recorded.warmup) == recorded
+    train.main(argv)
+    assert [p.name for p in train.list_checkpoints(replay)] == [
+        "ckpt_00000001.eqx",
+        "ckpt_00000002.eqx",
+    ]
+    assert train.read_config(replay / "config.json") == config
+    # without --workdir the replay goes beside the recorded run, never into it
+    assert train.parse_config(argv[:4]).workdir == f"{recorded.workdir}-replay"
+    with pytest.raises(FileNotFoundError, match="no configuration file"):
+        train.parse_config(["--config", str(tmp_path / "absent.json")])
+
+
+def test_the_default_run_states_the_warmup_it_uses(capsys):
+    """The paper's 1000 warm-up updates are capped at 10% of the generator's updates: the default
+    run (1000 steps) warms up over 100, which --help and the resolved configuration state."""
+    assert train.parse_config([]).warmup == 100
+    assert train.parse_config(["--steps", "20000"]).warmup == 1000
+    assert train.parse_config(["--variant", "alternating"]).warmup == 50  # 500 generator updates
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert "(the default run: 100)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_configs_of_earlier_versions_load_under_the_new_names():
+    """`checkpoint.RENAMED`: the shipped teacher's config says `teacher_sample_steps` and
+    `num_samples` (the grid's size), read as `teacher_k` and `grid_size`."""
+    meta = checkpoint.read_meta(train.default_teacher_path("mnist"))
+    assert {"teacher_sample_steps", "num_samples"} <= set(meta["config"])
+    config = train.config_from_dict(meta["config"])
+    assert config.teacher_k == meta["config"]["teacher_sample_steps"]
+    assert config.grid_size == meta["config"]["num_samples"]
 
 
 def test_config_round_trips_through_json_and_cli():
@@ -541,7 +614,7 @@ def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(
     and the final state equals the uninterrupted teacher run's (the `teacher` fixture: same options,
     8 devices)."""
     workdir, calls, printed = tmp_path / "stopped", [], io.StringIO()
-    real_global_batch = train._global_batch
+    real_global_batch = train.global_batch
 
     def global_batch(*a):
         calls.append(1)
@@ -549,18 +622,18 @@ def test_sigint_checkpoints_the_step_and_the_printed_command_resumes_exactly(
             os.kill(os.getpid(), signal.SIGINT)
         return real_global_batch(*a)
 
-    monkeypatch.setattr(train, "_global_batch", global_batch)
+    monkeypatch.setattr(train, "global_batch", global_batch)
     with contextlib.redirect_stdout(printed), pytest.raises(train.Interrupted):
         train.main(args(npz, workdir, "teacher"))
-    names = [p.name for p in train._checkpoints(workdir)]
+    names = [p.name for p in train.list_checkpoints(workdir)]
     assert names == ["ckpt_00000001.eqx", "ckpt_00000002.eqx"]
     (line,) = [line for line in printed.getvalue().splitlines() if line.startswith("Interrupted")]
-    checkpoint = workdir / "checkpoints" / "ckpt_00000002.eqx"
-    assert f"at step 2; checkpoint {checkpoint}. Resume: " in line
+    saved = workdir / "checkpoints" / "ckpt_00000002.eqx"
+    assert f"at step 2; checkpoint {saved}. Resume: " in line
     command = shlex.split(line.split("Resume: ")[1])
     assert command[:2] == shlex.split(train.python_command("train.py"))
     assert command[-1] == "--resume"
-    monkeypatch.setattr(train, "_global_batch", real_global_batch)
+    monkeypatch.setattr(train, "global_batch", real_global_batch)
     train.main(command[2:])
     final = f"checkpoints/ckpt_{STEPS:08d}.eqx"
     for group in ("params", "opt_state", "ema"):
@@ -602,8 +675,8 @@ def test_sigint_in_a_subprocess_exits_130_with_a_checkpoint_and_no_carriage_retu
     assert "\r" not in text
     (line,) = [line for line in text.splitlines() if line.startswith("Interrupted at step ")]
     step = int(line.split()[3].rstrip(";"))
-    assert [p.name for p in train._checkpoints(workdir)] == [f"ckpt_{step:08d}.eqx"]
-    assert train.read_meta(train._checkpoints(workdir)[0])["step"] == step
+    assert [p.name for p in train.list_checkpoints(workdir)] == [f"ckpt_{step:08d}.eqx"]
+    assert checkpoint.read_meta(train.list_checkpoints(workdir)[0])["step"] == step
 
 
 @pytest.mark.parametrize(
@@ -641,7 +714,7 @@ def test_config_errors_are_one_line_before_anything_is_written(npz, tmp_path, ca
     assert not workdir.exists()
 
 
-# --- Nothing lost, nothing silent (issue 14) ------------------------------------------------------
+# --- Nothing lost, nothing silent ---------------------------------------------------------------
 
 
 def with_meta(src, dst, **changes):
@@ -686,7 +759,7 @@ def never_compile(monkeypatch):
 def test_inputs_later_stages_cannot_take_are_refused_before_anything_is_written(
     npz, teacher, tmp_path, monkeypatch, never_compile
 ):
-    """The issue's 4-channel npz (sample grids and Inception take 1 or 3 channels), and data or a
+    """A 4-channel npz (sample grids and Inception take 1 or 3 channels), and data or a
     teacher that does not fit the model: each refused with its message, no work dir created."""
     rgba = tmp_path / "rgba.npz"
     np.savez(rgba, x=np.zeros((64, 8, 8, 4), np.uint8), y=np.arange(64) % 10)
@@ -761,7 +834,7 @@ def test_teacher_may_be_a_run_directory_and_must_be_a_teacher(teacher, alternati
         train.ensure_teacher(dataclasses.replace(config, teacher=str(tmp_path / "unfinished")))
     student = alternating / "checkpoints" / f"ckpt_{STEPS:08d}.eqx"
     with pytest.raises(
-        train.CheckpointError, match="is a checkpoint of a alternating run, not of a teacher"
+        checkpoint.CheckpointError, match="is a checkpoint of a alternating run, not of a teacher"
     ):
         train.check_teacher(dataclasses.replace(config, teacher=str(student)))
 
@@ -780,7 +853,7 @@ def test_every_flipped_byte_and_truncation_is_detected_or_harmless(teacher, tmp_
     nothing that is read or raises a one-line CheckpointError naming the file; every flipped byte
     inside a member is caught. A truncated file or another format raise one too."""
     original = teacher / "teacher.eqx"
-    expected = {g: train.read_leaves(original, g) for g in ("params", "nu")}
+    expected = {g: checkpoint.read_leaves(original, g) for g in ("params", "nu")}
     raw = original.read_bytes()
     archive = zipfile.ZipFile(original)
     data_ranges = [
@@ -798,11 +871,11 @@ def test_every_flipped_byte_and_truncation_is_detected_or_harmless(teacher, tmp_
         try:
             for group, leaves_ in expected.items():
                 for a, b in zip(
-                    train.read_leaves(damaged, group).values(), leaves_.values(), strict=True
+                    checkpoint.read_leaves(damaged, group).values(), leaves_.values(), strict=True
                 ):
                     np.testing.assert_array_equal(a, b)
             harmless.add(position)
-        except train.CheckpointError as e:
+        except checkpoint.CheckpointError as e:
             assert str(e).startswith(f"{damaged}") and "\n" not in str(e)
     # Every flipped byte of meta.json, params.eqx and nu.eqx is caught (CRC-32).
     assert not harmless & in_data
@@ -816,7 +889,7 @@ def test_every_flipped_byte_and_truncation_is_detected_or_harmless(teacher, tmp_
                 archive.writestr("meta.json", json.dumps({"format": "other"}))
         else:
             damaged.write_bytes(content)
-        with pytest.raises(train.CheckpointError, match=f"damaged.eqx.*{message}"):
+        with pytest.raises(checkpoint.CheckpointError, match=f"damaged.eqx.*{message}"):
             train.load_checkpoint(damaged)
 
 
@@ -834,9 +907,10 @@ def test_resume_skips_a_damaged_checkpoint_and_tolerates_leftovers(teacher, npz,
     leftover = workdir / "checkpoints" / f".ckpt_{STEPS:08d}.eqx.123.{'0' * 32}.tmp"
     leftover.write_bytes(b"partial")
     with pytest.raises(
-        train.CheckpointError, match=r"ckpt_00000004.eqx: params.eqx cannot be read .*Bad CRC-32"
+        checkpoint.CheckpointError,
+        match=r"ckpt_00000004.eqx: params.eqx cannot be read .*Bad CRC-32",
     ):
-        train.read_leaves(newest, "params")
+        checkpoint.read_leaves(newest, "params")
     train.main(args(npz, workdir, "teacher", "--resume"))
     out = " ".join(capsys.readouterr().out.split())
     assert "Skipping damaged checkpoint ckpt_00000004.eqx (kept for inspection)" in out
@@ -868,7 +942,7 @@ def test_sigkill_between_writing_and_renaming_a_checkpoint_then_resume(teacher, 
         check=False,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert [p.name for p in train._checkpoints(workdir)] == [
+    assert [p.name for p in train.list_checkpoints(workdir)] == [
         "ckpt_00000001.eqx",
         "ckpt_00000002.eqx",
     ]
@@ -883,11 +957,11 @@ def test_sigkill_between_writing_and_renaming_a_checkpoint_then_resume(teacher, 
 def test_resume_with_no_intact_checkpoint_says_so(teacher, npz, tmp_path, never_compile):
     workdir = tmp_path / "all-damaged"
     shutil.copytree(teacher, workdir)
-    for path in train._checkpoints(workdir):
+    for path in train.list_checkpoints(workdir):
         path.write_bytes(path.read_bytes()[:1000])  # truncated
-    with pytest.raises(train.CheckpointError, match=r"no intact checkpoint in .*damaged/"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"no intact checkpoint in .*damaged/"):
         train.main(args(npz, workdir, "teacher", "--resume"))
-    assert len(train._checkpoints(workdir)) == STEPS  # kept for inspection
+    assert len(train.list_checkpoints(workdir)) == STEPS  # kept for inspection
 
 
 def test_printed_commands_run_from_the_working_directory(tmp_path, monkeypatch):

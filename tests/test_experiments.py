@@ -1,7 +1,8 @@
-"""bench.py quality: the rows each budget runs, the verdicts against the paper's claims, and
-resumability (finished rows are cached and skipped, --time-limit stops between rows). Training and
-evaluation are replaced by recording fakes: their own tests live in test_train.py and
-test_eval.py."""
+"""The study (experiments/): the claims table's rows for each budget, the verdicts against the
+paper's claims, and resumability (finished rows are cached and skipped, --time-limit stops
+between rows); length curves, proxy validation and the speed benchmarks' command line. Training and
+evaluation are replaced by recording fakes: their own tests live in test_train.py and test_eval.py.
+"""
 
 import dataclasses
 import json
@@ -14,16 +15,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import bench
-from bench import Row
+from experiments import __main__ as cli
+from experiments import bench, claims, proxy
+from experiments import length as length_curves
+from experiments.claims import Row
 
 
 def names(rows):
     return [row.name for row in rows]
 
 
-def test_small_budget_is_the_issue_rows_headline_first():
-    rows = bench.quality_rows("small")
+def test_small_budget_is_the_headline_rows_first():
+    rows = claims.quality_rows("small")
     teachers = {(r.steps, r.guidance, r.gamma) for r in rows if r.variant == "teacher"}
     assert teachers == {(8, 0, 0), (32, 0, 0), (128, 0, 0), (512, 0, 0), (512, 0.1, 0)}
     assert sorted(names(r for r in rows if r.variant != "teacher")) == sorted(
@@ -39,7 +42,7 @@ def test_small_budget_is_the_issue_rows_headline_first():
 
 
 def test_full_budget_tunes_the_teacher_and_two_weightings_per_k():
-    rows = bench.quality_rows("full")
+    rows = claims.quality_rows("full")
     students = [r for r in rows if r.variant != "teacher"]
     for variant in ("instant", "alternating"):
         mine = {(r.steps, r.weighting, r.time_sampling) for r in students if r.variant == variant}
@@ -75,7 +78,7 @@ def record(fid, n=100, fd=2.5):
 
 
 def status(results, metric="fid"):
-    return {v["claim"]: v["status"] for v in bench.verdicts(results, metric=metric)}
+    return {v["claim"]: v["status"] for v in claims.verdicts(results, metric=metric)}
 
 
 K8_ALT = "alternating, k = 8: fid <= 1 x the teacher's best"
@@ -104,7 +107,7 @@ def test_verdicts_hold_against_the_best_tuned_teacher():
     }
     assert set(status(results).values()) == {"holds"}
     assert len(status(results)) == 6
-    details = {v["claim"]: v["detail"] for v in bench.verdicts(results)}
+    details = {v["claim"]: v["detail"] for v in claims.verdicts(results)}
     assert details[K8_ALT] == (
         "alternating-k8-flat 3.90 against 1 x teacher-128-w0.3-gamma0.1 4.00 = 4.00 (the best of "
         "2 tuned teacher rows)"
@@ -149,7 +152,7 @@ def test_verdicts_skip_a_diverged_student_unless_it_is_the_only_one():
     }
     assert status(results)[K2] == "holds"
     assert status(results)[K1] == "fails"
-    assert bench.best_teacher({Row("teacher", 512): record(nan), **results}, "fid")[1] == 4.0
+    assert claims.best_teacher({Row("teacher", 512): record(nan), **results}, "fid")[1] == 4.0
 
 
 def test_sample_panels_pick_the_best_rows_with_a_grid(tmp_path):
@@ -168,13 +171,13 @@ def test_sample_panels_pick_the_best_rows_with_a_grid(tmp_path):
         Row("alternating", 2, weighting="flat"): {**grid("a2", 20), "sample_grid": "gone.png"},
         Row("alternating", 1, weighting="flat"): {**record(None, fd=40.0), "sample_grid": None},
     }
-    panels = bench.sample_panels(results, "fd_mnist")
+    panels = claims.sample_panels(results, "fd_mnist")
     # The best teacher, then k = 8, 4, 2, 1: k = 4 has no row, k = 2's best lost its grid (the
     # next-best is not substituted: the panel would mislabel the best), k = 1 has no grid.
     assert [p.name for _, p in panels] == ["t128.png", "a8.png"]
     assert panels[1][0] == "best k = 8: alternating-k8-flat\nfd_mnist 6.00"
     out = tmp_path / "samples.png"
-    bench.plot_samples(panels, out)
+    claims.plot_samples(panels, out)
     assert Image.open(out).size[0] > Image.open(out).size[1] > 0
     # A results folder copied from elsewhere: the recorded absolute path is gone, the grid sits
     # in out/eval/<its folder>/; without `out`, the panel is skipped.
@@ -182,10 +185,10 @@ def test_sample_panels_pick_the_best_rows_with_a_grid(tmp_path):
     moved.parent.mkdir(parents=True)
     Image.fromarray(np.full((20, 30), 3, np.uint8)).save(moved)
     results[Row("alternating", 2, weighting="flat")]["sample_grid"] = "/elsewhere/a2-run/grid.png"
-    assert [p for _, p in bench.sample_panels(results, "fd_mnist", out=tmp_path / "copy")][-1] == (
+    assert [p for _, p in claims.sample_panels(results, "fd_mnist", out=tmp_path / "copy")][-1] == (
         moved
     )
-    assert len(bench.sample_panels(results, "fd_mnist")) == 2
+    assert len(claims.sample_panels(results, "fd_mnist")) == 2
 
 
 def test_quality_table_and_undistilled_comparison():
@@ -195,10 +198,10 @@ def test_quality_table_and_undistilled_comparison():
         Row("instant", 8, weighting="flat"): record(12.0),
         Row("alternating", 1, weighting="dmd", time_sampling="grid"): record(30.0),
     }
-    assert bench.against_undistilled(results) == [
+    assert claims.against_undistilled(results) == [
         "instant-k8-flat: fid 12.00 against the undistilled teacher's 24.00 with the same 8 steps."
     ]
-    table = bench.quality_table(results).splitlines()
+    table = claims.quality_table(results).splitlines()
     assert len(table) == 2 + len(results)
     assert table[3].startswith("| teacher | 512 | — | 0.1 | 0.3 | — | — | 8.00 |")
     assert table[4].startswith("| alternating | 1 | dmd, t grid | 0 | 0 | 0.0001 | 10 @ 8 | 30.00")
@@ -210,8 +213,8 @@ def fakes(monkeypatch, tmp_path):
     """bench_quality with a fake teacher, trainer and evaluator that record their calls."""
     calls = []
     teacher = tmp_path / "teacher.eqx"
-    monkeypatch.setattr(bench.train, "ensure_teacher", lambda config: teacher)
-    monkeypatch.setattr(bench.train, "read_meta", lambda path: {"step": 7})
+    monkeypatch.setattr(claims.train, "ensure_teacher", lambda config: teacher)
+    monkeypatch.setattr(claims, "read_meta", lambda path: {"step": 7})
 
     def train_student(row, *, config, teacher):
         calls.append(("train", row.name, config.distill_steps, config.distill_batch_size))
@@ -222,12 +225,12 @@ def fakes(monkeypatch, tmp_path):
         fid = float(row.steps) if row.variant != "teacher" else 100.0 / row.steps
         return record(fid, config.num_samples)
 
-    monkeypatch.setattr(bench, "train_student", train_student)
-    monkeypatch.setattr(bench, "evaluate_row", evaluate_row)
+    monkeypatch.setattr(claims, "train_student", train_student)
+    monkeypatch.setattr(claims, "evaluate_row", evaluate_row)
 
     def run(**overrides):
         options = dict(out=str(tmp_path / "q"), distill_steps=10, distill_batch_size=8)
-        return bench.bench_quality(bench.QualityBench(**{**options, **overrides}))
+        return claims.bench_quality(claims.QualityBench(**{**options, **overrides}))
 
     return calls, run, tmp_path / "q"
 
@@ -254,7 +257,7 @@ def test_quality_caches_rows_and_a_rerun_skips_them(fakes):
     report = run()
     assert [c[1] for c in calls if c[0] == "eval"] == [
         n
-        for n in names(bench.quality_rows("small"))
+        for n in names(claims.quality_rows("small"))
         if n not in ("instant-k8-edm", "teacher-512-w0")
     ]
     assert "All rows finished." in report and "(9 rows)" in report
@@ -288,7 +291,7 @@ def best_fakes(fakes, monkeypatch):
 
     def train_student(row, *, config, teacher):
         calls.append(("train", row.name))
-        checkpoints = bench.student_workdir(row, config) / "checkpoints"
+        checkpoints = claims.student_workdir(row, config) / "checkpoints"
         checkpoints.mkdir(parents=True)
         for step in (4, 8, 10):
             (checkpoints / f"ckpt_{step:08d}.eqx").touch()
@@ -308,10 +311,11 @@ def best_fakes(fakes, monkeypatch):
         fid = selection[path.parents[1].name.split("-")[0]][(4, 8, 10).index(step)]
         return {"step": step, "fid": fid}
 
-    monkeypatch.setattr(bench, "train_student", train_student)
-    monkeypatch.setattr(bench, "evaluate_row", evaluate_row)
-    monkeypatch.setattr(bench.evaluation, "evaluate", evaluate)
-    monkeypatch.setattr(bench.train, "read_meta", lambda path: {"step": 7, "config": {"k": 8}})
+    monkeypatch.setattr(claims, "train_student", train_student)
+    monkeypatch.setattr(claims, "evaluate_row", evaluate_row)
+    monkeypatch.setattr(length_curves.evaluation, "evaluate", evaluate)
+    for module in (claims, length_curves):
+        monkeypatch.setattr(module, "read_meta", lambda path: {"step": 7, "config": {"k": 8}})
     return calls, run, out
 
 
@@ -372,18 +376,18 @@ def test_best_checkpoint_rows_are_cached_until_the_student_is_trained_again(
     run(rows=BEST_ROWS, **BEST_SETTINGS)
     assert calls == []  # every row cached
     # the alternating student trained again since its last row: that row is not reused
-    config = bench.resolve_quality(
-        bench.QualityBench(out=str(out), distill_steps=10, distill_batch_size=8)
+    config = claims.resolve_quality(
+        claims.QualityBench(out=str(out), distill_steps=10, distill_batch_size=8)
     )
     final = (
-        bench.student_workdir(Row("alternating", 8, weighting="edm"), config)
+        claims.student_workdir(Row("alternating", 8, weighting="edm"), config)
         / "checkpoints"
         / "ckpt_00000010.eqx"
     )
     later = next((out / "rows").glob("alternating-k8-edm-lr*.json")).stat().st_mtime + 10
     os.utime(final, (later, later))
     next((out / "rows").glob("alternating-k8-edm-best-*.json")).unlink()
-    monkeypatch.setattr(bench, "train_student", lambda row, **_: (final, 12.0))
+    monkeypatch.setattr(claims, "train_student", lambda row, **_: (final, 12.0))
     run(rows=("alternating-k8-edm",), **BEST_SETTINGS)
     assert calls[-1] == ("eval", "alternating-k8-edm-best", "ckpt_00000010.eqx")
 
@@ -398,11 +402,15 @@ def test_quality_rejects_unknown_rows(fakes):
 
 def test_workers_claim_each_row_once(tmp_path):
     path = tmp_path / "row.json"
-    assert bench._claim(path) and not bench._claim(path) and path.with_suffix(".claim").exists()
+    assert (
+        claims.claim_row(path)
+        and not claims.claim_row(path)
+        and path.with_suffix(".claim").exists()
+    )
 
 
 def test_worker_command_line_reproduces_the_settings():
-    config = bench.QualityBench(
+    config = claims.QualityBench(
         budget="full",
         fid=False,
         rows=("teacher-8-w0", "instant-k1-dmd"),
@@ -412,14 +420,14 @@ def test_worker_command_line_reproduces_the_settings():
         time_limit=2.5,
         reference_count=100,
     )
-    assert bench.parse_args(["quality", *bench._argv(config)]) == ("quality", config)
+    assert cli.parse_args(["quality", *claims.settings_argv(config)]) == ("quality", config)
 
 
 def test_spearman_matches_scipy():
     scipy_stats = pytest.importorskip("scipy.stats")
     a, b = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6], [2.0, 7.0, 1.0, 8.0, 0.5, 3.0]
-    assert bench.spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-12)
-    assert bench.spearman(a, a) == pytest.approx(1.0)
+    assert proxy.spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert proxy.spearman(a, a) == pytest.approx(1.0)
 
 
 def test_proxy_report_ranks_and_floor(tmp_path):
@@ -434,14 +442,14 @@ def test_proxy_report_ranks_and_floor(tmp_path):
         for k in (2, 4, 8)
     }
     floor = {"fid": 1.0, "fd_mnist": 0.1, "label_accuracy": 0.99}
-    report = bench.proxy_report(rows, floor, num_samples=50, out=tmp_path)
+    report = proxy.proxy_report(rows, floor, num_samples=50, out=tmp_path)
     assert "| teacher, 2 steps | 50.00 | 5.000 | 0.5000 | 1 | 2 |" in report
     assert (
         "fd_mnist 1.00, label accuracy 1.00" in report
         and "| real: train vs test digits | 1.00 |" in report
     )
     assert (tmp_path / "eval-proxy.md").read_text() == report + "\n"
-    one = bench.proxy_report({2: rows[2]}, floor, num_samples=50, out=tmp_path)
+    one = proxy.proxy_report({2: rows[2]}, floor, num_samples=50, out=tmp_path)
     assert "needs two or more rows" in one and "Spearman" not in one
 
 
@@ -487,7 +495,7 @@ def test_quality_json_rows_follow_the_schema(fakes):
         {**student, "extra": 1},
     ):
         with pytest.raises(ValueError, match="quality row"):
-            bench.validate_quality_row(broken)
+            claims.validate_quality_row(broken)
 
 
 def test_each_subcommand_parses_into_its_dataclass():
@@ -496,28 +504,28 @@ def test_each_subcommand_parses_into_its_dataclass():
         "model": (bench.ModelBench(preset="mnist", batch_size=128, repeats=10, seed=0), []),
         "speed": (bench.SpeedBench(batch_size=64, repeats=5, sample_batch=16), []),
         "inception": (bench.InceptionBench(batch_size=32, repeats=3, out=None), []),
-        "sampling": (bench.SamplingBench(num_steps=8, batch_sizes=(50, 200, 500)), []),
-        "proxy": (bench.ProxyBench(num_steps=(2, 4, 8, 16, 64), out="runs/eval-proxy"), []),
-        "quality": (bench.QualityBench(budget="small", out=None, time_limit=None), []),
+        "sampling": (bench.SamplingBench(k=8, batch_sizes=(50, 200, 500)), []),
+        "proxy": (proxy.ProxyBench(k=(2, 4, 8, 16, 64), out="runs/eval-proxy"), []),
+        "quality": (claims.QualityBench(budget="small", out=None, time_limit=None), []),
     }
     for name, (expected, argv) in defaults.items():
-        assert bench.parse_args([name, *argv]) == (name, expected)
+        assert cli.parse_args([name, *argv]) == (name, expected)
     overrides = {
         "model": (["--preset", "imagenet64"], {"preset": "imagenet64"}),
         "speed": (["--sample-batch", "4"], {"sample_batch": 4}),
         "inception": (["--batch-size", "16"], {"batch_size": 16}),
         "sampling": (["--batch-sizes", "8", "16"], {"batch_sizes": (8, 16)}),
-        "proxy": (["--k", "1", "2"], {"num_steps": (1, 2)}),
+        "proxy": (["--k", "1", "2"], {"k": (1, 2)}),
         "quality": (
             ["--budget", "full", "--rows", "teacher-8-w0", "--time-limit", "1.5"],
             {"budget": "full", "rows": ("teacher-8-w0",), "time_limit": 1.5},
         ),
     }
     for name, (argv, fields) in overrides.items():
-        cls = bench.COMMANDS[name][0]
-        assert bench.parse_args([name, *argv]) == (name, cls(**fields))
+        cls = cli.COMMANDS[name][0]
+        assert cli.parse_args([name, *argv]) == (name, cls(**fields))
     with pytest.raises(ValueError, match="--k must be >= 1"):
-        bench.parse_args(["sampling", "--k", "0"])
+        cli.parse_args(["sampling", "--k", "0"])
 
 
 def test_length_scores_every_checkpoint_once_and_reports_best_and_last(monkeypatch, tmp_path):
@@ -536,28 +544,32 @@ def test_length_scores_every_checkpoint_once_and_reports_best_and_last(monkeypat
         step = int(pathlib.Path(config.checkpoint).stem.split("_")[1])
         return {"step": step, "fd_mnist": 9.0 - step / 100, "num_samples": 50}
 
-    monkeypatch.setattr(bench.evaluation, "evaluate", evaluate)
-    monkeypatch.setattr(bench.train, "read_meta", lambda path: {"config": {"k": 8}})
-    records = bench.checkpoint_scores(run, num_samples=50, seed=1, fid=False, batch_size=10)
+    monkeypatch.setattr(length_curves.evaluation, "evaluate", evaluate)
+    monkeypatch.setattr(length_curves, "read_meta", lambda path: {"config": {"k": 8}})
+    records = length_curves.checkpoint_scores(run, num_samples=50, seed=1, fid=False, batch_size=10)
     assert computed == [("ckpt_00000200.eqx", 1, 50), ("ckpt_00000600.eqx", 1, 50)]
     assert [r["fd_mnist"] for r in records] == [7.0, 5.0, 3.0]
     records[-1]["fd_mnist"] = 6.0  # the best is then the middle checkpoint, the last is worse
-    report = bench.length_report({"instant-flat": records}, metric="fd_mnist", out=tmp_path)
+    report = length_curves.length_report({"instant-flat": records}, metric="fd_mnist", out=tmp_path)
     assert "- instant-flat: best fd_mnist 5.00 at step 400, last 6.00 at step 600." in report
     assert "| instant-flat | 400 | 5.00 | 0.980 | 50 |" in report
     assert (tmp_path / "fd_mnist_vs_distill_steps.png").stat().st_size > 0
-    only = bench.checkpoint_scores(
+    only = length_curves.checkpoint_scores(
         run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[400]
     )
     assert [r["step"] for r in only] == [400] and len(computed) == 2  # read from its eval file
     later = (run / "eval" / name).stat().st_mtime + 10  # step 400 trained again since its score
     os.utime(run / "checkpoints" / "ckpt_00000400.eqx", (later, later))
-    bench.checkpoint_scores(run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[400])
+    length_curves.checkpoint_scores(
+        run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[400]
+    )
     assert computed[-1] == ("ckpt_00000400.eqx", 1, 50)
     with pytest.raises(FileNotFoundError, match=r"it has \[200, 400, 600\]: pass other --steps"):
-        bench.checkpoint_scores(run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[300])
+        length_curves.checkpoint_scores(
+            run, num_samples=50, seed=1, fid=False, batch_size=10, steps=[300]
+        )
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
-        bench.checkpoint_scores(tmp_path, num_samples=50, seed=1, fid=False, batch_size=10)
+        length_curves.checkpoint_scores(tmp_path, num_samples=50, seed=1, fid=False, batch_size=10)
 
 
 def test_a_student_keeps_every_checkpoint_for_the_length_report(monkeypatch, tmp_path):
@@ -569,49 +581,49 @@ def test_a_student_keeps_every_checkpoint_for_the_length_report(monkeypatch, tmp
         (pathlib.Path(settings.workdir) / "metrics.jsonl").write_text('{"step": 1, "time": 3.5}\n')
         return pathlib.Path(settings.workdir) / "checkpoints" / "last.eqx"
 
-    monkeypatch.setattr(bench.train, "train", fake_train)
-    (row,) = [r for r in bench.quality_rows("full") if r.name == "instant-k8-edm"]
+    monkeypatch.setattr(claims.train, "train", fake_train)
+    (row,) = [r for r in claims.quality_rows("full") if r.name == "instant-k8-edm"]
     for steps in (1, 7, 15, 99, 1000, 1001):
-        config = bench.resolve_quality(  # a batch unlike the preset's default (32)
-            bench.QualityBench(
+        config = claims.resolve_quality(  # a batch unlike the preset's default (32)
+            claims.QualityBench(
                 out=str(tmp_path / str(steps)), distill_steps=steps, distill_batch_size=64
             )
         )
-        _, seconds = bench.train_student(row, config=config, teacher=tmp_path / "t.eqx")
+        _, seconds = claims.train_student(row, config=config, teacher=tmp_path / "t.eqx")
         every, keep = seen[-1].checkpoint_every, seen[-1].keep_checkpoints
         written = len(set(range(every, steps + 1, every)) | {steps})  # train.py also saves the end
         assert seconds == 3.5 and seen[-1].steps == steps and written <= keep
         # config.json states one length and batch: the run's and the distillation defaults agree
         assert seen[-1].distill_steps == steps
         assert seen[-1].batch_size == seen[-1].distill_batch_size == config.distill_batch_size
-    (grid,) = [r for r in bench.quality_rows("full") if r.name == "alternating-k1-dmd-grid"]
-    bench.train_student(grid, config=config, teacher=tmp_path / "t.eqx")
+    (grid,) = [r for r in claims.quality_rows("full") if r.name == "alternating-k1-dmd-grid"]
+    claims.train_student(grid, config=config, teacher=tmp_path / "t.eqx")
     assert (seen[-1].variant, seen[-1].k, seen[-1].weighting) == ("alternating", 1, "dmd")
     assert seen[-1].time_sampling == "grid" and "k1-dmd-grid-lr" in seen[-1].workdir
 
 
 def test_workers_claim_each_row_once_in_a_fresh_folder(tmp_path):
     row = tmp_path / "fresh" / "rows" / "instant-k8-edm.json"  # no folder yet: a new --out
-    assert bench._claim(row) and not bench._claim(row)
-    bench._clear_claims(tmp_path / "fresh")
-    assert bench._claim(row)
+    assert claims.claim_row(row) and not claims.claim_row(row)
+    claims.clear_claims(tmp_path / "fresh")
+    assert claims.claim_row(row)
 
 
 @pytest.mark.parametrize("name", ["quality.json", "quality-gpu.json"])
 def test_the_shipped_quality_tables_follow_the_schema(name):
-    shipped = pathlib.Path(bench.__file__).with_name("docs") / "results" / name
+    shipped = pathlib.Path(claims.__file__).with_name("results") / name
     rows = json.loads(shipped.read_text())
-    assert rows and all(bench.validate_quality_row(row) == row for row in rows)
+    assert rows and all(claims.validate_quality_row(row) == row for row in rows)
 
 
 def test_workers_share_the_cores_between_their_blas_pools(monkeypatch):
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "3")  # set by the user: kept
-    env = bench.worker_environment(4, cpu_count=16)
+    env = claims.worker_environment(4, cpu_count=16)
     assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "4"
     assert env["MKL_NUM_THREADS"] == "3"
-    assert bench.worker_environment(8, cpu_count=2)["OPENBLAS_NUM_THREADS"] == "1"
+    assert claims.worker_environment(8, cpu_count=2)["OPENBLAS_NUM_THREADS"] == "1"
 
 
 def test_run_workers_start_each_worker_with_its_share(monkeypatch, tmp_path):
@@ -625,19 +637,19 @@ def test_run_workers_start_each_worker_with_its_share(monkeypatch, tmp_path):
         def wait(self):
             return 0
 
-    monkeypatch.setattr(bench.subprocess, "Popen", FakeProcess)
-    config = bench.resolve_quality(bench.QualityBench(out=str(tmp_path), jobs=2))
-    bench.run_workers(config, deadline=None)
-    expected = bench.worker_environment(2)["OPENBLAS_NUM_THREADS"]
+    monkeypatch.setattr(claims.subprocess, "Popen", FakeProcess)
+    config = claims.resolve_quality(claims.QualityBench(out=str(tmp_path), jobs=2))
+    claims.run_workers(config, deadline=None)
+    expected = claims.worker_environment(2)["OPENBLAS_NUM_THREADS"]
     assert len(started) == 2 and all("--worker" in argv for argv, _ in started)
     assert all(env["OPENBLAS_NUM_THREADS"] == expected for _, env in started)
 
 
 def test_the_shipped_gpu_rows_regenerate_the_shipped_gpu_table(tmp_path):
-    docs = pathlib.Path(bench.__file__).with_name("docs") / "results"
+    docs = pathlib.Path(claims.__file__).with_name("results")
     out = tmp_path / "quality-full"
     shutil.copytree(docs / "quality-gpu-out", out)  # as the GPU script's folder is resumed
-    report = bench.bench_quality(bench.QualityBench(budget="full", out=str(out), time_limit=0.0))
+    report = claims.bench_quality(claims.QualityBench(budget="full", out=str(out), time_limit=0.0))
     shipped = json.loads((docs / "quality-gpu.json").read_text())
     assert json.loads((out / "quality.json").read_text()) == shipped and len(shipped) == 14
     assert "alternating-k8-edm 11.88 against 1 x teacher-128-w0.1 7.88" in report
@@ -647,12 +659,12 @@ def test_the_shipped_gpu_rows_regenerate_the_shipped_gpu_table(tmp_path):
 def test_length_refuses_workdirs_it_cannot_report_with_one_line_each(monkeypatch, tmp_path):
     """Repeated run names, a teacher run, 2-D runs mixed with image runs, --fid on 2-D runs, a
     missing workdir, and 2-D runs of different teachers (their reference lines would collide)."""
-    ring = bench.train.resolve(bench.train.PRESETS["ring2d"])
+    ring = claims.train.resolve(claims.train.PRESETS["ring2d"])
     configs = {
         "a/ring": ring,
         "b/ring": ring,
         "teacher": dataclasses.replace(ring, variant="teacher"),
-        "mnist": bench.train.resolve(bench.train.PRESETS["mnist"]),
+        "mnist": claims.train.resolve(claims.train.PRESETS["mnist"]),
         "other": dataclasses.replace(ring, teacher=str(tmp_path / "t2.eqx")),
     }
     for name in configs:
@@ -662,15 +674,19 @@ def test_length_refuses_workdirs_it_cannot_report_with_one_line_each(monkeypatch
 
     def read_meta(path):
         relative = pathlib.Path(path).relative_to(tmp_path).as_posix()
-        return {"config": bench.train.config_to_dict(meta[relative]), "step": 10}
+        return {"config": claims.train.config_to_dict(meta[relative]), "step": 10}
 
-    monkeypatch.setattr(bench.train, "read_meta", read_meta)
-    monkeypatch.setattr(bench, "points_scores", lambda *a, **k: {"w1_radius": 0.5, "step": 10})
+    monkeypatch.setattr(length_curves, "read_meta", read_meta)
+    monkeypatch.setattr(
+        length_curves, "points_scores", lambda *a, **k: {"w1_radius": 0.5, "step": 10}
+    )
     (tmp_path / "t2.eqx").touch()
 
     def length(*names, **settings):
         workdirs = tuple(str(tmp_path / n) for n in names)
-        return bench.run_length(bench.LengthBench(workdirs=workdirs, out=str(tmp_path), **settings))
+        return length_curves.run_length(
+            length_curves.LengthBench(workdirs=workdirs, out=str(tmp_path), **settings)
+        )
 
     cases = [
         (("a/ring", "b/ring"), {}, ValueError, r"repeats a run name"),
@@ -683,3 +699,35 @@ def test_length_refuses_workdirs_it_cannot_report_with_one_line_each(monkeypatch
     for names, settings, error, message in cases:
         with pytest.raises(error, match=message):
             length(*names, **settings)
+
+
+def test_the_documented_dry_run_writes_the_claims_table(tmp_path, monkeypatch, capsys):
+    """experiments/claims.py's documented dry run (`python -m experiments quality --preset tiny
+    --num-samples 24 --reference-count 200 --distill-steps 10`), cut to two rows and a 2-step
+    teacher so that it takes a minute: a student trained and both rows sampled and scored (FID
+    against 200 MNIST test digits), then quality.md, quality.json and the figures written."""
+    monkeypatch.setattr(claims.train, "CHECKPOINT_DIR", tmp_path / "checkpoints")
+    teacher = claims.train.main(
+        [
+            "--preset",
+            "tiny",
+            "--variant",
+            "teacher",
+            "--steps",
+            "2",
+            "--workdir",
+            str(tmp_path / "t"),
+        ]
+    )
+    out = tmp_path / "quality-small"
+    argv = ["quality", "--preset", "tiny", "--num-samples", "24", "--reference-count", "200"]
+    argv += ["--distill-steps", "2", "--teacher", str(teacher), "--out", str(out)]
+    cli.main([*argv, "--rows", "instant-k1-flat", "teacher-8-w0"])
+    report = capsys.readouterr().out
+    rows = {(r["sampler"], r["k"]): r for r in json.loads((out / "quality.json").read_text())}
+    assert set(rows) == {("instant", 1), ("teacher", 8)}
+    assert all(claims.validate_quality_row(row) == row for row in rows.values())
+    assert all(math.isfinite(row["fid"]) and row["num_samples"] == 24 for row in rows.values())
+    assert (out / "quality.md").read_text().strip() in report
+    assert "missing" in report  # the rows not run are named, not hidden
+    assert (out / "fid_vs_steps.png").exists() and (out / "samples.png").exists()
