@@ -22,7 +22,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "gpu"))
 from score_run import TEACHER, redenoise  # noqa: E402
 
 import eval as evaluation  # noqa: E402
-import mmd  # noqa: E402
 
 
 def edm_u(sigma: float, *, shift: float, sigma_min: float = 0.002, sigma_max: float = 80.0):
@@ -42,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     real, _ = evaluation.reference_images("mnist", split="test", model_shape=(32, 32, 1))
     ref = evaluation.feature_stats(evaluation.inception_features(real[: args.n], batch_size=100))
-    shift = mmd.resolution_shift(32)
+    shift = evaluation.load_model(args.teacher)[1]["shift"]
     print("| set | sigma | u | FID (n) | seconds |\n|---|---|---|---|---|", flush=True)
     for path in args.samples:
         with np.load(path) as f:

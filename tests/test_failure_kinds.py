@@ -38,7 +38,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import checkpoint
 import data
+import eval as evaluation
 import mmd
 import train
 import uvit
@@ -288,7 +290,7 @@ def test_guidance_convention_and_every_caller_uses_one_function(monkeypatch):
     )
     assert seen == [0.5]
     seen.clear()
-    train.generate(
+    evaluation.generate(
         den,
         jax.random.key(2),
         num_samples=3,
@@ -342,7 +344,7 @@ def test_update_i_uses_the_schedule_at_its_count_fresh_and_after_a_resume(
     states = fresh()
     moves = run(states, 0, 3)
     path = tmp_path / "ckpt.eqx"
-    train.save_checkpoint(path, meta={"step": 3}, groups={str(k): v for k, v in states.items()})
+    checkpoint.save(path, meta={"step": 3}, groups={str(k): v for k, v in states.items()})
     like = fresh()
     resumed = {k: train.load_group(path, str(k), v) for k, v in like.items()}
     moves += run(resumed, 3, 9)
@@ -587,10 +589,10 @@ def test_features_do_not_depend_on_how_samples_are_stored(tmp_path):
     levels = rng.integers(0, 256, (6, 28, 28, 1))
     offset = rng.uniform(-0.45, 0.45, levels.shape)
     x = ((levels + offset) / 127.5 - 1.0).astype(np.float32)
-    u8 = train.to_uint8(x)
+    u8 = evaluation.to_uint8(x)
     np.testing.assert_array_equal(u8, levels)
     ends = np.asarray([-1.0, 1.0, -1.2, 1.2], np.float32)
-    np.testing.assert_array_equal(train.to_uint8(ends), [0, 255, 0, 255])
+    np.testing.assert_array_equal(evaluation.to_uint8(ends), [0, 255, 0, 255])
     pngs = []
     for i, image in enumerate(u8):
         path = tmp_path / f"{i}.png"

@@ -1,14 +1,9 @@
 """experiments/texture.py's measures against hand-made images with known answers."""
 
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-
-import texture  # noqa: E402
+from experiments import texture
 
 
 def blank(n=1, side=8):

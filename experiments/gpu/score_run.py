@@ -58,7 +58,7 @@ def redenoise(
     """Noise uint8 samples to the EDM level u (shifted as the teacher was trained) and return the
     teacher's one-step prediction as uint8 (eval's rounding)."""
     teacher, run, _ = evaluation.load_model(teacher_path)
-    shift = mmd.resolution_shift(run.model.resolution) if run.shift is None else run.shift
+    shift = run["shift"]  # the shift the teacher was trained with, as its config.json holds it
     lam = float(mmd.logsnr_edm(jnp.asarray(u), shift=shift))
     alpha, sigma = (float(v) for v in mmd.alpha_sigma(jnp.asarray(lam)))
 
