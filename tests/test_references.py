@@ -3,6 +3,7 @@ use mmd.py: closed-form Gaussian conditioning on a linear-Gaussian toy, finite d
 schedule's closed-form CDF (scipy's Kolmogorov-Smirnov test), Monte Carlo moments; and the shift
 from the command line to the losses' settings."""
 
+import dataclasses
 import math
 import os
 
@@ -305,3 +306,91 @@ def test_the_shift_reaches_the_losses_settings(variant):
         teacher_cfg, distill_cfg = train.mmd_configs(config)
         assert teacher_cfg.shift == pytest.approx(shift)
         assert distill_cfg.shift == pytest.approx(shift)
+
+
+# ------------------------------------------------------------------------- §6 data centring
+
+
+def test_real_data_gradients_are_plain_gradients_of_the_two_losses():
+    """mmd.real_data_gradients on one device (axis "data" of size 1) against jax.grad of the
+    teacher loss and of the real-pair loss (1/B) sum ||x - g(z)||^2 written here (flat weighting,
+    z = alpha_s x + sigma_s n), with the per-example keys fold_in(fold_in(key, i), index) that its
+    docstring and `distill_inputs` state."""
+    teacher = Linear(w=jnp.asarray(T, F32), b=jnp.asarray(D, F32))
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+    n, key, shift = 6, jax.random.key(3), 0.5
+    x = jax.random.normal(jax.random.key(4), (n, 2))
+    labels = jnp.zeros(n, jnp.int32)
+    tcfg = mmd.TeacherConfig(shift=shift, null_label=1, label_dropout=0.0)
+    dcfg = mmd.DistillConfig(num_steps=4, shift=shift, weighting="flat")
+    g_teacher, g_real = jax.tree.map(
+        lambda a: a[0],
+        jax.vmap(
+            lambda x, y: mmd.real_data_gradients(
+                params, x, y, key, static=static, teacher_cfg=tcfg, distill_cfg=dcfg
+            ),
+            axis_name="data",
+        )(x[None], labels[None]),
+    )
+
+    def per_example(i):
+        return jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(key, i), j))(jnp.arange(n))
+
+    want_teacher = jax.grad(
+        lambda p: mmd.teacher_loss(
+            eqx.combine(p, static), per_example(0), x=x, labels=labels, cfg=tcfg
+        )
+    )(params)
+    inputs = mmd.distill_inputs(
+        per_example(1), x=x, labels=labels, num_steps=4, shift=shift, time_sampling="paper"
+    )
+    a, s = (jnp.asarray(v, F32)[:, None] for v in _alpha_sigma(inputs.lam_s))
+    z = a * x + s * inputs.noise_real
+
+    def real_pair_loss(p):
+        return jnp.mean(jnp.sum((x - eqx.combine(p, static)(z, inputs.lam_s, labels)) ** 2, -1))
+
+    want_real = jax.grad(real_pair_loss)(params)
+    for got, want in ((g_teacher, want_teacher), (g_real, want_real)):
+        for a_, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a_, b_, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_centring_equals_batch_centring_given_the_same_real_gradient():
+    """With both minibatches the same, `center="batch"` subtracts one real-data gradient R from both
+    G_i; `center="fixed"` given that R must give the same loss value and the same generator gradient
+    (and centring must change them: the test is not vacuous)."""
+    inputs = _toy_inputs(jax.random.key(5), 16)._replace(
+        noise_real=jax.random.normal(jax.random.key(6), (16, 2))
+    )
+    generator = Linear(w=jnp.asarray(A, F32), b=jnp.asarray(C, F32))
+    teacher = Linear(w=jnp.asarray(T, F32), b=jnp.asarray(D, F32))
+    precond = jax.tree.map(lambda p: jnp.full_like(p, 0.7), eqx.filter(teacher, eqx.is_array))
+    batch = mmd.DistillConfig(num_steps=4, weighting="flat", center="batch")
+    z_real = (
+        jnp.asarray(_alpha_sigma(LAM_S)[0], F32) * inputs.x
+        + jnp.asarray(_alpha_sigma(LAM_S)[1], F32) * inputs.noise_real
+    )
+    real, _ = mmd.teacher_gradient(
+        teacher, x=inputs.x, z_s=z_real, lam_s=inputs.lam_s, labels=inputs.labels, cfg=batch
+    )
+
+    def value_and_grad(cfg, real_grad=None):
+        return eqx.filter_value_and_grad(
+            lambda g: mmd.instant_loss(
+                g,
+                teacher=teacher,
+                precond=precond,
+                inputs1=inputs,
+                inputs2=inputs,
+                cfg=cfg,
+                real_grad=real_grad,
+            )[0]
+        )(generator)
+
+    got = value_and_grad(dataclasses.replace(batch, center="fixed"), real)
+    want = value_and_grad(batch)
+    plain = value_and_grad(dataclasses.replace(batch, center="none"))
+    for a_, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a_, b_, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got[0], plain[0])
