@@ -346,7 +346,7 @@ def test_update_i_uses_the_schedule_at_its_count_fresh_and_after_a_resume(
     path = tmp_path / "ckpt.eqx"
     checkpoint.save(path, meta={"step": 3}, groups={str(k): v for k, v in states.items()})
     like = fresh()
-    resumed = {k: train.load_group(path, str(k), v) for k, v in like.items()}
+    resumed = {k: checkpoint.load_group(path, str(k), v) for k, v in like.items()}
     moves += run(resumed, 3, 9)
     counts = [
         sum(cycle[j % len(cycle)] is cycle[i % len(cycle)] for j in range(i)) for i in range(9)
